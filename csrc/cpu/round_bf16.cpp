@@ -1,0 +1,44 @@
+// fp32 -> bf16 stochastic rounding on CPU (math: fastgrad/_reference.py::round_bf16_stochastic).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "../common/philox.h"
+
+namespace fastgrad {
+namespace {
+
+// x: (*) float32, contiguous -> (*) bfloat16. Adds a uniform 16-bit integer to the fp32 bit
+// pattern and truncates the low half, so the magnitude rounds up with probability equal to the
+// discarded fraction; NaN is passed through.
+at::Tensor round_bf16_stochastic_cpu(const at::Tensor& x, int64_t seed, int64_t offset) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "fastgrad.round_bf16_stochastic: argument 'x' must be float32, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.is_contiguous(), "fastgrad.round_bf16_stochastic: argument 'x' must be contiguous");
+  TORCH_CHECK(seed >= 0 && offset >= 0,
+              "fastgrad.round_bf16_stochastic: arguments 'seed' and 'offset' must be non-negative");
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
+  const float* src = x.data_ptr<float>();
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const uint64_t key = static_cast<uint64_t>(seed);
+  const uint64_t base = static_cast<uint64_t>(offset);
+  at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, src + i, sizeof(bits));
+      const uint32_t noise = philox_uint32(key, base + static_cast<uint64_t>(i)) >> 16;
+      const uint32_t rounded = std::isnan(src[i]) ? bits : bits + noise;
+      dst[i] = static_cast<uint16_t>(rounded >> 16);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastgrad, CPU, m) { m.impl("round_bf16_stochastic", &round_bf16_stochastic_cpu); }
+
+}  // namespace fastgrad

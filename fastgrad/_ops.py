@@ -1,0 +1,330 @@
+"""THE op contract: every ``torch.ops.fastgrad`` schema, its argument checks, its fake kernel and
+its ``default`` kernel (the pure-torch math of ``_reference.py``, inherited by every device).
+
+Compiled kernels (``csrc/`` through ``fastgrad._C``, Triton in ``fastgrad.kernels``) only register
+faster implementations of these schemas for a device; see ``fastgrad/_backends.py``.
+
+The ``check_*`` functions are the single place where arguments are validated. They read only
+shapes, dtypes and devices, so they run unchanged on fake/meta tensors (the fake kernels), before
+the reference kernels and before every Triton launch. The C++ kernels repeat the checks that guard
+memory safety with ``TORCH_CHECK`` because they can be reached without Python.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastgrad import _reference as ref
+
+LIB = "fastgrad"
+_lib = torch.library.Library(LIB, "DEF")  # noqa: TOR901 (this module owns the namespace)
+
+SCHEMAS: dict[str, str] = {
+    "quantize_int8": "(Tensor x, int group_size, bool symmetric, bool stochastic, int seed, int offset)"
+    " -> (Tensor codes, Tensor scales, Tensor zeros)",
+    "dequantize_int8": "(Tensor codes, Tensor scales, Tensor zeros, ScalarType dtype) -> Tensor",
+    "quantize_int4": "(Tensor x, int group_size, bool symmetric, bool stochastic, int seed, int offset)"
+    " -> (Tensor codes, Tensor scales, Tensor zeros)",
+    "dequantize_int4": "(Tensor codes, Tensor scales, Tensor zeros, ScalarType dtype) -> Tensor",
+    "round_bf16_stochastic": "(Tensor x, int seed, int offset) -> Tensor",
+    "lowrank_project": "(Tensor g, Tensor p, str side) -> Tensor",
+    "lowrank_project_back": "(Tensor r, Tensor p, str side, float scale) -> Tensor",
+    "lowrank_project_quantized": "(Tensor g, Tensor p_codes, Tensor p_scales, Tensor p_zeros, int bits, str side)"
+    " -> Tensor",
+    "lowrank_project_back_quantized": "(Tensor r, Tensor p_codes, Tensor p_scales, Tensor p_zeros, int bits,"
+    " str side, float scale) -> Tensor",
+}
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SIDES = ("left", "right")
+SEED_RANGE = (0, 2**63 - 1)
+
+
+def _fail(op: str, arg: str, expected: str, got) -> str:
+    return f"fastgrad.{op}: argument '{arg}' must be {expected}, got {got}"
+
+
+def _check(cond: bool, op: str, arg: str, expected: str, got) -> None:
+    torch._check(cond, lambda: _fail(op, arg, expected, got))
+
+
+def _check_same_device(op: str, ref_name: str, ref_t: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, t in others.items():
+        _check(t.device == ref_t.device, op, name, f"on {ref_name}'s device {ref_t.device}", t.device)
+
+
+def check_quantize(op: str, x: torch.Tensor, bits: int, group_size: int, seed: int, offset: int) -> int:
+    """Validate a quantizer call; return the resolved group size."""
+    _check(x.dtype in FLOAT_DTYPES, op, "x", "float32, bfloat16 or float16", x.dtype)
+    _check(x.dim() >= 1, op, "x", "a tensor with at least 1 dimension", f"a {x.dim()}-d tensor")
+    _check(x.is_contiguous(), op, "x", "contiguous", "a non-contiguous tensor")
+    n = x.shape[-1]
+    _check(group_size == -1 or group_size > 0, op, "group_size", "positive or -1 (one group per row)", group_size)
+    g = n if group_size == -1 else group_size
+    _check(g > 0 and n % g == 0, op, "group_size", f"a divisor of the last dimension {n}", group_size)
+    if bits == 4:
+        _check(g % 2 == 0, op, "group_size", "even for INT4 (two codes per byte)", g)
+    _check(SEED_RANGE[0] <= seed <= SEED_RANGE[1], op, "seed", "in [0, 2**63)", seed)
+    _check(offset >= 0, op, "offset", "non-negative", offset)
+    _check(offset + x.numel() <= 2**63 - 1, op, "offset", "such that offset + numel < 2**63", offset)
+    return g
+
+
+def check_dequantize(op: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, dtype) -> int:
+    """Validate quantized storage; return the number of values per row (unpacked)."""
+    _check(codes.dtype == torch.uint8, op, "codes", "uint8", codes.dtype)
+    _check(codes.dim() >= 1, op, "codes", "a tensor with at least 1 dimension", f"a {codes.dim()}-d tensor")
+    _check(codes.is_contiguous(), op, "codes", "contiguous", "a non-contiguous tensor")
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        _check(t.dtype == torch.float32, op, name, "float32", t.dtype)
+        _check(t.is_contiguous(), op, name, "contiguous", "a non-contiguous tensor")
+    _check_same_device(op, "codes", codes, scales=scales, zeros=zeros)
+    lead = tuple(codes.shape[:-1])
+    _check(
+        scales.dim() == codes.dim() and tuple(scales.shape[:-1]) == lead,
+        op,
+        "scales",
+        f"of shape (*{lead}, groups)",
+        tuple(scales.shape),
+    )
+    _check(
+        tuple(zeros.shape) == tuple(scales.shape), op, "zeros", f"of shape {tuple(scales.shape)}", tuple(zeros.shape)
+    )
+    n = codes.shape[-1] * (8 // bits)
+    groups = scales.shape[-1]
+    _check(groups > 0 and n % groups == 0, op, "scales", f"with a last dimension that divides {n}", groups)
+    if bits == 4:
+        _check((n // groups) % 2 == 0, op, "scales", f"such that groups are even ({n} values per row)", groups)
+    _check(dtype in FLOAT_DTYPES, op, "dtype", "float32, bfloat16 or float16", dtype)
+    return n
+
+
+def check_bits(op: str, bits: int) -> None:
+    _check(bits in (4, 8), op, "bits", "4 or 8", bits)
+
+
+def check_side(op: str, side: str) -> None:
+    _check(side in SIDES, op, "side", "'left' or 'right'", repr(side))
+
+
+def projected_shape(side: str, g_shape, p_shape) -> tuple[int, int]:
+    """Shape of the projected gradient R for G of g_shape and P of p_shape."""
+    return (p_shape[1], g_shape[1]) if side == "left" else (g_shape[0], p_shape[0])
+
+
+def check_project(op: str, g: torch.Tensor, p_shape: tuple[int, int], p_dtype, p_device, side: str) -> None:
+    """G (m×n) and P (left: m×r, right: r×n)."""
+    check_side(op, side)
+    _check(g.dtype in FLOAT_DTYPES, op, "g", "float32, bfloat16 or float16", g.dtype)
+    _check(g.dim() == 2, op, "g", "a 2-d tensor (m×n)", f"a {g.dim()}-d tensor")
+    _check(p_device == g.device, op, "p", f"on g's device {g.device}", p_device)
+    if p_dtype is not None:
+        _check(p_dtype == g.dtype, op, "p", f"of g's dtype {g.dtype}", p_dtype)
+    m, n = g.shape
+    if side == "left":
+        _check(p_shape[0] == m, op, "p", f"of shape ({m}, r) for side='left' with g of shape {(m, n)}", p_shape)
+    else:
+        _check(p_shape[1] == n, op, "p", f"of shape (r, {n}) for side='right' with g of shape {(m, n)}", p_shape)
+
+
+def check_project_back(op: str, r: torch.Tensor, p_shape: tuple[int, int], p_dtype, p_device, side: str) -> None:
+    """R (left: r×n, right: m×r) and P (left: m×r, right: r×n)."""
+    check_side(op, side)
+    _check(r.dtype in FLOAT_DTYPES, op, "r", "float32, bfloat16 or float16", r.dtype)
+    _check(r.dim() == 2, op, "r", "a 2-d tensor", f"a {r.dim()}-d tensor")
+    _check(p_device == r.device, op, "p", f"on r's device {r.device}", p_device)
+    if p_dtype is not None:
+        _check(p_dtype == r.dtype, op, "p", f"of r's dtype {r.dtype}", p_dtype)
+    rank = r.shape[0] if side == "left" else r.shape[1]
+    if side == "left":
+        _check(
+            p_shape[1] == rank,
+            op,
+            "p",
+            f"of shape (m, {rank}) for side='left' with r of shape {tuple(r.shape)}",
+            p_shape,
+        )
+    else:
+        _check(
+            p_shape[0] == rank,
+            op,
+            "p",
+            f"of shape ({rank}, n) for side='right' with r of shape {tuple(r.shape)}",
+            p_shape,
+        )
+
+
+def backproject_shape(side: str, r_shape, p_shape) -> tuple[int, int]:
+    return (p_shape[0], r_shape[1]) if side == "left" else (r_shape[0], p_shape[1])
+
+
+def check_dense_p(op: str, p: torch.Tensor) -> None:
+    _check(p.dim() == 2, op, "p", "a 2-d tensor", f"a {p.dim()}-d tensor")
+
+
+def check_quantized_p(op: str, p_codes, p_scales, p_zeros, bits: int) -> tuple[int, int]:
+    """Validate a quantized projector; return P's dense shape."""
+    check_bits(op, bits)
+    _check(p_codes.dim() == 2, op, "p_codes", "a 2-d tensor", f"a {p_codes.dim()}-d tensor")
+    n = check_dequantize(op, p_codes, p_scales, p_zeros, bits, torch.float32)
+    return (p_codes.shape[0], n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: schema, fake (checks + output metadata), default kernel (checks + reference math)
+# ---------------------------------------------------------------------------------------------
+
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)
+
+
+def _register(name: str):
+    """Register ``fn`` as both the fake and (after its checks) the default kernel of ``name``."""
+
+    def wrap(pair):
+        fake, default = pair
+        torch.library.register_fake(f"{LIB}::{name}", fake, lib=_lib)
+        _lib.impl(name, default, "CompositeExplicitAutograd")
+        return pair
+
+    return wrap
+
+
+def _quantize_meta(op: str, bits: int, x, group_size, seed, offset):
+    g = check_quantize(op, x, bits, group_size, seed, offset)
+    n = x.shape[-1]
+    lead = tuple(x.shape[:-1])
+    codes = x.new_empty((*lead, n * bits // 8), dtype=torch.uint8)
+    scales = x.new_empty((*lead, n // g), dtype=torch.float32)
+    return codes, scales, torch.empty_like(scales)
+
+
+def _make_quantize(bits: int):
+    op = f"quantize_int{bits}"
+    impl = ref.quantize_int8 if bits == 8 else ref.quantize_int4
+
+    def fake(x, group_size, symmetric, stochastic, seed, offset):
+        return _quantize_meta(op, bits, x, group_size, seed, offset)
+
+    def default(x, group_size, symmetric, stochastic, seed, offset):
+        check_quantize(op, x, bits, group_size, seed, offset)
+        return impl(x, group_size, symmetric, stochastic, seed, offset)
+
+    _register(op)((fake, default))
+
+
+def _make_dequantize(bits: int):
+    op = f"dequantize_int{bits}"
+    impl = ref.dequantize_int8 if bits == 8 else ref.dequantize_int4
+
+    def fake(codes, scales, zeros, dtype):
+        n = check_dequantize(op, codes, scales, zeros, bits, dtype)
+        return codes.new_empty((*codes.shape[:-1], n), dtype=dtype)
+
+    def default(codes, scales, zeros, dtype):
+        check_dequantize(op, codes, scales, zeros, bits, dtype)
+        return impl(codes, scales, zeros, dtype)
+
+    _register(op)((fake, default))
+
+
+for _bits in (8, 4):
+    _make_quantize(_bits)
+    _make_dequantize(_bits)
+
+
+def check_round_bf16(op: str, x: torch.Tensor, seed: int, offset: int) -> None:
+    _check(x.dtype == torch.float32, op, "x", "float32", x.dtype)
+    _check(x.is_contiguous(), op, "x", "contiguous", "a non-contiguous tensor")
+    _check(SEED_RANGE[0] <= seed <= SEED_RANGE[1], op, "seed", "in [0, 2**63)", seed)
+    _check(offset >= 0, op, "offset", "non-negative", offset)
+    _check(offset + x.numel() <= 2**63 - 1, op, "offset", "such that offset + numel < 2**63", offset)
+
+
+def _round_bf16_fake(x, seed, offset):
+    check_round_bf16("round_bf16_stochastic", x, seed, offset)
+    return torch.empty_like(x, dtype=torch.bfloat16)
+
+
+def _round_bf16_default(x, seed, offset):
+    check_round_bf16("round_bf16_stochastic", x, seed, offset)
+    return ref.round_bf16_stochastic(x, seed, offset)
+
+
+_register("round_bf16_stochastic")((_round_bf16_fake, _round_bf16_default))
+
+
+def check_lowrank_project(g, p, side) -> tuple[int, int]:
+    op = "lowrank_project"
+    check_dense_p(op, p)
+    check_project(op, g, tuple(p.shape), p.dtype, p.device, side)
+    return projected_shape(side, g.shape, p.shape)
+
+
+def _project_fake(g, p, side):
+    return g.new_empty(check_lowrank_project(g, p, side))
+
+
+def _project_default(g, p, side):
+    check_lowrank_project(g, p, side)
+    return ref.lowrank_project(g, p, side)
+
+
+_register("lowrank_project")((_project_fake, _project_default))
+
+
+def check_lowrank_project_back(r, p, side) -> tuple[int, int]:
+    op = "lowrank_project_back"
+    check_dense_p(op, p)
+    check_project_back(op, r, tuple(p.shape), p.dtype, p.device, side)
+    return backproject_shape(side, r.shape, p.shape)
+
+
+def _project_back_fake(r, p, side, scale):
+    return r.new_empty(check_lowrank_project_back(r, p, side))
+
+
+def _project_back_default(r, p, side, scale):
+    check_lowrank_project_back(r, p, side)
+    return ref.lowrank_project_back(r, p, side, scale)
+
+
+_register("lowrank_project_back")((_project_back_fake, _project_back_default))
+
+
+def check_lowrank_project_quantized(g, p_codes, p_scales, p_zeros, bits, side) -> tuple[int, int]:
+    op = "lowrank_project_quantized"
+    p_shape = check_quantized_p(op, p_codes, p_scales, p_zeros, bits)
+    check_project(op, g, p_shape, None, p_codes.device, side)
+    return projected_shape(side, g.shape, p_shape)
+
+
+def _project_q_fake(g, p_codes, p_scales, p_zeros, bits, side):
+    return g.new_empty(check_lowrank_project_quantized(g, p_codes, p_scales, p_zeros, bits, side))
+
+
+def _project_q_default(g, p_codes, p_scales, p_zeros, bits, side):
+    check_lowrank_project_quantized(g, p_codes, p_scales, p_zeros, bits, side)
+    return ref.lowrank_project_quantized(g, p_codes, p_scales, p_zeros, bits, side)
+
+
+_register("lowrank_project_quantized")((_project_q_fake, _project_q_default))
+
+
+def check_lowrank_project_back_quantized(r, p_codes, p_scales, p_zeros, bits, side) -> tuple[int, int]:
+    op = "lowrank_project_back_quantized"
+    p_shape = check_quantized_p(op, p_codes, p_scales, p_zeros, bits)
+    check_project_back(op, r, p_shape, None, p_codes.device, side)
+    return backproject_shape(side, r.shape, p_shape)
+
+
+def _project_back_q_fake(r, p_codes, p_scales, p_zeros, bits, side, scale):
+    return r.new_empty(check_lowrank_project_back_quantized(r, p_codes, p_scales, p_zeros, bits, side))
+
+
+def _project_back_q_default(r, p_codes, p_scales, p_zeros, bits, side, scale):
+    check_lowrank_project_back_quantized(r, p_codes, p_scales, p_zeros, bits, side)
+    return ref.lowrank_project_back_quantized(r, p_codes, p_scales, p_zeros, bits, side, scale)
+
+
+_register("lowrank_project_back_quantized")((_project_back_q_fake, _project_back_q_default))

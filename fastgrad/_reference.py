@@ -1,0 +1,203 @@
+"""Pure-torch math of every fastgrad op: the specification, the fallback kernel and the test oracle.
+
+Every compiled kernel (C++ CPU, Triton, CUDA C++) must reproduce these functions: quantizers give
+*identical codes* for the same (seed, offset), matmuls agree to a per-dtype relative tolerance.
+
+Conventions shared by all kernels
+---------------------------------
+Random stream
+    Philox4x32-10 (Salmon et al., SC'11; the generator of ``tl.randint``), keyed by the 64-bit
+    ``seed`` (low word k0, high word k1); element ``i`` of a tensor (row-major flat index) uses the
+    counter ``offset + i`` (low word c0, high word c1, c2 = c3 = 0) and takes output word 0.
+    A uniform in [0, 1) is ``(word >> 8) * 2**-24``: 24 random bits, exactly representable in fp32.
+
+Group-wise affine quantization (bits b in {4, 8}, qmax = 2**b - 1)
+    Groups are ``group_size`` consecutive elements of the last dimension (``group_size == -1``:
+    the whole row), so ``scales``/``zeros`` have shape ``(*x.shape[:-1], x.shape[-1] // group_size)``
+    and are fp32. A value decodes as ``x̂ = code · scale + zero``; ``zero`` is the value of code 0.
+      asymmetric: scale = (max − min) / qmax,   zero = min
+      symmetric:  scale = absmax / (qmax // 2), zero = −2**(b−1) · scale   (codes 1..qmax, 0 ↦ 2**(b−1))
+      scale == 0 (constant or all-zero group) is replaced by 1, so codes stay finite and x̂ exact.
+    Because ``zero`` is a real number, not an integer clamped to [0, qmax], the range always
+    contains every value of its group: single-sign groups are never clipped.
+    Encoding: u = (x − zero) / scale  (fp32, correctly rounded division), then
+      round-to-nearest: code = floor(u + 0.5)
+      stochastic:       code = floor(u) + [ξ < u − floor(u)],  ξ the element's uniform above
+    clamped to [0, qmax] (only fp32 rounding at the range ends can leave it).
+    ``P(code = floor(u) + 1) = frac(u)`` to 2**-24, so E[x̂] = x: stochastic rounding is unbiased.
+    INT4 codes are packed two per byte along the last dimension: element 2j in the low nibble,
+    element 2j+1 in the high nibble.
+
+fp32 -> bf16 stochastic rounding
+    Add a uniform 16-bit integer (the top 16 bits of the element's Philox word) to the fp32 bit
+    pattern and truncate the low 16 bits: rounds the magnitude up with probability equal to the
+    discarded fraction. NaN stays NaN.
+
+Low-rank projection of a gradient G (m×n)
+    side "left":  P is m×r, down R = Pᵀ G (r×n),  up  scale · P R (m×n)
+    side "right": P is r×n, down R = G Pᵀ (m×r),  up  scale · R P (m×n)
+    Accumulation in fp32; the result has G's (or R's) dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Philox4x32-10 constants (Random123).
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+_MASK32 = 0xFFFFFFFF
+
+
+def philox_uint32(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """Philox4x32-10 output word 0 for each 64-bit counter.
+
+    counters: int64 tensor of any shape. Returns int64 values in [0, 2**32).
+    Products of two 32-bit words are formed in int64; they may wrap past 2**63, but the low
+    64 bits stay exact, and only those are read back.
+    """
+    c0 = counters & _MASK32
+    c1 = (counters >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0 = seed & _MASK32
+    k1 = (seed >> 32) & _MASK32
+    for _ in range(PHILOX_ROUNDS):
+        p0 = c0 * PHILOX_M0
+        p1 = c2 * PHILOX_M1
+        hi0, lo0 = (p0 >> 32) & _MASK32, p0 & _MASK32
+        hi1, lo1 = (p1 >> 32) & _MASK32, p1 & _MASK32
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + PHILOX_W0) & _MASK32
+        k1 = (k1 + PHILOX_W1) & _MASK32
+    return c0
+
+
+def philox_uniform(seed: int, offset: int, shape: tuple[int, ...], device) -> torch.Tensor:
+    """fp32 uniforms in [0, 1), one per element of ``shape`` (row-major counters offset + i)."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    counters = torch.arange(numel, dtype=torch.int64, device=device) + offset
+    words = philox_uint32(seed, counters)
+    return ((words >> 8).to(torch.float32) * 2.0**-24).reshape(shape)
+
+
+def resolve_group_size(x: torch.Tensor, group_size: int) -> int:
+    """-1 means one group per row (the whole last dimension)."""
+    return x.shape[-1] if group_size == -1 else group_size
+
+
+def _group_view(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(..., n) -> (..., n // g, g) in fp32."""
+    g = resolve_group_size(x, group_size)
+    return x.float().reshape(*x.shape[:-1], x.shape[-1] // g, g)
+
+
+def quantize(
+    x: torch.Tensor, bits: int, group_size: int, symmetric: bool, stochastic: bool, seed: int, offset: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise quantization to unpacked uint8 codes (..., n) plus fp32 scales and zeros (..., n/g)."""
+    qmax = 2**bits - 1
+    xg = _group_view(x, group_size)
+    if symmetric:
+        absmax = xg.abs().amax(dim=-1)
+        scale = absmax / float(qmax // 2)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = scale * float(-(2 ** (bits - 1)))
+    else:
+        lo = xg.amin(dim=-1)
+        hi = xg.amax(dim=-1)
+        scale = (hi - lo) / float(qmax)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = lo
+    u = (xg - zero.unsqueeze(-1)) / scale.unsqueeze(-1)
+    if stochastic:
+        xi = philox_uniform(seed, offset, tuple(x.shape), x.device).reshape(u.shape)
+        fl = torch.floor(u)
+        code = fl + (xi < (u - fl)).to(torch.float32)
+    else:
+        code = torch.floor(u + 0.5)
+    code = code.clamp(0, qmax).to(torch.uint8).reshape(x.shape)
+    return code, scale, zero
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Unpacked uint8 codes (..., n), fp32 scales/zeros (..., n/g) -> values (..., n) of ``dtype``."""
+    n = codes.shape[-1]
+    g = n // scales.shape[-1]
+    cg = codes.float().reshape(*codes.shape[:-1], n // g, g)
+    x = cg * scales.unsqueeze(-1) + zeros.unsqueeze(-1)
+    return x.reshape(codes.shape).to(dtype)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes in [0, 15] of shape (..., n), n even -> packed (..., n/2): low nibble = even element."""
+    pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Packed (..., n/2) uint8 -> codes (..., n)."""
+    lo = packed & 0x0F
+    hi = packed >> 4
+    return torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def quantize_int8(x, group_size, symmetric, stochastic, seed, offset):
+    return quantize(x, 8, group_size, symmetric, stochastic, seed, offset)
+
+
+def dequantize_int8(codes, scales, zeros, dtype):
+    return dequantize(codes, scales, zeros, dtype)
+
+
+def quantize_int4(x, group_size, symmetric, stochastic, seed, offset):
+    codes, scales, zeros = quantize(x, 4, group_size, symmetric, stochastic, seed, offset)
+    return pack_int4(codes), scales, zeros
+
+
+def dequantize_int4(packed, scales, zeros, dtype):
+    return dequantize(unpack_int4(packed), scales, zeros, dtype)
+
+
+def round_bf16_stochastic(x: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+    """fp32 (any shape) -> bf16 with stochastic rounding (see the module docstring)."""
+    counters = torch.arange(x.numel(), dtype=torch.int64, device=x.device) + offset
+    noise = (philox_uint32(seed, counters) >> 16).reshape(x.shape)
+    bits = x.contiguous().view(torch.int32).to(torch.int64) & _MASK32
+    rounded = ((bits + noise) & 0xFFFF0000).to(torch.uint32).view(torch.int32).view(torch.float32)
+    rounded = torch.where(torch.isnan(x), x, rounded)
+    return rounded.to(torch.bfloat16)
+
+
+def dequantize_projector(codes, scales, zeros, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """A quantized projector P (codes packed for bits=4) -> dense P of ``dtype``."""
+    if bits == 4:
+        return dequantize_int4(codes, scales, zeros, dtype)
+    return dequantize_int8(codes, scales, zeros, dtype)
+
+
+def lowrank_project(g: torch.Tensor, p: torch.Tensor, side: str) -> torch.Tensor:
+    """left: Pᵀ G, (m×r)ᵀ(m×n) -> r×n.  right: G Pᵀ, (m×n)(r×n)ᵀ -> m×r.  fp32 accumulation, G's dtype."""
+    out = p.float().t() @ g.float() if side == "left" else g.float() @ p.float().t()
+    return out.to(g.dtype)
+
+
+def lowrank_project_back(r: torch.Tensor, p: torch.Tensor, side: str, scale: float) -> torch.Tensor:
+    """left: scale·P R, (m×r)(r×n) -> m×n.  right: scale·R P, (m×r)(r×n) -> m×n.  R's dtype."""
+    out = p.float() @ r.float() if side == "left" else r.float() @ p.float()
+    return (out * scale).to(r.dtype)
+
+
+def lowrank_project_quantized(g, p_codes, p_scales, p_zeros, bits, side):
+    p = dequantize_projector(p_codes, p_scales, p_zeros, bits, torch.float32)
+    return lowrank_project(g, p, side)
+
+
+def lowrank_project_back_quantized(r, p_codes, p_scales, p_zeros, bits, side, scale):
+    p = dequantize_projector(p_codes, p_scales, p_zeros, bits, torch.float32)
+    return lowrank_project_back(r, p, side, scale)

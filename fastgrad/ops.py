@@ -1,0 +1,165 @@
+"""Public, documented entry points to the ``torch.ops.fastgrad`` ops.
+
+Every function here is a thin wrapper: the math is specified in ``fastgrad/_reference.py`` and
+the argument checks live in ``fastgrad/_ops.py``. ``python -m fastgrad.env`` tells which
+implementation (C++, Triton, CUDA C++ or the reference) serves each op on each device.
+
+Quantization layout (INT8 and INT4): groups of ``group_size`` consecutive values along the last
+dimension (``group_size=None``: one group per row); a value decodes as ``code * scale + zero``
+with fp32 ``scales``/``zeros`` of shape ``(*x.shape[:-1], x.shape[-1] // group_size)``. INT4
+codes are packed two per byte (low nibble first). Stochastic rounding draws from a counter-based
+Philox stream: the same ``(seed, offset)`` gives the same codes on every backend; advance
+``offset`` by ``x.numel()`` for fresh randomness.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "QuantizedTensor",
+    "quantize",
+    "quantize_int8",
+    "dequantize_int8",
+    "quantize_int4",
+    "dequantize_int4",
+    "round_bf16_stochastic",
+    "lowrank_project",
+    "lowrank_project_back",
+]
+
+
+class QuantizedTensor(NamedTuple):
+    """Group-wise quantized storage of a float tensor.
+
+    codes:  uint8, ``(..., n)`` for 8 bits, ``(..., n // 2)`` packed for 4 bits.
+    scales: float32, ``(..., n // group_size)``.
+    zeros:  float32, ``(..., n // group_size)``: the value that code 0 decodes to.
+    bits:   4 or 8.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the dense tensor this stores."""
+        return torch.Size((*self.codes.shape[:-1], self.codes.shape[-1] * (8 // self.bits)))
+
+    @property
+    def group_size(self) -> int:
+        return self.shape[-1] // self.scales.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage: codes + scales + zeros."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.bits == 4:
+            return dequantize_int4(self.codes, self.scales, self.zeros, dtype)
+        return dequantize_int8(self.codes, self.scales, self.zeros, dtype)
+
+
+def _group_arg(group_size: int | None) -> int:
+    return -1 if group_size is None else group_size
+
+
+def quantize_int8(
+    x: torch.Tensor,
+    group_size: int | None = 128,
+    *,
+    symmetric: bool = False,
+    stochastic: bool = False,
+    seed: int = 0,
+    offset: int = 0,
+) -> QuantizedTensor:
+    """Quantize ``x`` (fp32/bf16/fp16, contiguous, ``(..., n)``) to INT8 codes, group-wise.
+
+    Args:
+        group_size: values per group along the last dimension (must divide ``n``); None: per row.
+        symmetric: scale = absmax/127 and zero = -128·scale (codes 1..255), else min/max affine.
+        stochastic: stochastic rounding (unbiased) instead of round-to-nearest.
+        seed, offset: the Philox key and the counter of element 0 (stochastic only).
+    """
+    codes, scales, zeros = torch.ops.fastgrad.quantize_int8(
+        x, _group_arg(group_size), symmetric, stochastic, seed, offset
+    )
+    return QuantizedTensor(codes, scales, zeros, 8)
+
+
+def dequantize_int8(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """INT8 codes ``(..., n)`` with scales/zeros ``(..., groups)`` -> ``(..., n)`` of ``dtype``."""
+    return torch.ops.fastgrad.dequantize_int8(codes, scales, zeros, dtype)
+
+
+def quantize_int4(
+    x: torch.Tensor,
+    group_size: int | None = 128,
+    *,
+    symmetric: bool = False,
+    stochastic: bool = False,
+    seed: int = 0,
+    offset: int = 0,
+) -> QuantizedTensor:
+    """As :func:`quantize_int8` with 4-bit codes packed two per byte (codes ``(..., n // 2)``).
+
+    ``group_size`` must be even. Symmetric: scale = absmax/7, zero = -8·scale (codes 1..15).
+    """
+    codes, scales, zeros = torch.ops.fastgrad.quantize_int4(
+        x, _group_arg(group_size), symmetric, stochastic, seed, offset
+    )
+    return QuantizedTensor(codes, scales, zeros, 4)
+
+
+def dequantize_int4(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Packed INT4 codes ``(..., n // 2)`` with scales/zeros ``(..., groups)`` -> ``(..., n)``."""
+    return torch.ops.fastgrad.dequantize_int4(codes, scales, zeros, dtype)
+
+
+def quantize(x: torch.Tensor, bits: int, group_size: int | None = 128, **kwargs) -> QuantizedTensor:
+    """:func:`quantize_int8` or :func:`quantize_int4` by ``bits``."""
+    if bits == 8:
+        return quantize_int8(x, group_size, **kwargs)
+    if bits == 4:
+        return quantize_int4(x, group_size, **kwargs)
+    raise ValueError(f"fastgrad.quantize: argument 'bits' must be 4 or 8, got {bits}")
+
+
+def round_bf16_stochastic(x: torch.Tensor, seed: int = 0, offset: int = 0) -> torch.Tensor:
+    """fp32 -> bf16 with stochastic rounding: E[result] = x. Same shape; NaN stays NaN."""
+    return torch.ops.fastgrad.round_bf16_stochastic(x, seed, offset)
+
+
+def lowrank_project(g: torch.Tensor, p: torch.Tensor | QuantizedTensor, side: str) -> torch.Tensor:
+    """Project a gradient ``g`` (m×n) onto the subspace of ``p``.
+
+    side="left":  p is m×r, returns Pᵀ G (r×n).
+    side="right": p is r×n, returns G Pᵀ (m×r).
+    ``p`` may be a dense tensor of g's dtype or a :class:`QuantizedTensor` (INT4/INT8), whose
+    dequantization is fused into the matmul. Accumulates in fp32; the result has g's dtype.
+    """
+    if isinstance(p, QuantizedTensor):
+        return torch.ops.fastgrad.lowrank_project_quantized(g, p.codes, p.scales, p.zeros, p.bits, side)
+    return torch.ops.fastgrad.lowrank_project(g, p, side)
+
+
+def lowrank_project_back(
+    r: torch.Tensor, p: torch.Tensor | QuantizedTensor, side: str, scale: float = 1.0
+) -> torch.Tensor:
+    """Map a low-rank tensor back to full size, times ``scale``.
+
+    side="left":  r is r×n, p is m×r, returns scale·P R (m×n).
+    side="right": r is m×r, p is r×n, returns scale·R P (m×n).
+    """
+    if isinstance(p, QuantizedTensor):
+        return torch.ops.fastgrad.lowrank_project_back_quantized(r, p.codes, p.scales, p.zeros, p.bits, side, scale)
+    return torch.ops.fastgrad.lowrank_project_back(r, p, side, scale)
