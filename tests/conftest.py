@@ -1,0 +1,39 @@
+import os
+
+import pytest
+import torch
+
+import fastgrad  # noqa: F401  (registers the ops and backends)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _fastgrad_cache(tmp_path_factory, monkeypatch):
+    """Tests never touch the user's real cache directory."""
+    if "FASTGRAD_CACHE" not in os.environ:
+        monkeypatch.setenv("FASTGRAD_CACHE", str(tmp_path_factory.getbasetemp() / "fastgrad-cache"))
+
+
+def assert_close_report(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
+    """Relative Frobenius error check that says where and by how much the tensors differ."""
+    err = (actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-30)
+    if err > rtol:
+        diff = (actual.float() - expected.float()).abs()
+        idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        raise AssertionError(
+            f"{what}: relative error {err:.3e} > {rtol:.1e}; worst at {idx}: "
+            f"{actual.float()[idx]:.6g} vs {expected.float()[idx]:.6g}"
+        )

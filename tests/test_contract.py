@@ -1,0 +1,144 @@
+"""The op contract: opcheck on every op and device, fake kernels, and bad-input errors that name
+the op and the argument before any kernel runs."""
+
+import pytest
+import torch
+
+import fastgrad
+from fastgrad import _backends, ops
+from fastgrad._ops import SCHEMAS
+
+pytestmark = pytest.mark.triton
+
+
+def _samples(device):
+    """One valid argument tuple per op."""
+    x = torch.randn(4, 64, device=device)
+    q8 = ops.quantize_int8(x, 32)
+    q4 = ops.quantize_int4(x, 32)
+    g = torch.randn(48, 40, device=device)
+    p_left = torch.randn(48, 8, device=device)
+    p_right = torch.randn(8, 40, device=device)
+    q4_right = ops.quantize_int4(p_right, 8)
+    q8_left = ops.quantize_int8(p_left, 8)
+    return {
+        "quantize_int8": [(x, 32, False, True, 3, 5), (x, -1, True, False, 0, 0)],
+        "dequantize_int8": [(q8.codes, q8.scales, q8.zeros, torch.bfloat16)],
+        "quantize_int4": [(x, 32, True, True, 3, 5), (x, -1, False, False, 0, 0)],
+        "dequantize_int4": [(q4.codes, q4.scales, q4.zeros, torch.float32)],
+        "round_bf16_stochastic": [(x, 1, 2)],
+        "lowrank_project": [(g, p_left, "left"), (g, p_right, "right")],
+        "lowrank_project_back": [(torch.randn(8, 40, device=device), p_left, "left", 0.5)],
+        "lowrank_project_quantized": [
+            (g, q4_right.codes, q4_right.scales, q4_right.zeros, 4, "right"),
+            (g, q8_left.codes, q8_left.scales, q8_left.zeros, 8, "left"),
+        ],
+        "lowrank_project_back_quantized": [
+            (torch.randn(48, 8, device=device), q4_right.codes, q4_right.scales, q4_right.zeros, 4, "right", 2.0),
+        ],
+    }
+
+
+def test_every_op_has_samples():
+    assert set(_samples("cpu")) == set(SCHEMAS)
+
+
+@pytest.mark.parametrize("op", list(SCHEMAS))
+def test_opcheck(device, op):
+    for args in _samples(device)[op]:
+        torch.library.opcheck(getattr(torch.ops.fastgrad, op).default, args)
+
+
+@pytest.mark.parametrize("op", list(SCHEMAS))
+def test_fake_kernel_shapes_match_real(op):
+    for args in _samples("cpu")[op]:
+        real = getattr(torch.ops.fastgrad, op)(*args)
+        meta_args = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
+        fake = getattr(torch.ops.fastgrad, op)(*meta_args)
+        real, fake = (real, fake) if isinstance(real, tuple) else ((real,), (fake,))
+        for r, f in zip(real, fake, strict=True):
+            assert f.shape == r.shape and f.dtype == r.dtype
+
+
+def _bad_calls():
+    x = torch.randn(4, 64)
+    q8 = ops.quantize_int8(x, 32)
+    q4 = ops.quantize_int4(x, 32)
+    g = torch.randn(48, 40)
+    p_left = torch.randn(48, 8)
+    F = torch.ops.fastgrad
+    return [
+        ("quantize_int8", "x", lambda: F.quantize_int8(x.to(torch.float64), 32, False, False, 0, 0)),
+        ("quantize_int8", "x", lambda: F.quantize_int8(x.t(), 4, False, False, 0, 0)),  # non-contiguous
+        ("quantize_int8", "group_size", lambda: F.quantize_int8(x, 48, False, False, 0, 0)),
+        ("quantize_int8", "group_size", lambda: F.quantize_int8(x, 0, False, False, 0, 0)),
+        ("quantize_int8", "seed", lambda: F.quantize_int8(x, 32, False, True, -1, 0)),
+        ("quantize_int8", "offset", lambda: F.quantize_int8(x, 32, False, True, 0, -5)),
+        ("quantize_int4", "group_size", lambda: F.quantize_int4(torch.randn(4, 63), 7, False, False, 0, 0)),
+        (
+            "dequantize_int8",
+            "codes",
+            lambda: F.dequantize_int8(q8.codes.to(torch.int32), q8.scales, q8.zeros, torch.float32),
+        ),
+        ("dequantize_int8", "scales", lambda: F.dequantize_int8(q8.codes, q8.scales.double(), q8.zeros, torch.float32)),
+        ("dequantize_int8", "zeros", lambda: F.dequantize_int8(q8.codes, q8.scales, q8.zeros[:, :1], torch.float32)),
+        (
+            "dequantize_int8",
+            "scales",
+            lambda: F.dequantize_int8(q8.codes, torch.ones(4, 5), torch.ones(4, 5), torch.float32),
+        ),
+        ("dequantize_int8", "dtype", lambda: F.dequantize_int8(q8.codes, q8.scales, q8.zeros, torch.int32)),
+        (
+            "dequantize_int4",
+            "scales",
+            lambda: F.dequantize_int4(q4.codes[:, :31].contiguous(), q4.scales, q4.zeros, torch.float32),
+        ),
+        ("round_bf16_stochastic", "x", lambda: F.round_bf16_stochastic(x.bfloat16(), 0, 0)),
+        ("lowrank_project", "side", lambda: F.lowrank_project(g, p_left, "up")),
+        ("lowrank_project", "p", lambda: F.lowrank_project(g, p_left, "right")),  # wrong P shape for the side
+        ("lowrank_project", "p", lambda: F.lowrank_project(g, p_left.bfloat16(), "left")),
+        ("lowrank_project", "g", lambda: F.lowrank_project(g[None], p_left, "left")),
+        (
+            "lowrank_project_back",
+            "p",
+            lambda: F.lowrank_project_back(torch.randn(8, 40), p_left.t().contiguous(), "left", 1.0),
+        ),
+        (
+            "lowrank_project_quantized",
+            "bits",
+            lambda: F.lowrank_project_quantized(g, q8.codes, q8.scales, q8.zeros, 3, "left"),
+        ),
+        (
+            "lowrank_project_quantized",
+            "p",
+            lambda: F.lowrank_project_quantized(g, q8.codes, q8.scales, q8.zeros, 8, "left"),
+        ),
+        (
+            "lowrank_project_back_quantized",
+            "side",
+            lambda: F.lowrank_project_back_quantized(torch.randn(4, 40), q8.codes, q8.scales, q8.zeros, 8, "both", 1.0),
+        ),
+    ]
+
+
+@pytest.mark.parametrize(("op", "arg", "call"), _bad_calls(), ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input_names_op_and_argument(op, arg, call):
+    with pytest.raises(RuntimeError) as info:
+        call()
+    msg = str(info.value)
+    assert f"fastgrad.{op}" in msg and f"'{arg}'" in msg, msg
+
+
+def test_device_mismatch_is_reported():
+    meta_p = torch.randn(48, 8, device="meta")
+    with pytest.raises(RuntimeError, match=r"fastgrad.lowrank_project: argument 'p' must be on g's device"):
+        torch.ops.fastgrad.lowrank_project(torch.randn(48, 40), meta_p, "left")
+
+
+def test_env_report_lists_every_op_and_its_backend():
+    from fastgrad.env import report
+
+    text = report()
+    assert f"fastgrad        {fastgrad.__version__}" in text
+    for op, served in _backends.SERVED_BY.items():
+        assert op in text and served["cpu"] in text
