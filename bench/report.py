@@ -1,0 +1,73 @@
+"""Render bench/results/*.csv as Markdown: the latest row of each case, with speed-ups.
+
+python bench/report.py            # print
+python bench/report.py --readme   # replace the block between the bench markers in README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import OrderedDict
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+BASELINE = {"quant": "reference", "project": "torch-matmul"}
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def latest_rows(suite: str) -> list[dict]:
+    path = ROOT / "bench" / "results" / f"{suite}.csv"
+    if not path.exists():
+        return []
+    latest: OrderedDict = OrderedDict()
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            latest[(row["device"], row["op"], row["shape"], row["dtype"], row["provider"])] = row
+    return list(latest.values())
+
+
+def render(suite: str) -> str:
+    rows = latest_rows(suite)
+    if not rows:
+        return ""
+    cases: OrderedDict = OrderedDict()
+    for row in rows:
+        cases.setdefault((row["device"], row["threads"], row["op"], row["shape"], row["dtype"]), []).append(row)
+    out = [
+        f"| device | op | shape | dtype | provider | median ms | GB/s | TFLOP/s | vs {BASELINE[suite]} |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for (device, threads, op, shape, dtype), group in cases.items():
+        base = next((r for r in group if r["provider"] == BASELINE[suite]), None)
+        if base is None and suite == "quant":  # the reference is timed on fp32 only
+            base = next(
+                (r for r in rows if r["provider"] == "reference" and r["op"] == op and r["device"] == device), None
+            )
+        for r in group:
+            speedup = f"{float(base['median_ms']) / float(r['median_ms']):.2f}×" if base else ""
+            dev = device if device.startswith(("NVIDIA", "H100")) else f"{device}, {threads} threads"
+            out.append(
+                f"| {dev} | {op} | {shape} | {dtype} | {r['provider']} | {float(r['median_ms']):.3f} "
+                f"| {r['gbps']} | {r['tflops']} | {speedup} |"
+            )
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--readme", action="store_true", help="write the tables into README.md")
+    args = parser.parse_args()
+    text = "\n\n".join(t for t in (render(s) for s in ("quant", "project")) if t)
+    if not args.readme:
+        print(text)
+        return
+    readme = ROOT / "README.md"
+    content = readme.read_text()
+    head, rest = content.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+
+
+if __name__ == "__main__":
+    main()
