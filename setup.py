@@ -10,7 +10,7 @@ import glob
 import os
 import platform
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def _extensions():
@@ -20,7 +20,10 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = ["csrc/module.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    cxx = ["-O3", "-std=c++17", "-ffp-contract=off"]
+    # -ffp-contract=off: no FMA contraction, so kernels round exactly like _reference.py.
+    # -fno-trapping-math -fno-math-errno (torch's own flags): let gcc if-convert and vectorize loops with
+    # float compares/floor (results unchanged; only FP exception flags become unobservable).
+    cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno"]
     if platform.machine() in ("x86_64", "AMD64"):
         # AVX2 is on every x86-64 CPU since 2013; the kernels' inner loops are written to vectorize.
         cxx += ["-mavx2", "-mf16c"]
@@ -39,7 +42,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["fastgrad", "fastgrad.kernels", "fastgrad.models", "fastgrad.data"],
+    packages=[*find_packages(include=["fastgrad", "fastgrad.*"]), "fastgrad.kernels"],
     package_dir={"fastgrad.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

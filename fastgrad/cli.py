@@ -1,0 +1,156 @@
+"""The ``fastgrad`` command: ``fastgrad pretrain ...`` and ``fastgrad env``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import sys
+from pathlib import Path
+
+from fastgrad.train.config import TrainConfig
+from fastgrad.train.optimizers import OPTIMIZERS
+
+# CLI flag -> TrainConfig field, for the flags that set the config.
+_CONFIG_FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
+_BOOLEAN = {"compile", "activation_checkpointing"}
+
+
+def _pretrain_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a LLaMA-style model",
+        description="Pretrain a LLaMA-style model on the default corpus (or --data) with a memory-efficient optimizer. "
+        "With no arguments: the 'tiny' model with GaLore, on the GPU if there is one, else the CPU.",
+    )
+    d = TrainConfig()
+    p.add_argument("--model", help=f"tiny, 60m, 130m, 350m, 1b or 7b (default {d.model})")
+    p.add_argument("--optim", choices=list(OPTIMIZERS), help=f"optimizer (default {d.optim})")
+    p.add_argument("--rank", type=int, help="projection rank (default: the model's recipe)")
+    p.add_argument("--update-proj-gap", type=int, help="projector refresh interval T in steps (default: recipe)")
+    p.add_argument("--scale", type=float, help=f"GaLore scale α (default {d.scale})")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 0.01 low-rank, 1e-3 AdamW)")
+    p.add_argument("--min-lr-ratio", type=float, help=f"cosine floor as a fraction of --lr (default {d.min_lr_ratio})")
+    p.add_argument(
+        "--warmup", type=float, help=f"warmup: a fraction of the steps if < 1, else steps (default {d.warmup})"
+    )
+    p.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
+    p.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this (default: off)")
+    p.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step (default {d.grad_accum})")
+    p.add_argument("--batch-size", type=int, help=f"sequences per micro-batch (default {d.batch_size})")
+    p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {d.seq_len})")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the model's recipe; tiny 300)")
+    p.add_argument("--tokens", type=int, help="train on this many tokens instead of --steps")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, float32 on CPU"
+    )
+    p.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    p.add_argument("--activation-checkpointing", action="store_const", const=True, help="recompute layer activations")
+    p.add_argument("--max-memory-gb", type=float, help="cap CUDA memory to emulate a smaller GPU")
+    p.add_argument("--data", help="a .txt file, a folder of .txt files, or a Hugging Face dataset (default: built-in)")
+    p.add_argument("--tokenizer", help="a tokenizer.json to use instead of training one")
+    p.add_argument("--vocab-size", type=int, help=f"BPE vocabulary size when training one (default {d.vocab_size})")
+    p.add_argument("--eval-every", type=int, help=f"validate every this many steps (default {d.eval_every})")
+    p.add_argument("--eval-batches", type=int, help=f"validation batches per evaluation (default {d.eval_batches})")
+    p.add_argument("--save-every", type=int, help=f"checkpoint every this many steps (default {d.save_every})")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--out", default="runs", help="parent folder of the run directory (default runs)")
+    p.add_argument("--name", help="run directory name (default: <model>-<optim>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _explicit_config(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in _CONFIG_FLAGS if getattr(args, name, None) is not None}
+
+
+def _prepare_run(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
+    """Resolve the config and the run directory; never overwrite an existing run."""
+    explicit = _explicit_config(args)
+    if args.resume:
+        run_dir = Path(args.resume)
+        config_path = run_dir / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"--resume {run_dir}: not a run directory (no config.json)")
+        cfg = TrainConfig.from_dict(json.loads(config_path.read_text()))
+        # Everything, --steps included (it shapes the learning-rate schedule), must match for the
+        # continuation to be the run that was started.
+        conflicts = {k: (v, getattr(cfg, k)) for k, v in explicit.items() if v != getattr(cfg, k)}
+        if conflicts:
+            listed = ", ".join(f"{_CONFIG_FLAGS[k]}={v!r} (run has {old!r})" for k, (v, old) in conflicts.items())
+            raise ValueError(f"--resume {run_dir}: these options differ from the run's config: {listed}")
+        return cfg, run_dir, True
+    cfg = TrainConfig(**explicit).resolved()
+    name = args.name or f"{cfg.model}-{cfg.optim}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = Path(args.out) / name
+    if run_dir.exists():
+        raise ValueError(f"run directory {run_dir} already exists; use --resume {run_dir} or another --name")
+    return cfg, run_dir, False
+
+
+def _validate(cfg: TrainConfig) -> None:
+    from fastgrad.models import get_config
+
+    get_config(cfg.model, vocab_size=cfg.vocab_size)  # raises for an unknown model
+    for name in ("batch_size", "seq_len", "grad_accum", "steps", "rank", "update_proj_gap", "eval_every", "save_every"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ValueError(f"{_CONFIG_FLAGS[name]} must be a positive integer, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {cfg.lr}")
+
+
+def pretrain(args: argparse.Namespace) -> int:
+    from fastgrad.train.loop import train
+    from fastgrad.train.plot import plot_losses
+
+    cfg, run_dir, resume = _prepare_run(args)
+    _validate(cfg)
+    print(f"run directory: {run_dir}", flush=True)
+    try:
+        result = train(cfg, run_dir, resume=resume, show_progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: checkpoint saved; continue with: fastgrad pretrain --resume {run_dir}", file=sys.stderr)
+        return 130
+    plot_losses({f"{cfg.model} {cfg.optim}": run_dir / "metrics.jsonl"}, run_dir / "loss.png")
+    rows = [
+        ("steps", f"{result.step}"),
+        ("tokens", f"{result.tokens:,}"),
+        ("train loss", f"{result.train_loss:.4f}"),
+        (
+            "validation loss",
+            f"{result.val_loss:.4f} (perplexity {min(float('inf'), 2.718281828**result.val_loss):.1f})",
+        ),
+        ("time", f"{result.seconds:.0f} s ({result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s)"),
+        ("peak memory", f"{result.peak_memory_bytes / 2**20:,.0f} MiB"),
+        ("optimizer state", f"{result.optimizer_state_bytes / 2**20:,.2f} MiB"),
+        ("skipped NaN/Inf steps", f"{result.nonfinite_steps}"),
+        ("outputs", f"{run_dir}/ (config.json, metrics.jsonl, checkpoint/, loss.png)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastgrad", description="Memory-efficient LLM pretraining.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _pretrain_parser(sub)
+    sub.add_parser("env", help="versions, devices and the backend serving each op")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "env":
+            from fastgrad.env import report
+
+            print(report())
+            return 0
+        return pretrain(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fastgrad {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Run directories and checkpoints that resume exactly.
+
+runs/<name>/
+  config.json        the TrainConfig (resolved)
+  metrics.jsonl      one JSON object per logged step / evaluation
+  checkpoint/        model.safetensors, optimizer.pt (loads with weights_only=True), trainer.json
+  loss.png           training and validation loss
+
+A checkpoint is written to ``checkpoint.tmp`` and swapped in by renames, so an interrupt or a crash
+while saving leaves the previous checkpoint intact (``checkpoint.old`` during the swap).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+CHECKPOINT = "checkpoint"
+
+
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer: dict) -> None:
+    tmp, final, old = run_dir / f"{CHECKPOINT}.tmp", run_dir / CHECKPOINT, run_dir / f"{CHECKPOINT}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):  # .old survives only a crash mid-swap
+        path = run_dir / name
+        if (path / "trainer.json").exists():
+            return path
+    return None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model and optimizer in place; return the trainer state (step, counters)."""
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not match the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(state)
+    return json.loads((path / "trainer.json").read_text())

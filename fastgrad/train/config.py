@@ -1,0 +1,82 @@
+"""Configuration of a pretraining run, with per-model defaults from the published recipes.
+
+Recipes (ALGORITHMS.md §12): LLaMA 60M/130M/350M/1B/7B on C4 with sequence length 256, cosine
+schedule to 10% of the peak with 10% warmup. GaLore: lr 0.01, scale 0.25, projector refresh every
+200 steps (500 at 7B), rank 128/256/256/512/1024. AdamW baselines use lr 1e-3. ``tiny`` is sized
+so that the default run finishes in minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+RANK = {"tiny": 32, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+UPDATE_PROJ_GAP = {"tiny": 50, "7b": 500}  # others: 200
+DEFAULT_STEPS = {"tiny": 300, "60m": 10_000, "130m": 20_000, "350m": 60_000, "1b": 100_000, "7b": 150_000}
+LOW_RANK_LR = 0.01  # GaLore/Q-GaLore/Fira/APOLLO recipes
+FULL_RANK_LR = 1e-3  # AdamW recipes
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run; saved as runs/<name>/config.json and checked on resume."""
+
+    model: str = "tiny"
+    optim: str = "adamw"
+    rank: int | None = None  # None: the model's recipe rank
+    update_proj_gap: int | None = None
+    scale: float = 0.25
+    lr: float | None = None  # None: the optimizer's recipe lr
+    min_lr_ratio: float = 0.1
+    warmup: float = 0.1  # fraction of the steps when < 1, else a step count
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # 0: no clipping (the norm is still computed, to catch NaN/Inf)
+    grad_accum: int = 1
+    batch_size: int = 16
+    seq_len: int = 128
+    steps: int | None = None
+    tokens: int | None = None  # alternative to steps
+    dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
+    seed: int = 0
+    compile: bool = False
+    activation_checkpointing: bool = False
+    max_memory_gb: float | None = None
+    data: str | None = None
+    tokenizer: str | None = None
+    vocab_size: int = 8192
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 200
+    device: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def resolved(self) -> TrainConfig:
+        """A copy with every None default replaced by the model's recipe value."""
+        cfg = dataclasses.replace(self)
+        name = cfg.model.lower().removeprefix("llama-")
+        cfg.model = name
+        if cfg.rank is None:
+            cfg.rank = RANK.get(name, 128)
+        if cfg.update_proj_gap is None:
+            cfg.update_proj_gap = UPDATE_PROJ_GAP.get(name, 200)
+        if cfg.lr is None:
+            cfg.lr = FULL_RANK_LR if cfg.optim.startswith("adamw") else LOW_RANK_LR
+        if cfg.steps is None:
+            tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+            cfg.steps = -(-cfg.tokens // tokens_per_step) if cfg.tokens else DEFAULT_STEPS.get(name, 1000)
+        return cfg
+
+    def warmup_steps(self) -> int:
+        return int(self.warmup * self.steps) if self.warmup < 1 else int(self.warmup)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"config.json has unknown keys {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,107 @@
+"""`fastgrad pretrain`: bad input, never overwriting a run, exact resume, Ctrl-C."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastgrad.cli import main
+from fastgrad.data import load_default_corpus
+
+SMALL = ["--seq-len", "32", "--batch-size", "4", "--vocab-size", "512", "--eval-every", "3", "--eval-batches", "2"]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(load_default_corpus()[:200_000])
+    return path
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _run(tmp_path, text_file, *extra) -> int:
+    return main(["pretrain", "--out", str(tmp_path), "--data", str(text_file), "--no-progress", *SMALL, *extra])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "huge"], "unknown model"),
+        (["--steps", "0"], "--steps must be a positive integer"),
+        (["--lr", "-1"], "--lr must be positive"),
+    ],
+)
+def test_bad_arguments_exit_nonzero_with_a_message(tmp_path, text_file, capsys, args, message):
+    assert _run(tmp_path, text_file, "--name", "bad", *args) == 2
+    assert message in capsys.readouterr().err.lower()
+    assert not (tmp_path / "bad").exists()
+
+
+def test_unknown_optimizer_is_rejected(tmp_path, text_file):
+    with pytest.raises(SystemExit) as info:
+        _run(tmp_path, text_file, "--optim", "sgd")
+    assert info.value.code == 2
+
+
+def test_missing_or_empty_data(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for data in (tmp_path / "nope.txt", empty):
+        code = main(["pretrain", "--out", str(tmp_path), "--data", str(data), "--name", "x", "--no-progress", *SMALL])
+        assert code == 2
+        assert "--data" in capsys.readouterr().err
+
+
+def test_existing_run_is_never_overwritten(tmp_path, text_file, capsys):
+    run = tmp_path / "taken"
+    run.mkdir()
+    (run / "config.json").write_text("precious")
+    assert _run(tmp_path, text_file, "--name", "taken") == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (run / "config.json").read_text() == "precious"
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path, text_file, capsys):
+    assert _run(tmp_path, text_file, "--optim", "adamw", "--steps", "2", "--name", "r") == 0
+    before = (tmp_path / "r/metrics.jsonl").read_text()
+    assert main(["pretrain", "--resume", str(tmp_path / "r"), "--lr", "0.5", "--no-progress"]) == 2
+    assert "--lr=0.5" in capsys.readouterr().err
+    assert (tmp_path / "r/metrics.jsonl").read_text() == before
+    assert main(["pretrain", "--resume", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_ctrl_c_saves_at_a_step_boundary_and_resume_is_exact(tmp_path, text_file):
+    steps = "40"
+    cmd = [sys.executable, "-m", "fastgrad.cli", "pretrain", "--out", str(tmp_path), "--data", str(text_file)]
+    cmd += ["--name", "interrupted", "--optim", "adamw", "--steps", steps, "--no-progress", *SMALL]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    metrics = tmp_path / "interrupted/metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    saved = json.loads((tmp_path / "interrupted/checkpoint/trainer.json").read_text())
+    assert 2 <= saved["step"] == len(metrics.read_text().splitlines()) < int(steps)
+
+    assert main(["pretrain", "--resume", str(tmp_path / "interrupted"), "--no-progress"]) == 0
+    assert _run(tmp_path, text_file, "--optim", "adamw", "--steps", steps, "--name", "straight") == 0
+    straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "interrupted")
+    assert len(resumed) == int(steps)
+    assert straight == resumed  # bitwise: same batches, same lr, same model and optimizer state
+    a = torch.load(tmp_path / "straight/checkpoint/optimizer.pt", weights_only=True)
+    b = torch.load(tmp_path / "interrupted/checkpoint/optimizer.pt", weights_only=True)
+    for sa, sb in zip(a["state"].values(), b["state"].values(), strict=True):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert (tmp_path / "interrupted/loss.png").stat().st_size > 1000
