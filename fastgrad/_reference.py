@@ -27,11 +27,13 @@ Group-wise affine quantization (bits b in {4, 8}, qmax = 2**b - 1)
     ``P(code = floor(u) + 1) = frac(u)`` to 2**-24, so E[x̂] = x: stochastic rounding is unbiased.
     INT4 codes are packed two per byte along the last dimension: element 2j in the low nibble,
     element 2j+1 in the high nibble.
+    Non-finite inputs give unspecified codes: the optimizers' NaN/Inf policy stops such values
+    before they reach a quantizer.
 
 fp32 -> bf16 stochastic rounding
     Add a uniform 16-bit integer (the top 16 bits of the element's Philox word) to the fp32 bit
     pattern and truncate the low 16 bits: rounds the magnitude up with probability equal to the
-    discarded fraction. NaN stays NaN.
+    discarded fraction. NaN stays NaN (quiet, sign kept; its exact bits are unspecified).
 
 Low-rank projection of a gradient G (m×n)
     side "left":  P is m×r, down R = Pᵀ G (r×n),  up  scale · P R (m×n)

@@ -2,6 +2,32 @@
 
 ``TRITON_KERNELS`` maps an op name of ``fastgrad/_ops.py`` to its Triton launcher;
 ``fastgrad/_backends.py`` registers each for ``cuda`` (and ``cpu`` under ``TRITON_INTERPRET=1``).
+One file per op family: ``quant.py`` (quantizers, bf16 stochastic rounding), ``project.py``
+(low-rank projections, dense or with a fused-dequantized INT4/INT8 projector).
 """
 
-TRITON_KERNELS: dict = {}
+from .project import (
+    lowrank_project_back_quantized_triton,
+    lowrank_project_back_triton,
+    lowrank_project_quantized_triton,
+    lowrank_project_triton,
+)
+from .quant import (
+    dequantize_int4_triton,
+    dequantize_int8_triton,
+    quantize_int4_triton,
+    quantize_int8_triton,
+    round_bf16_stochastic_triton,
+)
+
+TRITON_KERNELS: dict = {
+    "quantize_int8": quantize_int8_triton,
+    "dequantize_int8": dequantize_int8_triton,
+    "quantize_int4": quantize_int4_triton,
+    "dequantize_int4": dequantize_int4_triton,
+    "round_bf16_stochastic": round_bf16_stochastic_triton,
+    "lowrank_project": lowrank_project_triton,
+    "lowrank_project_back": lowrank_project_back_triton,
+    "lowrank_project_quantized": lowrank_project_quantized_triton,
+    "lowrank_project_back_quantized": lowrank_project_back_quantized_triton,
+}

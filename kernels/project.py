@@ -1,0 +1,268 @@
+"""Triton kernels: low-rank projection of a gradient and back-projection, with a dense projector P
+or a group-wise INT4/INT8 quantized one (dequantized in registers, inside the matmul loop).
+
+The four products (``_reference.py``: G is m×n, P is m×r for side "left", r×n for "right")
+
+    lowrank_project       left:  R = Pᵀ G          (r×m)(m×n)   K = m
+                          right: R = G Pᵀ          (m×n)(n×r)   K = n
+    lowrank_project_back  left:  U = scale · P R   (m×r)(r×n)   K = r
+                          right: U = scale · R P   (m×r)(r×n)   K = r
+
+are all ``C[M, N] = scale · Σ_k A[M, k] B[k, N]`` with A and B addressed by strides: a transpose is
+a swap of strides, never a copy, and any strided G, R or dense P works. One kernel serves them
+all: ``_lowrank_matmul``. A quantized P is one of A or B (``Q_IS_A``), read either as P or as Pᵀ
+(``Q_TRANS``); its tile is decoded from the codes (INT4: the byte ``j // 2`` and the nibble
+``j % 2``) with the group's scale and zero (group ``i * groups_per_row + j // group_size`` for P's
+element (i, j)), so the dense P is never materialized.
+
+Tiling. Programs tile C in BLOCK_M × BLOCK_N tiles and loop over K in BLOCK_K steps, accumulating
+in fp32 with ``tl.dot``. The down-projection has a huge K (m or n, 4096..11008+) and a skinny
+output (r rows or columns): the tile grid alone can be smaller than the GPU, so when it does not
+fill the device K is split across a second grid axis (split-K) into an fp32 workspace
+``(splits, M, N)`` whose partial sums torch adds up (deterministic: no atomics, so two runs give the
+same bits). The split count is capped so that the workspace's write + read stays under 25% of the
+traffic of the streamed operand (``SPLIT_K_TRAFFIC_BUDGET``). Configs with BLOCK_M or BLOCK_N up
+to 256 let one tile cover a whole rank ≤ 256, so G is streamed from memory once. The
+back-projection has K = r: a plain tiled matmul.
+
+Precision. Accumulation is fp32 everywhere. Under the interpreter every operand is converted to
+fp32 and ``tl.dot`` runs with ``input_precision="ieee"`` (exact fp32 products, as the reference).
+On a GPU, bf16/fp16 operands go to the tensor cores in their own dtype (the products are exact in
+fp32, so only the summation order differs from the reference); a quantized P is dequantized in
+fp32 then rounded to G's (or R's) dtype for the tensor cores, which adds at most one rounding
+(2**-9 relative for bf16) per element of P, the same size as the rounding of the bf16 output
+itself. fp32 operands use ``input_precision="tf32x3"`` (three TF32 products, about fp32 accuracy at
+a fraction of the cost of the non-tensor-core "ieee" path). The output is cast to G's (R's) dtype,
+bf16 with round-to-nearest-even.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastgrad._ops import (
+    check_lowrank_project,
+    check_lowrank_project_back,
+    check_lowrank_project_back_quantized,
+    check_lowrank_project_quantized,
+)
+
+from ._common import INTERPRET, autotune, out_view, parallel_slots, store_float
+
+# Split-K knobs (module attributes so that tests can reach every path with small shapes).
+SPLIT_K_MIN_K = 16 if INTERPRET else 512  # fewest values of K per split
+SPLIT_K_MAX = 32
+# The fp32 workspace is written and read back once: keep that traffic (2 · splits · M · N · 4 bytes)
+# under this fraction of the big operand's (K · max(M, N) · itemsize bytes).
+SPLIT_K_TRAFFIC_BUDGET = float("inf") if INTERPRET else 0.25
+
+_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+_CONFIGS = [_INTERPRET_CONFIG] + [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in (
+        (64, 64, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 4, 4),
+        (256, 64, 32, 8, 3),
+        (64, 256, 32, 8, 3),
+        (32, 64, 128, 4, 4),
+        (64, 32, 128, 4, 4),
+    )
+]
+# Nominal tile used to decide split-K before the autotuner picks the real one.
+_NOMINAL_TILE = 32 if INTERPRET else 128
+
+
+@triton.jit
+def _load_tile(
+    ptr, rows, cols, n_rows, n_cols, stride_r, stride_c, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
+    QUANT: tl.constexpr, Q_TRANS: tl.constexpr,
+):  # fmt: skip
+    """Operand tile [rows, cols] (int64 index vectors) as fp32; zeros outside (n_rows, n_cols).
+
+    QUANT 0: dense, element (a, b) at ptr + a*stride_r + b*stride_c.
+    QUANT 4/8: the operand is P (Q_TRANS False) or Pᵀ (True); P's element (i, j) has code
+    ptr[i*q_row_stride + j] (INT8) or nibble j%2 of ptr[i*q_row_stride + j//2] (INT4) and decodes as
+    code * scales[g] + zeros[g], g = i*q_gpr + j // q_gs.
+    """
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    if QUANT == 0:
+        t = tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+    else:
+        if Q_TRANS:
+            i = cols[None, :]
+            j = rows[:, None]
+        else:
+            i = rows[:, None]
+            j = cols[None, :]
+        if QUANT == 8:
+            code = tl.load(ptr + i * q_row_stride + j, mask=mask, other=0).to(tl.int32)
+        else:
+            byte = tl.load(ptr + i * q_row_stride + (j >> 1), mask=mask, other=0).to(tl.int32)
+            code = (byte >> ((j & 1) * 4).to(tl.int32)) & 0xF
+        # j < 2**31 (P's row length): 32-bit division is much cheaper than 64-bit on a GPU.
+        g = i * q_gpr + (j.to(tl.int32) // q_gs)
+        s = tl.load(q_scales + g, mask=mask, other=0.0)
+        z = tl.load(q_zeros + g, mask=mask, other=0.0)
+        t = code.to(tl.float32) * s + z
+    return t
+
+
+@autotune(_CONFIGS, key=["M", "N", "K", "QUANT", "Q_IS_A", "Q_TRANS", "SPLIT"])
+@triton.jit
+def _lowrank_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,
+    q_scales, q_zeros, q_row_stride, q_gpr, q_gs, scale, k_per_split,
+    QUANT: tl.constexpr, Q_IS_A: tl.constexpr, Q_TRANS: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, OUT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """C[M, N] (split s: c_ptr + s*stride_cs) = scale · Σ_{k in split s} A[M, k] B[k, N].
+
+    Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), splits). Split s covers K values
+    [s*k_per_split, (s+1)*k_per_split), k_per_split a multiple of every config's BLOCK_K.
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1).to(tl.int64)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n  # consecutive programs share A's row block (P, in the down-projection)
+    pid_n = pid % num_n
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    # Tensor-core dtype on a GPU: that of the dense operand (G or R; a dense P has the same one).
+    if Q_IS_A:
+        dot_dtype: tl.constexpr = b_ptr.dtype.element_ty
+    else:
+        dot_dtype: tl.constexpr = a_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    A_QUANT: tl.constexpr = QUANT if Q_IS_A else 0
+    B_QUANT: tl.constexpr = 0 if Q_IS_A else QUANT
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        a = _load_tile(
+            a_ptr, offs_m, offs_k, M, k_end, stride_am, stride_ak,
+            q_scales, q_zeros, q_row_stride, q_gpr, q_gs, A_QUANT, Q_TRANS,
+        )  # fmt: skip
+        b = _load_tile(
+            b_ptr, offs_k, offs_n, k_end, N, stride_bk, stride_bn,
+            q_scales, q_zeros, q_row_stride, q_gpr, q_gs, B_QUANT, Q_TRANS,
+        )  # fmt: skip
+        if DOT_FP32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(a.to(dot_dtype), b.to(dot_dtype), acc, input_precision=PRECISION)
+    c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    c_off = pid_k * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    store_float(c_ptr + c_off, acc * scale, c_mask, OUT_BF16)
+
+
+def _split_k(M: int, N: int, K: int, itemsize: int, device: torch.device) -> tuple[int, int]:
+    """(splits, K values per split): split K only when the tile grid leaves the device idle, and
+    only as far as the workspace traffic stays small next to the operand that is streamed."""
+    tiles = triton.cdiv(M, _NOMINAL_TILE) * triton.cdiv(N, _NOMINAL_TILE)
+    slots = parallel_slots(device) // 2  # about 2 programs of a 128×128 tile fit on an SM
+    if tiles >= slots or M * N == 0:
+        return 1, K
+    budget = SPLIT_K_TRAFFIC_BUDGET * K * max(M, N) * itemsize / (8 * M * N)
+    splits = int(min(triton.cdiv(slots, tiles), K // SPLIT_K_MIN_K, SPLIT_K_MAX, budget))
+    if splits <= 1:
+        return 1, K
+    # A multiple of 256 (of 32 under the interpreter) is a multiple of every config's BLOCK_K.
+    align = 32 if INTERPRET else 256
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), align) * align
+    return triton.cdiv(K, k_per_split), k_per_split
+
+
+def _matmul(a, sa, b, sb, M, N, K, out, scale, quant=None):
+    """out (M×N) = scale · A B with A given by (tensor, (stride_m, stride_k)), B by (tensor, (stride_k,
+    stride_n)). ``quant``: (q_is_a, q_trans, bits, scales, zeros, group_size) when A or B is a
+    quantized P (its tensor is then P's codes)."""
+    if out.numel() == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    dense = b if quant is not None and quant[0] else a
+    dot_fp32 = INTERPRET or dense.dtype == torch.float32
+    precision = "ieee" if INTERPRET else ("tf32x3" if dot_fp32 else "tf32")  # "tf32": only fp32 dots read it
+    if quant is None:
+        q_is_a, q_trans, bits, q_scales, q_zeros, q_gs = False, False, 0, a, a, 1
+        q_row_stride = q_gpr = 1
+    else:
+        q_is_a, q_trans, bits, q_scales, q_zeros, q_gs = quant
+        codes = a if q_is_a else b
+        q_row_stride, q_gpr = codes.stride(0), q_scales.shape[1]
+    splits, k_per_split = _split_k(M, N, K, dense.element_size(), out.device)
+    if splits > 1:
+        target = torch.empty((splits, M, N), dtype=torch.float32, device=out.device)
+        cs = target.stride()
+    else:
+        target = out_view(out)
+        cs = (0, *out.stride())
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)
+
+    _lowrank_matmul_kernel[grid](
+        a, b, target, M, N, K, *sa, *sb, *cs,
+        q_scales, q_zeros, q_row_stride, q_gpr, q_gs, float(scale), k_per_split,
+        QUANT=bits, Q_IS_A=q_is_a, Q_TRANS=q_trans, SPLIT=splits > 1,
+        DOT_FP32=dot_fp32, PRECISION=precision, OUT_BF16=splits == 1 and out.dtype == torch.bfloat16,
+        enable_fp_fusion=True,  # FMA in the in-register dequantization of P: within the tolerance
+    )  # fmt: skip
+    if splits > 1:
+        out.copy_(target.sum(dim=0))  # fp32 sum of the partials, then one rounding to out's dtype
+    return out
+
+
+def lowrank_project_triton(g, p, side):
+    """left: Pᵀ G, g (m×n), p (m×r) -> (r×n).  right: G Pᵀ, g (m×n), p (r×n) -> (m×r).  g's dtype."""
+    M, N = check_lowrank_project(g, p, side)
+    out = torch.empty((M, N), dtype=g.dtype, device=g.device)
+    if side == "left":  # A = Pᵀ (r×m), B = G (m×n)
+        return _matmul(p, (p.stride(1), p.stride(0)), g, g.stride(), M, N, g.shape[0], out, 1.0)
+    # A = G (m×n), B = Pᵀ (n×r)
+    return _matmul(g, g.stride(), p, (p.stride(1), p.stride(0)), M, N, g.shape[1], out, 1.0)
+
+
+def lowrank_project_back_triton(r, p, side, scale):
+    """left: scale·P R, p (m×r), r (r×n).  right: scale·R P, r (m×r), p (r×n).  -> (m×n), r's dtype."""
+    M, N = check_lowrank_project_back(r, p, side)
+    out = torch.empty((M, N), dtype=r.dtype, device=r.device)
+    if side == "left":  # A = P (m×r), B = R (r×n)
+        return _matmul(p, p.stride(), r, r.stride(), M, N, r.shape[0], out, scale)
+    return _matmul(r, r.stride(), p, p.stride(), M, N, r.shape[1], out, scale)  # A = R, B = P
+
+
+def _quant(q_is_a, q_trans, bits, p_codes, p_scales, p_zeros, p_shape):
+    return (q_is_a, q_trans, bits, p_scales, p_zeros, p_shape[1] // p_scales.shape[1])
+
+
+def lowrank_project_quantized_triton(g, p_codes, p_scales, p_zeros, bits, side):
+    """As ``lowrank_project_triton`` with P given as INT4 (packed) / INT8 codes + fp32 scales/zeros."""
+    M, N = check_lowrank_project_quantized(g, p_codes, p_scales, p_zeros, bits, side)
+    out = torch.empty((M, N), dtype=g.dtype, device=g.device)
+    p_shape = (p_codes.shape[0], p_codes.shape[1] * (8 // bits))
+    if side == "left":  # A = Pᵀ (quantized, transposed), B = G
+        q = _quant(True, True, bits, p_codes, p_scales, p_zeros, p_shape)
+        return _matmul(p_codes, (0, 0), g, g.stride(), M, N, g.shape[0], out, 1.0, q)
+    q = _quant(False, True, bits, p_codes, p_scales, p_zeros, p_shape)  # A = G, B = Pᵀ
+    return _matmul(g, g.stride(), p_codes, (0, 0), M, N, g.shape[1], out, 1.0, q)
+
+
+def lowrank_project_back_quantized_triton(r, p_codes, p_scales, p_zeros, bits, side, scale):
+    """As ``lowrank_project_back_triton`` with P given as INT4 (packed) / INT8 codes + fp32 scales/zeros."""
+    M, N = check_lowrank_project_back_quantized(r, p_codes, p_scales, p_zeros, bits, side)
+    out = torch.empty((M, N), dtype=r.dtype, device=r.device)
+    p_shape = (p_codes.shape[0], p_codes.shape[1] * (8 // bits))
+    if side == "left":  # A = P (quantized), B = R
+        q = _quant(True, False, bits, p_codes, p_scales, p_zeros, p_shape)
+        return _matmul(p_codes, (0, 0), r, r.stride(), M, N, r.shape[0], out, scale, q)
+    q = _quant(False, False, bits, p_codes, p_scales, p_zeros, p_shape)  # A = R, B = P (quantized)
+    return _matmul(r, r.stride(), p_codes, (0, 0), M, N, r.shape[1], out, scale, q)
