@@ -107,13 +107,15 @@ def quantize(
     xg = _group_view(x, group_size)
     if symmetric:
         absmax = xg.abs().amax(dim=-1)
-        scale = absmax / float(qmax // 2)
+        # Divide by a tensor, not a Python number: CUDA turns tensor / scalar into a multiplication
+        # by the reciprocal, which is not the correctly rounded division the kernels perform.
+        scale = absmax / torch.full_like(absmax, qmax // 2)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = scale * float(-(2 ** (bits - 1)))
     else:
         lo = xg.amin(dim=-1)
         hi = xg.amax(dim=-1)
-        scale = (hi - lo) / float(qmax)
+        scale = (hi - lo) / torch.full_like(hi, qmax)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = lo
     u = (xg - zero.unsqueeze(-1)) / scale.unsqueeze(-1)

@@ -181,5 +181,10 @@ def test_round_bf16_special_values(device):
     x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, -2.5], device=device)
     out = ops.round_bf16_stochastic(x, 1, 0).float()
     assert math.isnan(out[0].item())
+    # NaNs whose payload sits only in the low 16 bits (lost by truncation) must stay NaN, not
+    # become infinities.
+    payload_nans = torch.tensor([0x7F800001, 0xFF800001, 0x7F80FFFF], dtype=torch.int64)
+    payload_nans = payload_nans.to(torch.uint32).view(torch.int32).view(torch.float32).to(device)
+    assert torch.isnan(ops.round_bf16_stochastic(payload_nans, 1, 0)).all()
     assert out[1:].tolist() == [float("inf"), -float("inf"), 0.0, -0.0, 1.0, -2.5]
     assert math.copysign(1.0, out[4].item()) == -1.0

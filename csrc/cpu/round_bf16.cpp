@@ -30,8 +30,10 @@ at::Tensor round_bf16_stochastic_cpu(const at::Tensor& x, int64_t seed, int64_t 
       uint32_t bits;
       std::memcpy(&bits, src + i, sizeof(bits));
       const uint32_t noise = philox_uint32(key, base + static_cast<uint64_t>(i)) >> 16;
-      const uint32_t rounded = std::isnan(src[i]) ? bits : bits + noise;
-      dst[i] = static_cast<uint16_t>(rounded >> 16);
+      // A NaN keeps its sign and becomes quiet: truncating a payload held in the low 16 bits
+      // alone would otherwise turn it into an infinity.
+      dst[i] = std::isnan(src[i]) ? static_cast<uint16_t>((bits >> 16) | 0x0040u)
+                                  : static_cast<uint16_t>((bits + noise) >> 16);
     }
   });
   return out;
