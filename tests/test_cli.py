@@ -82,7 +82,8 @@ def test_resume_with_a_different_config_is_refused(tmp_path, text_file, capsys):
 def test_ctrl_c_saves_at_a_step_boundary_and_resume_is_exact(tmp_path, text_file):
     steps = "40"
     cmd = [sys.executable, "-m", "fastgrad.cli", "pretrain", "--out", str(tmp_path), "--data", str(text_file)]
-    cmd += ["--name", "interrupted", "--optim", "adamw", "--steps", steps, "--no-progress", *SMALL]
+    galore = ["--optim", "galore", "--rank", "8", "--update-proj-gap", "5"]  # several projector refreshes
+    cmd += ["--name", "interrupted", *galore, "--steps", steps, "--no-progress", *SMALL]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     metrics = tmp_path / "interrupted/metrics.jsonl"
     deadline = time.time() + 120
@@ -96,12 +97,12 @@ def test_ctrl_c_saves_at_a_step_boundary_and_resume_is_exact(tmp_path, text_file
     assert 2 <= saved["step"] == len(metrics.read_text().splitlines()) < int(steps)
 
     assert main(["pretrain", "--resume", str(tmp_path / "interrupted"), "--no-progress"]) == 0
-    assert _run(tmp_path, text_file, "--optim", "adamw", "--steps", steps, "--name", "straight") == 0
+    assert _run(tmp_path, text_file, *galore, "--steps", steps, "--name", "straight") == 0
     straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "interrupted")
     assert len(resumed) == int(steps)
     assert straight == resumed  # bitwise: same batches, same lr, same model and optimizer state
     a = torch.load(tmp_path / "straight/checkpoint/optimizer.pt", weights_only=True)
     b = torch.load(tmp_path / "interrupted/checkpoint/optimizer.pt", weights_only=True)
     for sa, sb in zip(a["state"].values(), b["state"].values(), strict=True):
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert all(torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k] for k in sa)
     assert (tmp_path / "interrupted/loss.png").stat().st_size > 1000

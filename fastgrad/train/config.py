@@ -23,7 +23,7 @@ class TrainConfig:
     """Everything that determines a run; saved as runs/<name>/config.json and checked on resume."""
 
     model: str = "tiny"
-    optim: str = "adamw"
+    optim: str = "galore"
     rank: int | None = None  # None: the model's recipe rank
     update_proj_gap: int | None = None
     scale: float = 0.25

@@ -1,0 +1,363 @@
+"""Shared machinery of the low-rank optimizers: param groups, projection, NaN/Inf policy, checkpoints.
+
+:class:`LowRankOptimizer` does everything that does not depend on the update rule:
+
+* param groups: a group with ``rank`` is low-rank; its keys are normalised and validated once
+  (``proj_type`` is accepted as galore-torch's name for ``proj_side``);
+* per step: refresh the subspace when due (``k % update_proj_gap == 0``, k the 0-based step),
+  project every gradient through :func:`fastgrad.ops.lowrank_project`, then decide for all
+  parameters at once whether their projected gradient is finite (one host synchronisation per
+  step, plus one per refresh), and hand the finite ones to the subclass's ``_update_group``;
+* non-finite gradients: ``nonfinite="skip"`` leaves that parameter's weight and state (projector
+  included) exactly as they were and counts the step in ``nonfinite_steps``; ``"raise"`` raises
+  ``FloatingPointError`` before any weight, moment or projector of the step is changed;
+* checkpoints: all state is tensors and ints, so ``torch.load(..., weights_only=True)`` reads it,
+  and ``load_state_dict`` rejects a state saved for other shapes, ranks, sides or projectors.
+
+Subclasses implement ``_update_group(group, items)``. For a non-finite check the low-rank gradient is
+enough: a NaN or Inf in G reaches every entry of R = down(G) that it touches (NaN·x = NaN, Inf·0 =
+NaN), so the full gradient is only read again on refresh steps (where the SVD would fail on it).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fastgrad.ops import lowrank_project
+from fastgrad.optim.projectors import (
+    LEFT,
+    PROJECTOR_OPTIONS,
+    SIDE_NAMES,
+    SIDE_RULES,
+    Projector,
+    effective_rank,
+    lowrank_shape,
+    make_projector,
+    mix_seed,
+    resolve_side,
+)
+
+__all__ = ["LowRankOptimizer", "ParamStep", "transfer_moments"]
+
+# Defaults of the keys of a low-rank group (a group with "rank").
+LOWRANK_DEFAULTS: dict[str, Any] = {
+    "update_proj_gap": 200,
+    "scale": 0.25,
+    "projector": "svd",
+    "state_transfer": False,
+    "seed": 0,
+}
+NONFINITE_POLICIES = ("skip", "raise")
+
+
+@dataclass(eq=False)
+class ParamStep:
+    """One parameter's share of a step, between projection and update.
+
+    lowrank:   whether the parameter is in a low-rank group.
+    low:       R = down(G) (the gradient itself for a full-rank parameter); None once consumed.
+    proj:      the stored dense P (svd, randomized); None where P is regenerated on use (dct,
+               random), so that the P of all parameters are never alive at once.
+    proj_old:  P before this step's refresh, when the moments must be carried over.
+    snapshot:  the projector's state before this step's refresh (restored if the step is dropped).
+    """
+
+    group: dict[str, Any]
+    param: torch.Tensor
+    state: dict[str, Any]
+    index: int
+    lowrank: bool = False
+    low: torch.Tensor | None = None
+    proj: torch.Tensor | None = None
+    proj_old: torch.Tensor | None = None
+    snapshot: dict[str, Any] | None = None
+
+    @property
+    def side(self) -> str:
+        return SIDE_NAMES[self.state["proj_side"]]
+
+
+def transfer_moments(
+    first: torch.Tensor, second: torch.Tensor, proj_old: torch.Tensor, proj_new: torch.Tensor, side: int
+) -> None:
+    """Re-express Adam moments kept in the basis ``proj_old`` in the basis ``proj_new``, in place.
+
+    Right side (P r'×n, moments m×r'): C = P_old P_newᵀ, M ← M C, V ← V (C∘C).
+    Left side (P m×r', moments r'×n):  C = P_newᵀ P_old, M ← C M, V ← (C∘C) V.
+    M is mapped exactly (up(M) projected on the new basis); V, a per-coordinate second moment, is
+    mapped with the squared weights, which keeps it non-negative and is exact for a permutation of
+    basis vectors (a DCT refresh that keeps some frequencies).
+    """
+    rot = lowrank_project(proj_old, proj_new, SIDE_NAMES[side]).float()  # r'×r'
+    rot_sq = rot.square()
+    if side == LEFT:
+        first.copy_(rot @ first.float())
+        second.copy_(rot_sq @ second.float())
+    else:
+        first.copy_(first.float() @ rot)
+        second.copy_(second.float() @ rot_sq)
+
+
+def _finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
+    """Whether each tensor is all-finite, with one host synchronisation per device."""
+    flags: list[bool] = [True] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for idx in by_device.values():
+        # max |x| propagates NaN and never overflows, unlike a sum or a 2-norm.
+        norms = torch._foreach_norm([tensors[i] for i in idx], math.inf)
+        ok = torch.isfinite(torch.stack([n.float() for n in norms])).tolist()
+        for i, f in zip(idx, ok, strict=True):
+            flags[i] = f
+    return flags
+
+
+class LowRankOptimizer(torch.optim.Optimizer, ABC):
+    """Base class; see the module docstring. ``nonfinite`` is "skip" (default) or "raise"."""
+
+    #: state keys of the moments, with the shape of the low-rank (or full) gradient
+    moment_keys: tuple[str, ...] = ()
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any], *, nonfinite: str = "skip") -> None:
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        self.nonfinite_steps = 0
+        self._projector_cache: dict[tuple, Projector] = {}
+        self._param_index: dict[torch.Tensor, int] | None = None
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ param groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError(f"{type(self).__name__}: parameters must be an ordered collection, not a set")
+        param_group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        if "rank" in param_group:
+            self._normalize_lowrank_group(param_group)
+        super().add_param_group(param_group)
+        self._param_index = None
+
+    def _normalize_lowrank_group(self, group: dict[str, Any]) -> None:
+        name = type(self).__name__
+        rank = group["rank"]
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ValueError(f"{name}: 'rank' must be a positive int, got {rank!r}")
+        side = group.get("proj_side", group.get("proj_type", "std"))
+        if "proj_type" in group and group["proj_type"] != side:
+            raise ValueError(f"{name}: proj_type={group['proj_type']!r} contradicts proj_side={side!r}")
+        if side == "full":
+            raise ValueError(f"{name}: proj_type='full' (two-sided projection) is not supported")
+        if side not in SIDE_RULES:
+            raise ValueError(f"{name}: proj_side must be one of {SIDE_RULES}, got {side!r}")
+        group["proj_side"] = side
+        for key, value in LOWRANK_DEFAULTS.items():
+            group.setdefault(key, value)
+        if group["projector"] not in PROJECTOR_OPTIONS:
+            raise ValueError(f"{name}: projector must be one of {tuple(PROJECTOR_OPTIONS)}, got {group['projector']!r}")
+        for key, value in PROJECTOR_OPTIONS[group["projector"]].items():
+            group.setdefault(key, value)
+        gap = group["update_proj_gap"]
+        if not isinstance(gap, int) or gap < 1:
+            raise ValueError(f"{name}: 'update_proj_gap' must be a positive int, got {gap!r}")
+        if group["state_transfer"] and group["projector"] == "random":
+            raise ValueError(f"{name}: state_transfer needs an orthonormal projector (svd, randomized, dct)")
+        for p in group["params"]:
+            if p.dim() != 2:
+                raise ValueError(
+                    f"{name}: a group with 'rank' takes 2-D weights only; got a parameter of shape "
+                    f"{tuple(p.shape)} (put it in a group without 'rank')"
+                )
+
+    def _projector(self, group: dict[str, Any]) -> Projector:
+        options = {k: group[k] for k in PROJECTOR_OPTIONS[group["projector"]]}
+        key = (group["projector"], *sorted(options.items()))
+        proj = self._projector_cache.get(key)
+        if proj is None:
+            proj = self._projector_cache[key] = make_projector(group["projector"], **options)
+        return proj
+
+    def _index_of(self, p: torch.Tensor) -> int:
+        """Position of ``p`` among all parameters (the per-parameter seed is derived from it)."""
+        if self._param_index is None:
+            params = (q for g in self.param_groups for q in g["params"])
+            self._param_index = {q: i for i, q in enumerate(params)}
+        return self._param_index[p]
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimisation step; returns the closure's loss if a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        items: list[ParamStep] = []
+        bad: list[ParamStep] = []
+        for group in self.param_groups:
+            proj = self._projector(group) if "rank" in group else None
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                item = self._prepare(group, p, proj)
+                (items if item.low is not None else bad).append(item)
+        flags = _finite_flags([it.low for it in items])
+        bad += [it for it, ok in zip(items, flags, strict=True) if not ok]
+        items = [it for it, ok in zip(items, flags, strict=True) if ok]
+        if bad:
+            self.nonfinite_steps += 1
+            if self.nonfinite == "raise":
+                for item in items + bad:
+                    self._rollback(item)
+                where = ", ".join(f"#{it.index} {tuple(it.param.shape)}" for it in bad)
+                raise FloatingPointError(
+                    f"{type(self).__name__}: non-finite gradient in parameter(s) {where}; "
+                    "no weight, moment or projector was changed"
+                )
+            for item in bad:
+                self._rollback(item)
+        by_group: dict[int, list[ParamStep]] = {}
+        for item in items:
+            by_group.setdefault(id(item.group), []).append(item)
+        for group_items in by_group.values():
+            self._update_group(group_items[0].group, group_items)
+        return loss
+
+    def _prepare(self, group: dict[str, Any], p: torch.Tensor, proj: Projector | None) -> ParamStep:
+        """Refresh the subspace if due and project the gradient; ``low`` stays None if G is non-finite."""
+        state = self.state[p]
+        item = ParamStep(group, p, state, self._index_of(p))
+        grad = p.grad
+        if not state:
+            state["step"] = 0
+            if proj is not None:
+                side = resolve_side(group["proj_side"], p.shape)
+                proj.init_state(state, p.shape, group["rank"], side, mix_seed(group["seed"], item.index))
+        if proj is None:
+            item.low = grad
+            return item
+        item.lowrank = True
+        low = None
+        if not proj.has_basis(state) or state["step"] % group["update_proj_gap"] == 0:
+            # Refresh steps read G once more (and synchronise): an SVD of a non-finite G would fail.
+            if not bool(torch.isfinite(grad).all()):
+                return item
+            if group["state_transfer"] and self.moment_keys and self.moment_keys[0] in state:
+                item.proj_old = proj.matrix(state, grad)
+            item.snapshot = proj.snapshot(state)
+            low = proj.refresh(state, grad, state["step"])
+        p_mat = proj.matrix(state, grad)
+        item.low = low if low is not None else lowrank_project(grad, p_mat, item.side)
+        if proj.stores_matrix:
+            item.proj = p_mat
+        return item
+
+    def proj_matrix(self, item: ParamStep) -> torch.Tensor:
+        """The dense P of a low-rank ``item`` for this step (the stored one, or regenerated)."""
+        if item.proj is not None:
+            return item.proj
+        return self._projector(item.group).matrix(item.state, item.param.grad)
+
+    def _rollback(self, item: ParamStep) -> None:
+        if item.snapshot is not None:
+            keys = self._projector(item.group).refresh_keys
+            Projector.restore(item.state, item.snapshot, keys)
+            item.snapshot = None
+        item.low = item.proj = item.proj_old = None
+
+    @abstractmethod
+    def _update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
+        """Apply the update rule to the finite ``items`` of ``group`` (all from one step)."""
+
+    # ------------------------------------------------------------------ memory
+    def state_bytes(self) -> int:
+        """Bytes held by the tensors of the optimizer state (moments, projectors, indices)."""
+        return sum(
+            t.numel() * t.element_size()
+            for st in self.state.values()
+            for t in st.values()
+            if isinstance(t, torch.Tensor)
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["nonfinite_steps"] = self.nonfinite_steps
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by the same optimizer class for the same parameters and low-rank setup.
+
+        Raises ValueError naming the group/parameter when the saved state was made for other
+        shapes, ranks, sides or projectors (torch would otherwise load it and fail, or silently
+        misbehave, at the next step).
+        """
+        self._check_state_dict(state_dict)
+        saved = state_dict["state"]
+        super().load_state_dict({"state": saved, "param_groups": state_dict["param_groups"]})
+        # torch casts every state tensor of a float parameter to its dtype; indices must stay integers.
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
+            for idx, p in zip(saved_group["params"], group["params"], strict=True):
+                for key, value in saved.get(idx, {}).items():
+                    if isinstance(value, torch.Tensor) and not value.is_floating_point():
+                        self.state[p][key] = value.to(p.device)
+        self.nonfinite_steps = int(state_dict.get("nonfinite_steps", 0))
+        self._param_index = None
+
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        name = f"{type(self).__name__}.load_state_dict"
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{name}: the saved state has {len(saved_groups)} param groups, this optimizer {len(self.param_groups)}"
+            )
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"{name}: group {gi} has {len(group['params'])} parameters, the saved one {len(saved['params'])}"
+                )
+            for key in ("rank", "proj_side", "projector"):
+                if saved.get(key) != group.get(key):
+                    raise ValueError(
+                        f"{name}: group {gi} was saved with {key}={saved.get(key)!r}, this optimizer has "
+                        f"{key}={group.get(key)!r}"
+                    )
+            for idx, p in zip(saved["params"], group["params"], strict=True):
+                st = state_dict["state"].get(idx)
+                if st:
+                    self._check_param_state(name, gi, idx, group, p, st)
+
+    def _check_param_state(
+        self, name: str, gi: int, idx: int, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]
+    ) -> None:
+        where = f"{name}: parameter {idx} (group {gi}, shape {tuple(p.shape)})"
+        expected: dict[str, tuple[int, ...]] = {}
+        if "rank" in group:
+            side = resolve_side(group["proj_side"], p.shape)
+            rank = effective_rank(group["rank"], p.shape)
+            if st.get("proj_side") != side or st.get("proj_rank") != rank:
+                raise ValueError(
+                    f"{where}: saved for side {st.get('proj_side')} and rank {st.get('proj_rank')}, expected "
+                    f"side {side} ({SIDE_NAMES[side]}) and rank {rank}: a different model or rank?"
+                )
+            low_shape = lowrank_shape(p.shape, side, rank)
+            expected.update(self._projector(group).stored_shapes(p.shape, side, rank))
+        else:
+            low_shape = tuple(p.shape)
+        expected.update({k: low_shape for k in self.moment_keys})
+        for key, shape in expected.items():
+            t = st.get(key)
+            if isinstance(t, torch.Tensor) and tuple(t.shape) != tuple(shape):
+                raise ValueError(
+                    f"{where}: saved '{key}' has shape {tuple(t.shape)}, expected {tuple(shape)}: "
+                    "the state was saved for a different model or rank"
+                )
