@@ -30,7 +30,10 @@ def _extensions():
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DFASTGRAD_WITH_CUDA"]
+        # No --use_fast_math: it makes fp32 division approximate and flushes subnormals to zero;
+        # -fmad=false: no FMA contraction. Both keep the CUDA quantizer codes bitwise the reference's.
+        # C++20: the standard torch 2.13 builds extensions with (its headers warn under C++17).
+        nvcc = ["-O3", "-std=c++20", "-fmad=false", "-lineinfo", "-DFASTGRAD_WITH_CUDA"]
         ext = CUDAExtension(
             "fastgrad._C", sources, extra_compile_args={"cxx": cxx + ["-DFASTGRAD_WITH_CUDA"], "nvcc": nvcc}
         )
