@@ -80,7 +80,7 @@ def _register_triton() -> None:
                 continue
             with warnings.catch_warnings():
                 # Replacing the C++ CPU kernel under TRITON_INTERPRET=1 is the point; silence the notice.
-                warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
+                warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
                 torch.library.register_kernel(f"{LIB}::{op}", device, launcher)
             SERVED_BY[op][device] = "triton-interpret" if device == "cpu" else "triton"
 

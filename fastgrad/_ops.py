@@ -33,6 +33,9 @@ SCHEMAS: dict[str, str] = {
     " -> Tensor",
     "lowrank_project_back_quantized": "(Tensor r, Tensor p_codes, Tensor p_scales, Tensor p_zeros, int bits,"
     " str side, float scale) -> Tensor",
+    "lowrank_project_back_add_": "(Tensor(a!) w, Tensor r, Tensor p, str side, float scale) -> ()",
+    "lowrank_project_back_quantized_add_": "(Tensor(a!) w, Tensor r, Tensor p_codes, Tensor p_scales, Tensor p_zeros,"
+    " int bits, str side, float scale) -> ()",
 }
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -328,3 +331,48 @@ def _project_back_q_default(r, p_codes, p_scales, p_zeros, bits, side, scale):
 
 
 _register("lowrank_project_back_quantized")((_project_back_q_fake, _project_back_q_default))
+
+
+def check_accumulator(op: str, w: torch.Tensor, r: torch.Tensor, out_shape: tuple[int, int]) -> None:
+    """W, the in-place target of an ``_add_`` op: a float tensor of the up-projection's shape."""
+    _check(w.dtype in FLOAT_DTYPES, op, "w", "float32, bfloat16 or float16", w.dtype)
+    _check(tuple(w.shape) == tuple(out_shape), op, "w", f"of shape {tuple(out_shape)}", tuple(w.shape))
+    _check(w.device == r.device, op, "w", f"on r's device {r.device}", w.device)
+
+
+def check_lowrank_project_back_add(w, r, p, side) -> None:
+    op = "lowrank_project_back_add_"
+    check_dense_p(op, p)
+    check_project_back(op, r, tuple(p.shape), p.dtype, p.device, side)
+    check_accumulator(op, w, r, backproject_shape(side, r.shape, p.shape))
+
+
+def _project_back_add_fake(w, r, p, side, scale):
+    check_lowrank_project_back_add(w, r, p, side)
+
+
+def _project_back_add_default(w, r, p, side, scale):
+    check_lowrank_project_back_add(w, r, p, side)
+    ref.lowrank_project_back_add_(w, r, p, side, scale)
+
+
+_register("lowrank_project_back_add_")((_project_back_add_fake, _project_back_add_default))
+
+
+def check_lowrank_project_back_quantized_add(w, r, p_codes, p_scales, p_zeros, bits, side) -> None:
+    op = "lowrank_project_back_quantized_add_"
+    p_shape = check_quantized_p(op, p_codes, p_scales, p_zeros, bits)
+    check_project_back(op, r, p_shape, None, p_codes.device, side)
+    check_accumulator(op, w, r, backproject_shape(side, r.shape, p_shape))
+
+
+def _project_back_q_add_fake(w, r, p_codes, p_scales, p_zeros, bits, side, scale):
+    check_lowrank_project_back_quantized_add(w, r, p_codes, p_scales, p_zeros, bits, side)
+
+
+def _project_back_q_add_default(w, r, p_codes, p_scales, p_zeros, bits, side, scale):
+    check_lowrank_project_back_quantized_add(w, r, p_codes, p_scales, p_zeros, bits, side)
+    ref.lowrank_project_back_quantized_add_(w, r, p_codes, p_scales, p_zeros, bits, side, scale)
+
+
+_register("lowrank_project_back_quantized_add_")((_project_back_q_add_fake, _project_back_q_add_default))

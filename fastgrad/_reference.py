@@ -38,7 +38,10 @@ fp32 -> bf16 stochastic rounding
 Low-rank projection of a gradient G (m×n)
     side "left":  P is m×r, down R = Pᵀ G (r×n),  up  scale · P R (m×n)
     side "right": P is r×n, down R = G Pᵀ (m×r),  up  scale · R P (m×n)
-    Accumulation in fp32; the result has G's (or R's) dtype.
+    Accumulation in fp32; the result has G's (or R's) dtype. The ``_add_`` form accumulates the
+    up-projection into a full-size W in place, W ← W + scale · up(R), summed in fp32 and rounded
+    once to W's dtype, so no m×n temporary is needed (an optimizer's weight update, or Fira's
+    residual G − α·up(R) formed inside a copy of G).
 """
 
 from __future__ import annotations
@@ -197,6 +200,12 @@ def lowrank_project_back(r: torch.Tensor, p: torch.Tensor, side: str, scale: flo
     return (out * scale).to(r.dtype)
 
 
+def lowrank_project_back_add_(w: torch.Tensor, r: torch.Tensor, p: torch.Tensor, side: str, scale: float) -> None:
+    """W (m×n, any float dtype) ← W + scale · up(R, P), summed in fp32, rounded once to W's dtype."""
+    up = p.float() @ r.float() if side == "left" else r.float() @ p.float()
+    w.copy_(w.float() + up * scale)
+
+
 def lowrank_project_quantized(g, p_codes, p_scales, p_zeros, bits, side):
     p = dequantize_projector(p_codes, p_scales, p_zeros, bits, torch.float32)
     return lowrank_project(g, p, side)
@@ -205,3 +214,8 @@ def lowrank_project_quantized(g, p_codes, p_scales, p_zeros, bits, side):
 def lowrank_project_back_quantized(r, p_codes, p_scales, p_zeros, bits, side, scale):
     p = dequantize_projector(p_codes, p_scales, p_zeros, bits, torch.float32)
     return lowrank_project_back(r, p, side, scale)
+
+
+def lowrank_project_back_quantized_add_(w, r, p_codes, p_scales, p_zeros, bits, side, scale) -> None:
+    p = dequantize_projector(p_codes, p_scales, p_zeros, bits, torch.float32)
+    lowrank_project_back_add_(w, r, p, side, scale)

@@ -28,6 +28,7 @@ __all__ = [
     "round_bf16_stochastic",
     "lowrank_project",
     "lowrank_project_back",
+    "lowrank_project_back_add_",
 ]
 
 
@@ -163,3 +164,19 @@ def lowrank_project_back(
     if isinstance(p, QuantizedTensor):
         return torch.ops.fastgrad.lowrank_project_back_quantized(r, p.codes, p.scales, p.zeros, p.bits, side, scale)
     return torch.ops.fastgrad.lowrank_project_back(r, p, side, scale)
+
+
+def lowrank_project_back_add_(
+    w: torch.Tensor, r: torch.Tensor, p: torch.Tensor | QuantizedTensor, side: str, scale: float = 1.0
+) -> torch.Tensor:
+    """In place: ``w += scale · up(r, p)`` (up as in :func:`lowrank_project_back`); returns ``w``.
+
+    ``w`` is m×n of any float dtype (a weight, or a copy of a gradient); the sum is formed in fp32
+    and rounded once to w's dtype. No m×n temporary is allocated: an optimizer applies its
+    low-rank update straight into the weight with this.
+    """
+    if isinstance(p, QuantizedTensor):
+        torch.ops.fastgrad.lowrank_project_back_quantized_add_(w, r, p.codes, p.scales, p.zeros, p.bits, side, scale)
+    else:
+        torch.ops.fastgrad.lowrank_project_back_add_(w, r, p, side, scale)
+    return w

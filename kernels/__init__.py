@@ -7,6 +7,8 @@ One file per op family: ``quant.py`` (quantizers, bf16 stochastic rounding), ``p
 """
 
 from .project import (
+    lowrank_project_back_add_triton,
+    lowrank_project_back_quantized_add_triton,
     lowrank_project_back_quantized_triton,
     lowrank_project_back_triton,
     lowrank_project_quantized_triton,
@@ -30,4 +32,6 @@ TRITON_KERNELS: dict = {
     "lowrank_project_back": lowrank_project_back_triton,
     "lowrank_project_quantized": lowrank_project_quantized_triton,
     "lowrank_project_back_quantized": lowrank_project_back_quantized_triton,
+    "lowrank_project_back_add_": lowrank_project_back_add_triton,
+    "lowrank_project_back_quantized_add_": lowrank_project_back_quantized_add_triton,
 }

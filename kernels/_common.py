@@ -64,3 +64,13 @@ def store_float(ptr, x, mask, OUT_BF16: tl.constexpr):
         tl.store(ptr, f32_to_bf16_bits(x), mask=mask)
     else:
         tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def load_float(ptr, mask, IN_BF16: tl.constexpr):
+    """Load fp32 values from ``ptr`` (fp32/fp16, or the int16 view of a bf16 tensor: a bf16 is the
+    top half of the fp32 with the same value)."""
+    if IN_BF16:
+        bits = tl.load(ptr, mask=mask, other=0).to(tl.int32) << 16
+        return bits.to(tl.float32, bitcast=True)
+    return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)

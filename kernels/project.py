@@ -45,11 +45,13 @@ import triton.language as tl
 from fastgrad._ops import (
     check_lowrank_project,
     check_lowrank_project_back,
+    check_lowrank_project_back_add,
     check_lowrank_project_back_quantized,
+    check_lowrank_project_back_quantized_add,
     check_lowrank_project_quantized,
 )
 
-from ._common import INTERPRET, autotune, out_view, parallel_slots, store_float
+from ._common import INTERPRET, autotune, load_float, out_view, parallel_slots, store_float
 
 # Split-K knobs (module attributes so that tests can reach every path with small shapes).
 SPLIT_K_MIN_K = 16 if INTERPRET else 512  # fewest values of K per split
@@ -119,10 +121,13 @@ def _lowrank_matmul_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,
     q_scales, q_zeros, q_row_stride, q_gpr, q_gs, scale, k_per_split,
     QUANT: tl.constexpr, Q_IS_A: tl.constexpr, Q_TRANS: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, OUT_BF16: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, OUT_BF16: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """C[M, N] (split s: c_ptr + s*stride_cs) = scale · Σ_{k in split s} A[M, k] B[k, N].
+
+    ACCUMULATE (never with splits): C ← C + scale · A B, the sum in fp32 and rounded once to C's
+    dtype: the back-projection lands in the weight without an m×n temporary.
 
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), splits). Split s covers K values
     [s*k_per_split, (s+1)*k_per_split), k_per_split a multiple of every config's BLOCK_K.
@@ -160,7 +165,10 @@ def _lowrank_matmul_kernel(
             acc = tl.dot(a.to(dot_dtype), b.to(dot_dtype), acc, input_precision=PRECISION)
     c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     c_off = pid_k * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    store_float(c_ptr + c_off, acc * scale, c_mask, OUT_BF16)
+    result = acc * scale
+    if ACCUMULATE:
+        result += load_float(c_ptr + c_off, c_mask, OUT_BF16)
+    store_float(c_ptr + c_off, result, c_mask, OUT_BF16)
 
 
 def _split_k(M: int, N: int, K: int, itemsize: int, device: torch.device) -> tuple[int, int]:
@@ -180,14 +188,14 @@ def _split_k(M: int, N: int, K: int, itemsize: int, device: torch.device) -> tup
     return triton.cdiv(K, k_per_split), k_per_split
 
 
-def _matmul(a, sa, b, sb, M, N, K, out, scale, quant=None):
-    """out (M×N) = scale · A B with A given by (tensor, (stride_m, stride_k)), B by (tensor, (stride_k,
-    stride_n)). ``quant``: (q_is_a, q_trans, bits, scales, zeros, group_size) when A or B is a
-    quantized P (its tensor is then P's codes)."""
+def _matmul(a, sa, b, sb, M, N, K, out, scale, quant=None, accumulate=False):
+    """out (M×N) = scale · A B (``accumulate``: out += scale · A B) with A given by (tensor,
+    (stride_m, stride_k)), B by (tensor, (stride_k, stride_n)). ``quant``: (q_is_a, q_trans, bits,
+    scales, zeros, group_size) when A or B is a quantized P (its tensor is then P's codes)."""
     if out.numel() == 0:
         return out
     if K == 0:
-        return out.zero_()
+        return out if accumulate else out.zero_()
     dense = b if quant is not None and quant[0] else a
     dot_fp32 = INTERPRET or dense.dtype == torch.float32
     precision = "ieee" if INTERPRET else ("tf32x3" if dot_fp32 else "tf32")  # "tf32": only fp32 dots read it
@@ -214,10 +222,12 @@ def _matmul(a, sa, b, sb, M, N, K, out, scale, quant=None):
         q_scales, q_zeros, q_row_stride, q_gpr, q_gs, float(scale), k_per_split,
         QUANT=bits, Q_IS_A=q_is_a, Q_TRANS=q_trans, SPLIT=splits > 1,
         DOT_FP32=dot_fp32, PRECISION=precision, OUT_BF16=splits == 1 and out.dtype == torch.bfloat16,
+        ACCUMULATE=accumulate and splits == 1,
         enable_fp_fusion=True,  # FMA in the in-register dequantization of P: within the tolerance
     )  # fmt: skip
-    if splits > 1:
-        out.copy_(target.sum(dim=0))  # fp32 sum of the partials, then one rounding to out's dtype
+    if splits > 1:  # fp32 sum of the partials (and of out's old values), then one rounding
+        total = target.sum(dim=0)
+        out.copy_(total + out.float() if accumulate else total)
     return out
 
 
@@ -231,13 +241,24 @@ def lowrank_project_triton(g, p, side):
     return _matmul(g, g.stride(), p, (p.stride(1), p.stride(0)), M, N, g.shape[1], out, 1.0)
 
 
+def _back_dense(r, p, side, scale, out, accumulate):
+    """out (m×n) (+)= scale · (P R | R P) for a dense P."""
+    M, N = out.shape
+    if side == "left":  # A = P (m×r), B = R (r×n)
+        return _matmul(p, p.stride(), r, r.stride(), M, N, r.shape[0], out, scale, accumulate=accumulate)
+    return _matmul(r, r.stride(), p, p.stride(), M, N, r.shape[1], out, scale, accumulate=accumulate)  # A = R, B = P
+
+
 def lowrank_project_back_triton(r, p, side, scale):
     """left: scale·P R, p (m×r), r (r×n).  right: scale·R P, r (m×r), p (r×n).  -> (m×n), r's dtype."""
     M, N = check_lowrank_project_back(r, p, side)
-    out = torch.empty((M, N), dtype=r.dtype, device=r.device)
-    if side == "left":  # A = P (m×r), B = R (r×n)
-        return _matmul(p, p.stride(), r, r.stride(), M, N, r.shape[0], out, scale)
-    return _matmul(r, r.stride(), p, p.stride(), M, N, r.shape[1], out, scale)  # A = R, B = P
+    return _back_dense(r, p, side, scale, torch.empty((M, N), dtype=r.dtype, device=r.device), False)
+
+
+def lowrank_project_back_add_triton(w, r, p, side, scale):
+    """In place: w (m×n, any float dtype) += scale · (P R | R P)."""
+    check_lowrank_project_back_add(w, r, p, side)
+    _back_dense(r, p, side, scale, w, True)
 
 
 def _quant(q_is_a, q_trans, bits, p_codes, p_scales, p_zeros, p_shape):
@@ -256,13 +277,25 @@ def lowrank_project_quantized_triton(g, p_codes, p_scales, p_zeros, bits, side):
     return _matmul(g, g.stride(), p_codes, (0, 0), M, N, g.shape[1], out, 1.0, q)
 
 
+def _back_quantized(r, p_codes, p_scales, p_zeros, bits, side, scale, out, accumulate):
+    """out (m×n) (+)= scale · (P R | R P) for a quantized P."""
+    M, N = out.shape
+    p_shape = (p_codes.shape[0], p_codes.shape[1] * (8 // bits))
+    if side == "left":  # A = P (quantized), B = R
+        q = _quant(True, False, bits, p_codes, p_scales, p_zeros, p_shape)
+        return _matmul(p_codes, (0, 0), r, r.stride(), M, N, r.shape[0], out, scale, q, accumulate)
+    q = _quant(False, False, bits, p_codes, p_scales, p_zeros, p_shape)  # A = R, B = P (quantized)
+    return _matmul(r, r.stride(), p_codes, (0, 0), M, N, r.shape[1], out, scale, q, accumulate)
+
+
 def lowrank_project_back_quantized_triton(r, p_codes, p_scales, p_zeros, bits, side, scale):
     """As ``lowrank_project_back_triton`` with P given as INT4 (packed) / INT8 codes + fp32 scales/zeros."""
     M, N = check_lowrank_project_back_quantized(r, p_codes, p_scales, p_zeros, bits, side)
     out = torch.empty((M, N), dtype=r.dtype, device=r.device)
-    p_shape = (p_codes.shape[0], p_codes.shape[1] * (8 // bits))
-    if side == "left":  # A = P (quantized), B = R
-        q = _quant(True, False, bits, p_codes, p_scales, p_zeros, p_shape)
-        return _matmul(p_codes, (0, 0), r, r.stride(), M, N, r.shape[0], out, scale, q)
-    q = _quant(False, False, bits, p_codes, p_scales, p_zeros, p_shape)  # A = R, B = P (quantized)
-    return _matmul(r, r.stride(), p_codes, (0, 0), M, N, r.shape[1], out, scale, q)
+    return _back_quantized(r, p_codes, p_scales, p_zeros, bits, side, scale, out, False)
+
+
+def lowrank_project_back_quantized_add_triton(w, r, p_codes, p_scales, p_zeros, bits, side, scale):
+    """In place: w (m×n, any float dtype) += scale · (P R | R P) with a quantized P."""
+    check_lowrank_project_back_quantized_add(w, r, p_codes, p_scales, p_zeros, bits, side)
+    _back_quantized(r, p_codes, p_scales, p_zeros, bits, side, scale, w, True)

@@ -221,7 +221,7 @@ def test_step_runs_through_fastgrad_ops(projector):
         with OpCounter() as counter:
             opt.step()
         assert counter.calls["fastgrad.lowrank_project"] == N_LOWRANK
-        assert counter.calls["fastgrad.lowrank_project_back"] == N_LOWRANK
+        assert counter.calls["fastgrad.lowrank_project_back_add_"] == N_LOWRANK  # straight into W
 
 
 # ------------------------------------------------------------------------------------------------

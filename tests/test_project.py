@@ -74,3 +74,28 @@ def test_projection_round_trip_recovers_in_subspace_gradient(device):
     torch.testing.assert_close(
         ops.lowrank_project_back(ops.lowrank_project(g2, p2, "right"), p2, "right"), g2, atol=1e-5, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("p_kind", ["dense", "int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+def test_back_add_accumulates_in_place(device, side, p_kind, dtype, w_dtype):
+    m, n, r = 130, 70, 8
+    gen = torch.Generator().manual_seed(3)
+    low = torch.randn((r, n) if side == "left" else (m, r), generator=gen).to(dtype).to(device)
+    p = torch.randn(_p_shape(side, m, n, r), generator=gen).to(device)
+    if p_kind == "dense":
+        p_arg, p_hat = p.to(dtype), p.to(dtype).float()
+    else:
+        p_arg = ops.quantize(p, 8 if p_kind == "int8" else 4, 8 if side == "left" else 14)
+        p_hat = p_arg.dequantize(torch.float32)
+    w = torch.randn(m, n, generator=gen).to(w_dtype).to(device)
+    expected = w.cpu().clone()
+    ref.lowrank_project_back_add_(expected, low.cpu(), p_hat.cpu(), side, -0.5)
+    ptr = w.data_ptr()
+    out = ops.lowrank_project_back_add_(w, low, p_arg, side, -0.5)
+    assert out is w and w.data_ptr() == ptr and w.dtype == w_dtype  # in place
+    # One rounding of an fp32 sum to W's dtype; only the summation order of the K = r products
+    # differs from the reference (see RTOL).
+    assert_close_report(w.cpu(), expected, RTOL[w_dtype], "back_add")

@@ -77,6 +77,14 @@ struct Projector {
   }
 };
 
+Projector dense_projector(const at::Tensor& p) {
+  Projector proj;
+  proj.dense = p;
+  proj.rows = p.size(0);
+  proj.cols = p.size(1);
+  return proj;
+}
+
 // An fp32 view of `t` (fp32) or an upcast copy of it in `scratch`.
 at::Tensor as_f32(const at::Tensor& t, const at::Tensor& scratch) {
   if (t.scalar_type() == at::kFloat) return t;
@@ -115,35 +123,39 @@ at::Tensor project_blocked(const at::Tensor& g, const Projector& p, bool left) {
   return g_f32 ? out : out.to(g.scalar_type());
 }
 
-// Up projection. r: left (rank, n), right (m, rank); P: left (m, rank), right (rank, n)
-// -> scale * P R / scale * R P: (m, n) of r's dtype.
-at::Tensor project_back_blocked(const at::Tensor& r, const Projector& p, bool left, double scale) {
-  const int64_t m = left ? p.rows : r.size(0);
-  const int64_t n = left ? r.size(1) : p.cols;
+// Up projection into `out` (m, n), any float dtype: out = scale * (P R | R P) when `accumulate` is
+// false, out += scale * (P R | R P) when it is true (summed in fp32, rounded once to out's dtype).
+// r: left (rank, n), right (m, rank); P: left (m, rank), right (rank, n).
+void project_back_blocked(const at::Tensor& r, const Projector& p, bool left, double scale, at::Tensor& out,
+                          bool accumulate) {
+  const int64_t m = out.size(0), n = out.size(1);
   const int64_t rank = left ? r.size(0) : r.size(1);
-  const bool r_f32 = r.scalar_type() == at::kFloat;
-  at::Tensor out = at::empty({m, n}, r.options());
-  if (out.numel() == 0) return out;
-  if (rank == 0) return out.zero_();
+  if (out.numel() == 0) return;
+  if (rank == 0) {
+    if (!accumulate) out.zero_();
+    return;
+  }
+  const bool out_f32 = out.scalar_type() == at::kFloat;
   const auto f32 = r.options().dtype(at::kFloat);
-  const at::Tensor rf = r_f32 ? r : r.to(at::kFloat);
+  const at::Tensor rf = r.scalar_type() == at::kFloat ? r : r.to(at::kFloat);
   const int64_t split = left ? m : n;  // output rows (left) or columns (right), split into blocks
   int64_t blk = block_len(split, rank, kPBlockElems);
-  if (!r_f32) blk = std::min(blk, block_len(split, left ? n : m, kGBlockElems));
+  if (!out_f32) blk = std::min(blk, block_len(split, left ? n : m, kGBlockElems));
   at::Tensor p_scratch = p.needs_scratch() ? at::empty({blk * rank}, f32) : at::Tensor();
-  at::Tensor o_scratch = r_f32 ? at::Tensor() : at::empty({blk * (left ? n : m)}, f32);
+  at::Tensor o_scratch = out_f32 ? at::Tensor() : at::empty({blk * (left ? n : m)}, f32);
+  const double beta = accumulate ? 1.0 : 0.0;  // beta = 0: the previous contents are never read
   for (int64_t b0 = 0; b0 < split; b0 += blk) {
     const int64_t b1 = std::min(split, b0 + blk);
     at::Tensor dst = left ? out.slice(0, b0, b1) : out.slice(1, b0, b1);
-    at::Tensor acc = r_f32 ? dst : o_scratch.narrow(0, 0, dst.numel()).view(dst.sizes());
-    if (left) {  // out[b0:b1, :] = scale * P[b0:b1, :] (blk, rank) @ R (rank, n)
-      at::addmm_out(acc, acc, p.tile(b0, b1, 0, rank, p_scratch), rf, /*beta=*/0, /*alpha=*/scale);
-    } else {  // out[:, b0:b1] = scale * R (m, rank) @ P[:, b0:b1] (rank, blk)
-      at::addmm_out(acc, acc, rf, p.tile(0, rank, b0, b1, p_scratch), /*beta=*/0, /*alpha=*/scale);
+    at::Tensor acc = out_f32 ? dst : o_scratch.narrow(0, 0, dst.numel()).view(dst.sizes());
+    if (!out_f32 && accumulate) acc.copy_(dst);
+    if (left) {  // out[b0:b1, :] (+)= scale * P[b0:b1, :] (blk, rank) @ R (rank, n)
+      at::addmm_out(acc, acc, p.tile(b0, b1, 0, rank, p_scratch), rf, beta, /*alpha=*/scale);
+    } else {  // out[:, b0:b1] (+)= scale * R (m, rank) @ P[:, b0:b1] (rank, blk)
+      at::addmm_out(acc, acc, rf, p.tile(0, rank, b0, b1, p_scratch), beta, /*alpha=*/scale);
     }
-    if (!r_f32) dst.copy_(acc);
+    if (!out_f32) dst.copy_(acc);
   }
-  return out;
 }
 
 // g: (m, n) float32/bfloat16/float16; p: left (m, r), right (r, n) of g's dtype
@@ -165,17 +177,12 @@ at::Tensor lowrank_project_cpu(const at::Tensor& g, const at::Tensor& p, c10::st
                  g.sizes(), ", got ", p.sizes());
   }
   if (g.scalar_type() == at::kFloat) return left ? at::mm(p.t(), g) : at::mm(g, p.t());
-  Projector proj;
-  proj.dense = p;
-  proj.rows = p.size(0);
-  proj.cols = p.size(1);
-  return project_blocked(g, proj, left);
+  return project_blocked(g, dense_projector(p), left);
 }
 
-// r: left (rank, n), right (m, rank); p: left (m, rank), right (rank, n) of r's dtype
-// -> (m, n) of r's dtype.
-at::Tensor lowrank_project_back_cpu(const at::Tensor& r, const at::Tensor& p, c10::string_view side_sv, double scale) {
-  const char* op = "lowrank_project_back";
+// Checks of the up projection with a dense P. r: left (rank, n), right (m, rank); p: left (m, rank),
+// right (rank, n) of r's dtype. Returns whether the side is "left".
+bool check_back_dense(const char* op, const at::Tensor& r, const at::Tensor& p, c10::string_view side_sv) {
   FG_CHECK_ARG(p.dim() == 2, op, "p", "a 2-d tensor, got a ", p.dim(), "-d tensor");
   const bool left = check_side(op, std::string(side_sv));
   FG_CHECK_ARG(is_float_type(r.scalar_type()), op, "r", "float32, bfloat16 or float16, got ", r.scalar_type());
@@ -190,18 +197,47 @@ at::Tensor lowrank_project_back_cpu(const at::Tensor& r, const at::Tensor& p, c1
     FG_CHECK_ARG(p.size(0) == r.size(1), op, "p", "of shape (", r.size(1), ", n) for side='right' with r of shape ",
                  r.sizes(), ", got ", p.sizes());
   }
-  Projector proj;
-  proj.dense = p;
-  proj.rows = p.size(0);
-  proj.cols = p.size(1);
-  if (r.scalar_type() == at::kFloat) {
+  return left;
+}
+
+// w, the in-place target of an _add_ op: a float tensor of shape (m, n) on r's device.
+void check_accumulator(const char* op, const at::Tensor& w, const at::Tensor& r, int64_t m, int64_t n) {
+  FG_CHECK_ARG(is_float_type(w.scalar_type()), op, "w", "float32, bfloat16 or float16, got ", w.scalar_type());
+  FG_CHECK_ARG(w.dim() == 2 && w.size(0) == m && w.size(1) == n, op, "w", "of shape (", m, ", ", n, "), got ",
+               w.sizes());
+  FG_CHECK_ARG(w.device() == r.device(), op, "w", "on r's device ", r.device(), ", got ", w.device());
+}
+
+// r: left (rank, n), right (m, rank); p: left (m, rank), right (rank, n) of r's dtype
+// -> (m, n) of r's dtype.
+at::Tensor lowrank_project_back_cpu(const at::Tensor& r, const at::Tensor& p, c10::string_view side_sv, double scale) {
+  const bool left = check_back_dense("lowrank_project_back", r, p, side_sv);
+  at::Tensor out = at::empty({left ? p.size(0) : r.size(0), left ? r.size(1) : p.size(1)}, r.options());
+  if (r.scalar_type() == at::kFloat && out.numel() > 0) {
     // One GEMM: out = scale * (P R | R P); beta = 0, so the uninitialized out is never read.
-    at::Tensor out = at::empty({left ? p.size(0) : r.size(0), left ? r.size(1) : p.size(1)}, r.options());
-    if (out.numel() == 0) return out;
     if (left) return at::addmm_out(out, out, p, r, /*beta=*/0, /*alpha=*/scale);
     return at::addmm_out(out, out, r, p, /*beta=*/0, /*alpha=*/scale);
   }
-  return project_back_blocked(r, proj, left, scale);
+  project_back_blocked(r, dense_projector(p), left, scale, out, /*accumulate=*/false);
+  return out;
+}
+
+// In place: w (m, n), any float dtype, += scale * (P R | R P). r: left (rank, n), right (m, rank);
+// p: left (m, rank), right (rank, n) of r's dtype.
+void lowrank_project_back_add_cpu(at::Tensor& w, const at::Tensor& r, const at::Tensor& p, c10::string_view side_sv,
+                                  double scale) {
+  const char* op = "lowrank_project_back_add_";
+  const bool left = check_back_dense(op, r, p, side_sv);
+  check_accumulator(op, w, r, left ? p.size(0) : r.size(0), left ? r.size(1) : p.size(1));
+  if (w.scalar_type() == at::kFloat && r.scalar_type() == at::kFloat && p.scalar_type() == at::kFloat) {
+    if (left) {
+      w.addmm_(p, r, /*beta=*/1, /*alpha=*/scale);
+    } else {
+      w.addmm_(r, p, /*beta=*/1, /*alpha=*/scale);
+    }
+    return;
+  }
+  project_back_blocked(r, dense_projector(p), left, scale, w, /*accumulate=*/true);
 }
 
 // Validates a quantized projector: p_codes (rows, cols * bits / 8) uint8, p_scales/p_zeros
@@ -260,11 +296,9 @@ at::Tensor lowrank_project_quantized_cpu(const at::Tensor& g, const at::Tensor& 
 
 // r: left (rank, n), right (m, rank); P (dense shape left (m, rank), right (rank, n)) quantized
 // -> (m, n) of r's dtype.
-at::Tensor lowrank_project_back_quantized_cpu(const at::Tensor& r, const at::Tensor& p_codes,
-                                              const at::Tensor& p_scales, const at::Tensor& p_zeros, int64_t bits,
-                                              c10::string_view side_sv, double scale) {
-  const char* op = "lowrank_project_back_quantized";
-  const Projector p = quantized_projector(op, p_codes, p_scales, p_zeros, bits);
+// Checks of the up projection with a quantized P; returns whether the side is "left".
+bool check_back_quantized(const char* op, const at::Tensor& r, const at::Tensor& p_codes, const Projector& p,
+                          c10::string_view side_sv) {
   const bool left = check_side(op, std::string(side_sv));
   FG_CHECK_ARG(is_float_type(r.scalar_type()), op, "r", "float32, bfloat16 or float16, got ", r.scalar_type());
   FG_CHECK_ARG(r.dim() == 2, op, "r", "a 2-d tensor, got a ", r.dim(), "-d tensor");
@@ -276,7 +310,29 @@ at::Tensor lowrank_project_back_quantized_cpu(const at::Tensor& r, const at::Ten
     FG_CHECK_ARG(p.rows == r.size(1), op, "p", "of shape (", r.size(1), ", n) for side='right' with r of shape ",
                  r.sizes(), ", got (", p.rows, ", ", p.cols, ")");
   }
-  return project_back_blocked(r, p, left, scale);
+  return left;
+}
+
+at::Tensor lowrank_project_back_quantized_cpu(const at::Tensor& r, const at::Tensor& p_codes,
+                                              const at::Tensor& p_scales, const at::Tensor& p_zeros, int64_t bits,
+                                              c10::string_view side_sv, double scale) {
+  const char* op = "lowrank_project_back_quantized";
+  const Projector p = quantized_projector(op, p_codes, p_scales, p_zeros, bits);
+  const bool left = check_back_quantized(op, r, p_codes, p, side_sv);
+  at::Tensor out = at::empty({left ? p.rows : r.size(0), left ? r.size(1) : p.cols}, r.options());
+  project_back_blocked(r, p, left, scale, out, /*accumulate=*/false);
+  return out;
+}
+
+// In place: w (m, n), any float dtype, += scale * (P R | R P) with a quantized P.
+void lowrank_project_back_quantized_add_cpu(at::Tensor& w, const at::Tensor& r, const at::Tensor& p_codes,
+                                            const at::Tensor& p_scales, const at::Tensor& p_zeros, int64_t bits,
+                                            c10::string_view side_sv, double scale) {
+  const char* op = "lowrank_project_back_quantized_add_";
+  const Projector p = quantized_projector(op, p_codes, p_scales, p_zeros, bits);
+  const bool left = check_back_quantized(op, r, p_codes, p, side_sv);
+  check_accumulator(op, w, r, left ? p.rows : r.size(0), left ? r.size(1) : p.cols);
+  project_back_blocked(r, p, left, scale, w, /*accumulate=*/true);
 }
 
 }  // namespace
@@ -286,6 +342,8 @@ TORCH_LIBRARY_IMPL(fastgrad, CPU, m) {
   m.impl("lowrank_project_back", &lowrank_project_back_cpu);
   m.impl("lowrank_project_quantized", &lowrank_project_quantized_cpu);
   m.impl("lowrank_project_back_quantized", &lowrank_project_back_quantized_cpu);
+  m.impl("lowrank_project_back_add_", &lowrank_project_back_add_cpu);
+  m.impl("lowrank_project_back_quantized_add_", &lowrank_project_back_quantized_add_cpu);
 }
 
 }  // namespace fastgrad

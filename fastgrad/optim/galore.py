@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fastgrad.ops import lowrank_project_back
+from fastgrad.ops import lowrank_project_back_add_
 from fastgrad.optim.base import LowRankOptimizer, ParamStep, transfer_moments
 
 __all__ = ["GaLoreAdamW"]
@@ -30,7 +30,7 @@ class GaLoreAdamW(LowRankOptimizer):
         R = down(G, P)  (right: G Pᵀ, m×r'; left: Pᵀ G, r'×n)   # fastgrad.ops.lowrank_project
         t = k + 1;  M ← β1 M + (1−β1) R;  V ← β2 V + (1−β2) R⊙R;  N = M / (√V + ε)
         η_t = lr·√(1−β2^t)/(1−β1^t)   (lr if not correct_bias)
-        W ← W − η_t · up(N, P)·α                                # fastgrad.ops.lowrank_project_back
+        W ← W − η_t·α · up(N, P)                              # fastgrad.ops.lowrank_project_back_add_
     Full-rank parameters use R = G and W ← W − η_t·N. ε is added to √V without bias correction and
     defaults to 1e-6 (the HF-legacy AdamW of the GaLore recipes).
 
@@ -130,7 +130,8 @@ class GaLoreAdamW(LowRankOptimizer):
             normed = torch.div(first, denom, out=denom)
             if it.lowrank:
                 p_mat = self.proj_matrix(it)
-                it.param.add_(lowrank_project_back(normed, p_mat, it.side, group["scale"]), alpha=-step_size)
+                # W += (−η_t·α)·up(N): accumulated straight into W, no m×n temporary.
+                lowrank_project_back_add_(it.param, normed, p_mat, it.side, -step_size * group["scale"])
             else:
                 it.param.add_(normed, alpha=-step_size)
             it.proj = it.proj_old = None
