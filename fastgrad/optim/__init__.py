@@ -1,7 +1,10 @@
-"""Memory-efficient optimizers over low-rank gradient projections (GaLore family) and their projectors."""
+"""Memory-efficient optimizers over low-rank gradient projections (GaLore, Fira, APOLLO) and their projectors."""
 
+from fastgrad.optim.apollo import Apollo, ApolloMini, apollo_param_groups
 from fastgrad.optim.base import LowRankOptimizer, transfer_moments
+from fastgrad.optim.fira import FiraAdamW
 from fastgrad.optim.galore import GaLoreAdamW
+from fastgrad.optim.layerwise import LayerwiseOptimizer, StepStats, layerwise
 from fastgrad.optim.param_groups import galore_param_groups, target_linear_weights
 from fastgrad.optim.projectors import (
     PROJECTORS,
@@ -17,6 +20,13 @@ from fastgrad.optim.projectors import (
 
 __all__ = [
     "GaLoreAdamW",
+    "layerwise",
+    "LayerwiseOptimizer",
+    "StepStats",
+    "FiraAdamW",
+    "Apollo",
+    "ApolloMini",
+    "apollo_param_groups",
     "LowRankOptimizer",
     "galore_param_groups",
     "target_linear_weights",

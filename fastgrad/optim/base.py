@@ -21,6 +21,7 @@ NaN), so the full gradient is only read again on refresh steps (where the SVD wo
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -43,7 +44,7 @@ from fastgrad.optim.projectors import (
     resolve_side,
 )
 
-__all__ = ["LowRankOptimizer", "ParamStep", "transfer_moments"]
+__all__ = ["LowRankOptimizer", "ParamStep", "name_key", "transfer_moments"]
 
 # Defaults of the keys of a low-rank group (a group with "rank").
 LOWRANK_DEFAULTS: dict[str, Any] = {
@@ -104,6 +105,11 @@ def transfer_moments(
         second.copy_(second.float() @ rot_sq)
 
 
+def name_key(name: str) -> int:
+    """A stable 63-bit integer from a parameter name (BLAKE2b; Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") >> 1
+
+
 def _finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
     """Whether each tensor is all-finite, with one host synchronisation per device."""
     flags: list[bool] = [True] * len(tensors)
@@ -124,6 +130,12 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
 
     #: state keys of the moments, with the shape of the low-rank (or full) gradient
     moment_keys: tuple[str, ...] = ()
+    #: whether ``_update_group`` reads the full gradient ``item.param.grad`` besides ``item.low``
+    #: (e.g. a residual or channel scaling of G). The layer-wise driver then keeps every full
+    #: gradient until the update instead of only the projected one.
+    update_reads_grad: bool = False
+    #: floating-point state keys that keep their own dtype across load_state_dict (not cast to the param's)
+    keep_dtype_keys: tuple[str, ...] = ()
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, nonfinite: str = "skip") -> None:
         if nonfinite not in NONFINITE_POLICIES:
@@ -140,6 +152,14 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         if isinstance(params, set):
             raise TypeError(f"{type(self).__name__}: parameters must be an ordered collection, not a set")
         param_group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        named = [p for p in param_group["params"] if isinstance(p, tuple)]
+        if named:  # (name, tensor) pairs, as from model.named_parameters(): torch keeps the names
+            if len(named) != len(param_group["params"]) or "param_names" in param_group:
+                raise ValueError(f"{type(self).__name__}: give names for all parameters of a group, or none")
+            param_group["param_names"] = [name for name, _ in named]
+            param_group["params"] = [p for _, p in named]
+        if "param_names" in param_group and len(param_group["param_names"]) != len(param_group["params"]):
+            raise ValueError(f"{type(self).__name__}: 'param_names' must name every parameter of its group")
         if "rank" in param_group:
             self._normalize_lowrank_group(param_group)
         super().add_param_group(param_group)
@@ -191,6 +211,16 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
             self._param_index = {q: i for i, q in enumerate(params)}
         return self._param_index[p]
 
+    def _param_seed(self, group: dict[str, Any], p: torch.Tensor, index: int) -> int:
+        """Seed of ``p``'s projector: the group's ``seed`` mixed with the parameter's name when the
+        group has ``param_names`` (stable across optimizer instances: one optimizer per parameter
+        gets different seeds for same-shaped weights), else with its index in this optimizer."""
+        names = group.get("param_names")
+        if names:
+            name = next(n for q, n in zip(group["params"], names, strict=True) if q is p)
+            return mix_seed(group["seed"], name_key(name))
+        return mix_seed(group["seed"], index)
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
@@ -232,16 +262,21 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
             self._update_group(group_items[0].group, group_items)
         return loss
 
-    def _prepare(self, group: dict[str, Any], p: torch.Tensor, proj: Projector | None) -> ParamStep:
-        """Refresh the subspace if due and project the gradient; ``low`` stays None if G is non-finite."""
+    def _prepare(
+        self, group: dict[str, Any], p: torch.Tensor, proj: Projector | None, grad: torch.Tensor | None = None
+    ) -> ParamStep:
+        """Refresh the subspace if due and project the gradient; ``low`` stays None if G is non-finite.
+
+        ``grad`` defaults to ``p.grad`` (the layer-wise driver passes an accumulated gradient).
+        """
         state = self.state[p]
         item = ParamStep(group, p, state, self._index_of(p))
-        grad = p.grad
+        grad = p.grad if grad is None else grad
         if not state:
             state["step"] = 0
             if proj is not None:
                 side = resolve_side(group["proj_side"], p.shape)
-                proj.init_state(state, p.shape, group["rank"], side, mix_seed(group["seed"], item.index))
+                proj.init_state(state, p.shape, group["rank"], side, self._param_seed(group, p, item.index))
         if proj is None:
             item.low = grad
             return item
@@ -249,7 +284,8 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         low = None
         if not proj.has_basis(state) or state["step"] % group["update_proj_gap"] == 0:
             # Refresh steps read G once more (and synchronise): an SVD of a non-finite G would fail.
-            if not bool(torch.isfinite(grad).all()):
+            # max|G| (a reduction, NaN-propagating) rather than isfinite(G).all(), which makes m×n temporaries.
+            if not _finite_flags([grad])[0]:
                 return item
             if group["state_transfer"] and self.moment_keys and self.moment_keys[0] in state:
                 item.proj_old = proj.matrix(state, grad)
@@ -265,7 +301,9 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         """The dense P of a low-rank ``item`` for this step (the stored one, or regenerated)."""
         if item.proj is not None:
             return item.proj
-        return self._projector(item.group).matrix(item.state, item.param.grad)
+        grad = item.param.grad
+        # Only shape, dtype and device of the gradient matter (they are the parameter's).
+        return self._projector(item.group).matrix(item.state, item.param if grad is None else grad)
 
     def _rollback(self, item: ParamStep) -> None:
         if item.snapshot is not None:
@@ -304,11 +342,14 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         self._check_state_dict(state_dict)
         saved = state_dict["state"]
         super().load_state_dict({"state": saved, "param_groups": state_dict["param_groups"]})
-        # torch casts every state tensor of a float parameter to its dtype; indices must stay integers.
+        # torch casts every state tensor of a float parameter to its dtype; indices must stay integers
+        # and the keys in ``keep_dtype_keys`` (fp32 scalars) keep their saved dtype.
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
             for idx, p in zip(saved_group["params"], group["params"], strict=True):
                 for key, value in saved.get(idx, {}).items():
-                    if isinstance(value, torch.Tensor) and not value.is_floating_point():
+                    if isinstance(value, torch.Tensor) and (
+                        not value.is_floating_point() or key in self.keep_dtype_keys
+                    ):
                         self.state[p][key] = value.to(p.device)
         self.nonfinite_steps = int(state_dict.get("nonfinite_steps", 0))
         self._param_index = None

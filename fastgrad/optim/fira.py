@@ -1,0 +1,251 @@
+"""Fira: GaLore plus a norm-scaled full-rank residual (Chen et al., arXiv 2410.01623; ALGORITHMS.md §4).
+
+Also home of what Fira shares with APOLLO (:mod:`fastgrad.optim.apollo`): the HF-Adam core on
+low-rank gradients with a per-method low-rank update (:class:`ScaledLowRankAdam`), the channel-wise
+norm ratio ``‖N_c‖ / (‖R_c‖ + 1e-8)`` (:func:`channel_ratio`) and the norm-growth limiter
+(:func:`norm_growth_limiter`), which runs on the device without a host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from fastgrad.ops import lowrank_project_back_add_
+from fastgrad.optim.base import LowRankOptimizer, ParamStep, transfer_moments
+from fastgrad.optim.projectors import RIGHT
+
+__all__ = ["FiraAdamW", "ScaledLowRankAdam", "channel_ratio", "norm_growth_limiter"]
+
+#: floor added to a norm in a denominator (hard-coded in fira and apollo-torch)
+NORM_FLOOR = 1e-8
+#: allowed growth of the residual/update norm per step (hard-coded 1.01 in fira and apollo-torch)
+LIMITER_GAMMA = 1.01
+#: state key of the limiter's remembered norm (a 0-d fp32 tensor)
+LIMITER_KEY = "limiter_norm"
+
+
+def channel_dim(side: int) -> int:
+    """The dimension reduced over for per-channel norms: the compressed one (r' of R).
+
+    Right side (R is m×r'): channels are rows, reduce dim 1; left side (R is r'×n): channels are
+    columns, reduce dim 0. The same dim of the full m×n gradient gives its per-channel norms.
+    """
+    return 1 if side == RIGHT else 0
+
+
+def channel_ratio(normed: torch.Tensor, low: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """fp32 ``‖N_c‖₂ / (‖R_c‖₂ + 1e-8)`` per channel (norms over ``dim``, kept for broadcasting
+    against the m×n gradient), or of the whole tensors (Frobenius; a 0-d tensor) if dim is None."""
+    keep = dim is not None
+    num = torch.linalg.vector_norm(normed, dim=dim, keepdim=keep, dtype=torch.float32)
+    den = torch.linalg.vector_norm(low, dim=dim, keepdim=keep, dtype=torch.float32)
+    return num.div_(den.add_(NORM_FLOOR))
+
+
+def norm_growth_limiter(state: dict[str, Any], norm: torch.Tensor, gamma: float = LIMITER_GAMMA) -> torch.Tensor | None:
+    """Norm-growth limiter of Fira/APOLLO on a 0-d ``norm`` = ‖X‖ of this step's tensor X.
+
+    First call: remember ``‖X‖`` (fp32, in ``state["limiter_norm"]``) and return None (X unchanged).
+    Later calls: ρ = max(‖X‖ / (s_prev + 1e-8), γ) / γ; remember s_prev = ‖X‖ / ρ; return ρ, by
+    which the caller divides X. ρ = 1 unless the norm grew by more than γ since the last step.
+    Pure tensor arithmetic on 0-d tensors: no ``.item()`` and no Python comparison, so no host
+    synchronisation (the references compare a device scalar in Python, one sync per weight per step).
+    """
+    norm = norm.float()
+    prev = state.get(LIMITER_KEY)
+    if prev is None:
+        state[LIMITER_KEY] = norm.clone()
+        return None
+    rho = torch.clamp_min(norm / (prev + NORM_FLOOR), gamma).div_(gamma)
+    prev.copy_(norm / rho)
+    return rho
+
+
+class ScaledLowRankAdam(LowRankOptimizer):
+    """HF-Adam on projected gradients with a method-specific update of the low-rank weights.
+
+    Shared by :class:`FiraAdamW` and :class:`fastgrad.optim.apollo.Apollo`: constructor checks, the
+    moments (in the low-rank gradient's dtype, with state transfer at a refresh if asked), the
+    bias-corrected step size η_t = lr·√(1−β2^t)/(1−β1^t), N = M/(√V + ε), weight decay (torch-style
+    before the update, or after it on the updated weight with ``faithful=True``) and plain HF-Adam
+    for parameters of groups without ``rank``. Subclasses implement :meth:`_lowrank_update`.
+    """
+
+    moment_keys = ("exp_avg", "exp_avg_sq")
+    keep_dtype_keys = (LIMITER_KEY,)
+    update_reads_grad = True  # Fira's residual and APOLLO's G ⊙ s read the full gradient
+
+    def __init__(
+        self,
+        params: Iterable,
+        defaults: dict[str, Any],
+        *,
+        faithful: bool = False,
+        nonfinite: str = "skip",
+    ) -> None:
+        name = type(self).__name__
+        lr, betas, eps = defaults["lr"], defaults["betas"], defaults["eps"]
+        if lr < 0.0:
+            raise ValueError(f"{name}: invalid learning rate {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"{name}: betas must be in [0, 1), got {betas}")
+        if eps < 0.0:
+            raise ValueError(f"{name}: invalid eps {eps}")
+        self.faithful = faithful
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def _normalize_lowrank_group(self, group: dict[str, Any]) -> None:
+        super()._normalize_lowrank_group(group)
+        if self.faithful and group["state_transfer"]:
+            raise ValueError(
+                f"{type(self).__name__}: state_transfer=True is not the reference's behaviour; use faithful=False"
+            )
+
+    def _update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        for it in items:
+            st = it.state
+            if "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros_like(it.low)
+                st["exp_avg_sq"] = torch.zeros_like(it.low)
+            elif it.proj_old is not None:
+                transfer_moments(st["exp_avg"], st["exp_avg_sq"], it.proj_old, self.proj_matrix(it), st["proj_side"])
+        params = [it.param for it in items]
+        if wd != 0.0 and not self.faithful:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        firsts = [it.state["exp_avg"] for it in items]
+        seconds = [it.state["exp_avg_sq"] for it in items]
+        lows = [it.low for it in items]
+        torch._foreach_mul_(firsts, beta1)
+        torch._foreach_add_(firsts, lows, alpha=1.0 - beta1)
+        torch._foreach_mul_(seconds, beta2)
+        torch._foreach_addcmul_(seconds, lows, lows, value=1.0 - beta2)
+        del lows
+        for it, first, second in zip(items, firsts, seconds, strict=True):
+            it.state["step"] += 1
+            step = it.state["step"]
+            step_size = lr
+            if group["correct_bias"]:
+                step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+            denom = second.sqrt().add_(eps)
+            normed = torch.div(first, denom, out=denom)
+            if it.lowrank:
+                self._lowrank_update(group, it, normed, step_size)
+            else:
+                it.param.add_(normed, alpha=-step_size)
+            it.low = it.proj = it.proj_old = None
+        if wd != 0.0 and self.faithful:
+            torch._foreach_add_(params, params, alpha=-lr * wd)
+
+    @abstractmethod
+    def _lowrank_update(self, group: dict[str, Any], it: ParamStep, normed: torch.Tensor, step_size: float) -> None:
+        """W ← W − step_size·U for a low-rank ``it``: ``it.low`` is R, ``normed`` is N = M/(√V+ε)."""
+
+
+class FiraAdamW(ScaledLowRankAdam):
+    """Fira: GaLore's projected Adam plus the norm-scaled residual of the gradient outside the subspace.
+
+    Param groups as :class:`fastgrad.optim.GaLoreAdamW` (a group with ``rank`` is low-rank, others
+    are plain HF-AdamW; keys ``rank``, ``update_proj_gap`` T = 200, ``scale`` α = 0.25 (fira's
+    ``alpha`` is accepted as an alias), ``projector`` svd | randomized | dct, ``proj_side``/
+    ``proj_type``, ``state_transfer``). The ``random`` projector is refused: the residual
+    G − up(down(G)) is the part of G outside the subspace only for an orthonormal P.
+
+    Step for a weight W (m×n), gradient G, k the 0-based step, r' = min(r, m, n):
+        if k % T == 0:  P = projector(G)
+        R = down(G, P);  t = k + 1;  M, V ← HF-Adam moments of R;  N = M/(√V + ε)
+        φ_c = ‖N_c‖ / (‖R_c‖ + 1e-8) per channel c of the non-compressed dimension (rows of R and
+              G on the right side, m of them; columns on the left side, n of them)
+        variant "code":  S = (G − α·up(R)) ⊙ φ           variant "paper":  S = (G − up(R)) ⊙ φ
+        limiter: first step s = ‖S‖; then ρ = max(‖S‖/(s + 1e-8), 1.01)/1.01, S ← S/ρ, s = ‖S‖
+        variant "code":  U = α·up(N) + S                 variant "paper":  U = α·(up(N) + S)
+        W ← W − η_t·U,  η_t = lr·√(1−β2^t)/(1−β1^t)  (lr if not correct_bias)
+    φ uses N and R without bias correction; η_t scales the whole update, S included.
+
+    ``variant="code"`` (default) is fira 1.0.2's released code (QUIRK Fira-1: it subtracts α·PPᵀG,
+    so with α = 0.25 three quarters of the in-subspace gradient stay in the residual, and S is not
+    multiplied by α); ``variant="paper"`` is Algorithm 1 of the paper (the true projection residual
+    (I − PPᵀ)G, and α on both terms).
+
+    ``faithful=True`` with ``variant="code"`` reproduces ``fira.FiraAdamW`` (to fp32 rounding, on
+    finite gradients): weight decay after the update on the updated weight (W ← W − lr·wd·W), no
+    state transfer, P/R/M/V in the gradient's dtype. The default (``faithful=False``) decays
+    torch-style, W ← W·(1 − lr·wd) before the update, and allows ``state_transfer``.
+
+    Differences from fira that change no number where fira works (besides GaLoreAdamW's: the side
+    is remembered, P is a compact copy, weights_only checkpoints, the NaN/Inf policy):
+      * channels follow the remembered side; fira re-derives them from R's shape (rows < cols ⇒
+        columns), which disagrees only for a square R on the left side (reverse_std/left with
+        r' = n), where fira's φ does not broadcast against G;
+      * the limiter runs on the device (Fira-2: fira compares a device scalar in Python), its norm
+        is kept in fp32, and ‖S‖ is formed from per-channel norms, ‖S‖² = Σ_c φ_c²·‖(G − α·up(R))_c‖²;
+      * norms and φ are computed in fp32 (fira: in the gradient's dtype);
+      * memory: fira allocates a new m×n tensor for each of α·up(R), the residual, S, S/ρ, α·up(N)
+        and U. Here the residual is formed in one m×n buffer (a copy of G, with −α·up(R)
+        accumulated in place by ``fastgrad.ops.lowrank_project_back_add_``), applied to W with φ/ρ
+        in one fused multiply-add and freed; then α·up(N) is accumulated straight into W. One m×n
+        temporary per weight (plus whatever the serving kernel of the ``_add_`` op needs inside).
+
+    Optimizer-state bytes (b = bytes per element of the gradient dtype, d = min(m,n), D = max(m,n)):
+      Σ_lowrank [2·D·r'·b (M, V) + P + 4 (limiter norm, fp32)] + Σ_full 2·m·n·b, with P = r'·d·b
+      (svd, randomized) or 4·r' (dct indices); forced sides give m·r' (right) or r'·n (left)
+      elements per moment. :meth:`state_bytes` sums the actual tensors.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        *,
+        variant: str = "code",
+        faithful: bool = False,
+        nonfinite: str = "skip",
+    ) -> None:
+        if variant not in ("code", "paper"):
+            raise ValueError(f"FiraAdamW: variant must be 'code' or 'paper', got {variant!r}")
+        self.variant = variant
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "correct_bias": correct_bias}
+        super().__init__(params, defaults, faithful=faithful, nonfinite=nonfinite)
+
+    def _normalize_lowrank_group(self, group: dict[str, Any]) -> None:
+        if "alpha" in group:  # fira's name for GaLore's scale
+            alpha = group.pop("alpha")
+            if "scale" in group and group["scale"] != alpha:
+                raise ValueError(f"FiraAdamW: alpha={alpha!r} contradicts scale={group['scale']!r}")
+            group["scale"] = alpha
+        super()._normalize_lowrank_group(group)
+        if group["projector"] == "random":
+            raise ValueError(
+                "FiraAdamW: the residual G - up(down(G)) needs an orthonormal projector (svd, randomized, dct), "
+                "not 'random'"
+            )
+
+    def _lowrank_update(self, group: dict[str, Any], it: ParamStep, normed: torch.Tensor, step_size: float) -> None:
+        alpha = group["scale"]
+        paper = self.variant == "paper"
+        dim = channel_dim(it.state["proj_side"])
+        p_mat = self.proj_matrix(it)
+        grad, low, w = it.param.grad, it.low, it.param
+        phi = channel_ratio(normed, low, dim)  # fp32, (m, 1) right / (1, n) left
+        # The residual G − c·up(R) (c = α in the code, 1 in the paper) in one m×n buffer.
+        resid = grad.clone(memory_format=torch.contiguous_format)
+        lowrank_project_back_add_(resid, low, p_mat, it.side, -1.0 if paper else -alpha)
+        it.low = None
+        # ‖S‖ = ‖φ ⊙ residual‖ from the residual's per-channel norms: no m×n S is formed.
+        resid_norms = torch.linalg.vector_norm(resid, dim=dim, keepdim=True, dtype=torch.float32)
+        s_norm = torch.linalg.vector_norm(phi * resid_norms)
+        rho = norm_growth_limiter(it.state, s_norm)
+        coef = phi if rho is None else phi.div_(rho)
+        w.addcmul_(resid, coef, value=-step_size * (alpha if paper else 1.0))
+        del resid
+        lowrank_project_back_add_(w, normed, p_mat, it.side, -step_size * alpha)

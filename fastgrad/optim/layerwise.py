@@ -1,0 +1,539 @@
+"""Layer-wise ("fused backward") optimizer stepping that keeps accumulation, clipping, the LR
+schedule, the NaN/Inf policy and DDP correct (ALGORITHMS.md §1 "Layer-wise update" a–d, §2.8,
+§10 item 6, §11 U2/U3).
+
+Usage::
+
+    from fastgrad.optim import GaLoreAdamW, galore_param_groups, layerwise
+
+    lw = layerwise(
+        model,
+        lambda m: GaLoreAdamW(galore_param_groups(m, rank=128, update_proj_gap=200, scale=0.25), lr=1e-2),
+        grad_accum_steps=4,
+        max_grad_norm=1.0,
+    )
+    for step in range(steps):
+        lw.set_lr(lr_at(step))                    # once per optimizer step, for every parameter
+        for micro in range(4):
+            loss = model(inputs[micro], labels[micro]) / 4
+            loss.backward()                       # the hooks project / accumulate as gradients arrive
+        stats = lw.finish_step()                  # clip, update every parameter (or skip), return stats
+        log(stats.grad_norm, stats.clip_coef, stats.skipped)
+    torch.save(lw.state_dict(), "optimizer.pt")   # loads with torch.load(..., weights_only=True)
+
+What happens (and why):
+
+* **One optimizer, per-parameter work in hooks.** The factory is called once with
+  ``model_or_params`` and must return a :class:`~fastgrad.optim.LowRankOptimizer` (GaLoreAdamW, …;
+  a group without ``rank`` is plain AdamW). Its param groups keep every key (``rank``, ``scale``,
+  ``lr``…), parameter indices (hence random-projector seeds) and state layout are those of the
+  non-layer-wise optimizer, ``state_dict`` is interchangeable with it, and one ``set_lr`` reaches all
+  parameters. A ``register_post_accumulate_grad_hook`` on each parameter takes ``p.grad`` as soon
+  as it is complete, sets ``p.grad = None`` and keeps only what the update will need, so at most one
+  full gradient is alive at a time (plus the buffers below).
+* **Accumulation** (``grad_accum_steps`` = n backward passes per optimizer step; the loss must
+  already be divided by n, as for ordinary accumulation). Backward passes are counted with an
+  autograd-engine callback; no parameter steps before :meth:`finish_step`.
+
+  - low-rank parameter, no refresh due: each micro-batch's G_i is projected with the current P
+    (``fastgrad.ops.lowrank_project``, through ``LowRankOptimizer._prepare`` on the first one) and
+    added into a D×r' buffer (fp32 when the gradient is 16-bit), then G_i is freed. Since
+    down(·, P) is linear, Σ down(G_i, P) = down(Σ G_i, P).
+  - low-rank parameter, refresh due (k % update_proj_gap == 0, or no basis yet): the new subspace
+    must come from the step's whole gradient (GaLore-2), so on these steps only (1 in T) the full
+    gradient is accumulated; in the last micro-batch's hook the projector is refreshed from it, the
+    gradient is projected and the full buffer freed. This is exact (same P as one batch of n·b) at
+    the cost, on refresh steps with n > 1, of holding those full gradients across the micro-batches
+    (as non-layer-wise training always does). With n = 1 nothing changes: one gradient at a time.
+    A projector that needs no gradient to refresh (``random``) accumulates in low rank always.
+  - full-rank parameters (embeddings, norms, head): the full gradient is accumulated and kept
+    until :meth:`finish_step` (n = 1 included, see clipping). For LLaMA-like models these are a
+    minority of the gradient bytes (≈12% for LLaMA-1B); it is the price of an exact global norm and
+    of an all-or-nothing NaN policy.
+  - an optimizer whose update reads the full gradient (``update_reads_grad = True``, e.g. Fira's
+    residual) gets ``p.grad`` set to its accumulated gradient during the update: correct, but
+    without the memory saving (every full gradient is kept until :meth:`finish_step`).
+* **Clipping** (``max_grad_norm``): :meth:`finish_step` computes the global 2-norm of exactly what
+  the optimizer consumes, ``sqrt(Σ_lowrank ‖R‖² + Σ_fullrank ‖G‖²)`` with R = down(G, P) of the
+  accumulated gradient G (after a refresh, P is the new basis), and scales R and G by
+  ``min(1, max_grad_norm / (norm + 1e-6))`` (``clip_grad_norm_``'s formula) before any update. For
+  an orthonormal P (svd, randomized, dct) ‖R‖ is the norm of G's component in the subspace, ≤ ‖G‖;
+  the full-gradient norm of ``clip_grad_norm_`` is not available without keeping the full
+  gradients (‖Σ_i G_i‖ is not a function of the projected parts). The norm used is returned:
+  clipping is never a silent no-op.
+* **NaN/Inf**: a non-finite norm (any NaN/Inf in a consumed gradient, or a refresh from a
+  non-finite G) skips the whole step for all parameters: no weight, moment or projector changes
+  (refreshes done in hooks are rolled back), counted in ``optimizer.nonfinite_steps``; with the
+  optimizer's ``nonfinite="raise"`` a FloatingPointError is raised instead, after the same rollback.
+* **LR schedule**: :meth:`set_lr` sets the lr of every param group, read once per optimizer step
+  by the updates in :meth:`finish_step`; every parameter's step counter advances once per step
+  (the references ran one scheduler per parameter per micro-batch: half speed, §2.8).
+* **Distributed data parallel** (``torch.distributed`` initialized, or ``process_group`` given):
+  do not wrap the model in ``DistributedDataParallel`` (rejected); the driver averages gradients
+  itself, after local accumulation and before any use: in the last micro-batch's hook it
+  all-reduces the low-rank buffer R (D×r', the communication saving of low-rank training) or the
+  full-rank gradient asynchronously (waited for in :meth:`finish_step`), and on refresh steps the
+  full gradient synchronously before the refresh, so every rank computes the same P from the global
+  gradient. Parameters (and the module's buffers) are broadcast from rank 0 at construction. The
+  hooks issue collectives in backward order, which is the same on all ranks for the same model;
+  every rank must produce gradients for the same parameters (unused parameters are not supported:
+  a mismatch hangs like any mismatched collective). Sharded (DTensor/FSDP) parameters are rejected.
+* **Checkpoints**: :meth:`state_dict` (at a step boundary) holds the optimizer's state (tensors and
+  ints, ``weights_only``-loadable) and the driver's step count; resume is bitwise on CPU.
+
+Not supported: reentrant activation checkpointing (nested backward passes would be counted as
+micro-batches; fastgrad's models use the non-reentrant kind), ``torch.autograd.grad`` (no
+post-accumulate hooks fire), sparse gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastgrad.ops import lowrank_project
+from fastgrad.optim.base import LowRankOptimizer, ParamStep, _finite_flags
+from fastgrad.optim.projectors import Projector, lowrank_shape
+
+__all__ = ["layerwise", "LayerwiseOptimizer", "StepStats"]
+
+# Projectors whose refresh does not read the gradient: they accumulate in low rank on refresh steps too.
+_GRAD_FREE_REFRESH = ("random",)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What :meth:`LayerwiseOptimizer.finish_step` did.
+
+    step:      optimizer steps finished so far, this one included (skipped or not).
+    grad_norm: global 2-norm of the gradients the optimizer consumes, before clipping (NaN/Inf when
+               the step was skipped for a non-finite gradient).
+    clip_coef: the factor the gradients were multiplied by (1.0: no clipping happened).
+    skipped:   True when a non-finite gradient made the step change nothing.
+    """
+
+    step: int
+    grad_norm: float
+    clip_coef: float
+    skipped: bool
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One parameter's accumulation within the current optimizer step."""
+
+    param: torch.Tensor
+    group: dict[str, Any]
+    proj: Projector | None
+    dtype: torch.dtype
+    lowrank_acc: bool  # True: ``buf`` is Σ down(G_i, P); False: ``buf`` is Σ G_i
+    buf: torch.Tensor | None = None
+    item: ParamStep | None = None  # prepared: P chosen (refreshed if due), state initialised
+    grad: torch.Tensor | None = None  # full gradient kept for an optimizer with update_reads_grad
+    bad: bool = False  # a refresh met a non-finite gradient
+    closed: bool = False  # the accumulation is complete (and its reduction launched)
+    work: Any = None  # pending async all-reduce
+
+
+def _is_16bit(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+class LayerwiseOptimizer:
+    """Layer-wise stepping of one :class:`LowRankOptimizer`; build it with :func:`layerwise`.
+
+    See the module docstring for the design. Attributes: ``optimizer`` (the wrapped optimizer),
+    ``param_groups`` (its groups), ``grad_accum_steps``, ``max_grad_norm``, ``steps`` (finished
+    optimizer steps, skipped ones included).
+    """
+
+    def __init__(
+        self,
+        optimizer: LowRankOptimizer,
+        *,
+        grad_accum_steps: int = 1,
+        max_grad_norm: float | None = None,
+        process_group: Any = None,
+        module: nn.Module | None = None,
+    ) -> None:
+        if not isinstance(optimizer, LowRankOptimizer):
+            raise TypeError(
+                "layerwise: the factory must return a fastgrad LowRankOptimizer (e.g. GaLoreAdamW; a param "
+                f"group without 'rank' is plain AdamW), got {type(optimizer).__name__}"
+            )
+        if not isinstance(grad_accum_steps, int) or isinstance(grad_accum_steps, bool) or grad_accum_steps < 1:
+            raise ValueError(f"layerwise: grad_accum_steps must be a positive int, got {grad_accum_steps!r}")
+        if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+            raise ValueError(f"layerwise: max_grad_norm must be a positive finite number or None, got {max_grad_norm}")
+        self.optimizer = optimizer
+        self.grad_accum_steps = grad_accum_steps
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.steps = 0
+        self._reads_grad = bool(getattr(optimizer, "update_reads_grad", False))
+        self._group_of: dict[torch.Tensor, dict[str, Any]] = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p in self._group_of:
+                    raise ValueError("layerwise: a parameter appears twice in the optimizer's param groups")
+                self._group_of[p] = group
+        self._check_params(module)
+        self._pg = self._resolve_group(process_group)
+        self._world = 1 if self._pg is None else torch.distributed.get_world_size(self._pg)
+        if self._pg is not None:
+            self._broadcast_from_rank0(module)
+        self._slots: dict[torch.Tensor, _Slot] = {}
+        self._micro = 0  # backward passes completed in the current optimizer step
+        self._queued_for: Any = None  # graph task whose end-of-backward callback is queued
+        self._handles = []
+        for p in self._group_of:
+            p.grad = None
+            self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    # ------------------------------------------------------------------ construction checks
+    def _check_params(self, module: nn.Module | None) -> None:
+        for p in self._group_of:
+            if not p.is_leaf or not p.requires_grad:
+                raise ValueError("layerwise: every optimized tensor must be a leaf that requires grad")
+            if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+                raise NotImplementedError(
+                    "layerwise: sharded (DTensor / FSDP) parameters are not supported: a projector refresh "
+                    "needs the whole 2-D gradient"
+                )
+        if module is not None:
+            missing = [n for n, p in module.named_parameters() if p.requires_grad and p not in self._group_of]
+            if missing:
+                raise ValueError(
+                    f"layerwise: trainable parameters missing from the optimizer would never be updated: "
+                    f"{missing[:8]}{' …' if len(missing) > 8 else ''}"
+                )
+
+    @staticmethod
+    def _resolve_group(process_group: Any) -> Any:
+        dist = torch.distributed
+        if process_group is not None:
+            return process_group
+        if dist.is_available() and dist.is_initialized():
+            return dist.group.WORLD
+        return None
+
+    @torch.no_grad()
+    def _broadcast_from_rank0(self, module: nn.Module | None) -> None:
+        dist = torch.distributed
+        src = dist.get_global_rank(self._pg, 0)
+        tensors = list(self._group_of)
+        if module is not None:  # frozen parameters and buffers too
+            tensors += [q for q in module.parameters() if q not in self._group_of]
+            tensors += list(module.buffers())
+        for t in tensors:
+            dist.broadcast(t.data, src=src, group=self._pg)
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of every param group; call it once per optimizer step."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(lr)
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps skipped (or raised on) for a non-finite gradient, as counted by the optimizer."""
+        return self.optimizer.nonfinite_steps
+
+    def state_bytes(self) -> int:
+        """Bytes of the optimizer state (see :meth:`LowRankOptimizer.state_bytes`)."""
+        return self.optimizer.state_bytes()
+
+    def buffer_bytes(self) -> int:
+        """Bytes held right now by the accumulation buffers (projected and full gradients)."""
+        seen: set[int] = set()
+        total = 0
+        for slot in self._slots.values():
+            for t in (slot.buf, slot.grad, slot.item.low if slot.item is not None else None):
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+        return total
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients accumulated since the last :meth:`finish_step` (and undo refreshes made
+        from them), e.g. after an exception in the middle of a step. A no-op at a step boundary."""
+        for slot in self._slots.values():
+            self._wait(slot)
+            if slot.item is not None:
+                self.optimizer._rollback(slot.item)
+        self._reset()
+
+    def remove_hooks(self) -> None:
+        """Detach the driver from the parameters (the optimizer stays usable on its own)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------ hooks (during backward)
+    def _count_backward(self) -> None:
+        """Queue, once per backward pass, a callback that runs when the pass has finished."""
+        current = getattr(torch._C, "_current_graph_task_id", lambda: 0)()
+        if self._queued_for is not None and self._queued_for == current:
+            return
+        self._queued_for = current
+        torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+
+    def _backward_done(self) -> None:
+        self._queued_for = None
+        self._micro += 1
+
+    @torch.no_grad()
+    def _hook(self, p: torch.Tensor) -> None:
+        g = p.grad
+        if g is None:
+            return
+        p.grad = None
+        if self._micro >= self.grad_accum_steps:
+            raise RuntimeError(
+                f"layerwise: more than grad_accum_steps={self.grad_accum_steps} backward passes before finish_step()"
+            )
+        if g.is_sparse:
+            raise RuntimeError("layerwise: sparse gradients are not supported")
+        self._count_backward()
+        slot = self._slots.get(p)
+        if slot is None:
+            self._slots[p] = slot = self._open(p, g)
+        else:
+            self._add(slot, g)
+        del g
+        if self._micro == self.grad_accum_steps - 1:
+            self._close(slot)
+
+    def _open(self, p: torch.Tensor, g: torch.Tensor) -> _Slot:
+        """First gradient of ``p`` in this optimizer step: choose low-rank or full accumulation."""
+        opt = self.optimizer
+        group = self._group_of[p]
+        proj = opt._projector(group) if "rank" in group else None
+        state = opt.state[p]
+        lowrank_acc = False
+        if proj is not None and not self._reads_grad:
+            due = not state or not proj.has_basis(state) or state["step"] % group["update_proj_gap"] == 0
+            lowrank_acc = not due or proj.name in _GRAD_FREE_REFRESH
+        slot = _Slot(p, group, proj, g.dtype, lowrank_acc)
+        if not lowrank_acc:
+            slot.buf = g
+            return slot
+        # Projects G (after refreshing a gradient-free projector when due), initialising the state.
+        item = opt._prepare(group, p, proj, grad=g)
+        slot.item = item
+        if item.low is None:  # a due refresh met a non-finite gradient
+            slot.bad = True
+            # A NaN placeholder keeps the all-reduces of all ranks matched (and makes every rank skip).
+            shape = lowrank_shape(p.shape, state["proj_side"], state["proj_rank"])
+            slot.buf = torch.full(shape, math.nan, dtype=torch.float32, device=g.device)
+            return slot
+        low, item.low = item.low, None
+        if (self.grad_accum_steps > 1 or self._pg is not None) and _is_16bit(low.dtype):
+            low = low.float()  # accumulate / all-reduce the small projected gradient in fp32
+        slot.buf = low
+        return slot
+
+    def _add(self, slot: _Slot, g: torch.Tensor) -> None:
+        if slot.closed:
+            raise RuntimeError("layerwise: a gradient arrived after its accumulation was closed")
+        if slot.bad:
+            return
+        if slot.lowrank_acc:
+            low = lowrank_project(g, self.optimizer.proj_matrix(slot.item), slot.item.side)
+            slot.buf.add_(low)
+        else:
+            slot.buf.add_(g)
+
+    def _close(self, slot: _Slot) -> None:
+        """The accumulation of ``slot`` is complete: reduce it across ranks, refresh and project if due."""
+        slot.closed = True
+        refresh = slot.proj is not None and not slot.lowrank_acc
+        if self._pg is not None:
+            slot.work = torch.distributed.all_reduce(slot.buf, group=self._pg, async_op=True)
+            if refresh:  # the refresh needs the global gradient now
+                self._wait(slot)
+        if refresh:  # the full accumulated gradient: refresh P from it (if due), project, free it
+            item = self.optimizer._prepare(slot.group, slot.param, slot.proj, grad=slot.buf)
+            slot.item = item
+            if self._reads_grad:
+                slot.grad = slot.buf
+            slot.buf = None
+            if item.low is None:
+                slot.bad = True
+
+    def _wait(self, slot: _Slot) -> None:
+        if slot.work is not None:
+            slot.work.wait()
+            slot.work = None
+            if slot.buf is not None and self._world > 1:
+                slot.buf.div_(self._world)
+
+    def _finalize(self, slot: _Slot) -> ParamStep | None:
+        """The prepared step of ``slot`` (None if it met a non-finite gradient)."""
+        if not slot.closed:
+            self._close(slot)
+        self._wait(slot)
+        if slot.bad:
+            return None
+        if slot.lowrank_acc:
+            slot.item.low = slot.buf.to(slot.dtype)
+        elif slot.proj is None:
+            slot.item = self.optimizer._prepare(slot.group, slot.param, None, grad=slot.buf)
+            if self._reads_grad:
+                slot.grad = slot.buf
+        slot.buf = None
+        return slot.item
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def finish_step(self) -> StepStats:
+        """Complete the optimizer step: global norm, clipping, NaN/Inf policy, every parameter's update.
+
+        Must follow exactly ``grad_accum_steps`` backward passes since the previous call.
+        """
+        if self._micro != self.grad_accum_steps:
+            raise RuntimeError(
+                f"layerwise: finish_step() after {self._micro} backward pass(es), expected "
+                f"grad_accum_steps={self.grad_accum_steps} (call zero_grad() to drop a partial step)"
+            )
+        opt = self.optimizer
+        slots = sorted(self._slots.values(), key=lambda s: opt._index_of(s.param))
+        items = [self._finalize(s) for s in slots]
+        good = [it for it in items if it is not None]
+        # A refresh that met a non-finite gradient left no projected gradient: the norm is NaN then.
+        norm = self._global_norm([it.low for it in good]) if len(good) == len(items) else math.nan
+        self.steps += 1
+        if not math.isfinite(norm):
+            return self._skip(slots, items, norm)
+        coef = 1.0
+        if self.max_grad_norm is not None:
+            coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
+        if coef < 1.0:
+            scaled = {id(it.low): it.low for it in good}
+            scaled.update({id(s.grad): s.grad for s in slots if s.grad is not None})
+            torch._foreach_mul_(list(scaled.values()), coef)
+        for s in slots:
+            if s.grad is not None:
+                s.param.grad = s.grad
+        by_group: dict[int, list[ParamStep]] = {}
+        for it in good:
+            by_group.setdefault(id(it.group), []).append(it)
+        try:
+            for group_items in by_group.values():
+                opt._update_group(group_items[0].group, group_items)
+        finally:
+            for s in slots:
+                s.param.grad = None
+            self._reset()
+        return StepStats(self.steps, norm, coef, False)
+
+    def _skip(self, slots: list[_Slot], items: list[ParamStep | None], norm: float) -> StepStats:
+        opt = self.optimizer
+        finite = iter(_finite_flags([it.low for it in items if it is not None]))
+        bad = [s for s, it in zip(slots, items, strict=True) if it is None or not next(finite)]
+        for s in slots:
+            if s.item is not None:
+                opt._rollback(s.item)
+        self._reset()
+        opt.nonfinite_steps += 1
+        if opt.nonfinite == "raise":
+            where = ", ".join(f"#{opt._index_of(s.param)} {tuple(s.param.shape)}" for s in bad) or "(norm overflow)"
+            raise FloatingPointError(
+                f"layerwise {type(opt).__name__}: non-finite gradient in parameter(s) {where}; "
+                "no weight, moment or projector was changed"
+            )
+        return StepStats(self.steps, norm, 1.0, True)
+
+    @staticmethod
+    def _global_norm(tensors: list[torch.Tensor]) -> float:
+        """sqrt(Σ ‖t‖²) in fp32, one host synchronisation per device; NaN/Inf if any entry is."""
+        if not tensors:
+            return 0.0
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_device.setdefault(t.device, []).append(t)
+        total = 0.0
+        for ts in by_device.values():
+            norms = torch._foreach_norm(ts, 2, dtype=torch.float32)
+            total += float(torch.linalg.vector_norm(torch.stack(norms)).square())
+        return math.sqrt(total)
+
+    def _reset(self) -> None:
+        self._slots = {}
+        self._micro = 0
+        self._queued_for = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def _check_boundary(self, what: str) -> None:
+        if self._slots or self._micro:
+            raise RuntimeError(f"layerwise: {what} only at a step boundary (after finish_step() or zero_grad())")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state dict and the driver's counters; ``torch.load(..., weights_only=True)`` reads it."""
+        self._check_boundary("state_dict()")
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "layerwise": {
+                "steps": self.steps,
+                "grad_accum_steps": self.grad_accum_steps,
+                "max_grad_norm": self.max_grad_norm,
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (grad_accum_steps and max_grad_norm stay as constructed)."""
+        self._check_boundary("load_state_dict()")
+        if "optimizer" not in state_dict or "layerwise" not in state_dict:
+            raise ValueError(
+                "layerwise.load_state_dict: expected the dict of LayerwiseOptimizer.state_dict() "
+                "(keys 'optimizer' and 'layerwise'); for a plain optimizer state use .optimizer.load_state_dict()"
+            )
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.steps = int(state_dict["layerwise"]["steps"])
+
+
+def layerwise(
+    model_or_params: nn.Module | Iterable,
+    optimizer_factory: Callable[[Any], LowRankOptimizer] | LowRankOptimizer,
+    *,
+    grad_accum_steps: int = 1,
+    max_grad_norm: float | None = None,
+    process_group: Any = None,
+) -> LayerwiseOptimizer:
+    """Layer-wise stepping for the optimizer that ``optimizer_factory(model_or_params)`` returns.
+
+    ``model_or_params``: an ``nn.Module`` (every trainable parameter must then be in the optimizer,
+    so none is silently never updated, ALGORITHMS.md §3.5 QG-8) or an iterable of parameters or
+    param groups; it is passed to the factory as is. ``optimizer_factory`` may also be an already
+    built optimizer. ``grad_accum_steps``: backward passes per optimizer step. ``max_grad_norm``:
+    clip the global norm of the consumed gradients (None: no clipping; the norm is still reported).
+    ``process_group``: for data parallelism (default: the world group when torch.distributed is
+    initialized). See the module docstring for the design and an example.
+    """
+    module = model_or_params if isinstance(model_or_params, nn.Module) else None
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        raise TypeError(
+            "layerwise: do not wrap the model in DistributedDataParallel: the layer-wise driver averages the "
+            "gradients itself (low-rank ones in low rank); pass the plain module with torch.distributed initialized"
+        )
+    if not isinstance(model_or_params, nn.Module):
+        model_or_params = list(model_or_params)
+    if isinstance(optimizer_factory, torch.optim.Optimizer):
+        optimizer = optimizer_factory
+    else:
+        optimizer = optimizer_factory(model_or_params)
+    return LayerwiseOptimizer(
+        optimizer,
+        grad_accum_steps=grad_accum_steps,
+        max_grad_norm=max_grad_norm,
+        process_group=process_group,
+        module=module,
+    )

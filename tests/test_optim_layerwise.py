@@ -1,0 +1,581 @@
+"""Layer-wise (per-parameter, fused-backward) stepping: accumulation across a projector refresh,
+exact global clipping, the LR clock, the NaN/Inf policy, exact resume, peak memory and DDP (gloo,
+2 processes)."""
+
+import copy
+import io
+import math
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastgrad.models import LlamaConfig, LlamaForCausalLM
+from fastgrad.optim import GaLoreAdamW, galore_param_groups, layerwise
+
+CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4)
+N_LOWRANK = 14  # 2 layers × (q, k, v, o, gate, up, down)
+RANK, GAP = 16, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices on a shared 2-core machine: a second thread only adds spin-waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**CONFIG))
+
+
+def token_batches(n: int, rows: int = 8, seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, CONFIG["vocab_size"], (rows, 33), generator=gen) for _ in range(n)]
+
+
+def galore(model, projector="svd", cls=GaLoreAdamW, **opt_kwargs):
+    groups = galore_param_groups(model, rank=RANK, update_proj_gap=GAP, scale=0.25, projector=projector)
+    return cls(groups, **{"lr": 3e-3, "weight_decay": 0.1, **opt_kwargs})
+
+
+def lw_step(model, lw, ids, accum):
+    """One optimizer step on the batch ``ids`` split into ``accum`` equal micro-batches."""
+    rows = ids.shape[0] // accum
+    for i in range(accum):
+        micro = ids[i * rows : (i + 1) * rows]
+        (model(micro, micro) / accum).backward()
+    return lw.finish_step()
+
+
+def plain_step(model, opt, ids, accum=1):
+    opt.zero_grad(set_to_none=True)
+    rows = ids.shape[0] // accum
+    for i in range(accum):
+        micro = ids[i * rows : (i + 1) * rows]
+        (model(micro, micro) / accum).backward()
+    opt.step()
+
+
+def update_error(model, reference, start) -> float:
+    """‖W − W_ref‖ / ‖W_ref − W_0‖ over all parameters: the error relative to the training update
+    (comparing weights would hide it under ‖W_0‖)."""
+    num = den = 0.0
+    for a, b, w0 in zip(model.parameters(), reference.parameters(), start.parameters(), strict=True):
+        num += (a - b).detach().double().square().sum().item()
+        den += (b - w0).detach().double().square().sum().item()
+    return math.sqrt(num / den)
+
+
+def snapshot(model, opt):
+    weights = [p.detach().clone() for p in model.parameters()]
+    states = {
+        id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+        for p, st in opt.state.items()
+    }
+    return weights, states
+
+
+def assert_unchanged(model, opt, snap):
+    weights, states = snap
+    for p, w in zip(model.parameters(), weights, strict=True):
+        assert torch.equal(p.detach(), w)
+    assert {id(p) for p in opt.state} == set(states)
+    for p, st in opt.state.items():
+        before = states[id(p)]
+        assert st.keys() == before.keys()
+        for k, v in st.items():
+            assert torch.equal(v, before[k]) if isinstance(v, torch.Tensor) else v == before[k], k
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# accumulation: 4 micro-batches of b == 1 batch of 4b, across projector refreshes
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("projector", ["svd", "random"])
+def test_accumulation_matches_big_batch(projector):
+    """Tolerance: the three runs differ only in the fp32 summation order of the same gradient
+    (per micro-batch and then across them, vs. one batch; Σ down(G_i, P) vs down(Σ G_i, P)), i.e.
+    by a few ulps (~1e-7 relative). Adam's per-entry map R ↦ M/(√V+ε) has relative condition ≤ 1,
+    an SVD refresh amplifies by 1/(σ_r − σ_{r+1}) relative to ‖G‖; measured, ordinary (non-layer-
+    wise) accumulation is itself ~5e-6 away from the big batch after 7 steps. We require the
+    layer-wise run to be within 1e-4 of the big batch and within 1e-5 of ordinary accumulation,
+    and the layer-wise run without accumulation to be bitwise the non-layer-wise one."""
+    start = tiny_model()
+    steps = 7  # refreshes at k = 0, 3, 6
+    batches = token_batches(steps)
+    accum4, big, lw_big, ordinary = (copy.deepcopy(start) for _ in range(4))
+    lw4 = layerwise(accum4, lambda m: galore(m, projector), grad_accum_steps=4)
+    lw1 = layerwise(lw_big, lambda m: galore(m, projector))
+    opt_big, opt_ord = galore(big, projector), galore(ordinary, projector)
+    for ids in batches:
+        lw_step(accum4, lw4, ids, 4)
+        lw_step(lw_big, lw1, ids, 1)
+        plain_step(big, opt_big, ids)
+        plain_step(ordinary, opt_ord, ids, 4)
+    for p in lw4.optimizer.param_groups[0]["params"]:
+        assert lw4.optimizer.state[p]["step"] == steps and lw4.optimizer.state[p]["proj_step"] == 6
+    for a, b in zip(lw_big.parameters(), big.parameters(), strict=True):
+        assert torch.equal(a, b)  # same gradient, same per-parameter math: bitwise
+    assert update_error(accum4, big, start) < 1e-4
+    assert update_error(accum4, ordinary, start) < 1e-5
+    assert update_error(ordinary, big, start) > 0  # the tolerance above is about rounding, not zero
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_micro_batches_are_projected_in_the_hooks():
+    """Between refreshes every micro-batch's gradient goes through fastgrad.ops.lowrank_project
+    during backward and no full low-rank gradient is kept; on a refresh step (GaLore needs the whole
+    gradient) full gradients are accumulated and projected in the last micro-batch's hooks."""
+    model = tiny_model()
+    lw = layerwise(model, galore, grad_accum_steps=2)
+    lowrank = lw.optimizer.param_groups[0]["params"]
+    ids = token_batches(2)
+    for k in range(2):  # k = 0 refreshes, k = 1 does not
+        for i in range(2):
+            micro = ids[k][4 * i : 4 * i + 4]
+            with OpCounter() as counter:
+                (model(micro, micro) / 2).backward()
+            refreshed_now = k == 0 and i == 1
+            expected = N_LOWRANK if (k == 1 or refreshed_now) else 0
+            assert counter.calls["fastgrad.lowrank_project"] == expected
+            assert all(p.grad is None for p in model.parameters())
+            kept = {p: lw._slots[p].buf for p in lowrank}
+            if k == 1 or refreshed_now:
+                assert all(t is None or t.shape != p.shape for p, t in kept.items())
+            else:
+                assert all(t.shape == p.shape for p, t in kept.items())
+            if k == 1:  # only D×r' projected gradients for the low-rank weights, full ones for the rest
+                is_lowrank = lambda p: any(p is q for q in lowrank)  # noqa: E731
+                expected_bytes = sum(
+                    4 * (max(p.shape) * RANK if is_lowrank(p) else p.numel()) for p in model.parameters()
+                )
+                assert lw.buffer_bytes() == expected_bytes
+        with OpCounter() as counter:
+            lw.finish_step()
+        assert counter.calls["fastgrad.lowrank_project"] == 0
+        back = sum(n for op, n in counter.calls.items() if op.startswith("fastgrad.lowrank_project_back"))
+        assert back == N_LOWRANK  # the updates, in finish_step
+
+
+def test_optimizer_reading_the_full_gradient_gets_it():
+    """An optimizer whose update reads p.grad (update_reads_grad, e.g. Fira) sees the accumulated,
+    clipped full gradient during the update; with GaLore's rule this is bitwise ordinary accumulation."""
+
+    class ReadsGrad(GaLoreAdamW):
+        update_reads_grad = True
+        seen: list = []
+
+        def _update_group(self, group, items):
+            for it in items:
+                assert it.param.grad is not None and it.param.grad.shape == it.param.shape
+                self.seen.append(it.param)
+            super()._update_group(group, items)
+
+    start = tiny_model()
+    model, ordinary = copy.deepcopy(start), copy.deepcopy(start)
+    lw = layerwise(model, lambda m: galore(m, cls=ReadsGrad), grad_accum_steps=2)
+    opt = galore(ordinary)
+    for ids in token_batches(4):
+        lw_step(model, lw, ids, 2)
+        plain_step(ordinary, opt, ids, 2)
+    assert len(ReadsGrad.seen) == 4 * len(list(model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    for a, b in zip(model.parameters(), ordinary.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# global clipping: the norm of what the optimizer consumes, against a hand computation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_clipping_uses_the_consumed_norm():
+    max_norm = 0.05
+    start = tiny_model()
+    model, ref = copy.deepcopy(start), copy.deepcopy(start)
+    lw = layerwise(model, galore, grad_accum_steps=2, max_grad_norm=max_norm)
+    opt = galore(ref)
+    lowrank = {id(p) for p in opt.param_groups[0]["params"]}
+    for k, ids in enumerate(token_batches(5)):  # refreshes at k = 0 and 3
+        stats = lw_step(model, lw, ids, 2)
+
+        opt.zero_grad()
+        ref(ids, ids).backward()
+        squares = 0.0
+        for p in ref.parameters():
+            g = p.grad.double()
+            if id(p) not in lowrank:
+                squares += g.square().sum().item()
+            elif k % GAP == 0:  # refresh from this G: ‖R‖² = sum of the r' largest σ²
+                squares += torch.linalg.svdvals(g)[:RANK].square().sum().item()
+            else:  # the current basis, projected by hand
+                proj = opt.state[p]["proj"].double()
+                low = proj.t() @ g if p.shape[0] < p.shape[1] else g @ proj.t()
+                squares += low.square().sum().item()
+        norm = math.sqrt(squares)
+        full_norm = math.sqrt(sum(p.grad.double().square().sum().item() for p in ref.parameters()))
+        coef = min(1.0, max_norm / (norm + 1e-6))
+        for p in ref.parameters():
+            p.grad.mul_(coef)
+        opt.step()
+
+        assert stats.grad_norm == pytest.approx(norm, rel=1e-5)
+        assert norm < full_norm  # the low-rank part of the norm is that of R, not of G
+        assert stats.clip_coef == pytest.approx(coef, rel=1e-5) and coef < 0.5  # clipping really acts
+        assert not stats.skipped and stats.step == k + 1
+        assert update_error(model, ref, start) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# the LR clock: one set_lr per optimizer step, one update per parameter per step
+# ------------------------------------------------------------------------------------------------
+
+
+def test_lr_schedule_runs_at_optimizer_step_speed():
+    log = []
+
+    class LrSpy(GaLoreAdamW):
+        def _update_group(self, group, items):
+            log.extend((it.param, group["lr"], it.state["step"]) for it in items)
+            super()._update_group(group, items)
+
+    def schedule(k):
+        return 1e-3 * (k + 1) if k < 3 else 3e-3 * 0.5 ** (k - 2)
+
+    model = tiny_model()
+    lw = layerwise(model, lambda m: galore(m, cls=LrSpy), grad_accum_steps=2)
+    params = list(model.parameters())
+    for k, ids in enumerate(token_batches(7)):
+        lw.set_lr(schedule(k))
+        log.clear()
+        lw_step(model, lw, ids, 2)
+        assert sorted(id(p) for p, _, _ in log) == sorted(id(p) for p in params)  # once each
+        assert all(lr == schedule(k) for _, lr, _ in log)
+        assert all(step == k for _, _, step in log)  # 0-based step counter: one tick per step
+        for p in lw.optimizer.param_groups[0]["params"]:  # the refresh clock is not doubled either
+            assert lw.optimizer.state[p]["proj_step"] == GAP * (k // GAP)
+
+
+# ------------------------------------------------------------------------------------------------
+# NaN / Inf: the whole step is skipped (or raises), nothing changes, refreshes are rolled back
+# ------------------------------------------------------------------------------------------------
+
+
+def _poison(param, value):
+    def hook(grad):
+        grad = grad.clone()
+        grad.view(-1)[0] = value
+        return grad
+
+    return param.register_hook(hook)
+
+
+def _poisoned_step(model, lw, ids, poisons):
+    """Two micro-batches; ``poisons`` = {micro index: [(param, value)]}."""
+    for i in range(2):
+        handles = [_poison(p, v) for p, v in poisons.get(i, [])]
+        micro = ids[4 * i : 4 * i + 4]
+        (model(micro, micro) / 2).backward()
+        for h in handles:
+            h.remove()
+    return lw.finish_step()
+
+
+def test_nonfinite_gradient_skips_the_whole_step():
+    model = tiny_model()
+    lw = layerwise(model, galore, grad_accum_steps=2, max_grad_norm=1.0)
+    opt = lw.optimizer
+    batches = token_batches(6)
+    lowrank = model.model.layers[0].mlp.down_proj.weight
+    embed = model.model.embed_tokens.weight
+    for ids in batches[:1]:
+        lw_step(model, lw, ids, 2)
+
+    # between refreshes (projected accumulation): NaN in a low-rank weight's 2nd micro-batch, Inf in the embedding
+    snap = snapshot(model, opt)
+    stats = _poisoned_step(model, lw, batches[1], {0: [(embed, float("inf"))], 1: [(lowrank, float("nan"))]})
+    assert stats.skipped and not math.isfinite(stats.grad_norm) and stats.clip_coef == 1.0
+    assert opt.nonfinite_steps == 1
+    assert_unchanged(model, opt, snap)
+
+    lw_step(model, lw, batches[2], 2)
+    lw_step(model, lw, batches[3], 2)  # steps 1, 2 done: the next step (k = 3) refreshes every projector
+    assert opt.state[lowrank]["step"] == 3
+
+    # refresh step: the other weights refresh in their hooks, then must be rolled back
+    snap = snapshot(model, opt)
+    stats = _poisoned_step(model, lw, batches[4], {1: [(lowrank, float("nan"))]})
+    assert stats.skipped and math.isnan(stats.grad_norm) and opt.nonfinite_steps == 2
+    assert_unchanged(model, opt, snap)
+
+    stats = lw_step(model, lw, batches[4], 2)  # clean: refreshes now
+    assert not stats.skipped and math.isfinite(stats.grad_norm)
+    assert all(opt.state[p]["proj_step"] == 3 and opt.state[p]["step"] == 4 for p in opt.param_groups[0]["params"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nonfinite_gradient_at_a_gradient_free_refresh():
+    """The random projector refreshes in the first micro-batch's hook (it needs no gradient) and
+    accumulates in low rank: a NaN there must still skip the step and undo the refresh."""
+    model = tiny_model()
+    lw = layerwise(model, lambda m: galore(m, "random"), grad_accum_steps=2)
+    opt = lw.optimizer
+    batches = token_batches(5)
+    for ids in batches[:3]:
+        lw_step(model, lw, ids, 2)
+    snap = snapshot(model, opt)
+    bad = model.model.layers[1].self_attn.v_proj.weight
+    stats = _poisoned_step(model, lw, batches[3], {0: [(bad, float("nan"))]})
+    assert stats.skipped and opt.nonfinite_steps == 1
+    assert_unchanged(model, opt, snap)
+    assert not lw_step(model, lw, batches[4], 2).skipped
+    assert all(opt.state[p]["proj_step"] == 3 for p in opt.param_groups[0]["params"])
+
+
+def test_nonfinite_gradient_raise_policy():
+    model = tiny_model()
+    lw = layerwise(model, lambda m: galore(m, nonfinite="raise"), grad_accum_steps=2)
+    batches = token_batches(3)
+    lw_step(model, lw, batches[0], 2)
+    snap = snapshot(model, lw.optimizer)
+    bad = model.model.layers[1].mlp.up_proj.weight
+    with pytest.raises(FloatingPointError, match=r"\(160, 64\)"):
+        _poisoned_step(model, lw, batches[1], {0: [(bad, float("nan"))]})
+    assert_unchanged(model, lw.optimizer, snap)
+    assert not lw.optimizer.state_dict()["state"] == {} and lw.optimizer.nonfinite_steps == 1
+    assert not lw_step(model, lw, batches[2], 2).skipped  # the driver is ready for the next step
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("projector", ["svd", "random"])
+def test_resume_is_exact(projector):
+    batches = token_batches(7)
+    factory = lambda m: galore(m, projector)  # noqa: E731
+    model = tiny_model()
+    lw = layerwise(model, factory, grad_accum_steps=2, max_grad_norm=0.1)
+    for ids in batches:
+        lw_step(model, lw, ids, 2)
+
+    first = tiny_model()
+    lw1 = layerwise(first, factory, grad_accum_steps=2, max_grad_norm=0.1)
+    for ids in batches[:4]:
+        lw_step(first, lw1, ids, 2)
+    (first(batches[4][:4], batches[4][:4]) / 2).backward()
+    with pytest.raises(RuntimeError, match="step boundary"):
+        lw1.state_dict()
+    lw1.zero_grad()  # drop the partial step
+    saved_model, saved_opt = _roundtrip(first.state_dict()), _roundtrip(lw1.state_dict())
+
+    resumed = tiny_model(seed=123)
+    resumed.load_state_dict(saved_model)
+    lw2 = layerwise(resumed, factory, grad_accum_steps=2, max_grad_norm=0.1)
+    lw2.load_state_dict(saved_opt)
+    assert lw2.steps == 4
+    for ids in batches[4:]:  # crosses the refresh at k = 6
+        lw_step(resumed, lw2, ids, 2)
+    for (name, a), b in zip(model.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+# ------------------------------------------------------------------------------------------------
+# peak memory (torch.profiler memory events on CPU)
+# ------------------------------------------------------------------------------------------------
+
+
+def _profiled_peak(fn) -> int:
+    """Peak of the bytes allocated minus freed during ``fn`` (profiler memory events, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize(("accum", "refresh"), [(1, False), (1, True), (4, False)])
+def test_peak_memory_is_one_gradient(accum, refresh):
+    """Four 1024×1024 Linear weights (4 MiB gradients each) with tiny activations. Non-layer-wise,
+    all gradients are alive at once; layer-wise, one (plus the 1024×32 projected ones, which the
+    non-layer-wise step also holds). Peak = max over the step of (bytes allocated − bytes freed)
+    since its start, from the profiler's memory events."""
+    dim, layers = 1024, 4
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(dim, dim, bias=False) for _ in range(layers)])
+        groups = [
+            {
+                "params": list(model.parameters()),
+                "rank": 32,
+                "update_proj_gap": 1 if refresh else 100,
+                "projector": "randomized",
+            }
+        ]
+        return model, GaLoreAdamW(groups, lr=1e-3)
+
+    x = torch.randn(8, dim)
+
+    def backward(model):
+        for _ in range(accum):
+            (model(x).square().mean() / accum).backward()
+
+    model, opt = make()
+    lw_model, lw_opt = make()
+    lw = layerwise(lw_model, lw_opt, grad_accum_steps=accum)
+    for _ in range(2):  # initialise the states (and the DCT/randomized caches) outside the profile
+
+        def plain():
+            opt.zero_grad(set_to_none=True)
+            backward(model)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def layer_wise():
+            backward(lw_model)
+            lw.finish_step()
+
+        plain()
+        layer_wise()
+    peak_plain, peak_lw = _profiled_peak(plain), _profiled_peak(layer_wise)
+    grad_bytes = [p.numel() * p.element_size() for p in model.parameters()]
+    saving = sum(grad_bytes) - max(grad_bytes)
+    print(
+        f"accum={accum} refresh={refresh}: peak {peak_plain / 2**20:.2f} MiB non-layer-wise, "
+        f"{peak_lw / 2**20:.2f} MiB layer-wise (bound: saving >= {saving / 2**20:.0f} MiB)"
+    )
+    # Both peaks fall in the same place (the last weight's refresh, or its update), with the same
+    # projected gradients and temporaries; they differ by the gradients only, up to a few 0-d
+    # tensors (bytes) that are alive in one path and not the other.
+    assert peak_plain - peak_lw >= saving - 1024
+    for a, b in zip(model.parameters(), lw_model.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)  # the same training
+
+
+# ------------------------------------------------------------------------------------------------
+# DDP: 2 processes (gloo, CPU) == 1 process with the global batch
+# ------------------------------------------------------------------------------------------------
+
+DDP_STEPS = 5
+DDP_POISONED = 1  # at this step rank 1 alone gets a NaN gradient: every rank must skip it
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = tiny_model(seed=rank)  # rank 1 starts elsewhere: the driver broadcasts rank 0's weights
+        lw = layerwise(model, galore, grad_accum_steps=2, max_grad_norm=0.1)
+        rows = 8 // world
+        stats = []
+        for k, ids in enumerate(token_batches(DDP_STEPS)):
+            local = ids[rank * rows : (rank + 1) * rows]
+            poison = rank == 1 and k == DDP_POISONED
+            handle = _poison(model.model.layers[0].self_attn.q_proj.weight, math.nan) if poison else None
+            (model(local[:2], local[:2]) / 2).backward()
+            if handle is not None:
+                handle.remove()
+            (model(local[2:], local[2:]) / 2).backward()
+            stats.append(lw.finish_step())
+        result = {
+            "params": [p.detach() for p in model.parameters()],
+            "norms": [s.grad_norm for s in stats],
+            "skipped": [s.skipped for s in stats],
+        }
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one():
+    """2 ranks × 2 micro-batches of 2 sequences, gradients averaged by the driver (low-rank ones in
+    low rank), vs. one process stepping on the 8-sequence batches (the poisoned step left out)."""
+    start = tiny_model()
+    single = copy.deepcopy(start)
+    lw = layerwise(single, galore, grad_accum_steps=1, max_grad_norm=0.1)
+    batches = token_batches(DDP_STEPS)
+    norms = [lw_step(single, lw, ids, 1).grad_norm for k, ids in enumerate(batches) if k != DDP_POISONED]
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_ddp_worker, args=(2, f"{tmp}/rendezvous", tmp), nprocs=2, join=True)
+        results = [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for a, b in zip(results[0]["params"], results[1]["params"], strict=True):
+        assert torch.equal(a, b)  # the replicas stay identical
+    for r in results:
+        assert r["skipped"] == [k == DDP_POISONED for k in range(DDP_STEPS)]
+        assert math.isnan(r["norms"][DDP_POISONED])
+        ddp_norms = [n for k, n in enumerate(r["norms"]) if k != DDP_POISONED]
+        assert ddp_norms == pytest.approx(norms, rel=1e-5)  # refreshes at k = 0 and 4 included
+    ddp = copy.deepcopy(start)
+    with torch.no_grad():
+        for p, w in zip(ddp.parameters(), results[0]["params"], strict=True):
+            p.copy_(w)
+    assert update_error(ddp, single, start) < 1e-4
+
+
+def test_ddp_wrapped_model_is_rejected():
+    wrapped = torch.nn.parallel.DistributedDataParallel.__new__(torch.nn.parallel.DistributedDataParallel)
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        layerwise(wrapped, galore)
+
+
+# ------------------------------------------------------------------------------------------------
+# misuse is a clear error
+# ------------------------------------------------------------------------------------------------
+
+
+def test_misuse_is_a_clear_error():
+    model = tiny_model()
+    with pytest.raises(TypeError, match="LowRankOptimizer"):
+        layerwise(model, lambda m: torch.optim.AdamW(m.parameters()))
+    with pytest.raises(ValueError, match="never be updated"):
+        layerwise(model, lambda m: GaLoreAdamW([galore_param_groups(m, rank=8)[0]]))  # no embeddings, norms, head
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        layerwise(model, galore, grad_accum_steps=0)
+
+    lw = layerwise(model, galore, grad_accum_steps=2)
+    ids = token_batches(1)[0]
+    model(ids, ids).backward()
+    with pytest.raises(RuntimeError, match="1 backward pass"):
+        lw.finish_step()
+    model(ids, ids).backward()
+    with pytest.raises(RuntimeError, match="more than grad_accum_steps=2"):
+        model(ids, ids).backward()
+    lw.zero_grad()
+    assert not lw_step(model, lw, ids, 2).skipped
+    lw.remove_hooks()
+    model(ids, ids).backward()
+    assert model.lm_head.weight.grad is not None  # detached: gradients stay on the parameters
