@@ -3,8 +3,9 @@
     python -m pytest bench/bench_project.py --benchmark-only      # rows -> bench/results/project.csv
 
 Providers: ``torch-matmul`` (a dense matmul of the same shape in the same dtype: fp32 on CPU,
-bf16 cuBLAS on GPU, the bar to meet), ``reference-int4`` (dequantize P, then matmul), and the
-kernel that serves the op (``cpp``/``triton``) with a dense, INT8 or INT4 P.
+bf16 cuBLAS on GPU, the bar to meet; for the update, matmul then ``add_``), ``reference-int4``
+(dequantize P, then matmul), and the kernel that serves the op (``cpp``/``triton``) with a dense,
+INT8 or INT4 P. Providers of a case are timed interleaved.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from fastgrad import _backends, ops
 from fastgrad import _reference as ref
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-CASES = [(4096, 4096, 128), (4096, 11008, 256), (2048, 5461, 512)]  # LLaMA-7B attn, 7B MLP, 1B MLP (odd n)
+# (m, n, r, side): LLaMA layer shapes with the side GaLore's std rule picks (right when m ≥ n), so P's
+# rows run along min(m, n) or r: 7B attention (both sides), 7B MLP up and down, 1B MLP (odd 5461).
+CASES = [
+    (4096, 4096, 128, "left"),
+    (4096, 4096, 128, "right"),
+    (11008, 4096, 256, "right"),
+    (4096, 11008, 256, "left"),
+    (5461, 2048, 512, "right"),
+]
 
 
 def _dtype(device):
@@ -34,45 +43,38 @@ def _group(p: torch.Tensor) -> int:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize(("m", "n", "r"), CASES)
-@pytest.mark.parametrize("provider", ["torch-matmul", "dense", "int8", "int4", "reference-int4"])
-def test_project(measure, device, side, m, n, r, provider):
+@pytest.mark.parametrize(("m", "n", "r", "side"), CASES)
+def test_project(compare, device, m, n, r, side):
     g, p = _operands(device, m, n, r, side)
-    flops = 2 * m * n * r
+    q8 = ops.quantize_int8(p.float().contiguous(), _group(p))
+    q4 = ops.quantize_int4(p.float().contiguous(), _group(p))
     served = _backends.SERVED_BY["lowrank_project"][device]
     served_q = _backends.SERVED_BY["lowrank_project_quantized"][device]
-    if provider == "torch-matmul":
-        fn = (lambda: p.t() @ g) if side == "left" else (lambda: g @ p.t())
-    elif provider == "dense":
-        fn, provider = (lambda: ops.lowrank_project(g, p, side)), served
-    elif provider == "reference-int4":
-        q = ops.quantize_int4(p.float().contiguous(), _group(p))
-        fn = lambda: ref.lowrank_project_quantized(g, q.codes, q.scales, q.zeros, 4, side)  # noqa: E731
-    else:
-        bits = 8 if provider == "int8" else 4
-        q = ops.quantize(p.float().contiguous(), bits, _group(p))
-        fn, provider = (lambda: ops.lowrank_project(g, q, side)), f"{served_q}-{provider}"
-    measure("project", f"project {side}", (m, n, r), g.dtype, provider, device, fn, flops=flops)
+    providers = {
+        "torch-matmul": (lambda: p.t() @ g) if side == "left" else (lambda: g @ p.t()),
+        served: lambda: ops.lowrank_project(g, p, side),
+        f"{served_q}-int8": lambda: ops.lowrank_project(g, q8, side),
+        f"{served_q}-int4": lambda: ops.lowrank_project(g, q4, side),
+        "reference-int4": lambda: ref.lowrank_project_quantized(g, q4.codes, q4.scales, q4.zeros, 4, side),
+    }
+    compare("project", f"project {side}", (m, n, r), g.dtype, device, providers, flops=2 * m * n * r)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize(("m", "n", "r"), CASES[:1])
-@pytest.mark.parametrize("provider", ["torch-matmul", "dense", "int4"])
-def test_project_back(measure, device, side, m, n, r, provider):
+@pytest.mark.parametrize(("m", "n", "r", "side"), CASES[:2])
+def test_project_back_add(compare, device, m, n, r, side):
+    """The optimizer's weight update W += s·up(R): torch's two steps vs the fused in-place op."""
     g, p = _operands(device, m, n, r, side)
     low = ops.lowrank_project(g, p, side)
-    flops = 2 * m * n * r
-    if provider == "torch-matmul":
-        fn = (lambda: p @ low) if side == "left" else (lambda: low @ p)
-    elif provider == "dense":
-        fn, provider = (
-            (lambda: ops.lowrank_project_back(low, p, side, 0.25)),
-            _backends.SERVED_BY["lowrank_project_back"][device],
-        )
-    else:
-        q = ops.quantize_int4(p.float().contiguous(), _group(p))
-        served = _backends.SERVED_BY["lowrank_project_back_quantized"][device]
-        fn, provider = (lambda: ops.lowrank_project_back(low, q, side, 0.25)), f"{served}-int4"
-    measure("project", f"project_back {side}", (m, n, r), g.dtype, provider, device, fn, flops=flops)
+    q4 = ops.quantize_int4(p.float().contiguous(), _group(p))
+    w = torch.zeros(m, n, device=device, dtype=g.dtype)
+    served = _backends.SERVED_BY["lowrank_project_back_add_"][device]
+    served_q = _backends.SERVED_BY["lowrank_project_back_quantized_add_"][device]
+    providers = {
+        "torch-matmul": (lambda: w.add_(p @ low, alpha=-1e-3))
+        if side == "left"
+        else (lambda: w.add_(low @ p, alpha=-1e-3)),
+        served: lambda: ops.lowrank_project_back_add_(w, low, p, side, -1e-3),
+        f"{served_q}-int4": lambda: ops.lowrank_project_back_add_(w, low, q4, side, -1e-3),
+    }
+    compare("project", f"project_back_add {side}", (m, n, r), g.dtype, device, providers, flops=2 * m * n * r)

@@ -39,58 +39,50 @@ def _quant_bytes(numel: int, bits: int, in_bytes: int) -> int:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("provider", ["reference", "torch-eager", "kernel"])
-def test_quantize_stochastic(measure, device, bits, dtype, provider):
+def test_quantize_stochastic(compare, device, bits, dtype):
     op = f"quantize_int{bits}"
     x = torch.randn(SHAPE, device=device).to(dtype)
+    providers = {
+        "torch-eager": lambda: eager_quantize(x, bits, GROUP, True),
+        _backends.SERVED_BY[op][device]: lambda: getattr(torch.ops.fastgrad, op)(x, GROUP, False, True, 1, 0),
+    }
+    rounds = 10
+    if device == "cpu" and dtype == torch.float32:  # the spec, timed once per bit width as the baseline
+        providers = {"reference": lambda: ref.quantize(x, bits, GROUP, False, True, 1, 0), **providers}
+        rounds = 3
     moved = _quant_bytes(x.numel(), bits, x.element_size())
-    if provider == "reference":
-        if device == "cuda" or dtype != torch.float32:
-            pytest.skip("the reference is timed once, on CPU fp32, as the baseline")
-        fn = lambda: ref.quantize(x, bits, GROUP, False, True, 1, 0)  # noqa: E731
-    elif provider == "torch-eager":
-        fn = lambda: eager_quantize(x, bits, GROUP, True)  # noqa: E731
-    else:
-        provider = _backends.SERVED_BY[op][device]
-        fn = lambda: getattr(torch.ops.fastgrad, op)(x, GROUP, False, True, 1, 0)  # noqa: E731
-    rounds = 3 if provider == "reference" else 10
-    measure("quant", f"{op} SR", SHAPE, dtype, provider, device, fn, bytes_moved=moved, rounds=rounds)
+    compare("quant", f"{op} SR", SHAPE, dtype, device, providers, bytes_moved=moved, rounds=rounds)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("provider", ["reference", "kernel"])
-def test_dequantize(measure, device, bits, provider):
+def test_dequantize(compare, device, bits):
     op = f"dequantize_int{bits}"
     q = getattr(torch.ops.fastgrad, f"quantize_int{bits}")(torch.randn(SHAPE, device=device), GROUP, False, False, 0, 0)
     numel = SHAPE[0] * SHAPE[1]
+    impl = ref.dequantize_int8 if bits == 8 else ref.dequantize_int4
+    providers = {
+        "reference": lambda: impl(*q, torch.bfloat16),
+        _backends.SERVED_BY[op][device]: lambda: getattr(torch.ops.fastgrad, op)(*q, torch.bfloat16),
+    }
     moved = numel * bits // 8 + 2 * 4 * numel // GROUP + numel * 2  # bf16 out
-    if provider == "reference":
-        impl = ref.dequantize_int8 if bits == 8 else ref.dequantize_int4
-        fn = lambda: impl(*q, torch.bfloat16)  # noqa: E731
-    else:
-        provider = _backends.SERVED_BY[op][device]
-        fn = lambda: getattr(torch.ops.fastgrad, op)(*q, torch.bfloat16)  # noqa: E731
-    measure("quant", op, SHAPE, torch.bfloat16, provider, device, fn, bytes_moved=moved)
+    compare("quant", op, SHAPE, torch.bfloat16, device, providers, bytes_moved=moved)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("provider", ["reference", "kernel"])
-def test_round_bf16_stochastic(measure, device, provider):
+def test_round_bf16_stochastic(compare, device):
     op = "round_bf16_stochastic"
     x = torch.randn(SHAPE, device=device)
-    if provider == "reference":
-        fn = lambda: ref.round_bf16_stochastic(x, 1, 0)  # noqa: E731
-    else:
-        provider = _backends.SERVED_BY[op][device]
-        fn = lambda: torch.ops.fastgrad.round_bf16_stochastic(x, 1, 0)  # noqa: E731
-    rounds = 3 if provider == "reference" else 10
-    measure("quant", op, SHAPE, torch.float32, provider, device, fn, bytes_moved=x.numel() * 6, rounds=rounds)
+    providers = {
+        "reference": lambda: ref.round_bf16_stochastic(x, 1, 0),
+        _backends.SERVED_BY[op][device]: lambda: torch.ops.fastgrad.round_bf16_stochastic(x, 1, 0),
+    }
+    compare("quant", op, SHAPE, torch.float32, device, providers, bytes_moved=x.numel() * 6, rounds=3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_copy_bandwidth(measure, device):
-    """The ceiling: read 4 bytes and write 4 bytes per element."""
+def test_copy_bandwidth(compare, device):
+    """The ceiling for these memory-bound ops: read 4 bytes and write 4 bytes per element."""
     x = torch.randn(SHAPE, device=device)
     out = torch.empty_like(x)
-    measure("quant", "copy", SHAPE, torch.float32, "copy", device, lambda: out.copy_(x), bytes_moved=x.numel() * 8)
+    compare("quant", "copy", SHAPE, torch.float32, device, {"copy": lambda: out.copy_(x)}, bytes_moved=x.numel() * 8)

@@ -2,7 +2,8 @@
 
 Run: ``python -m pytest bench/bench_quant.py --benchmark-only`` (add ``-k`` to select). Rows
 record the device, versions and git sha, so results from different machines can sit side by
-side; ``python bench/report.py`` renders the latest row of each case as Markdown tables.
+side; ``python bench/report.py`` renders the latest row of each case as Markdown tables. The providers
+of a case are timed interleaved (see ``compare``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import csv
 import datetime
 import os
 import platform
+import statistics
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -58,48 +61,68 @@ def synchronized(fn, device: str):
 
 
 @pytest.fixture
-def measure(benchmark, request):
-    """measure(suite, op, shape, dtype, provider, device, fn, bytes_moved=0, flops=0, note="")."""
+def compare(benchmark):
+    """compare(suite, op, shape, dtype, device, providers, bytes_moved=0, flops=0, note="", rounds=10).
 
-    def run(suite, op, shape, dtype, provider, device, fn, bytes_moved=0, flops=0, note="", rounds=10):
-        fn = synchronized(fn, device)
-        fn()  # warm-up: Triton compilation, allocator, thread pool
+    ``providers`` maps a provider name to a zero-argument function. Every pytest-benchmark round
+    runs each provider once, in turn, so that all of them see the same machine state: on a shared
+    machine whose speed drifts, timing providers one after another would compare the drift, not
+    the code. One CSV row per provider: median, p20 and p80 over the rounds.
+    """
+
+    def run(suite, op, shape, dtype, device, providers, bytes_moved=0, flops=0, note="", rounds=10):
+        fns = {name: synchronized(fn, device) for name, fn in providers.items()}
+        for fn in fns.values():
+            fn()  # warm-up: Triton compilation, allocator, thread pool
+        times: dict[str, list[float]] = {name: [] for name in fns}
+
+        def one_round():
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+
         benchmark.group = f"{op} {shape} {dtype} {device}"
-        benchmark.extra_info.update(provider=provider)
-        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
-        data = sorted(benchmark.stats.stats.data)
-
-        def pct(q):
-            return data[min(len(data) - 1, int(q * len(data)))] * 1e3
-
-        median = benchmark.stats.stats.median
-        row = {
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "git_sha": _git_sha(),
-            "fastgrad": fastgrad.__version__,
-            "torch": torch.__version__,
-            "device": device_name(device),
-            "threads": torch.get_num_threads(),
-            "suite": suite,
-            "op": op,
-            "shape": "x".join(map(str, shape)),
-            "dtype": str(dtype).replace("torch.", ""),
-            "provider": provider,
-            "median_ms": f"{median * 1e3:.4f}",
-            "p20_ms": f"{pct(0.2):.4f}",
-            "p80_ms": f"{pct(0.8):.4f}",
-            "gbps": f"{bytes_moved / median / 1e9:.2f}" if bytes_moved else "",
-            "tflops": f"{flops / median / 1e12:.4f}" if flops else "",
-            "note": note,
-        }
-        RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / f"{suite}.csv"
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-        return median
+        benchmark.extra_info.update(providers=list(fns))
+        benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0)
+        medians = {}
+        for name, samples in times.items():
+            data = sorted(samples)
+            median = statistics.median(data)
+            medians[name] = median
+            _append_row(
+                suite,
+                {
+                    "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "git_sha": _git_sha(),
+                    "fastgrad": fastgrad.__version__,
+                    "torch": torch.__version__,
+                    "device": device_name(device),
+                    "threads": torch.get_num_threads(),
+                    "suite": suite,
+                    "op": op,
+                    "shape": "x".join(map(str, shape)),
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "provider": name,
+                    "median_ms": f"{median * 1e3:.4f}",
+                    "p20_ms": f"{data[int(0.2 * (len(data) - 1))] * 1e3:.4f}",
+                    "p80_ms": f"{data[int(0.8 * (len(data) - 1))] * 1e3:.4f}",
+                    "gbps": f"{bytes_moved / median / 1e9:.2f}" if bytes_moved else "",
+                    "tflops": f"{flops / median / 1e12:.4f}" if flops else "",
+                    "note": note,
+                },
+            )
+        return medians
 
     return run
+
+
+def _append_row(suite: str, row: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{suite}.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
