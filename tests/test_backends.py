@@ -14,6 +14,7 @@ from fastgrad._ops import SCHEMAS
 _PROBE = """
 import json, torch, fastgrad
 from fastgrad import _backends, ops
+torch.manual_seed(0)
 x = torch.randn(8, 64)
 q = ops.quantize_int4(x, 32, stochastic=True, seed=1)
 r = ops.lowrank_project(torch.randn(64, 32), q.dequantize()[:, :32].contiguous(), "right")  # P: 8×32
