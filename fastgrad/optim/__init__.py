@@ -1,4 +1,5 @@
-"""Memory-efficient optimizers over low-rank gradient projections (GaLore, Fira, APOLLO) and their projectors."""
+"""Memory-efficient optimizers over low-rank gradient projections (GaLore, Q-GaLore, Fira, APOLLO)
+and their projectors."""
 
 from fastgrad.optim.apollo import Apollo, ApolloMini, apollo_param_groups
 from fastgrad.optim.base import LowRankOptimizer, transfer_moments
@@ -17,9 +18,12 @@ from fastgrad.optim.projectors import (
     make_projector,
     resolve_side,
 )
+from fastgrad.optim.qgalore import QGaLoreAdamW, qgalore_param_groups
 
 __all__ = [
     "GaLoreAdamW",
+    "QGaLoreAdamW",
+    "qgalore_param_groups",
     "layerwise",
     "LayerwiseOptimizer",
     "StepStats",

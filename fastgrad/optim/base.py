@@ -282,7 +282,7 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
             return item
         item.lowrank = True
         low = None
-        if not proj.has_basis(state) or state["step"] % group["update_proj_gap"] == 0:
+        if not proj.has_basis(state) or self._refresh_due(group, state):
             # Refresh steps read G once more (and synchronise): an SVD of a non-finite G would fail.
             # max|G| (a reduction, NaN-propagating) rather than isfinite(G).all(), which makes m×n temporaries.
             if not _finite_flags([grad])[0]:
@@ -296,6 +296,12 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         if proj.stores_matrix:
             item.proj = p_mat
         return item
+
+    def _refresh_due(self, group: dict[str, Any], state: dict[str, Any]) -> bool:
+        """Whether a parameter that has a basis refreshes it at this step (k % update_proj_gap == 0).
+
+        Subclasses with a per-parameter interval (Q-GaLore's adaptive T) override this."""
+        return state["step"] % group["update_proj_gap"] == 0
 
     def proj_matrix(self, item: ParamStep) -> torch.Tensor:
         """The dense P of a low-rank ``item`` for this step (the stored one, or regenerated)."""

@@ -1,0 +1,215 @@
+"""QLinear: a Linear layer whose weight is stored only as group-wise INT8 codes (Q-GaLore, ALGORITHMS.md §3.4).
+
+Storage (no float copy of the weight anywhere):
+
+    weight  Parameter(uint8, (m, n), requires_grad=False)   the codes
+    scales  buffer fp32 (m, n // g)                          per group of g consecutive values of a row
+    zeros   buffer fp32 (m, n // g)                          the value code 0 decodes to
+    bias    optional float Parameter (m,)
+
+A value decodes as ``code·scale + zero`` (:func:`fastgrad.ops.dequantize_int8`, asymmetric min/max
+quantizer whose range always contains the group's values). ``scales``/``zeros`` stay fp32 through
+``model.to(dtype)`` (the ops require fp32 and a bf16 round trip would lose precision; QG-5).
+
+How the weight gradient reaches the optimizer
+---------------------------------------------
+The uint8 ``weight`` cannot require grad, so autograd never produces its gradient by itself. The
+custom autograd function of the forward computes, in backward, ``G = dyᵀ·x`` (m×n, flattened over
+batch and sequence, accumulated in fp32) and adds it into ``weight.grad``: the codes' tensor is
+given ``grad_dtype = torch.float32`` (torch ≥ 2.10), so its ``.grad`` is an ordinary fp32 m×n
+tensor. Consequences:
+
+* gradient accumulation over micro-batches works (``+=`` into ``weight.grad``);
+* ``optimizer.zero_grad()`` / ``model.zero_grad()`` clear it like any other gradient, and
+  ``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)`` sees it;
+* an optimizer that knows QLinear weights (:class:`fastgrad.optim.QGaLoreAdamW`) reads
+  ``p.grad`` of a uint8 parameter and finds the codes' scales/zeros with :func:`qlinear_of`.
+  Ordinary torch optimizers must not be given the uint8 weights (they would add a float update
+  to uint8 codes); :func:`fastgrad.optim.qgalore_param_groups` builds the groups.
+
+The input gradient ``dx = dy·Ŵ`` de-quantizes the weight again in backward (Ŵ is never saved).
+If the layer's input does not require grad (e.g. everything below it is frozen) the forward still
+records the op so that ``G`` is produced; ``dx`` is then not computed. Set
+``layer.weight_trainable = False`` to skip ``G`` (frozen quantized layer).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from fastgrad.ops import dequantize_int8, quantize_int8
+
+__all__ = ["QLinear", "quantize_model", "qlinear_of", "DEFAULT_TARGETS"]
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# weight Parameter -> weakref(QLinear). Filled at construction and at every forward (a deep copy of a
+# model registers its own weights on its first forward), read by the optimizer to reach scales/zeros.
+_OWNERS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def qlinear_of(weight: torch.Tensor) -> QLinear | None:
+    """The :class:`QLinear` whose codes ``weight`` is (None if it is not a live QLinear weight)."""
+    ref = _OWNERS.get(weight)
+    module = ref() if ref is not None else None
+    if module is None or module.weight is not weight:
+        return None
+    return module
+
+
+def _resolve_group_size(group_size: int, in_features: int) -> int:
+    g = min(group_size, in_features)
+    if g < 1 or in_features % g != 0:
+        raise ValueError(
+            f"QLinear: group_size {group_size} must divide in_features {in_features} "
+            "(groups are consecutive values of a row)"
+        )
+    return g
+
+
+class _QLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, codes, scales, zeros, bias, module, want_dx):  # noqa: D102
+        ctx.save_for_backward(x, codes, scales, zeros)
+        ctx.module = module
+        ctx.want_dx = want_dx
+        return F.linear(x, dequantize_int8(codes, scales, zeros, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: D102
+        x, codes, scales, zeros = ctx.saved_tensors
+        m, n = codes.shape
+        dx = db = None
+        if ctx.want_dx and ctx.needs_input_grad[0]:
+            dx = dy @ dequantize_int8(codes, scales, zeros, dy.dtype)  # Ŵ again, not saved
+        dy2 = dy.reshape(-1, m)
+        if ctx.needs_input_grad[4]:
+            db = dy2.sum(0)
+        module = ctx.module
+        if module.weight_trainable:
+            module._accumulate_weight_grad(dy2, x.reshape(-1, n))
+        return dx, None, None, None, db, None, None
+
+
+class QLinear(nn.Module):
+    """``y = x Ŵᵀ + b`` with Ŵ de-quantized on the fly from INT8 codes (see the module docstring).
+
+    ``QLinear(in_features, out_features, bias=False, group_size=256)`` initialises a float weight as
+    ``nn.Linear`` does and quantizes it (round to nearest); :meth:`from_linear` quantizes an existing
+    layer's weight. ``group_size`` is capped at ``in_features`` and must divide it.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        group_size: int = 256,
+        *,
+        weight: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = _resolve_group_size(group_size, in_features)
+        self.weight_trainable = True
+        if weight is None:
+            weight = torch.empty(out_features, in_features, device=device)
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        elif tuple(weight.shape) != (out_features, in_features):
+            raise ValueError(f"QLinear: weight of shape {tuple(weight.shape)}, expected {(out_features, in_features)}")
+        with torch.no_grad():
+            q = quantize_int8(weight.detach().float().contiguous(), self.group_size)
+        self.weight = nn.Parameter(q.codes, requires_grad=False)
+        self.register_buffer("scales", q.scales)
+        self.register_buffer("zeros", q.zeros)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=weight.device))
+            bound = 1 / math.sqrt(in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        else:
+            self.register_parameter("bias", None)
+        _OWNERS[self.weight] = weakref.ref(self)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 256) -> QLinear:
+        """A QLinear with ``linear``'s weight quantized (RTN) and its bias copied (same dtype)."""
+        q = cls(linear.in_features, linear.out_features, bias=False, group_size=group_size, weight=linear.weight)
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        return q
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Ŵ (m×n) of ``dtype``: a new tensor, for inspection and tests."""
+        return dequantize_int8(self.weight, self.scales, self.zeros, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _OWNERS[self.weight] = weakref.ref(self)
+        want_dx = True
+        if torch.is_grad_enabled() and self.weight_trainable and not x.requires_grad:
+            # Record the op anyway so that backward produces G; dx is then not needed.
+            x, want_dx = x.detach().requires_grad_(), False
+        return _QLinearFunction.apply(x, self.weight, self.scales, self.zeros, self.bias, self, want_dx)
+
+    def _accumulate_weight_grad(self, dy2: torch.Tensor, x2: torch.Tensor) -> None:
+        """weight.grad (fp32 m×n) += dy2ᵀ x2, created on first use."""
+        w = self.weight
+        if w.grad_dtype != torch.float32:  # a deep copy / load resets it to the codes' dtype
+            w.grad_dtype = torch.float32
+        dy2, x2 = dy2.float(), x2.float()
+        if w.grad is None:
+            w.grad = dy2.t() @ x2
+        else:
+            w.grad.addmm_(dy2.t(), x2)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Keep scales/zeros fp32 (model.to(bf16) would cast them and the ops need fp32); follow devices.
+        scales, zeros = self.scales, self.zeros
+        out = super()._apply(fn, recurse)
+        self.scales = scales.to(device=self.scales.device, dtype=torch.float32)
+        self.zeros = zeros.to(device=self.zeros.device, dtype=torch.float32)
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, group_size={self.group_size}, int8"
+        )
+
+
+MIN_FITTED_GROUP = 32
+
+
+def fit_group_size(group_size: int, in_features: int) -> int:
+    """The group size :func:`quantize_model` uses for a layer: the largest divisor of
+    ``in_features`` not above ``group_size``, or the whole row when that divisor would be below
+    ``MIN_FITTED_GROUP`` (LLaMA widths like 352 → 176 or 5461 = 43·127 → 127 at group_size 256)."""
+    best = max(d for d in range(1, min(group_size, in_features) + 1) if in_features % d == 0)
+    return best if best >= min(MIN_FITTED_GROUP, in_features) else in_features
+
+
+def quantize_model(model: nn.Module, group_size: int = 256, targets: Iterable[str] = DEFAULT_TARGETS) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` child whose attribute name is in ``targets`` by a
+    :class:`QLinear` (RTN INT8, groups of :func:`fit_group_size` ``(group_size, in_features)``
+    values: groups never straddle rows); returns ``model``.
+
+    Embeddings, norms and the output head (``lm_head``) are not targets and stay floating point.
+    """
+    targets = set(targets)
+    swaps = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if name in targets and isinstance(child, nn.Linear)
+    ]
+    for parent, name, child in swaps:
+        setattr(parent, name, QLinear.from_linear(child, fit_group_size(group_size, child.in_features)))
+    return model

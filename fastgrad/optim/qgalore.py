@@ -1,0 +1,377 @@
+"""Q-GaLore: GaLore with an INT4 projector, an adaptive refresh interval and INT8 weights updated
+by stochastic rounding (Zhang et al. 2024; ALGORITHMS.md §3).
+
+Pieces (§3.2–3.4), all per parameter of a ``rank`` group:
+
+(A) after each fp32 SVD the projector P (r'×n right / m×r' left) is quantized to packed INT4
+    (:func:`fastgrad.ops.quantize_int4`, asymmetric, round to nearest, groups of
+    ``proj_group_size`` values along P's rows, capped at the row length) and only the codes,
+    scales and zeros are kept. Every projection and back-projection passes that
+    :class:`~fastgrad.ops.QuantizedTensor` to :func:`fastgrad.ops.lowrank_project` /
+    :func:`~fastgrad.ops.lowrank_project_back_add_`, i.e. the ``lowrank_project_quantized`` and
+    ``lowrank_project_back_quantized_add_`` ops, with the dequantization fused into the matmul: a
+    dense P is never formed by the optimizer.
+(B) adaptive interval T: at each refresh, c = cos(v_prev, v) of the first singular vector used
+    for projection (first row of P right, first column left, on the un-quantized P); c enters a
+    queue of ``queue_size``; when the queue is full and its mean ≥ ``cos_threshold``,
+    T ← int(T·``gamma_proj``). The next refresh is the next k with k % T == 0 (QG schedule).
+(C) INT8 weights (:class:`fastgrad.nn.QLinear`): Ŵ = dequant(codes) in fp32,
+    W_new = Ŵ − η·α·up(N) (formed in fp32, straight into the Ŵ buffer), then re-quantized with
+    stochastic rounding by :func:`fastgrad.ops.quantize_int8` (fresh per-group min/max,
+    ``seed`` per parameter, ``offset`` advanced by m·n every step), written into the layer's
+    codes/scales/zeros in place.
+
+Float parameters are updated too (QG-8 fixed): non-``rank`` groups (embeddings, norms, the head,
+biases) get AdamW; a float 2-D weight placed in a ``rank`` group gets the GaLore update with
+the INT4 projector, in place in its own dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastgrad.nn.qlinear import QLinear, qlinear_of
+from fastgrad.ops import QuantizedTensor, dequantize_int8, lowrank_project_back_add_, quantize_int4, quantize_int8
+from fastgrad.optim.base import LowRankOptimizer, ParamStep
+from fastgrad.optim.projectors import (
+    LEFT,
+    Projector,
+    ProjState,
+    effective_rank,
+    mix_seed,
+    proj_shape,
+    resolve_side,
+)
+
+__all__ = ["QGaLoreAdamW", "QuantizedSVDProjector", "qgalore_param_groups"]
+
+# Q-GaLore keys of a rank group, with their defaults (run_pretrain.py / projector class).
+QGALORE_DEFAULTS: dict[str, Any] = {
+    "proj_group_size": 256,
+    "cos_threshold": 0.4,
+    "gamma_proj": 2.0,
+    "queue_size": 5,
+    "stochastic_round": True,
+}
+_SR_SALT = 0x5152_4F55_4E44  # separates the SR stream's seed from the projector's
+
+
+def proj_group_size(row: int, group_size: int) -> int:
+    """INT4 group along a P row of length ``row``: the largest even divisor of ``row`` ≤ ``group_size``."""
+    if row % 2:
+        raise ValueError(
+            f"QGaLoreAdamW: the INT4 projector packs two codes per byte, so its rows need an even length; "
+            f"got {row} (choose an even rank for left-projected (wide) weights)"
+        )
+    g = min(group_size, row)
+    while row % g or g % 2:
+        g -= 1
+    return g
+
+
+class QuantizedSVDProjector(Projector):
+    """SVD projector that stores P as packed INT4 and tracks Q-GaLore's adaptive interval.
+
+    State (tensors and ints): ``proj_codes`` uint8 (r'·d/2), ``proj_scales``/``proj_zeros`` fp32,
+    ``proj_past`` fp32 first singular vector, ``proj_queue`` fp32 (queue_size,) with
+    ``proj_queue_len`` valid entries at its end, ``proj_pending`` 0-d bool (a growth of T decided at
+    the last refresh, resolved on the host at the next refresh candidate, see
+    :meth:`QGaLoreAdamW._refresh_due`), ``proj_svd_count``, ``proj_step``; ``proj_gap`` (current T)
+    is kept by the optimizer.
+    """
+
+    name = "svd"
+    refresh_keys: ClassVar[tuple[str, ...]] = (
+        "proj_codes",
+        "proj_scales",
+        "proj_zeros",
+        "proj_step",
+        "proj_past",
+        "proj_queue",
+        "proj_queue_len",
+        "proj_pending",
+        "proj_svd_count",
+    )
+    stores_matrix = True
+
+    def __init__(
+        self, group_size: int, cos_threshold: float, gamma_proj: float, queue_size: int, signed_cos: bool
+    ) -> None:
+        self.group_size = group_size
+        self.cos_threshold = cos_threshold
+        self.gamma_proj = gamma_proj
+        self.queue_size = queue_size
+        self.signed_cos = signed_cos
+
+    def init_state(self, state: ProjState, shape: torch.Size, rank: int, side: int, seed: int) -> None:
+        super().init_state(state, shape, rank, side, seed)
+        row = proj_shape(shape, side, state["proj_rank"])[1]
+        proj_group_size(row, self.group_size)  # validate early, with a clear message
+        state["proj_svd_count"] = 0
+        state["proj_queue_len"] = 0
+
+    def refresh(self, state: ProjState, grad: torch.Tensor, step: int) -> None:
+        u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+        r = state["proj_rank"]
+        left = state["proj_side"] == LEFT
+        basis = (u[:, :r] if left else vh[:r]).contiguous()
+        vec = (basis[:, 0] if left else basis[0]).clone()
+        past = state.get("proj_past")
+        if past is not None:
+            cos = F.cosine_similarity(past, vec, dim=0)
+            if not self.signed_cos:
+                cos = cos.abs()
+            queue = torch.cat((state["proj_queue"][1:], cos.reshape(1)))  # new tensor: snapshots stay valid
+            state["proj_queue"] = queue
+            state["proj_queue_len"] = n = min(state["proj_queue_len"] + 1, self.queue_size)
+            if n == self.queue_size:
+                state["proj_pending"] = queue.mean() >= self.cos_threshold  # stays on the device
+        elif "proj_queue" not in state:
+            state["proj_queue"] = torch.zeros(self.queue_size, dtype=torch.float32, device=grad.device)
+        state["proj_past"] = vec
+        q = quantize_int4(basis, proj_group_size(basis.shape[1], self.group_size))
+        state["proj_codes"], state["proj_scales"], state["proj_zeros"] = q.codes, q.scales, q.zeros
+        state["proj_svd_count"] += 1
+        state["proj_step"] = step
+        return None
+
+    def matrix(self, state: ProjState, grad: torch.Tensor) -> QuantizedTensor:
+        return QuantizedTensor(state["proj_codes"], state["proj_scales"], state["proj_zeros"], 4)
+
+    def stored_shapes(self, shape: torch.Size, side: int, rank: int) -> dict[str, tuple[int, ...]]:
+        rows, row = proj_shape(shape, side, rank)
+        groups = row // proj_group_size(row, self.group_size)
+        return {
+            "proj_codes": (rows, row // 2),
+            "proj_scales": (rows, groups),
+            "proj_zeros": (rows, groups),
+            "proj_past": (rows if side == LEFT else row,),
+            "proj_queue": (self.queue_size,),
+        }
+
+
+class QGaLoreAdamW(LowRankOptimizer):
+    """Q-GaLore AdamW: INT4 projector, adaptive refresh, INT8 weights with stochastic rounding.
+
+    Param groups: a group with ``rank`` is low-rank (build them with :func:`qgalore_param_groups`):
+    it takes the uint8 ``weight`` of :class:`fastgrad.nn.QLinear` layers (or float 2-D weights).
+    Keys and defaults: ``rank``; ``update_proj_gap`` initial T = 200; ``scale`` α = 0.25;
+    ``proj_side`` = "std" (any rule of :mod:`~fastgrad.optim.projectors`); ``proj_group_size`` 256;
+    ``cos_threshold`` 0.4; ``gamma_proj`` 2; ``queue_size`` 5; ``stochastic_round`` True (False:
+    RTN re-quantization, for ablations); ``seed`` 0. Only ``projector="svd"`` is supported and
+    ``state_transfer`` is not. Groups without ``rank`` are plain AdamW (a uint8 QLinear weight in
+    such a group gets a full-rank AdamW step on Ŵ and is re-quantized the same way).
+
+    The weight gradient of a QLinear is ``weight.grad`` (fp32 m×n, accumulated by the layer's
+    backward; see :mod:`fastgrad.nn.qlinear`); the layer's scales/zeros are found with
+    :func:`fastgrad.nn.qlinear_of`, so the layer must be alive and have run a forward.
+
+    Step of a QLinear weight (codes q, scales s, zeros z; k the 0-based step; t = k + 1):
+        if k % T == 0:  P = INT4(top-r' singular vectors of G), adapt T (module docstring, (B))
+        R = down(G, P̂)                              # lowrank_project_quantized
+        M ← β1 M + (1−β1) R ;  V ← β2 V + (1−β2) R⊙R
+        default (torch AdamW):   N = M / (√V/√(1−β2^t) + ε),     η = lr/(1−β1^t)
+        faithful (bnb, §1):      N = M / (√V + ε·√(1−β2^t)),     η = lr·√(1−β2^t)/(1−β1^t)
+        Ŵ = q·s + z (fp32);  Ŵ ← Ŵ·(1 − lr·wd)   (default; faithful: Ŵ ← Ŵ − lr·wd·Ŵ after the update)
+        Ŵ ← Ŵ − η·α·up(N, P̂)                        # lowrank_project_back_quantized_add_, fp32
+        (q, s, z) ← quantize_int8(Ŵ, g, stochastic=True, seed=sr_seed, offset=sr_offset)
+        sr_offset += m·n
+    ``faithful=True`` also uses the *signed* cosine for the refresh statistic (QG-4: an SVD that
+    returns −v gives c ≈ −1 and can keep T from growing); the default uses |c|. Defaults
+    β = (0.9, 0.999), ε = 1e-8, wd = 0 (Q-GaLore's scripts use β2 = 0.95, QG-1: pass it).
+
+    Differences from q-galore-torch that are not mode switches: P codes are packed two per byte
+    (QG-3) and the quantizer's range always includes the group (no QG-2 clipping); weight
+    scales/zeros stay fp32 (no QG-5 drift); SR draws from a counter-based Philox stream keyed on
+    (seed, offset) in fp32 (reproducible, no QG-6 bf16 resolution loss); float parameters are
+    updated (QG-8); the cosine/queue test runs on the device and its outcome is read on the host
+    only at the next step that could be a refresh under either the old or the grown T (one sync
+    per refresh, where the SVD is anyway), giving the same schedule as q-galore-torch's eager
+    ``.item()``. Adam states are fp32 (not bnb 8-bit).
+
+    NaN/Inf: as :class:`~fastgrad.optim.base.LowRankOptimizer`: a non-finite gradient skips that
+    parameter (codes, scales, zeros, moments, projector, queue, T, SR offset unchanged) or raises.
+    Checkpoints: the state is tensors and ints (``torch.load(weights_only=True)``); with the
+    model's state_dict (codes, scales, zeros) a resume is bitwise exact.
+
+    Optimizer-state bytes, per low-rank weight m×n (d = min, D = max, r' = min(r, d), g the
+    projector group along P's rows (≤ ``proj_group_size``), Q = queue_size):
+        moments 2·D·r'·4  +  INT4 projector r'·d/2 + 8·r'·d/g  +  past vector 4·(n or m: the
+        length of P's first row/column)  +  queue 4·Q (+ 1 byte while a decision is pending)
+    plus 2·numel·4 per full-rank (AdamW) parameter. :meth:`state_bytes` sums the actual tensors.
+    Transient per step: the fp32 gradient m×n (the layer's ``weight.grad``) and one fp32 Ŵ
+    buffer m×n during the parameter's update.
+    """
+
+    moment_keys = ("exp_avg", "exp_avg_sq")
+    keep_dtype_keys = ("proj_scales", "proj_zeros", "proj_past", "proj_queue")
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        faithful: bool = False,
+        nonfinite: str = "skip",
+    ) -> None:
+        if lr < 0.0:
+            raise ValueError(f"QGaLoreAdamW: invalid learning rate {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"QGaLoreAdamW: betas must be in [0, 1), got {betas}")
+        if eps < 0.0:
+            raise ValueError(f"QGaLoreAdamW: invalid eps {eps}")
+        self.faithful = faithful
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "seed": 0,
+            "stochastic_round": True,
+        }
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    # ------------------------------------------------------------------ groups and projector
+    def _normalize_lowrank_group(self, group: dict[str, Any]) -> None:
+        super()._normalize_lowrank_group(group)
+        if group["projector"] != "svd":
+            raise ValueError(f"QGaLoreAdamW: only projector='svd' is supported, got {group['projector']!r}")
+        if group["state_transfer"]:
+            raise ValueError("QGaLoreAdamW: state_transfer is not supported (Q-GaLore keeps the moments)")
+        for key, value in QGALORE_DEFAULTS.items():
+            group.setdefault(key, value)
+        if not isinstance(group["queue_size"], int) or group["queue_size"] < 1:
+            raise ValueError(f"QGaLoreAdamW: queue_size must be a positive int, got {group['queue_size']!r}")
+        if group["gamma_proj"] <= 0:
+            raise ValueError(f"QGaLoreAdamW: gamma_proj must be > 0, got {group['gamma_proj']!r}")
+        if not isinstance(group["proj_group_size"], int) or group["proj_group_size"] < 2:
+            raise ValueError(f"QGaLoreAdamW: proj_group_size must be an int >= 2, got {group['proj_group_size']!r}")
+        for p in group["params"]:  # INT4 rows must have an even length: fail here, not at the first step
+            side = resolve_side(group["proj_side"], p.shape)
+            proj_group_size(proj_shape(p.shape, side, effective_rank(group["rank"], p.shape))[1], 2)
+
+    def _projector(self, group: dict[str, Any]) -> Projector:
+        opts = (group["proj_group_size"], group["cos_threshold"], group["gamma_proj"], group["queue_size"])
+        key = ("qsvd", *opts, self.faithful)
+        proj = self._projector_cache.get(key)
+        if proj is None:
+            proj = self._projector_cache[key] = QuantizedSVDProjector(*opts, signed_cos=self.faithful)
+        return proj
+
+    def _refresh_due(self, group: dict[str, Any], state: dict[str, Any]) -> bool:
+        """k % T == 0 with the parameter's own T; resolves a pending growth of T first.
+
+        A growth decided at the last refresh (a device bool) only matters at a step that is a
+        multiple of the old or of the grown T, so it is read (one host sync) only there."""
+        gap = state.setdefault("proj_gap", group["update_proj_gap"])
+        k = state["step"]
+        pending = state.get("proj_pending")
+        if pending is not None:
+            grown = max(1, int(gap * group["gamma_proj"]))
+            if k % gap == 0 or k % grown == 0:
+                if bool(pending):
+                    gap = state["proj_gap"] = grown
+                del state["proj_pending"]
+        return k % gap == 0
+
+    # ------------------------------------------------------------------ update
+    def _update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        for it in items:
+            st = it.state
+            if "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros_like(it.low)
+                st["exp_avg_sq"] = torch.zeros_like(it.low)
+        firsts = [it.state["exp_avg"] for it in items]
+        seconds = [it.state["exp_avg_sq"] for it in items]
+        lows = [it.low for it in items]
+        torch._foreach_mul_(firsts, beta1)
+        torch._foreach_add_(firsts, lows, alpha=1.0 - beta1)
+        torch._foreach_mul_(seconds, beta2)
+        torch._foreach_addcmul_(seconds, lows, lows, value=1.0 - beta2)
+        del lows
+        for it, first, second in zip(items, firsts, seconds, strict=True):
+            it.low = None
+            st = it.state
+            st["step"] += 1
+            t = st["step"]
+            bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+            if self.faithful:  # bnb: ε inside, scaled by √(1−β2^t)
+                step_size = lr * math.sqrt(bc2) / bc1
+                denom = second.sqrt().add_(eps * math.sqrt(bc2))
+            else:  # torch AdamW
+                step_size = lr / bc1
+                denom = second.sqrt().div_(math.sqrt(bc2)).add_(eps)
+            normed = torch.div(first, denom, out=denom)
+            p = it.param
+            layer = None
+            if p.dtype == torch.uint8:
+                layer = qlinear_of(p)
+                if layer is None:
+                    raise RuntimeError(
+                        f"QGaLoreAdamW: uint8 parameter #{it.index} {tuple(p.shape)} is not the weight of a live "
+                        "fastgrad.nn.QLinear (run a forward/backward through the layer before stepping)"
+                    )
+                target = dequantize_int8(p, layer.scales, layer.zeros, torch.float32)
+            else:
+                target = p
+            if wd != 0.0 and not self.faithful:
+                target.mul_(1.0 - lr * wd)
+            if it.lowrank:
+                lowrank_project_back_add_(target, normed, self.proj_matrix(it), it.side, -step_size * group["scale"])
+            else:
+                target.add_(normed, alpha=-step_size)
+            if wd != 0.0 and self.faithful:
+                target.add_(target, alpha=-lr * wd)
+            if layer is not None:
+                self._requantize(group, it, layer, target)
+            it.proj = it.proj_old = None
+
+    def _requantize(self, group: dict[str, Any], it: ParamStep, layer: QLinear, w: torch.Tensor) -> None:
+        """New codes/scales/zeros of ``layer`` from the fp32 ``w``: SR (or RTN), written in place."""
+        st = it.state
+        if "sr_seed" not in st:
+            st["sr_seed"] = mix_seed(self._param_seed(group, it.param, it.index), _SR_SALT)
+            st["sr_offset"] = 0
+        stochastic = bool(group.get("stochastic_round", True))
+        q = quantize_int8(w, layer.group_size, stochastic=stochastic, seed=st["sr_seed"], offset=st["sr_offset"])
+        st["sr_offset"] += w.numel()
+        it.param.copy_(q.codes)
+        layer.scales.copy_(q.scales)
+        layer.zeros.copy_(q.zeros)
+
+
+def qgalore_param_groups(
+    model: nn.Module, rank: int, update_proj_gap: int = 200, scale: float = 0.25, **group_kwargs: Any
+) -> list[dict[str, Any]]:
+    """``[low-rank group, rest group]`` for :class:`QGaLoreAdamW` on a model converted with
+    :func:`fastgrad.nn.quantize_model`.
+
+    The low-rank group holds the uint8 ``weight`` of every :class:`~fastgrad.nn.QLinear` (once,
+    in module order) with ``rank``, ``update_proj_gap`` (initial T), ``scale`` and
+    ``group_kwargs`` (e.g. ``proj_group_size``, ``cos_threshold``, ``lr``); the rest group holds
+    every other trainable parameter (embeddings, norms, biases, the head) for plain AdamW.
+    """
+    seen: set[int] = set()
+    lowrank = []
+    for module in model.modules():
+        if isinstance(module, QLinear) and module.weight_trainable and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            lowrank.append(module.weight)
+    rest = []
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            rest.append(p)
+    group = {"params": lowrank, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, **group_kwargs}
+    return [group, {"params": rest}]
