@@ -381,14 +381,19 @@ def test_nonfinite_gradient_raise_policy():
 def test_resume_is_exact(projector):
     batches = token_batches(7)
     factory = lambda m: galore(m, projector)  # noqa: E731
+    # A learning rate that changes every step: a resumed driver must read the restored groups'
+    # learning rate, not that of the group dicts it indexed before load_state_dict replaced them.
+    lr_at = lambda k: 1e-3 * (k + 1)  # noqa: E731
     model = tiny_model()
     lw = layerwise(model, factory, grad_accum_steps=2, max_grad_norm=0.1)
-    for ids in batches:
+    for k, ids in enumerate(batches):
+        lw.set_lr(lr_at(k))
         lw_step(model, lw, ids, 2)
 
     first = tiny_model()
     lw1 = layerwise(first, factory, grad_accum_steps=2, max_grad_norm=0.1)
-    for ids in batches[:4]:
+    for k, ids in enumerate(batches[:4]):
+        lw1.set_lr(lr_at(k))
         lw_step(first, lw1, ids, 2)
     (first(batches[4][:4], batches[4][:4]) / 2).backward()
     with pytest.raises(RuntimeError, match="step boundary"):
@@ -401,7 +406,8 @@ def test_resume_is_exact(projector):
     lw2 = layerwise(resumed, factory, grad_accum_steps=2, max_grad_norm=0.1)
     lw2.load_state_dict(saved_opt)
     assert lw2.steps == 4
-    for ids in batches[4:]:  # crosses the refresh at k = 6
+    for k, ids in enumerate(batches[4:], start=4):  # crosses the refresh at k = 6
+        lw2.set_lr(lr_at(k))
         lw_step(resumed, lw2, ids, 2)
     for (name, a), b in zip(model.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name

@@ -176,11 +176,7 @@ class LayerwiseOptimizer:
         self.steps = 0
         self._reads_grad = bool(getattr(optimizer, "update_reads_grad", False))
         self._group_of: dict[torch.Tensor, dict[str, Any]] = {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p in self._group_of:
-                    raise ValueError("layerwise: a parameter appears twice in the optimizer's param groups")
-                self._group_of[p] = group
+        self._index_groups()
         self._check_params(module)
         self._pg = self._resolve_group(process_group)
         self._world = 1 if self._pg is None else torch.distributed.get_world_size(self._pg)
@@ -476,6 +472,16 @@ class LayerwiseOptimizer:
         if self._slots or self._micro:
             raise RuntimeError(f"layerwise: {what} only at a step boundary (after finish_step() or zero_grad())")
 
+    def _index_groups(self) -> None:
+        """Map each parameter to its param-group dict. Rebuilt after load_state_dict, which replaces
+        the optimizer's group dicts: a stale map would keep reading the old learning rate."""
+        self._group_of.clear()
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p in self._group_of:
+                    raise ValueError("layerwise: a parameter appears twice in the optimizer's param groups")
+                self._group_of[p] = group
+
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state dict and the driver's counters; ``torch.load(..., weights_only=True)`` reads it."""
         self._check_boundary("state_dict()")
@@ -497,6 +503,7 @@ class LayerwiseOptimizer:
                 "(keys 'optimizer' and 'layerwise'); for a plain optimizer state use .optimizer.load_state_dict()"
             )
         self.optimizer.load_state_dict(state_dict["optimizer"])
+        self._index_groups()
         self.steps = int(state_dict["layerwise"]["steps"])
 
 
