@@ -10,11 +10,10 @@ import sys
 from pathlib import Path
 
 from fastgrad.train.config import TrainConfig
-from fastgrad.train.optimizers import OPTIMIZERS
+from fastgrad.train.optimizers import LAYERWISE, OPTIMIZERS
 
 # CLI flag -> TrainConfig field, for the flags that set the config.
 _CONFIG_FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
-_BOOLEAN = {"compile", "activation_checkpointing"}
 
 
 def _pretrain_parser(sub) -> argparse.ArgumentParser:
@@ -29,7 +28,7 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--optim", choices=list(OPTIMIZERS), help=f"optimizer (default {d.optim})")
     p.add_argument("--rank", type=int, help="projection rank (default: the model's recipe)")
     p.add_argument("--update-proj-gap", type=int, help="projector refresh interval T in steps (default: recipe)")
-    p.add_argument("--scale", type=float, help=f"GaLore scale α (default {d.scale})")
+    p.add_argument("--scale", type=float, help="scale α (default: the optimizer's recipe: 0.25 GaLore, 1 APOLLO, ...)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 0.01 low-rank, 1e-3 AdamW)")
     p.add_argument("--min-lr-ratio", type=float, help=f"cosine floor as a fraction of --lr (default {d.min_lr_ratio})")
     p.add_argument(
@@ -48,6 +47,12 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help=f"(default {d.seed})")
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
     p.add_argument("--activation-checkpointing", action="store_const", const=True, help="recompute layer activations")
+    p.add_argument(
+        "--layerwise",
+        action="store_const",
+        const=True,
+        help="update each weight during backward: at most one full gradient alive (galore, fira, apollo)",
+    )
     p.add_argument("--max-memory-gb", type=float, help="cap CUDA memory to emulate a smaller GPU")
     p.add_argument("--data", help="a .txt file, a folder of .txt files, or a Hugging Face dataset (default: built-in)")
     p.add_argument("--tokenizer", help="a tokenizer.json to use instead of training one")
@@ -100,6 +105,8 @@ def _validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{_CONFIG_FLAGS[name]} must be a positive integer, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
         raise ValueError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.layerwise and cfg.optim not in LAYERWISE:
+        raise ValueError(f"--layerwise works with --optim {', '.join(sorted(LAYERWISE))}, not {cfg.optim}")
 
 
 def pretrain(args: argparse.Namespace) -> int:

@@ -79,10 +79,30 @@ def test_resume_with_a_different_config_is_refused(tmp_path, text_file, capsys):
     assert main(["pretrain", "--resume", str(tmp_path / "nothing-here")]) == 2
 
 
-def test_ctrl_c_saves_at_a_step_boundary_and_resume_is_exact(tmp_path, text_file):
+@pytest.mark.parametrize("optim", ["adamw", "galore", "q-galore", "fira", "apollo", "apollo-mini"])
+def test_every_optimizer_trains(tmp_path, text_file, optim):
+    assert _run(tmp_path, text_file, "--optim", optim, "--rank", "8", "--steps", "4", "--name", optim) == 0
+    losses = _losses(tmp_path / optim)
+    assert len(losses) == 4 and all(0 < x < 20 for x in losses)
+
+
+def test_layerwise_needs_a_supported_optimizer(tmp_path, text_file, capsys):
+    assert _run(tmp_path, text_file, "--optim", "adamw", "--layerwise", "--name", "lw") == 2
+    assert "--layerwise works with" in capsys.readouterr().err
+
+
+RESUME_CASES = {
+    "galore": ["--optim", "galore"],
+    "galore-layerwise": ["--optim", "galore", "--layerwise", "--grad-accum", "2", "--grad-clip", "1.0"],
+    "q-galore": ["--optim", "q-galore"],
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_ctrl_c_saves_at_a_step_boundary_and_resume_is_exact(tmp_path, text_file, case):
     steps = "40"
     cmd = [sys.executable, "-m", "fastgrad.cli", "pretrain", "--out", str(tmp_path), "--data", str(text_file)]
-    galore = ["--optim", "galore", "--rank", "8", "--update-proj-gap", "5"]  # several projector refreshes
+    galore = [*RESUME_CASES[case], "--rank", "8", "--update-proj-gap", "5"]  # several projector refreshes
     cmd += ["--name", "interrupted", *galore, "--steps", steps, "--no-progress", *SMALL]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     metrics = tmp_path / "interrupted/metrics.jsonl"
@@ -103,6 +123,7 @@ def test_ctrl_c_saves_at_a_step_boundary_and_resume_is_exact(tmp_path, text_file
     assert straight == resumed  # bitwise: same batches, same lr, same model and optimizer state
     a = torch.load(tmp_path / "straight/checkpoint/optimizer.pt", weights_only=True)
     b = torch.load(tmp_path / "interrupted/checkpoint/optimizer.pt", weights_only=True)
+    a, b = (a["optimizer"], b["optimizer"]) if "optimizer" in a else (a, b)  # the layer-wise driver nests it
     for sa, sb in zip(a["state"].values(), b["state"].values(), strict=True):
         assert all(torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k] for k in sa)
     assert (tmp_path / "interrupted/loss.png").stat().st_size > 1000

@@ -23,7 +23,8 @@ from safetensors.torch import load_model, save_model
 CHECKPOINT = "checkpoint"
 
 
-def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer: dict) -> None:
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer, trainer: dict) -> None:
+    """``optimizer``: anything with ``state_dict()`` (an optimizer or the layer-wise driver)."""
     tmp, final, old = run_dir / f"{CHECKPOINT}.tmp", run_dir / CHECKPOINT, run_dir / f"{CHECKPOINT}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -45,7 +46,7 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict:
     """Restore model and optimizer in place; return the trainer state (step, counters)."""
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if missing or unexpected:

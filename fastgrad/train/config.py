@@ -1,9 +1,10 @@
 """Configuration of a pretraining run, with per-model defaults from the published recipes.
 
 Recipes (ALGORITHMS.md §12): LLaMA 60M/130M/350M/1B/7B on C4 with sequence length 256, cosine
-schedule to 10% of the peak with 10% warmup. GaLore: lr 0.01, scale 0.25, projector refresh every
-200 steps (500 at 7B), rank 128/256/256/512/1024. AdamW baselines use lr 1e-3. ``tiny`` is sized
-so that the default run finishes in minutes on a 2-core CPU.
+schedule to 10% of the peak with 10% warmup. GaLore/Q-GaLore/Fira: lr 0.01, scale 0.25 (Fira
+0.0625 at 1B/7B), projector refresh every 200 steps (500 at 7B), rank 128/256/256/512/1024.
+APOLLO: rank 128/192/256/256/256, scale 1; APOLLO-Mini: rank 1, scale 128. AdamW baselines use
+lr 1e-3. ``tiny`` is sized so that the default run finishes in minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ import dataclasses
 from dataclasses import dataclass, field
 
 RANK = {"tiny": 32, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+APOLLO_RANK = {"tiny": 32, "60m": 128, "130m": 192, "350m": 256, "1b": 256, "7b": 256}
 UPDATE_PROJ_GAP = {"tiny": 50, "7b": 500}  # others: 200
+# scale α by optimizer (Fira uses 0.0625 at 1B and 7B); APOLLO's enters as √α.
+SCALE = {"galore": 0.25, "q-galore": 0.25, "fira": 0.25, "apollo": 1.0, "apollo-mini": 128.0}
+FIRA_LARGE_SCALE = {"1b": 0.0625, "7b": 0.0625}
 DEFAULT_STEPS = {"tiny": 300, "60m": 10_000, "130m": 20_000, "350m": 60_000, "1b": 100_000, "7b": 150_000}
 LOW_RANK_LR = 0.01  # GaLore/Q-GaLore/Fira/APOLLO recipes
 FULL_RANK_LR = 1e-3  # AdamW recipes
@@ -26,7 +31,7 @@ class TrainConfig:
     optim: str = "galore"
     rank: int | None = None  # None: the model's recipe rank
     update_proj_gap: int | None = None
-    scale: float = 0.25
+    scale: float | None = None  # None: the optimizer's recipe scale
     lr: float | None = None  # None: the optimizer's recipe lr
     min_lr_ratio: float = 0.1
     warmup: float = 0.1  # fraction of the steps when < 1, else a step count
@@ -41,6 +46,7 @@ class TrainConfig:
     seed: int = 0
     compile: bool = False
     activation_checkpointing: bool = False
+    layerwise: bool = False
     max_memory_gb: float | None = None
     data: str | None = None
     tokenizer: str | None = None
@@ -57,7 +63,12 @@ class TrainConfig:
         name = cfg.model.lower().removeprefix("llama-")
         cfg.model = name
         if cfg.rank is None:
-            cfg.rank = RANK.get(name, 128)
+            if cfg.optim == "apollo-mini":
+                cfg.rank = 1
+            else:
+                cfg.rank = (APOLLO_RANK if cfg.optim == "apollo" else RANK).get(name, 128)
+        if cfg.scale is None:
+            cfg.scale = FIRA_LARGE_SCALE.get(name, SCALE["fira"]) if cfg.optim == "fira" else SCALE.get(cfg.optim, 1.0)
         if cfg.update_proj_gap is None:
             cfg.update_proj_gap = UPDATE_PROJ_GAP.get(name, 200)
         if cfg.lr is None:

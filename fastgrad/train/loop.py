@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from fastgrad.data import prepare_data
 from fastgrad.models import LlamaForCausalLM, get_config
+from fastgrad.optim import layerwise
 from fastgrad.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from fastgrad.train.config import TrainConfig
 from fastgrad.train.optimizers import build_optimizer, state_bytes
@@ -125,6 +126,13 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, show_progress: 
     model = LlamaForCausalLM(get_config(cfg.model, data.vocab_size, cfg.seq_len)).to(device=device, dtype=dtype)
     model.gradient_checkpointing = cfg.activation_checkpointing
     optimizer = build_optimizer(cfg, model)
+    # Layer-wise: the driver's hooks consume each gradient during backward (projected and
+    # accumulated in low rank), then finish_step() clips, applies the NaN policy and updates.
+    stepper = (
+        layerwise(model, optimizer, grad_accum_steps=cfg.grad_accum, max_grad_norm=cfg.grad_clip or None)
+        if cfg.layerwise
+        else optimizer
+    )
     forward = torch.compile(model) if cfg.compile else model
 
     metrics = run_dir / "metrics.jsonl"
@@ -136,7 +144,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, show_progress: 
         checkpoint = find_checkpoint(run_dir)
         if checkpoint is None:
             raise ValueError(f"--resume {run_dir}: no checkpoint found in it")
-        trainer = load_checkpoint(checkpoint, model, optimizer)
+        trainer = load_checkpoint(checkpoint, model, stepper)
         start_step, nonfinite, tokens_seen = trainer["step"], trainer["nonfinite_steps"], trainer["tokens"]
         _truncate_metrics(metrics, start_step)
 
@@ -147,13 +155,13 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, show_progress: 
     started = time.perf_counter()
 
     def checkpoint_now() -> None:
-        save_checkpoint(run_dir, model, optimizer, {"step": step, "nonfinite_steps": nonfinite, "tokens": tokens_seen})
+        save_checkpoint(run_dir, model, stepper, {"step": step, "nonfinite_steps": nonfinite, "tokens": tokens_seen})
 
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not show_progress, desc=f"{cfg.model} {cfg.optim}")
     with InterruptAtStepBoundary() as interrupt:
         while step < cfg.steps:
             lr = lr_at(cfg, step)
-            for group in optimizer.param_groups:
+            for group in optimizer.param_groups:  # the layer-wise driver shares these groups
                 group["lr"] = lr
             step_start = time.perf_counter()
             loss_sum = 0.0
@@ -162,14 +170,20 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, show_progress: 
                 loss = forward(inputs.to(device), labels.to(device), shift_labels=False) / cfg.grad_accum
                 loss.backward()
                 loss_sum += loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
-            if math.isfinite(grad_norm) and math.isfinite(loss_sum):
-                optimizer.step()
+            if cfg.layerwise:
+                stats = stepper.finish_step()  # the driver skips a non-finite step for every parameter
+                grad_norm, ok = stats.grad_norm, not stats.skipped
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+                ok = math.isfinite(grad_norm) and math.isfinite(loss_sum)
+                if ok:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if ok:
                 consecutive_bad = 0
             else:
                 nonfinite += 1
                 consecutive_bad += 1
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += batches.tokens_per_step
             train_loss = loss_sum

@@ -20,10 +20,43 @@ def _galore(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     return GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _fira(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    from fastgrad.optim import FiraAdamW, galore_param_groups
+
+    groups = galore_param_groups(model, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale)
+    return FiraAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _apollo(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    from fastgrad.optim import Apollo, ApolloMini, apollo_param_groups
+
+    groups = apollo_param_groups(model, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale)
+    cls = ApolloMini if cfg.optim == "apollo-mini" else Apollo
+    return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _qgalore(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Converts the model's attention and MLP Linear layers to INT8 QLinear (in place) first."""
+    from fastgrad.nn import quantize_model
+    from fastgrad.optim import QGaLoreAdamW, qgalore_param_groups
+
+    quantize_model(model, group_size=256)
+    groups = qgalore_param_groups(
+        model, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale, seed=cfg.seed
+    )
+    return QGaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 OPTIMIZERS: dict[str, Callable[[TrainConfig, torch.nn.Module], torch.optim.Optimizer]] = {
     "adamw": _adamw,
     "galore": _galore,
+    "q-galore": _qgalore,
+    "fira": _fira,
+    "apollo": _apollo,
+    "apollo-mini": _apollo,
 }
+# Optimizers whose layer-wise mode (fastgrad.optim.layerwise) is supported.
+LAYERWISE = {"galore", "fira", "apollo", "apollo-mini"}
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
