@@ -1,4 +1,4 @@
-"""The ``fastgrad`` command: ``fastgrad pretrain ...`` and ``fastgrad env``."""
+"""The ``fastgrad`` command: ``fastgrad pretrain``, ``fastgrad compare`` and ``fastgrad env``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -16,16 +17,10 @@ from fastgrad.train.optimizers import LAYERWISE, OPTIMIZERS
 _CONFIG_FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
 
 
-def _pretrain_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "pretrain",
-        help="pretrain a LLaMA-style model",
-        description="Pretrain a LLaMA-style model on the default corpus (or --data) with a memory-efficient optimizer. "
-        "With no arguments: the 'tiny' model with GaLore, on the GPU if there is one, else the CPU.",
-    )
+def _add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that set a TrainConfig (all but --optim), shared by pretrain and compare."""
     d = TrainConfig()
     p.add_argument("--model", help=f"tiny, 60m, 130m, 350m, 1b or 7b (default {d.model})")
-    p.add_argument("--optim", choices=list(OPTIMIZERS), help=f"optimizer (default {d.optim})")
     p.add_argument("--rank", type=int, help="projection rank (default: the model's recipe)")
     p.add_argument("--update-proj-gap", type=int, help="projector refresh interval T in steps (default: recipe)")
     p.add_argument("--scale", type=float, help="scale α (default: the optimizer's recipe: 0.25 GaLore, 1 APOLLO, ...)")
@@ -62,9 +57,34 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, help=f"checkpoint every this many steps (default {d.save_every})")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--out", default="runs", help="parent folder of the run directory (default runs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _pretrain_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a LLaMA-style model",
+        description="Pretrain a LLaMA-style model on the default corpus (or --data) with a memory-efficient optimizer. "
+        "With no arguments: the 'tiny' model with Q-GaLore (INT8 weights, INT4 projector), on the GPU if there "
+        "is one, else the CPU.",
+    )
+    p.add_argument("--optim", choices=list(OPTIMIZERS), help=f"optimizer (default {TrainConfig().optim})")
+    _add_training_arguments(p)
     p.add_argument("--name", help="run directory name (default: <model>-<optim>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _compare_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "compare",
+        help="train the same model on the same data with several optimizers",
+        description="Run `fastgrad pretrain` once per optimizer (same model, data, seed and options; each in its "
+        "own process, so peak memory is per run) and write a table and one plot of all loss curves.",
+    )
+    p.add_argument("--optims", default="adamw,galore,q-galore", help="comma-separated (default adamw,galore,q-galore)")
+    _add_training_arguments(p)
+    p.add_argument("--name", help="comparison directory name (default: compare-<model>-<time>)")
     return p
 
 
@@ -141,10 +161,68 @@ def pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _as_flags(explicit: dict) -> list[str]:
+    """TrainConfig values back to command-line flags."""
+    flags = []
+    for name, value in explicit.items():
+        if isinstance(value, bool):
+            flags += [_CONFIG_FLAGS[name]] if value else []
+        else:
+            flags += [_CONFIG_FLAGS[name], str(value)]
+    return flags
+
+
+def compare(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from fastgrad.train.plot import plot_losses
+
+    optims = [o.strip() for o in args.optims.split(",") if o.strip()]
+    unknown = [o for o in optims if o not in OPTIMIZERS]
+    if not optims or unknown:
+        raise ValueError(f"--optims must list optimizers among {', '.join(OPTIMIZERS)}, got {args.optims!r}")
+    explicit = _explicit_config(args)
+    explicit.pop("optim", None)
+    cfg = TrainConfig(**explicit).resolved()
+    _validate(cfg)
+    name = args.name or f"compare-{cfg.model}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    out_dir = Path(args.out) / name
+    if out_dir.exists():
+        raise ValueError(f"comparison directory {out_dir} already exists; choose another --name")
+    out_dir.mkdir(parents=True)
+    rows = []
+    for optim in optims:
+        cmd = [sys.executable, "-m", "fastgrad.cli", "pretrain", "--optim", optim, *_as_flags(explicit)]
+        cmd += ["--out", str(out_dir), "--name", optim] + (["--no-progress"] if args.no_progress else [])
+        print(f"== {optim}: {' '.join(cmd[3:])}", flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            raise ValueError(f"the {optim} run failed; its output is above and its files are in {out_dir / optim}")
+        summary = json.loads((out_dir / optim / "summary.json").read_text())
+        rows.append({"optimizer": optim, **summary})
+    table = [
+        "| optimizer | final val loss | val perplexity | tokens/s | peak memory (MiB) | optimizer state (MiB) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        table.append(
+            f"| {r['optimizer']} | {r['val_loss']:.4f} | {math.exp(r['val_loss']):.1f} | "
+            f"{r['tokens'] / r['seconds']:,.0f} | {r['peak_memory_bytes'] / 2**20:,.0f} | "
+            f"{r['optimizer_state_bytes'] / 2**20:,.2f} |"
+        )
+    text = "\n".join(table)
+    (out_dir / "compare.md").write_text(text + "\n")
+    (out_dir / "compare.json").write_text(json.dumps(rows, indent=1))
+    plot_losses({o: out_dir / o / "metrics.jsonl" for o in optims}, out_dir / "compare.png", f"llama-{cfg.model}")
+    print(text)
+    print(f"table, JSON and plot in {out_dir}/ (compare.md, compare.json, compare.png)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastgrad", description="Memory-efficient LLM pretraining.")
     sub = parser.add_subparsers(dest="command", required=True)
     _pretrain_parser(sub)
+    _compare_parser(sub)
     sub.add_parser("env", help="versions, devices and the backend serving each op")
     args = parser.parse_args(argv)
     try:
@@ -153,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(report())
             return 0
-        return pretrain(args)
+        return compare(args) if args.command == "compare" else pretrain(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"fastgrad {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -127,3 +127,23 @@ def test_ctrl_c_saves_at_a_step_boundary_and_resume_is_exact(tmp_path, text_file
     for sa, sb in zip(a["state"].values(), b["state"].values(), strict=True):
         assert all(torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k] for k in sa)
     assert (tmp_path / "interrupted/loss.png").stat().st_size > 1000
+
+
+def test_compare_runs_each_optimizer_and_writes_a_table_and_plot(tmp_path, text_file):
+    args = ["compare", "--optims", "adamw,galore", "--out", str(tmp_path), "--name", "cmp", "--data", str(text_file)]
+    assert main([*args, "--steps", "3", "--rank", "8", "--no-progress", *SMALL]) == 0
+    rows = json.loads((tmp_path / "cmp/compare.json").read_text())
+    assert [r["optimizer"] for r in rows] == ["adamw", "galore"]
+    for r in rows:  # same data and steps for each optimizer, each run in its own directory
+        assert r["step"] == 3 and r["tokens"] == rows[0]["tokens"] and r["peak_memory_bytes"] > 0
+        assert json.loads((tmp_path / "cmp" / r["optimizer"] / "config.json").read_text())["optim"] == r["optimizer"]
+    table = (tmp_path / "cmp/compare.md").read_text()
+    assert "| adamw |" in table and "| galore |" in table
+    assert (tmp_path / "cmp/compare.png").stat().st_size > 1000
+    assert rows[1]["optimizer_state_bytes"] < rows[0]["optimizer_state_bytes"]  # GaLore's low-rank moments
+
+
+def test_compare_rejects_unknown_optimizers(tmp_path, capsys):
+    assert main(["compare", "--optims", "adamw,sgd", "--out", str(tmp_path)]) == 2
+    assert "--optims" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

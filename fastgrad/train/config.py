@@ -28,7 +28,7 @@ class TrainConfig:
     """Everything that determines a run; saved as runs/<name>/config.json and checked on resume."""
 
     model: str = "tiny"
-    optim: str = "galore"
+    optim: str = "q-galore"
     rank: int | None = None  # None: the model's recipe rank
     update_proj_gap: int | None = None
     scale: float | None = None  # None: the optimizer's recipe scale

@@ -10,6 +10,7 @@ untouched) and counted; many in a row stop the run after saving the last good st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import resource
@@ -111,6 +112,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, show_progress: bool = True) -> RunResult:
     """Train per ``cfg`` (already resolved) into ``run_dir``; continue from its checkpoint if ``resume``.
+    At the end, ``run_dir/summary.json`` holds the :class:`RunResult` (``seconds`` and the peak
+    memory cover this process only, so a resumed run reports its last part).
 
     A new ``run_dir`` is created only once the data, model and optimizer are ready, so bad input
     leaves nothing behind, and never over an existing directory.
@@ -215,7 +218,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, show_progress: 
                 checkpoint_now()
                 raise KeyboardInterrupt
     bar.close()
-    return RunResult(
+    result = RunResult(
         run_dir=run_dir,
         step=step,
         train_loss=train_loss,
@@ -226,3 +229,6 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, show_progress: 
         optimizer_state_bytes=state_bytes(optimizer),
         nonfinite_steps=nonfinite,
     )
+    summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "run_dir"}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return result
