@@ -125,6 +125,16 @@ def _finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
     return flags
 
 
+def check_adam_hyperparameters(name: str, lr: float, betas: tuple[float, float], eps: float) -> None:
+    """The constructor checks every Adam-based optimizer here shares."""
+    if lr < 0.0:
+        raise ValueError(f"{name}: invalid learning rate {lr}")
+    if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+        raise ValueError(f"{name}: betas must be in [0, 1), got {betas}")
+    if eps < 0.0:
+        raise ValueError(f"{name}: invalid eps {eps}")
+
+
 class LowRankOptimizer(torch.optim.Optimizer, ABC):
     """Base class; see the module docstring. ``nonfinite`` is "skip" (default) or "raise"."""
 
@@ -302,6 +312,30 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
 
         Subclasses with a per-parameter interval (Q-GaLore's adaptive T) override this."""
         return state["step"] % group["update_proj_gap"] == 0
+
+    def _update_moments(
+        self, group: dict[str, Any], items: list[ParamStep]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Adam's moments from each item's low-rank gradient R, in place:
+        M ← β1·M + (1−β1)·R,  V ← β2·V + (1−β2)·R⊙R  (both created at zero on a weight's first step,
+        and re-expressed in the new basis after a refresh when state transfer is on).
+        Returns the lists (M, V) in the order of ``items``."""
+        beta1, beta2 = group["betas"]
+        for it in items:
+            st = it.state
+            if "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros_like(it.low)
+                st["exp_avg_sq"] = torch.zeros_like(it.low)
+            elif it.proj_old is not None:
+                transfer_moments(st["exp_avg"], st["exp_avg_sq"], it.proj_old, self.proj_matrix(it), st["proj_side"])
+        firsts = [it.state["exp_avg"] for it in items]
+        seconds = [it.state["exp_avg_sq"] for it in items]
+        lows = [it.low for it in items]
+        torch._foreach_mul_(firsts, beta1)
+        torch._foreach_add_(firsts, lows, alpha=1.0 - beta1)
+        torch._foreach_mul_(seconds, beta2)
+        torch._foreach_addcmul_(seconds, lows, lows, value=1.0 - beta2)
+        return firsts, seconds
 
     def proj_matrix(self, item: ParamStep) -> torch.Tensor:
         """The dense P of a low-rank ``item`` for this step (the stored one, or regenerated)."""

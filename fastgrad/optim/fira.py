@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fastgrad.ops import lowrank_project_back_add_
-from fastgrad.optim.base import LowRankOptimizer, ParamStep, transfer_moments
+from fastgrad.optim.base import LowRankOptimizer, ParamStep, check_adam_hyperparameters
 from fastgrad.optim.projectors import RIGHT
 
 __all__ = ["FiraAdamW", "ScaledLowRankAdam", "channel_ratio", "norm_growth_limiter"]
@@ -90,12 +90,7 @@ class ScaledLowRankAdam(LowRankOptimizer):
     ) -> None:
         name = type(self).__name__
         lr, betas, eps = defaults["lr"], defaults["betas"], defaults["eps"]
-        if lr < 0.0:
-            raise ValueError(f"{name}: invalid learning rate {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"{name}: betas must be in [0, 1), got {betas}")
-        if eps < 0.0:
-            raise ValueError(f"{name}: invalid eps {eps}")
+        check_adam_hyperparameters(name, lr, betas, eps)
         self.faithful = faithful
         super().__init__(params, defaults, nonfinite=nonfinite)
 
@@ -109,24 +104,10 @@ class ScaledLowRankAdam(LowRankOptimizer):
     def _update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        for it in items:
-            st = it.state
-            if "exp_avg" not in st:
-                st["exp_avg"] = torch.zeros_like(it.low)
-                st["exp_avg_sq"] = torch.zeros_like(it.low)
-            elif it.proj_old is not None:
-                transfer_moments(st["exp_avg"], st["exp_avg_sq"], it.proj_old, self.proj_matrix(it), st["proj_side"])
         params = [it.param for it in items]
         if wd != 0.0 and not self.faithful:
             torch._foreach_mul_(params, 1.0 - lr * wd)
-        firsts = [it.state["exp_avg"] for it in items]
-        seconds = [it.state["exp_avg_sq"] for it in items]
-        lows = [it.low for it in items]
-        torch._foreach_mul_(firsts, beta1)
-        torch._foreach_add_(firsts, lows, alpha=1.0 - beta1)
-        torch._foreach_mul_(seconds, beta2)
-        torch._foreach_addcmul_(seconds, lows, lows, value=1.0 - beta2)
-        del lows
+        firsts, seconds = self._update_moments(group, items)
         for it, first, second in zip(items, firsts, seconds, strict=True):
             it.state["step"] += 1
             step = it.state["step"]

@@ -38,7 +38,7 @@ from torch import nn
 
 from fastgrad.nn.qlinear import QLinear, qlinear_of
 from fastgrad.ops import QuantizedTensor, dequantize_int8, lowrank_project_back_add_, quantize_int4, quantize_int8
-from fastgrad.optim.base import LowRankOptimizer, ParamStep
+from fastgrad.optim.base import LowRankOptimizer, ParamStep, check_adam_hyperparameters
 from fastgrad.optim.projectors import (
     LEFT,
     Projector,
@@ -223,12 +223,7 @@ class QGaLoreAdamW(LowRankOptimizer):
         faithful: bool = False,
         nonfinite: str = "skip",
     ) -> None:
-        if lr < 0.0:
-            raise ValueError(f"QGaLoreAdamW: invalid learning rate {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"QGaLoreAdamW: betas must be in [0, 1), got {betas}")
-        if eps < 0.0:
-            raise ValueError(f"QGaLoreAdamW: invalid eps {eps}")
+        check_adam_hyperparameters("QGaLoreAdamW", lr, betas, eps)
         self.faithful = faithful
         defaults = {
             "lr": lr,
@@ -287,19 +282,7 @@ class QGaLoreAdamW(LowRankOptimizer):
     def _update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        for it in items:
-            st = it.state
-            if "exp_avg" not in st:
-                st["exp_avg"] = torch.zeros_like(it.low)
-                st["exp_avg_sq"] = torch.zeros_like(it.low)
-        firsts = [it.state["exp_avg"] for it in items]
-        seconds = [it.state["exp_avg_sq"] for it in items]
-        lows = [it.low for it in items]
-        torch._foreach_mul_(firsts, beta1)
-        torch._foreach_add_(firsts, lows, alpha=1.0 - beta1)
-        torch._foreach_mul_(seconds, beta2)
-        torch._foreach_addcmul_(seconds, lows, lows, value=1.0 - beta2)
-        del lows
+        firsts, seconds = self._update_moments(group, items)  # state_transfer is rejected for Q-GaLore
         for it, first, second in zip(items, firsts, seconds, strict=True):
             it.low = None
             st = it.state
