@@ -37,3 +37,14 @@ def assert_close_report(actual: torch.Tensor, expected: torch.Tensor, rtol: floa
             f"{what}: relative error {err:.3e} > {rtol:.1e}; worst at {idx}: "
             f"{actual.float()[idx]:.6g} vs {expected.float()[idx]:.6g}"
         )
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of tiny matrices: on a loaded 2-core machine a second thread only adds OpenMP
+    spin-waits (it made the optimizer tests ten times slower). Use with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,39 +6,19 @@ import copy
 import io
 import itertools
 import math
-from collections import Counter
 
 import pytest
 import torch
 from conftest import assert_close_report
+from optim_common import CONFIG, N_LOWRANK, OpCounter, tiny_model, token_batches
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastgrad.models import LlamaConfig, LlamaForCausalLM
 from fastgrad.optim import Apollo, ApolloMini, FiraAdamW, apollo_param_groups, galore_param_groups, make_projector
 from fastgrad.optim.projectors import LEFT, RIGHT
 
-CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4)
-N_LOWRANK = 14  # 2 layers × (q, k, v, o, gate, up, down)
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 BETAS, EPS = (0.9, 0.999), 1e-6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices on a shared 2-core machine: a second thread only adds OpenMP spin-waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**CONFIG))
-
-
-def token_batches(n: int, seed: int = 1) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, CONFIG["vocab_size"], (4, 33), generator=gen) for _ in range(n)]
 
 
 def train(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: list[torch.Tensor]) -> list[float]:
@@ -394,16 +374,6 @@ def test_state_bytes_matches_formula(flavour):
 # ------------------------------------------------------------------------------------------------
 # fast path, host synchronisation
 # ------------------------------------------------------------------------------------------------
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 class NoHostSync(TorchDispatchMode):

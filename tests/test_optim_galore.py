@@ -4,40 +4,18 @@ checkpoints, the NaN/Inf policy, projector quality and the state-memory formula.
 import copy
 import io
 import math
-from collections import Counter
 
 import pytest
 import torch
 from conftest import assert_close_report
-from torch.utils._python_dispatch import TorchDispatchMode
+from optim_common import CONFIG, N_LOWRANK, OpCounter, tiny_model, token_batches
 
 from fastgrad.models import LlamaConfig, LlamaForCausalLM
 from fastgrad.ops import lowrank_project, lowrank_project_back
 from fastgrad.optim import GaLoreAdamW, galore_param_groups, make_projector, transfer_moments
 from fastgrad.optim.projectors import LEFT, RIGHT, dct_basis
 
-CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4)
-N_LOWRANK = 14  # 2 layers × (q, k, v, o, gate, up, down)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The matrices here are tiny: a second thread only adds OpenMP synchronisation, which on a
-    loaded 2-core machine made this module ten times slower (spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**CONFIG))
-
-
-def token_batches(n: int, seed: int = 1) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, CONFIG["vocab_size"], (4, 33), generator=gen) for _ in range(n)]
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def train(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: list[torch.Tensor]) -> None:
@@ -199,16 +177,6 @@ def test_state_transfer_reexpresses_moments():
 # ------------------------------------------------------------------------------------------------
 # the fast path runs: fastgrad ops, counted at the dispatcher
 # ------------------------------------------------------------------------------------------------
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("projector", ["svd", "dct"])

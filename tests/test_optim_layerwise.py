@@ -6,40 +6,25 @@ import copy
 import io
 import math
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils._python_dispatch import TorchDispatchMode
+from optim_common import N_LOWRANK, OpCounter, tiny_model
+from optim_common import token_batches as shared_token_batches
 
-from fastgrad.models import LlamaConfig, LlamaForCausalLM
 from fastgrad.optim import GaLoreAdamW, galore_param_groups, layerwise
 
-CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4)
-N_LOWRANK = 14  # 2 layers × (q, k, v, o, gate, up, down)
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 RANK, GAP = 16, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices on a shared 2-core machine: a second thread only adds spin-waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**CONFIG))
-
-
 def token_batches(n: int, rows: int = 8, seed: int = 1) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, CONFIG["vocab_size"], (rows, 33), generator=gen) for _ in range(n)]
+    """Eight rows: micro-batches of 2 for accumulation tests."""
+    return shared_token_batches(n, rows=rows, seed=seed)
 
 
 def galore(model, projector="svd", cls=GaLoreAdamW, **opt_kwargs):
@@ -136,16 +121,6 @@ def test_accumulation_matches_big_batch(projector):
     assert update_error(accum4, big, start) < 1e-4
     assert update_error(accum4, ordinary, start) < 1e-5
     assert update_error(ordinary, big, start) > 0  # the tolerance above is about rounding, not zero
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_micro_batches_are_projected_in_the_hooks():

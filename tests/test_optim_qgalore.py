@@ -6,7 +6,8 @@ import io
 
 import pytest
 import torch
-from test_optim_galore import OpCounter, assert_same_state, state_tensors
+from optim_common import CONFIG, OpCounter
+from test_optim_galore import assert_same_state, state_tensors
 
 from fastgrad.models import LlamaConfig, LlamaForCausalLM
 from fastgrad.models.llama import RMSNorm
@@ -14,17 +15,10 @@ from fastgrad.nn import QLinear, qlinear_of, quantize_model
 from fastgrad.optim import GaLoreAdamW, QGaLoreAdamW, galore_param_groups, qgalore_param_groups
 from fastgrad.optim.qgalore import proj_group_size
 
-CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4)
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 N_Q = 14  # 2 layers × (q, k, v, o, gate, up, down)
 G = 32  # weight group size of the tiny model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(seed: int = 0, quantized: bool = True) -> LlamaForCausalLM:

@@ -1,0 +1,34 @@
+"""Helpers shared by the optimizer test modules: the tiny LLaMA they train, random token batches,
+and a dispatcher-level op counter that proves a step ran through fastgrad's ops."""
+
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastgrad.models import LlamaConfig, LlamaForCausalLM
+
+CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4)
+N_LOWRANK = 14  # 2 layers × (q, k, v, o, gate, up, down): tall (160×64) and wide (64×160) weights
+
+
+def tiny_model(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**CONFIG))
+
+
+def token_batches(n: int, rows: int = 4, length: int = 33, seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, CONFIG["vocab_size"], (rows, length), generator=gen) for _ in range(n)]
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ops that reach the dispatcher, by name (e.g. 'fastgrad.lowrank_project')."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
