@@ -4,6 +4,7 @@ and their projectors."""
 from fastgrad.optim.apollo import Apollo, ApolloMini, apollo_param_groups
 from fastgrad.optim.base import LowRankOptimizer, transfer_moments
 from fastgrad.optim.fira import FiraAdamW
+from fastgrad.optim.frugal import Frugal
 from fastgrad.optim.galore import GaLoreAdamW
 from fastgrad.optim.layerwise import LayerwiseOptimizer, StepStats, layerwise
 from fastgrad.optim.param_groups import galore_param_groups, target_linear_weights
@@ -28,6 +29,7 @@ __all__ = [
     "LayerwiseOptimizer",
     "StepStats",
     "FiraAdamW",
+    "Frugal",
     "Apollo",
     "ApolloMini",
     "apollo_param_groups",

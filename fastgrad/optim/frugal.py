@@ -1,0 +1,217 @@
+"""FRUGAL, GaLore-type subspace variant: AdamW in a low-rank subspace, signSGD on the residual
+(Zaitsev et al., arXiv 2411.07837, ICML 2025; ALGORITHMS.md §6)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from fastgrad.ops import lowrank_project_back_add_
+from fastgrad.optim.base import LowRankOptimizer, ParamStep, transfer_moments
+from fastgrad.optim.projectors import RIGHT, resolve_side
+
+__all__ = ["Frugal"]
+
+INACTIVE_RULES = ("sign_sgd", "sgd", "no")
+# Projectors whose P has orthonormal rows/columns: at full rank up(down(G)) = G exactly.
+_ORTHONORMAL = ("svd", "randomized", "dct")
+
+
+class Frugal(LowRankOptimizer):
+    """FRUGAL gradient splitting with GaLore-type (projection) subspaces.
+
+    Param groups: a group with ``rank`` or ``density`` is a FRUGAL group (every weight 2-D); any
+    other group is plain torch-style AdamW. FRUGAL group keys and defaults:
+      ``density`` ρ = the constructor's ``density`` (0.25), used when ``rank`` is absent or None:
+      per weight r = max(1, round(ρ·c)), c the compressed dimension (n on the right side, m on the
+      left; min(m, n) for the default "std" side); ``rank`` (int) instead fixes r for all weights
+      (r' = min(r, m, n)); ``update_proj_gap`` T = 200; ``projector`` = "svd" (default) |
+      "randomized" | "dct" | "random" (:mod:`fastgrad.optim.projectors`); ``proj_side`` = "std" |
+      "reverse_std" | "left" | "right"; ``reset_statistics`` = True; ``inactive_update_rule`` =
+      "sign_sgd" | "sgd" | "no"; ``inactive_lr_scale`` = 1.0 (0.1 is the reference's fine-tuning
+      value); ``state_transfer`` = False (only used with ``reset_statistics=False``); ``seed`` = 0.
+      The base class's ``scale`` key (GaLore's α) is ignored: scale the group's ``lr`` instead
+      (the reference's ``proj_params_lr_scale``).
+
+    Step for a weight W (m×n), gradient G, k its 0-based step count (``state["step"]``):
+        if k % T == 0:  P = projector(G);  if reset_statistics: M, V ← 0, t ← 0     # refresh
+        R = down(G, P)                                           # fastgrad.ops.lowrank_project
+        E = G − up(R, P)        # one m×n buffer: copy of G, then lowrank_project_back_add_(−1)
+        W ← W·(1 − lr·wd)                                        # decoupled decay, before the update
+        t += 1;  M ← β1 M + (1−β1) R;  V ← β2 V + (1−β2) R⊙R
+        W ← W − (lr/(1−β1^t)) · up(M / (√V/√(1−β2^t) + ε), P)     # lowrank_project_back_add_ into W
+        W ← W − lr·s·sign(E)    (sign_sgd; sgd: − lr·s·E; no: nothing), s = inactive_lr_scale
+    t is ``state["adam_step"]`` (restarts at each refresh); ``state["step"]`` keeps counting so that
+    seeded projectors (random, randomized) draw a new subspace at every refresh. Other parameters:
+    torch.optim.AdamW (decay first, bias-corrected, ε outside the corrected √V̂).
+
+    Differences from the reference implementation (FRUGAL's ``GaloreOptimizer`` + AdamW):
+      * defaults: weight_decay 0.0 (the reference's code default is 0.01; its pre-training recipe
+        uses 0); no ``proj_params_lr_scale`` key (use the group's ``lr``);
+      * the refresh is decided per weight (k % T == 0 on its own count), not from the group's first
+        parameter: identical whenever all weights of a group step together;
+      * with an orthonormal projector at full rank (r' = c) E is exactly zero and the state-free
+        update is skipped instead of taking sign() of rounding noise;
+      * "random" is fastgrad's seeded Gaussian N(0, 1/r') projector (regenerated, not stored), not
+        ``nn.init.orthogonal_`` from the global RNG; "randperm" is not offered;
+      * state is tensors and ints (``torch.load(..., weights_only=True)``), a non-finite gradient
+        skips that weight's step (``nonfinite="skip"``) or raises (``"raise"``), as in the base class.
+
+    Optimizer-state bytes (fp32; d = min(m,n), D = max(m,n), std side): Σ_FRUGAL [2·D·r'·4 (M, V)
+    + P], P = r'·d·4 (svd, randomized), 4·r' (dct indices), 0 (random); Σ_other 2·m·n·4.
+    :meth:`state_bytes` sums the actual tensors. Transient per weight and step: R, and the one m×n
+    residual buffer E (freed before the next weight).
+    """
+
+    moment_keys = ("exp_avg", "exp_avg_sq")
+    update_reads_grad = True  # the residual E reads the full gradient
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        density: float = 0.25,
+        reset_statistics: bool = True,
+        inactive_update_rule: str = "sign_sgd",
+        inactive_lr_scale: float = 1.0,
+        nonfinite: str = "skip",
+    ) -> None:
+        if lr < 0.0:
+            raise ValueError(f"Frugal: invalid learning rate {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Frugal: betas must be in [0, 1), got {betas}")
+        if eps < 0.0:
+            raise ValueError(f"Frugal: invalid eps {eps}")
+        # Defaults of FRUGAL groups only (torch's ``defaults`` would put them into every group).
+        self._frugal_defaults = {
+            "density": density,
+            "reset_statistics": reset_statistics,
+            "inactive_update_rule": inactive_update_rule,
+            "inactive_lr_scale": inactive_lr_scale,
+        }
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    # ------------------------------------------------------------------ param groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "density" in param_group:
+            if param_group.get("rank") is not None:
+                raise ValueError("Frugal: give a group 'rank' or 'density', not both")
+            param_group["rank"] = None
+        super().add_param_group(param_group)
+
+    def _normalize_lowrank_group(self, group: dict[str, Any]) -> None:
+        if group["rank"] is None:
+            density = group.setdefault("density", self._frugal_defaults["density"])
+            if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+                raise ValueError(f"Frugal: 'density' must be in (0, 1], got {density!r}")
+            group["rank"] = 1  # the base class validates an int rank; r is per weight here
+            try:
+                super()._normalize_lowrank_group(group)
+            finally:
+                group["rank"] = None
+        else:
+            super()._normalize_lowrank_group(group)
+        for key in ("reset_statistics", "inactive_update_rule", "inactive_lr_scale"):
+            group.setdefault(key, self._frugal_defaults[key])
+        if group["inactive_update_rule"] not in INACTIVE_RULES:
+            raise ValueError(
+                f"Frugal: inactive_update_rule must be one of {INACTIVE_RULES}, got {group['inactive_update_rule']!r}"
+            )
+
+    def rank_of(self, group: dict[str, Any], p: torch.Tensor) -> int:
+        """The rank requested for weight ``p`` of FRUGAL group ``group`` (before clipping to min(m, n))."""
+        if group["rank"] is not None:
+            return group["rank"]
+        side = resolve_side(group["proj_side"], p.shape)
+        compressed = p.shape[1] if side == RIGHT else p.shape[0]
+        return max(1, round(group["density"] * compressed))
+
+    def _with_rank(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+        return group if group["rank"] is not None else {**group, "rank": self.rank_of(group, p)}
+
+    def _prepare(self, group, p, proj, grad=None) -> ParamStep:
+        # The base class reads group["rank"] only when it sets up a new parameter's projector.
+        if proj is None or self.state[p] or group["rank"] is not None:
+            return super()._prepare(group, p, proj, grad)
+        item = super()._prepare(self._with_rank(group, p), p, proj, grad)
+        item.group = group
+        return item
+
+    def _check_param_state(self, name, gi, idx, group, p, st) -> None:
+        if "rank" in group:
+            group = self._with_rank(group, p)
+        super()._check_param_state(name, gi, idx, group, p, st)
+
+    # ------------------------------------------------------------------ update
+    def _update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        lowrank = "rank" in group
+        step_key = "adam_step" if lowrank else "step"
+        for it in items:
+            st = it.state
+            refreshed = it.snapshot is not None
+            if "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros_like(it.low)
+                st["exp_avg_sq"] = torch.zeros_like(it.low)
+                if lowrank:
+                    st["adam_step"] = 0
+            elif lowrank and refreshed and group["reset_statistics"]:
+                st["exp_avg"].zero_()
+                st["exp_avg_sq"].zero_()
+                st["adam_step"] = 0
+            elif it.proj_old is not None:
+                transfer_moments(st["exp_avg"], st["exp_avg_sq"], it.proj_old, self.proj_matrix(it), st["proj_side"])
+        params = [it.param for it in items]
+        if wd != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        firsts = [it.state["exp_avg"] for it in items]
+        seconds = [it.state["exp_avg_sq"] for it in items]
+        lows = [it.low for it in items]
+        torch._foreach_mul_(firsts, beta1)
+        torch._foreach_add_(firsts, lows, alpha=1.0 - beta1)
+        torch._foreach_mul_(seconds, beta2)
+        torch._foreach_addcmul_(seconds, lows, lows, value=1.0 - beta2)
+        del lows
+        for it, first, second in zip(items, firsts, seconds, strict=True):
+            st = it.state
+            if lowrank:
+                st["step"] += 1  # schedule counter (refreshes); never reset
+                p_mat = self.proj_matrix(it)
+                self._state_free_update(group, it, p_mat, lr)  # reads R: before it is freed
+            it.low = None
+            st[step_key] += 1
+            t = st[step_key]
+            bias1 = 1.0 - beta1**t
+            bias2_sqrt = math.sqrt(1.0 - beta2**t)
+            denom = second.sqrt().div_(bias2_sqrt).add_(eps)
+            if lowrank:
+                normed = torch.div(first, denom, out=denom)
+                lowrank_project_back_add_(it.param, normed, p_mat, it.side, -lr / bias1)
+            else:
+                it.param.addcdiv_(first, denom, value=-lr / bias1)
+            it.proj = it.proj_old = None
+
+    def _state_free_update(self, group: dict[str, Any], it: ParamStep, p_mat: torch.Tensor, lr: float) -> None:
+        """W ← W − lr·s·sign(E) (or ·E), E = G − up(down(G)) formed in one m×n buffer."""
+        rule = group["inactive_update_rule"]
+        alpha = -lr * group["inactive_lr_scale"]
+        if rule == "no" or alpha == 0.0:
+            return
+        st = it.state
+        compressed = it.param.shape[1] if st["proj_side"] == RIGHT else it.param.shape[0]
+        if st["proj_rank"] == compressed and group["projector"] in _ORTHONORMAL:
+            return  # full rank, orthonormal P: E = 0 exactly
+        resid = it.param.grad.clone(memory_format=torch.contiguous_format)
+        lowrank_project_back_add_(resid, it.low, p_mat, it.side, -1.0)
+        if rule == "sign_sgd":
+            resid.sign_()
+        it.param.add_(resid, alpha=alpha)

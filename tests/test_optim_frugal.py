@@ -1,0 +1,214 @@
+"""Frugal (FRUGAL, GaLore-type subspaces): the update against a direct torch computation of the
+formulas, statistics reset at refresh, inactive rules, fast path, checkpoints, NaN policy, training."""
+
+import io
+
+import pytest
+import torch
+from optim_common import N_LOWRANK, OpCounter, tiny_model, token_batches
+
+from fastgrad.optim import Frugal, galore_param_groups
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def train(model, opt, batches) -> list[float]:
+    losses = []
+    for ids in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = model(ids, ids)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def make_opt(model, gap=2, *, lr=3e-3, weight_decay=0.1, **group_kwargs):
+    groups = galore_param_groups(model, rank=None, update_proj_gap=gap, density=0.25, **group_kwargs)
+    return Frugal(groups, lr=lr, weight_decay=weight_decay)
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the update == the formulas
+# ------------------------------------------------------------------------------------------------
+
+
+def _down(g, p, right):
+    return g @ p.T if right else p.T @ g
+
+
+def _up(x, p, right):
+    return x @ p if right else p @ x
+
+
+@pytest.mark.parametrize(("rule", "inactive_scale"), [("sign_sgd", 1.0), ("sgd", 0.5), ("no", 1.0)])
+def test_update_matches_formulas(rule, inactive_scale):
+    lr, wd, (b1, b2), eps, gap, steps = 1e-2, 0.1, (0.9, 0.999), 1e-8, 3, 5
+    gen = torch.Generator().manual_seed(0)
+    tall = torch.nn.Parameter(torch.randn(12, 8, generator=gen))  # right side, r = round(0.5·8) = 4
+    wide = torch.nn.Parameter(torch.randn(6, 10, generator=gen))  # left side, r = round(0.5·6) = 3
+    bias = torch.nn.Parameter(torch.randn(5, generator=gen))  # plain AdamW
+    params = [tall, wide, bias]
+    opt = Frugal(
+        [{"params": [tall, wide], "density": 0.5, "update_proj_gap": gap}, {"params": [bias]}],
+        lr=lr,
+        weight_decay=wd,
+        inactive_update_rule=rule,
+        inactive_lr_scale=inactive_scale,
+    )
+    ref = [{"w": p.detach().clone(), "m": None, "v": None, "t": 0} for p in params]
+    for k in range(steps):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        for i, (p, g, r) in enumerate(zip(params, grads, ref, strict=True)):
+            st = opt.state[p]
+            r["w"].mul_(1 - lr * wd)
+            if i == 2:
+                low = g
+            else:
+                right = i == 0
+                proj = st["proj"]
+                if k % gap == 0:  # refresh: P spans the top-r singular subspace of this G
+                    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+                    basis = vh[: st["proj_rank"]].T if right else u[:, : st["proj_rank"]]
+                    mine = proj.T if right else proj
+                    torch.testing.assert_close(mine @ mine.T, basis @ basis.T, atol=1e-5, rtol=0)
+                    r["m"] = r["v"] = None  # reset_statistics
+                    r["t"] = 0
+                low = _down(g, proj, right)
+            if r["m"] is None:
+                r["m"], r["v"] = torch.zeros_like(low), torch.zeros_like(low)
+            r["t"] += 1
+            t = r["t"]
+            r["m"] = b1 * r["m"] + (1 - b1) * low
+            r["v"] = b2 * r["v"] + (1 - b2) * low * low
+            n = (r["m"] / (1 - b1**t)) / ((r["v"] / (1 - b2**t)).sqrt() + eps)
+            if i == 2:
+                r["w"] -= lr * n
+            else:
+                r["w"] -= lr * _up(n, proj, right)
+                resid = g - _up(low, proj, right)
+                if rule == "sign_sgd":
+                    r["w"] -= lr * inactive_scale * resid.sign()
+                elif rule == "sgd":
+                    r["w"] -= lr * inactive_scale * resid
+                assert st["adam_step"] == t and st["step"] == k + 1
+            torch.testing.assert_close(p.detach(), r["w"], atol=2e-6, rtol=1e-5)
+            torch.testing.assert_close(st["exp_avg"], r["m"], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(st["exp_avg_sq"], r["v"], atol=1e-6, rtol=1e-5)
+        if k == gap:  # statistics restarted at the refresh: one fresh Adam step
+            assert opt.state[tall]["adam_step"] == 1 and opt.state[bias]["step"] == k + 1
+            low = _down(grads[0], opt.state[tall]["proj"], True)
+            torch.testing.assert_close(opt.state[tall]["exp_avg"], (1 - b1) * low)
+    assert opt.state[tall]["exp_avg"].shape == (12, 4) and opt.state[wide]["exp_avg"].shape == (3, 10)
+
+
+def test_random_projector_draws_new_subspace_and_rank_options():
+    w = torch.nn.Parameter(torch.randn(16, 8))
+    opt = Frugal([{"params": [w], "rank": 3, "projector": "random", "update_proj_gap": 2}], lr=1e-2)
+    proj = opt._projector(opt.param_groups[0])
+    mats = []
+    for _ in range(3):
+        w.grad = torch.randn(16, 8)
+        opt.step()
+        mats.append(proj.matrix(opt.state[w], w))
+    assert opt.state[w]["proj_rank"] == 3 and torch.equal(mats[0], mats[1])
+    assert not torch.allclose(mats[1], mats[2])  # refresh at step 2 draws a new P
+    with pytest.raises(ValueError, match="not both"):
+        Frugal([{"params": [w], "rank": 3, "density": 0.5}])
+    with pytest.raises(ValueError, match="density"):
+        Frugal([{"params": [w], "density": 1.5}])
+    with pytest.raises(ValueError, match="inactive_update_rule"):
+        Frugal([{"params": [w], "density": 0.5}], inactive_update_rule="adam")
+
+
+def test_state_bytes_formula():
+    model = tiny_model()
+    opt = make_opt(model)
+    train(model, opt, token_batches(1))
+    expected = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if "rank" in group:
+                r = opt.state[p]["proj_rank"]
+                expected += 2 * max(p.shape) * r * 4 + r * min(p.shape) * 4
+            else:
+                expected += 2 * p.numel() * 4
+    assert opt.state_bytes() == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# fast path, checkpoints, NaN policy, training
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rule", "back_adds"), [("sign_sgd", 2 * N_LOWRANK), ("no", N_LOWRANK)])
+def test_step_runs_through_fastgrad_ops(rule, back_adds):
+    model = tiny_model()
+    opt = make_opt(model, gap=2, inactive_update_rule=rule)
+    for ids in token_batches(3):  # steps 0 (refresh), 1, 2 (refresh)
+        opt.zero_grad()
+        model(ids, ids).backward()
+        with OpCounter() as counter:
+            opt.step()
+        assert counter.calls["fastgrad.lowrank_project"] == N_LOWRANK
+        # one back-projection into W, plus one into the residual buffer E for the state-free part
+        assert counter.calls["fastgrad.lowrank_project_back_add_"] == back_adds
+
+
+def test_state_dict_resume_is_exact():
+    batches = token_batches(6)
+    model = tiny_model()
+    opt = make_opt(model, gap=2)
+    train(model, opt, batches)
+
+    first = tiny_model()
+    opt1 = make_opt(first, gap=2)
+    train(first, opt1, batches[:3])
+    saved = _roundtrip({"model": first.state_dict(), "opt": opt1.state_dict()})
+    resumed = tiny_model(seed=5)
+    resumed.load_state_dict(saved["model"])
+    opt2 = make_opt(resumed, gap=2)
+    opt2.load_state_dict(saved["opt"])
+    train(resumed, opt2, batches[3:])
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_nonfinite_gradient_is_skipped():
+    model = tiny_model()
+    opt = make_opt(model, gap=2)
+    batches = token_batches(3)
+    train(model, opt, batches[:2])
+    target = model.model.layers[0].self_attn.q_proj.weight
+    before_w = target.detach().clone()
+    before_st = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[target].items()}
+    other = model.model.layers[1].mlp.down_proj.weight
+    other_before = other.detach().clone()
+    opt.zero_grad()
+    model(batches[2], batches[2]).backward()
+    target.grad[0, 0] = float("nan")
+    opt.step()  # step 2: a refresh step, the projector must be rolled back too
+    assert opt.nonfinite_steps == 1
+    assert torch.equal(target, before_w)
+    for k, v in before_st.items():
+        st = opt.state[target][k]
+        assert torch.equal(st, v) if isinstance(v, torch.Tensor) else st == v, k
+    assert not torch.equal(other, other_before)
+
+
+def test_loss_decreases_on_tiny_llama():
+    model = tiny_model()
+    opt = make_opt(model, gap=10, lr=3e-3, weight_decay=0.0)
+    ids = (torch.arange(33 * 4) % 8).reshape(4, 33)  # a repeated 8-token pattern
+    losses = train(model, opt, [ids] * 30)
+    assert losses[-1] < 0.5 * losses[0], losses
