@@ -79,7 +79,7 @@ def test_resume_with_a_different_config_is_refused(tmp_path, text_file, capsys):
     assert main(["pretrain", "--resume", str(tmp_path / "nothing-here")]) == 2
 
 
-@pytest.mark.parametrize("optim", ["adamw", "galore", "q-galore", "fira", "apollo", "apollo-mini"])
+@pytest.mark.parametrize("optim", ["adamw", "galore", "q-galore", "fira", "apollo", "apollo-mini", "frugal"])
 def test_every_optimizer_trains(tmp_path, text_file, optim):
     assert _run(tmp_path, text_file, "--optim", optim, "--rank", "8", "--steps", "4", "--name", optim) == 0
     losses = _losses(tmp_path / optim)

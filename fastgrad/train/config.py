@@ -3,8 +3,8 @@
 Recipes (ALGORITHMS.md §12): LLaMA 60M/130M/350M/1B/7B on C4 with sequence length 256, cosine
 schedule to 10% of the peak with 10% warmup. GaLore/Q-GaLore/Fira: lr 0.01, scale 0.25 (Fira
 0.0625 at 1B/7B), projector refresh every 200 steps (500 at 7B), rank 128/256/256/512/1024.
-APOLLO: rank 128/192/256/256/256, scale 1; APOLLO-Mini: rank 1, scale 128. AdamW baselines use
-lr 1e-3. ``tiny`` is sized so that the default run finishes in minutes on a 2-core CPU.
+APOLLO: rank 128/192/256/256/256, scale 1; APOLLO-Mini: rank 1, scale 128. FRUGAL: density 0.25,
+lr 1e-3. AdamW baselines use lr 1e-3. ``tiny`` is sized so that the default run finishes in minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class TrainConfig:
         cfg = dataclasses.replace(self)
         name = cfg.model.lower().removeprefix("llama-")
         cfg.model = name
-        if cfg.rank is None:
+        if cfg.rank is None and cfg.optim != "frugal":  # FRUGAL sizes each subspace by density instead
             if cfg.optim == "apollo-mini":
                 cfg.rank = 1
             else:
@@ -72,7 +72,7 @@ class TrainConfig:
         if cfg.update_proj_gap is None:
             cfg.update_proj_gap = UPDATE_PROJ_GAP.get(name, 200)
         if cfg.lr is None:
-            cfg.lr = FULL_RANK_LR if cfg.optim.startswith("adamw") else LOW_RANK_LR
+            cfg.lr = FULL_RANK_LR if cfg.optim in ("adamw", "frugal") else LOW_RANK_LR
         if cfg.steps is None:
             tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
             cfg.steps = -(-cfg.tokens // tokens_per_step) if cfg.tokens else DEFAULT_STEPS.get(name, 1000)

@@ -35,6 +35,15 @@ def _apollo(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _frugal(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """State-full AdamW in a subspace of density 0.25 per weight (or --rank), signSGD on the rest."""
+    from fastgrad.optim import Frugal, galore_param_groups
+
+    size = {"rank": cfg.rank} if cfg.rank is not None else {"rank": None, "density": 0.25}
+    groups = galore_param_groups(model, update_proj_gap=cfg.update_proj_gap, **size)
+    return Frugal(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def _qgalore(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Converts the model's attention and MLP Linear layers to INT8 QLinear (in place) first."""
     from fastgrad.nn import quantize_model
@@ -54,6 +63,7 @@ OPTIMIZERS: dict[str, Callable[[TrainConfig, torch.nn.Module], torch.optim.Optim
     "fira": _fira,
     "apollo": _apollo,
     "apollo-mini": _apollo,
+    "frugal": _frugal,
 }
 # Optimizers whose layer-wise mode (fastgrad.optim.layerwise) is supported.
 LAYERWISE = {"galore", "fira", "apollo", "apollo-mini"}
