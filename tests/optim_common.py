@@ -32,3 +32,32 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.calls[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
+
+
+def train(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: list[torch.Tensor]) -> list[float]:
+    """One optimizer step per batch (the batch is its own target); returns the losses."""
+    losses = []
+    for ids in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = model(ids, ids)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def state_tensors(opt: torch.optim.Optimizer) -> dict:
+    """A detached copy of every parameter's optimizer state, keyed by id(param)."""
+    return {
+        id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+        for p, st in opt.state.items()
+    }
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k

@@ -10,7 +10,16 @@ import math
 import pytest
 import torch
 from conftest import assert_close_report
-from optim_common import CONFIG, N_LOWRANK, OpCounter, tiny_model, token_batches
+from optim_common import (
+    CONFIG,
+    N_LOWRANK,
+    OpCounter,
+    assert_same_state,
+    state_tensors,
+    tiny_model,
+    token_batches,
+    train,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastgrad.optim import Apollo, ApolloMini, FiraAdamW, apollo_param_groups, galore_param_groups, make_projector
@@ -19,17 +28,6 @@ from fastgrad.optim.projectors import LEFT, RIGHT
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 BETAS, EPS = (0.9, 0.999), 1e-6
-
-
-def train(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: list[torch.Tensor]) -> list[float]:
-    losses = []
-    for ids in batches:
-        opt.zero_grad(set_to_none=True)
-        loss = model(ids, ids)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 def make_fira(model, rank=16, gap=20, scale=0.25, *, lr=3e-3, weight_decay=0.1, **opt_kwargs):
@@ -56,22 +54,6 @@ FACTORIES = {
         model, rank=1, gap=gap, cls=ApolloMini, lr=lr, weight_decay=weight_decay, opt_kwargs=kw
     ),
 }
-
-
-def state_tensors(opt: torch.optim.Optimizer) -> dict:
-    return {
-        id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
-        for p, st in opt.state.items()
-    }
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
 
 
 def _roundtrip(obj):

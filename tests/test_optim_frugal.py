@@ -5,22 +5,11 @@ import io
 
 import pytest
 import torch
-from optim_common import N_LOWRANK, OpCounter, tiny_model, token_batches
+from optim_common import N_LOWRANK, OpCounter, tiny_model, token_batches, train
 
 from fastgrad.optim import Frugal, galore_param_groups
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def train(model, opt, batches) -> list[float]:
-    losses = []
-    for ids in batches:
-        opt.zero_grad(set_to_none=True)
-        loss = model(ids, ids)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 def make_opt(model, gap=2, *, lr=3e-3, weight_decay=0.1, **group_kwargs):

@@ -8,7 +8,16 @@ import math
 import pytest
 import torch
 from conftest import assert_close_report
-from optim_common import CONFIG, N_LOWRANK, OpCounter, tiny_model, token_batches
+from optim_common import (
+    CONFIG,
+    N_LOWRANK,
+    OpCounter,
+    assert_same_state,
+    state_tensors,
+    tiny_model,
+    token_batches,
+    train,
+)
 
 from fastgrad.models import LlamaConfig, LlamaForCausalLM
 from fastgrad.ops import lowrank_project, lowrank_project_back
@@ -18,32 +27,9 @@ from fastgrad.optim.projectors import LEFT, RIGHT, dct_basis
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def train(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: list[torch.Tensor]) -> None:
-    for ids in batches:
-        opt.zero_grad(set_to_none=True)
-        model(ids, ids).backward()
-        opt.step()
-
-
 def make_opt(model, rank=16, gap=20, scale=0.25, *, lr=3e-3, weight_decay=0.1, opt_kwargs=None, **group_kwargs):
     groups = galore_param_groups(model, rank=rank, update_proj_gap=gap, scale=scale, **group_kwargs)
     return GaLoreAdamW(groups, lr=lr, weight_decay=weight_decay, **(opt_kwargs or {}))
-
-
-def state_tensors(opt: torch.optim.Optimizer) -> dict:
-    return {
-        id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
-        for p, st in opt.state.items()
-    }
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
 
 
 # ------------------------------------------------------------------------------------------------

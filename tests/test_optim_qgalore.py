@@ -6,8 +6,7 @@ import io
 
 import pytest
 import torch
-from optim_common import CONFIG, OpCounter
-from test_optim_galore import assert_same_state, state_tensors
+from optim_common import CONFIG, OpCounter, assert_same_state, state_tensors, train
 
 from fastgrad.models import LlamaConfig, LlamaForCausalLM
 from fastgrad.models.llama import RMSNorm
@@ -40,17 +39,6 @@ def pattern_batches(n: int, seed: int = 1) -> list[torch.Tensor]:
         start = torch.randint(0, 16, (8, 1), generator=gen)
         out.append(((start + torch.arange(33)) % 16) * 7)
     return out
-
-
-def train(model, opt, batches) -> list[float]:
-    losses = []
-    for ids in batches:
-        opt.zero_grad(set_to_none=True)
-        loss = model(ids, ids)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 def make_opt(model, rank=16, gap=3, *, lr=3e-3, opt_kwargs=None, **group_kwargs):
