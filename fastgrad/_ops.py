@@ -36,6 +36,9 @@ SCHEMAS: dict[str, str] = {
     "lowrank_project_back_add_": "(Tensor(a!) w, Tensor r, Tensor p, str side, float scale) -> ()",
     "lowrank_project_back_quantized_add_": "(Tensor(a!) w, Tensor r, Tensor p_codes, Tensor p_scales, Tensor p_zeros,"
     " int bits, str side, float scale) -> ()",
+    "lowrank_grad": "(Tensor dy, Tensor x, Tensor p, str side) -> Tensor",
+    "lowrank_grad_quantized": "(Tensor dy, Tensor x, Tensor p_codes, Tensor p_scales, Tensor p_zeros, int bits,"
+    " str side) -> Tensor",
 }
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -376,3 +379,70 @@ def _project_back_q_add_default(w, r, p_codes, p_scales, p_zeros, bits, side, sc
 
 
 _register("lowrank_project_back_quantized_add_")((_project_back_q_add_fake, _project_back_q_add_default))
+
+
+def check_grad_operands(op: str, dy: torch.Tensor, x: torch.Tensor, p_shape, p_dtype, p_device, side: str) -> None:
+    """dy (T×m) and x (T×n), the output gradient and the input of y = x Wᵀ (W m×n), and P
+    (left: m×r, right: r×n)."""
+    check_side(op, side)
+    _check(dy.dtype in FLOAT_DTYPES, op, "dy", "float32, bfloat16 or float16", dy.dtype)
+    _check(dy.dim() == 2, op, "dy", "a 2-d tensor (tokens×m)", f"a {dy.dim()}-d tensor")
+    _check(x.dim() == 2, op, "x", "a 2-d tensor (tokens×n)", f"a {x.dim()}-d tensor")
+    _check(x.dtype == dy.dtype, op, "x", f"of dy's dtype {dy.dtype}", x.dtype)
+    _check_same_device(op, "dy", dy, x=x)
+    _check(x.shape[0] == dy.shape[0], op, "x", f"with dy's {dy.shape[0]} rows (tokens)", tuple(x.shape))
+    _check(p_device == dy.device, op, "p", f"on dy's device {dy.device}", p_device)
+    if p_dtype is not None:
+        _check(p_dtype == dy.dtype, op, "p", f"of dy's dtype {dy.dtype}", p_dtype)
+    m, n = dy.shape[1], x.shape[1]
+    if side == "left":
+        _check(
+            p_shape[0] == m, op, "p", f"of shape ({m}, r) for side='left' with dy of shape {tuple(dy.shape)}", p_shape
+        )
+    else:
+        _check(
+            p_shape[1] == n, op, "p", f"of shape (r, {n}) for side='right' with x of shape {tuple(x.shape)}", p_shape
+        )
+
+
+def grad_shape(side: str, m: int, n: int, p_shape) -> tuple[int, int]:
+    """Shape of R = down(G) for the m×n weight gradient G."""
+    return (p_shape[1], n) if side == "left" else (m, p_shape[0])
+
+
+def check_lowrank_grad(dy, x, p, side) -> tuple[int, int]:
+    op = "lowrank_grad"
+    check_dense_p(op, p)
+    check_grad_operands(op, dy, x, tuple(p.shape), p.dtype, p.device, side)
+    return grad_shape(side, dy.shape[1], x.shape[1], p.shape)
+
+
+def _grad_fake(dy, x, p, side):
+    return dy.new_empty(check_lowrank_grad(dy, x, p, side))
+
+
+def _grad_default(dy, x, p, side):
+    check_lowrank_grad(dy, x, p, side)
+    return ref.lowrank_grad(dy, x, p, side)
+
+
+_register("lowrank_grad")((_grad_fake, _grad_default))
+
+
+def check_lowrank_grad_quantized(dy, x, p_codes, p_scales, p_zeros, bits, side) -> tuple[int, int]:
+    op = "lowrank_grad_quantized"
+    p_shape = check_quantized_p(op, p_codes, p_scales, p_zeros, bits)
+    check_grad_operands(op, dy, x, p_shape, None, p_codes.device, side)
+    return grad_shape(side, dy.shape[1], x.shape[1], p_shape)
+
+
+def _grad_q_fake(dy, x, p_codes, p_scales, p_zeros, bits, side):
+    return dy.new_empty(check_lowrank_grad_quantized(dy, x, p_codes, p_scales, p_zeros, bits, side))
+
+
+def _grad_q_default(dy, x, p_codes, p_scales, p_zeros, bits, side):
+    check_lowrank_grad_quantized(dy, x, p_codes, p_scales, p_zeros, bits, side)
+    return ref.lowrank_grad_quantized(dy, x, p_codes, p_scales, p_zeros, bits, side)
+
+
+_register("lowrank_grad_quantized")((_grad_q_fake, _grad_q_default))

@@ -219,3 +219,24 @@ def lowrank_project_back_quantized(r, p_codes, p_scales, p_zeros, bits, side, sc
 def lowrank_project_back_quantized_add_(w, r, p_codes, p_scales, p_zeros, bits, side, scale) -> None:
     p = dequantize_projector(p_codes, p_scales, p_zeros, bits, torch.float32)
     lowrank_project_back_add_(w, r, p, side, scale)
+
+
+def lowrank_grad(dy: torch.Tensor, x: torch.Tensor, p: torch.Tensor, side: str) -> torch.Tensor:
+    """R = down(G, P) of the weight gradient G = dyᵀ x (m×n) of y = x Wᵀ, without forming G.
+
+    dy (T×m), x (T×n).  right, P (r×n): R = G Pᵀ = dyᵀ (x Pᵀ) -> m×r.
+                        left,  P (m×r): R = Pᵀ G = (dy P)ᵀ x  -> r×n.
+    T·(m+n)·r multiply-adds instead of T·m·n (+ m·n·r). The T×r intermediate Z is kept in fp32;
+    fp32 accumulation; the result has dy's dtype.
+    """
+    dy32, x32, p32 = dy.float(), x.float(), p.float()
+    if side == "left":
+        out = (dy32 @ p32).t() @ x32
+    else:
+        out = dy32.t() @ (x32 @ p32.t())
+    return out.to(dy.dtype)
+
+
+def lowrank_grad_quantized(dy, x, p_codes, p_scales, p_zeros, bits, side):
+    p = dequantize_projector(p_codes, p_scales, p_zeros, bits, torch.float32)
+    return lowrank_grad(dy, x, p, side)

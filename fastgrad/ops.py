@@ -29,6 +29,7 @@ __all__ = [
     "lowrank_project",
     "lowrank_project_back",
     "lowrank_project_back_add_",
+    "lowrank_grad",
 ]
 
 
@@ -180,3 +181,29 @@ def lowrank_project_back_add_(
     else:
         torch.ops.fastgrad.lowrank_project_back_add_(w, r, p, side, scale)
     return w
+
+
+def lowrank_grad(dy: torch.Tensor, x: torch.Tensor, p: torch.Tensor | QuantizedTensor, side: str) -> torch.Tensor:
+    """The projected weight gradient of ``y = x Wᵀ`` (W m×n), without forming the gradient.
+
+    ``dy`` (..., m) is the gradient of y, ``x`` (..., n) the layer's input (leading dimensions,
+    e.g. batch and sequence, are flattened into T tokens); G = dyᵀ x would be m×n. Returns
+    ``lowrank_project(G, p, side)``:
+
+    side="right": p is r×n, returns G Pᵀ = dyᵀ (x Pᵀ)   (m×r);
+    side="left":  p is m×r, returns Pᵀ G = (dy P)ᵀ x    (r×n);
+
+    in T·(m+n)·r multiply-adds instead of T·m·n, with a T×r intermediate instead of an m×n one.
+    ``p`` may be a dense tensor of dy's dtype or a :class:`QuantizedTensor` (dequantization fused
+    into the matmul, as in :func:`lowrank_project`). Accumulates in fp32; the result has dy's dtype.
+    """
+    if dy.dim() < 1 or x.dim() < 1 or dy.shape[:-1] != x.shape[:-1]:
+        raise ValueError(
+            f"fastgrad.lowrank_grad: 'dy' (..., m) and 'x' (..., n) must share their leading dimensions, "
+            f"got shapes {tuple(dy.shape)} and {tuple(x.shape)}"
+        )
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    if isinstance(p, QuantizedTensor):
+        return torch.ops.fastgrad.lowrank_grad_quantized(dy2, x2, p.codes, p.scales, p.zeros, p.bits, side)
+    return torch.ops.fastgrad.lowrank_grad(dy2, x2, p, side)

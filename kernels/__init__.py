@@ -3,10 +3,13 @@
 ``TRITON_KERNELS`` maps an op name of ``fastgrad/_ops.py`` to its Triton launcher;
 ``fastgrad/_backends.py`` registers each for ``cuda`` (and ``cpu`` under ``TRITON_INTERPRET=1``).
 One file per op family: ``quant.py`` (quantizers, bf16 stochastic rounding), ``project.py``
-(low-rank projections, dense or with a fused-dequantized INT4/INT8 projector).
+(low-rank projections and the low-rank weight gradient, dense or with a fused-dequantized
+INT4/INT8 projector).
 """
 
 from .project import (
+    lowrank_grad_quantized_triton,
+    lowrank_grad_triton,
     lowrank_project_back_add_triton,
     lowrank_project_back_quantized_add_triton,
     lowrank_project_back_quantized_triton,
@@ -34,4 +37,6 @@ TRITON_KERNELS: dict = {
     "lowrank_project_back_quantized": lowrank_project_back_quantized_triton,
     "lowrank_project_back_add_": lowrank_project_back_add_triton,
     "lowrank_project_back_quantized_add_": lowrank_project_back_quantized_add_triton,
+    "lowrank_grad": lowrank_grad_triton,
+    "lowrank_grad_quantized": lowrank_grad_quantized_triton,
 }

@@ -8,6 +8,11 @@ The four products (``_reference.py``: G is m×n, P is m×r for side "left", r×n
     lowrank_project_back  left:  U = scale · P R   (m×r)(r×n)   K = r
                           right: U = scale · R P   (m×r)(r×n)   K = r
 
+and the two products of the low-rank weight gradient (dy T×m, x T×n, G = dyᵀ x never formed)
+
+    lowrank_grad          right: Z = x Pᵀ          (T×n)(n×r)   K = n   then R = dyᵀ Z  (m×T)(T×r)  K = T
+                          left:  Zᵀ = Pᵀ dyᵀ       (r×m)(m×T)   K = m   then R = Zᵀ x   (r×T)(T×n)  K = T
+
 are all ``C[M, N] = scale · Σ_k A[M, k] B[k, N]`` with A and B addressed by strides: a transpose is
 a swap of strides, never a copy, and any strided G, R or dense P works. One kernel serves them
 all: ``_lowrank_matmul``. A quantized P is one of A or B (``Q_IS_A``), read either as P or as Pᵀ
@@ -43,6 +48,8 @@ import triton
 import triton.language as tl
 
 from fastgrad._ops import (
+    check_lowrank_grad,
+    check_lowrank_grad_quantized,
     check_lowrank_project,
     check_lowrank_project_back,
     check_lowrank_project_back_add,
@@ -299,3 +306,42 @@ def lowrank_project_back_quantized_add_triton(w, r, p_codes, p_scales, p_zeros, 
     """In place: w (m×n, any float dtype) += scale · (P R | R P) with a quantized P."""
     check_lowrank_project_back_quantized_add(w, r, p_codes, p_scales, p_zeros, bits, side)
     _back_quantized(r, p_codes, p_scales, p_zeros, bits, side, scale, w, True)
+
+
+def _grad(dy, x, side, M, N, p_operand):
+    """R (M×N, dy's dtype) = down(dyᵀ x, P) in two products through Z (T×r, dy's dtype).
+
+    ``p_operand(role)`` gives (tensor, strides, quant) of P for role "pT_right" (B = Pᵀ, n×r) or
+    "pT_left" (A = Pᵀ, r×m). Z is stored in dy's dtype: on a GPU the second product feeds it to the
+    tensor cores in that dtype anyway; in fp32 (and under the interpreter) it is exact fp32.
+    """
+    T = dy.shape[0]
+    out = torch.empty((M, N), dtype=dy.dtype, device=dy.device)
+    if side == "right":  # Z = x Pᵀ (T×r), then R = dyᵀ Z (m×r)
+        rank = N
+        z = torch.empty((T, rank), dtype=dy.dtype, device=dy.device)
+        p_t, p_strides, quant = p_operand("pT_right")
+        _matmul(x, x.stride(), p_t, p_strides, T, rank, x.shape[1], z, 1.0, quant)
+        return _matmul(dy, (dy.stride(1), dy.stride(0)), z, z.stride(), M, N, T, out, 1.0)
+    rank = M  # Zᵀ = Pᵀ dyᵀ (r×T), then R = Zᵀ x (r×n)
+    zt = torch.empty((rank, T), dtype=dy.dtype, device=dy.device)
+    p_t, p_strides, quant = p_operand("pT_left")
+    _matmul(p_t, p_strides, dy, (dy.stride(1), dy.stride(0)), rank, T, dy.shape[1], zt, 1.0, quant)
+    return _matmul(zt, zt.stride(), x, x.stride(), M, N, T, out, 1.0)
+
+
+def lowrank_grad_triton(dy, x, p, side):
+    """right: dyᵀ (x Pᵀ), p (r×n) -> (m×r).  left: (dy P)ᵀ x, p (m×r) -> (r×n).  dy (T×m), x (T×n)."""
+    M, N = check_lowrank_grad(dy, x, p, side)
+    return _grad(dy, x, side, M, N, lambda role: (p, (p.stride(1), p.stride(0)), None))
+
+
+def lowrank_grad_quantized_triton(dy, x, p_codes, p_scales, p_zeros, bits, side):
+    """As ``lowrank_grad_triton`` with P given as INT4 (packed) / INT8 codes + fp32 scales/zeros."""
+    M, N = check_lowrank_grad_quantized(dy, x, p_codes, p_scales, p_zeros, bits, side)
+    p_shape = (p_codes.shape[0], p_codes.shape[1] * (8 // bits))
+
+    def operand(role):  # Pᵀ as B (right) or as A (left): the quantized P read transposed
+        return p_codes, (0, 0), _quant(role == "pT_left", True, bits, p_codes, p_scales, p_zeros, p_shape)
+
+    return _grad(dy, x, side, M, N, operand)

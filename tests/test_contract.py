@@ -46,6 +46,19 @@ def _samples(device):
                 1.0,
             ),
         ],
+        "lowrank_grad": [
+            (torch.randn(30, 48, device=device), torch.randn(30, 40, device=device), p_left, "left"),
+            (
+                torch.randn(30, 48, device=device, dtype=torch.bfloat16),
+                torch.randn(30, 40, device=device, dtype=torch.bfloat16),
+                p_right.bfloat16(),
+                "right",
+            ),
+        ],
+        "lowrank_grad_quantized": [
+            (torch.randn(30, 48, device=device), torch.randn(30, 40, device=device), *q4_right[:3], 4, "right"),
+            (torch.randn(30, 48, device=device), torch.randn(30, 40, device=device), *q8_left[:3], 8, "left"),
+        ],
         "lowrank_project_back_quantized_add_": [
             (
                 g.clone(),
@@ -93,7 +106,19 @@ def _bad_calls():
     p_left = torch.randn(48, 8)
     F = torch.ops.fastgrad
     low_left = torch.randn(8, 40)
+    dy, xin = torch.randn(30, 48), torch.randn(30, 40)
+    q8_left = ops.quantize_int8(p_left, 8)
     return [
+        ("lowrank_grad", "x", lambda: F.lowrank_grad(dy, xin[:29], p_left, "left")),  # token counts differ
+        ("lowrank_grad", "x", lambda: F.lowrank_grad(dy, xin.double(), p_left, "left")),
+        ("lowrank_grad", "dy", lambda: F.lowrank_grad(dy.int(), xin, p_left, "left")),
+        ("lowrank_grad", "dy", lambda: F.lowrank_grad(dy[None], xin, p_left, "left")),
+        ("lowrank_grad", "p", lambda: F.lowrank_grad(dy, xin, p_left[:40], "left")),
+        ("lowrank_grad", "p", lambda: F.lowrank_grad(dy, xin, torch.randn(8, 48), "right")),  # P of the other side
+        ("lowrank_grad", "p", lambda: F.lowrank_grad(dy, xin, p_left.bfloat16(), "left")),
+        ("lowrank_grad", "side", lambda: F.lowrank_grad(dy, xin, p_left, "both")),
+        ("lowrank_grad_quantized", "p", lambda: F.lowrank_grad_quantized(dy, xin, *q8_left[:3], 8, "right")),
+        ("lowrank_grad_quantized", "bits", lambda: F.lowrank_grad_quantized(dy, xin, *q8_left[:3], 3, "left")),
         (
             "lowrank_project_back_add_",
             "w",

@@ -389,3 +389,44 @@ BAD_CALLS = [
 def test_bad_arguments_name_op_and_argument(op, arg, call):
     with pytest.raises(RuntimeError, match=re.escape(f"fastgrad.{op}: argument '{arg}' must be")):
         call()
+
+
+# lowrank_grad: T large enough for tn_matmul_f32 to run several blocks of tokens with bf16/fp16
+# inputs (blocks of 2**20 / (k1 + k2) rows), and the blocked quantized/low-precision projection of
+# x (right) or dyᵀ (a transposed view, left).
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("kind", ["dense", "int8", "int4"])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_lowrank_grad_within_bound_of_reference(side, kind, dtype):
+    tokens, m, n, r = 5000, 200, 36, 16
+    gen = torch.Generator().manual_seed(tokens + r)
+    dy = torch.randn(tokens, m, generator=gen).to(dtype)
+    x = torch.randn(tokens, n, generator=gen).to(dtype)
+    if kind == "dense":
+        p_args = (_dense_p(side, m, n, r, gen).to(dtype),)
+        p = p_args[0].float()
+        got = F.lowrank_grad(dy, x, *p_args, side)
+    else:
+        bits = int(kind[-1])
+        q = _random_quantized_p(side, m, n, r, bits, gen) if side == "right" else None
+        if q is None:  # left P is m×r: groups of 8 (INT8) / 4 (INT4) along r
+            gs = 8 if bits == 8 else 4
+            q = ref.quantize(torch.randn(m, r, generator=gen) / r**0.5, bits, gs, False, False, 0, 0)
+            q = (ref.pack_int4(q[0]), q[1], q[2]) if bits == 4 else q
+        p_args = (*q, bits)
+        p = ref.dequantize_projector(*q, bits, torch.float32)
+        got = F.lowrank_grad_quantized(dy, x, *p_args, side)
+    expected = ref.lowrank_grad(dy, x, p.to(dtype) if kind == "dense" else p, side)
+    # Bound: both sides evaluate a product of three fp32 matrices (dyᵀ, x, P) in two GEMMs with
+    # the intermediate kept in fp32; each GEMM's sums obey Higham's γ_K bound (K = T, then n or m),
+    # so each result is within (γ_T + γ_K2 + γ_T·γ_K2)·(|dy|ᵀ|x||P|) of the exact product and they
+    # differ by twice that; then one rounding to dtype each (see _assert_within_matmul_bound).
+    dyd, xd, pd = dy.double().abs(), x.double().abs(), p.double().abs()
+    chain = (pd.t() @ dyd.t()) @ xd if side == "left" else dyd.t() @ (xd @ pd.t())
+    u = 2.0**-24
+    g1, g2 = tokens * u / (1 - tokens * u), max(m, n) * u / (1 - max(m, n) * u)
+    v = OUT_UNIT[dtype]
+    act, exp = got.double(), expected.double()
+    assert got.dtype == dtype and got.shape == expected.shape
+    bound = 2 * (g1 + g2 + g1 * g2) * chain + v / (1 - v) * (act.abs() + exp.abs()) + 2.0**-24
+    assert ((act - exp).abs() <= bound).all(), ((act - exp).abs() - bound).max()

@@ -1,4 +1,5 @@
-"""Numerics of the low-rank projection ops (dense and INT4/INT8 P) against fastgrad/_reference.py."""
+"""Numerics of the low-rank projection ops and the low-rank weight gradient (dense and INT4/INT8 P)
+against fastgrad/_reference.py."""
 
 import pytest
 import torch
@@ -99,3 +100,39 @@ def test_back_add_accumulates_in_place(device, side, p_kind, dtype, w_dtype):
     # One rounding of an fp32 sum to W's dtype; only the summation order of the K = r products
     # differs from the reference (see RTOL).
     assert_close_report(w.cpu(), expected, RTOL[w_dtype], "back_add")
+
+
+# lowrank_grad: R = down(dyᵀ x, P) without G. Compared with projecting the full fp32 gradient.
+# Exact math agrees; the two sides sum the T·m·n products in different orders and through a
+# T×r intermediate (fp32), so fp32 results differ by ~sqrt(T + n)·2^-24 relative (1e-5 is ample).
+# For bf16/fp16 inputs the backends may round the intermediate Z to the input dtype (Triton on a
+# GPU does; see kernels/project.py) and round R once: two roundings of 2^-9 (bf16) / 2^-12 (fp16)
+# on values whose relative size is O(1) after the fp32 sums, so 1.6e-2 / 2e-3.
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("p_kind", ["dense", "int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("m", "n", "r"), SHAPES)
+def test_lowrank_grad_equals_projected_full_gradient(device, side, p_kind, dtype, m, n, r):
+    tokens = 3 * 37  # (batch, sequence) = (3, 37): leading dimensions are flattened
+    gen = torch.Generator().manual_seed(m * n + r)
+    dy = torch.randn(3, 37, m, generator=gen).to(dtype).to(device)
+    x = torch.randn(3, 37, n, generator=gen).to(dtype).to(device)
+    p = torch.randn(_p_shape(side, m, n, r), generator=gen)
+    if p_kind == "dense":
+        p_arg, p_hat = p.to(dtype).to(device), p.to(dtype).float()
+    else:
+        group = 8 if side == "left" else (16 if n % 16 == 0 else 14)
+        p_arg = ops.quantize(p.to(device), 8 if p_kind == "int8" else 4, group)
+        p_hat = p_arg.dequantize(torch.float32).cpu()
+    full_g = dy.cpu().float().reshape(tokens, m).t() @ x.cpu().float().reshape(tokens, n)
+    low = ops.lowrank_grad(dy, x, p_arg, side)
+    assert low.dtype == dtype and low.shape == ((r, n) if side == "left" else (m, r))
+    assert_close_report(low.cpu(), ref.lowrank_project(full_g, p_hat, side), GRAD_RTOL[dtype], "lowrank_grad")
+
+
+def test_lowrank_grad_rejects_mismatched_leading_dimensions():
+    with pytest.raises(ValueError, match="'dy' .* 'x' .* leading dimensions"):
+        ops.lowrank_grad(torch.randn(2, 5, 8), torch.randn(10, 6), torch.randn(8, 2), "left")

@@ -362,6 +362,34 @@ def test_projection_empty_and_fp16(device):
     assert_matmul_close(got, want, p.cpu().float().t(), g.cpu().float(), 1.0, torch.float16, "fp16")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["dense", "int8", "int4"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_lowrank_grad(side, kind, dtype, device):
+    """R = down(dyᵀ x, P) through Z (T×r): both products (the first with the fused dequantization
+    of P, split-K along n or m; the second along the T = 70 tokens) against the reference."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("grad", kind, side)).encode()))
+    tokens = 70
+    dy = torch.randn(tokens, N_, generator=gen).to(dtype)  # the weight is N_×M_: m = N_, n = M_
+    x = torch.randn(tokens, M_, generator=gen).to(dtype)
+    p32 = torch.randn((N_, R_) if side == "left" else (R_, M_), generator=gen) / R_**0.5
+    if kind == "dense":
+        p_args, op = (p32.to(dtype).to(device),), "lowrank_grad"
+    else:
+        bits = int(kind[-1])
+        group = 2 if side == "left" else (7 if bits == 8 else 14)  # INT4 groups are even
+        q = getattr(ref, f"quantize_int{bits}")(p32, group, False, True, 5, 0)
+        p_args, op = (*(t.to(device) for t in q), bits), "lowrank_grad_quantized"
+    got = run_op(op, dy.to(device), x.to(device), *p_args, side)
+    want = getattr(ref, op)(dy, x, *(t.cpu() if isinstance(t, torch.Tensor) else t for t in p_args), side)
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    # Normwise: fp32 sums in another order (and tf32x3 on a GPU) ~1e-6; bf16: Z may be rounded to
+    # bf16 before the second product, and R once at the end: two roundings of 2**-9.
+    rel = ((got.float().cpu() - want.float()).norm() / want.float().norm()).item()
+    assert rel <= (1e-5 if dtype == torch.float32 else 2 * 2.0**-8), f"{op} {side} {kind}: {rel:.3g}"
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU only: more than 2**31 elements (64-bit offsets and counters)
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 // Low-rank projection of a gradient on CPU, with a dense projector P or a group-wise INT4/INT8
 // quantized one whose dequantization is fused into the matmul.
-// Math: fastgrad/_reference.py::lowrank_project(_back)(_quantized):
+// Math: fastgrad/_reference.py::lowrank_project(_back)(_quantized) and lowrank_grad(_quantized):
 //   side "left":  P (m x r), down R = P^T G (r x n), up scale * P R (m x n)
 //   side "right": P (r x n), down R = G P^T (m x r), up scale * R P (m x n)
 // fp32 accumulation; the result has G's (or R's) dtype.
@@ -91,15 +91,17 @@ at::Tensor as_f32(const at::Tensor& t, const at::Tensor& scratch) {
   return scratch.narrow(0, 0, t.numel()).view(t.sizes()).copy_(t);
 }
 
-// Down projection. g: (m, n); P: left (m, r), right (r, n) -> (r, n) / (m, r) of g's dtype.
-at::Tensor project_blocked(const at::Tensor& g, const Projector& p, bool left) {
+// Down projection. g: (m, n), any strides; P: left (m, r), right (r, n) -> (r, n) / (m, r) of g's
+// dtype, or fp32 when `f32_out`.
+at::Tensor project_blocked(const at::Tensor& g, const Projector& p, bool left, bool f32_out = false) {
   const int64_t m = g.size(0), n = g.size(1);
   const int64_t rank = left ? p.cols : p.rows;
   const bool g_f32 = g.scalar_type() == at::kFloat;
   at::Tensor out = left ? at::empty({rank, n}, g.options().dtype(at::kFloat))
                         : at::empty({m, rank}, g.options().dtype(at::kFloat));
   const int64_t red = left ? m : n;  // the reduction dimension, split into blocks
-  if (red == 0 || out.numel() == 0) return out.zero_().to(g.scalar_type());
+  const bool keep_f32 = g_f32 || f32_out;
+  if (red == 0 || out.numel() == 0) return keep_f32 ? out.zero_() : out.zero_().to(g.scalar_type());
   int64_t blk = block_len(red, rank, kPBlockElems);
   if (!g_f32) blk = std::min(blk, block_len(red, left ? n : m, kGBlockElems));
   at::Tensor p_scratch = p.needs_scratch() ? at::empty({blk * rank}, out.options()) : at::Tensor();
@@ -120,7 +122,64 @@ at::Tensor project_blocked(const at::Tensor& g, const Projector& p, bool left) {
       out.addmm_(a, bm);
     }
   }
-  return g_f32 ? out : out.to(g.scalar_type());
+  return keep_f32 ? out : out.to(g.scalar_type());
+}
+
+// fp32 (k1, k2) = A^T B for A (T, k1) and B (T, k2) of any float dtypes and strides: one GEMM
+// in fp32, otherwise blocks of T rows upcast into a scratch and accumulated.
+at::Tensor tn_matmul_f32(const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat) return at::mm(a.t(), b);
+  const int64_t T = a.size(0), k1 = a.size(1), k2 = b.size(1);
+  const auto f32 = a.options().dtype(at::kFloat);
+  at::Tensor out = at::zeros({k1, k2}, f32);
+  if (T == 0 || out.numel() == 0) return out;
+  const int64_t blk = block_len(T, k1 + k2, kGBlockElems);
+  at::Tensor a_scratch = a.scalar_type() == at::kFloat ? at::Tensor() : at::empty({blk * k1}, f32);
+  at::Tensor b_scratch = b.scalar_type() == at::kFloat ? at::Tensor() : at::empty({blk * k2}, f32);
+  for (int64_t t0 = 0; t0 < T; t0 += blk) {
+    const int64_t t1 = std::min(T, t0 + blk);
+    out.addmm_(as_f32(a.slice(0, t0, t1), a_scratch).t(), as_f32(b.slice(0, t0, t1), b_scratch));
+  }
+  return out;
+}
+
+// The projected weight gradient R = down(dy^T x, P) without forming the (m, n) gradient, through a
+// (T, r) fp32 intermediate Z. dy (T, m), x (T, n) of one dtype; P: left (m, r), right (r, n).
+//   right: Z = x P^T (T, r), R = dy^T Z (m, r).   left: Z^T = P^T dy^T (r, T), R = Z^T x (r, n).
+at::Tensor lowrank_grad_impl(const at::Tensor& dy, const at::Tensor& x, const Projector& p, bool left) {
+  const bool all_f32 = dy.scalar_type() == at::kFloat && !p.needs_scratch();
+  at::Tensor out;
+  if (left) {
+    const at::Tensor zt = all_f32 ? at::mm(p.dense.t(), dy.t()) : project_blocked(dy.t(), p, true, true);
+    out = tn_matmul_f32(zt.t(), x);
+  } else {
+    const at::Tensor z = all_f32 ? at::mm(x, p.dense.t()) : project_blocked(x, p, false, true);
+    out = tn_matmul_f32(dy, z);
+  }
+  return out.scalar_type() == dy.scalar_type() ? out : out.to(dy.scalar_type());
+}
+
+// Checks shared by lowrank_grad(_quantized): dy (T, m), x (T, n) float of one dtype on one device;
+// P's dense shape (p_rows, p_cols) left (m, r), right (r, n).
+bool check_grad(const char* op, const at::Tensor& dy, const at::Tensor& x, int64_t p_rows, int64_t p_cols,
+                const at::Device& p_device, c10::string_view side_sv) {
+  const bool left = check_side(op, std::string(side_sv));
+  FG_CHECK_ARG(is_float_type(dy.scalar_type()), op, "dy", "float32, bfloat16 or float16, got ", dy.scalar_type());
+  FG_CHECK_ARG(dy.dim() == 2, op, "dy", "a 2-d tensor (tokens×m), got a ", dy.dim(), "-d tensor");
+  FG_CHECK_ARG(x.dim() == 2, op, "x", "a 2-d tensor (tokens×n), got a ", x.dim(), "-d tensor");
+  FG_CHECK_ARG(x.scalar_type() == dy.scalar_type(), op, "x", "of dy's dtype ", dy.scalar_type(), ", got ",
+               x.scalar_type());
+  FG_CHECK_ARG(x.device() == dy.device(), op, "x", "on dy's device ", dy.device(), ", got ", x.device());
+  FG_CHECK_ARG(x.size(0) == dy.size(0), op, "x", "with dy's ", dy.size(0), " rows (tokens), got ", x.sizes());
+  FG_CHECK_ARG(p_device == dy.device(), op, "p", "on dy's device ", dy.device(), ", got ", p_device);
+  if (left) {
+    FG_CHECK_ARG(p_rows == dy.size(1), op, "p", "of shape (", dy.size(1), ", r) for side='left' with dy of shape ",
+                 dy.sizes(), ", got (", p_rows, ", ", p_cols, ")");
+  } else {
+    FG_CHECK_ARG(p_cols == x.size(1), op, "p", "of shape (r, ", x.size(1), ") for side='right' with x of shape ",
+                 x.sizes(), ", got (", p_rows, ", ", p_cols, ")");
+  }
+  return left;
 }
 
 // Up projection into `out` (m, n), any float dtype: out = scale * (P R | R P) when `accumulate` is
@@ -335,9 +394,31 @@ void lowrank_project_back_quantized_add_cpu(at::Tensor& w, const at::Tensor& r, 
   project_back_blocked(r, p, left, scale, w, /*accumulate=*/true);
 }
 
+// dy (T, m), x (T, n); p: left (m, r), right (r, n) of dy's dtype -> left (r, n), right (m, r).
+at::Tensor lowrank_grad_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& p, c10::string_view side_sv) {
+  const char* op = "lowrank_grad";
+  FG_CHECK_ARG(p.dim() == 2, op, "p", "a 2-d tensor, got a ", p.dim(), "-d tensor");
+  const bool left = check_grad(op, dy, x, p.size(0), p.size(1), p.device(), side_sv);
+  FG_CHECK_ARG(p.scalar_type() == dy.scalar_type(), op, "p", "of dy's dtype ", dy.scalar_type(), ", got ",
+               p.scalar_type());
+  return lowrank_grad_impl(dy, x, dense_projector(p), left);
+}
+
+// As lowrank_grad_cpu with P quantized (see quantized_projector).
+at::Tensor lowrank_grad_quantized_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& p_codes,
+                                      const at::Tensor& p_scales, const at::Tensor& p_zeros, int64_t bits,
+                                      c10::string_view side_sv) {
+  const char* op = "lowrank_grad_quantized";
+  const Projector p = quantized_projector(op, p_codes, p_scales, p_zeros, bits);
+  const bool left = check_grad(op, dy, x, p.rows, p.cols, p_codes.device(), side_sv);
+  return lowrank_grad_impl(dy, x, p, left);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastgrad, CPU, m) {
+  m.impl("lowrank_grad", &lowrank_grad_cpu);
+  m.impl("lowrank_grad_quantized", &lowrank_grad_quantized_cpu);
   m.impl("lowrank_project", &lowrank_project_cpu);
   m.impl("lowrank_project_back", &lowrank_project_back_cpu);
   m.impl("lowrank_project_quantized", &lowrank_project_quantized_cpu);
