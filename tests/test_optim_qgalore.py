@@ -10,7 +10,7 @@ from optim_common import CONFIG, OpCounter, assert_same_state, state_tensors, tr
 
 from fastgrad.models import LlamaConfig, LlamaForCausalLM
 from fastgrad.models.llama import RMSNorm
-from fastgrad.nn import QLinear, qlinear_of, quantize_model
+from fastgrad.nn import QLinear, projected_grad, qlinear_of, quantize_model
 from fastgrad.optim import GaLoreAdamW, QGaLoreAdamW, galore_param_groups, qgalore_param_groups
 from fastgrad.optim.qgalore import proj_group_size
 
@@ -159,10 +159,14 @@ def test_projector_is_packed_int4_and_used_through_the_quantized_ops():
     opt = make_opt(model, rank=16, gap=2)
     for k, ids in enumerate(token_batches(3)):  # steps 0 (refresh), 1, 2 (refresh)
         opt.zero_grad()
-        model(ids, ids).backward()
+        with OpCounter() as backward_counter:
+            model(ids, ids).backward()
         with OpCounter() as counter:
             opt.step()
-        assert counter.calls["fastgrad.lowrank_project_quantized"] == N_Q
+        # Between refreshes the QLinear computes R = down(G) itself in backward (fastgrad.nn.lowrank);
+        # on refresh steps it forms G and the optimizer projects it.
+        assert backward_counter.calls["fastgrad.lowrank_grad_quantized"] == (N_Q if k == 1 else 0)
+        assert counter.calls["fastgrad.lowrank_project_quantized"] == (N_Q if k != 1 else 0)
         assert counter.calls["fastgrad.lowrank_project_back_quantized_add_"] == N_Q
         assert counter.calls["fastgrad.quantize_int8"] == N_Q  # SR re-quantization of every weight
         assert counter.calls["fastgrad.quantize_int4"] == (N_Q if k != 1 else 0)
@@ -352,7 +356,10 @@ def test_nonfinite_gradient_skips_and_leaves_codes_and_state(refresh):
     healthy_before = layer_tensors(healthy)
     opt.zero_grad()
     model(batches[3], batches[3]).backward()
-    bad.weight.grad[0, 0] = float("nan")
+    # A refresh step's QLinear forms G; between refreshes it delivers only R (fastgrad.nn.lowrank).
+    grad = bad.weight.grad if refresh else projected_grad(bad.weight)
+    assert (bad.weight.grad is None) != refresh
+    grad[0, 0] = float("nan")
     opt.step()
     assert opt.nonfinite_steps == 1
     for a, b in zip(layer_tensors(bad), before[0], strict=True):

@@ -27,7 +27,13 @@ tensor. Consequences:
   Ordinary torch optimizers must not be given the uint8 weights (they would add a float update
   to uint8 codes); :func:`fastgrad.optim.qgalore_param_groups` builds the groups.
 
-The input gradient ``dx = dy·Ŵ`` de-quantizes the weight again in backward (Ŵ is never saved).
+Between projector refreshes of :class:`~fastgrad.optim.QGaLoreAdamW` the backward computes only
+the projected gradient R with the INT4 projector (:func:`fastgrad.ops.lowrank_grad`, see
+:mod:`fastgrad.nn.lowrank`): then no m×n gradient exists at all and ``weight.grad`` stays None.
+
+Forward ``y = x Ŵᵀ`` and the input gradient ``dx = dy·Ŵ`` decode the codes inside the matmul
+(the quantized projection ops with Ŵ as an m×n "right" projector: C++ decodes blocks of Ŵ into a
+small scratch, Triton decodes tiles in registers), so no dense Ŵ is formed or saved.
 If the layer's input does not require grad (e.g. everything below it is frozen) the forward still
 records the op so that ``G`` is produced; ``dx`` is then not computed. Set
 ``layer.weight_trainable = False`` to skip ``G`` (frozen quantized layer).
@@ -40,11 +46,11 @@ import weakref
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from fastgrad.ops import dequantize_int8, quantize_int8
+from fastgrad.nn.lowrank import deliver_grad, mark_accepts_projected_grad, project_weight_grad
+from fastgrad.ops import QuantizedTensor, dequantize_int8, lowrank_project, lowrank_project_back, quantize_int8
 
 __all__ = ["QLinear", "quantize_model", "qlinear_of", "DEFAULT_TARGETS"]
 
@@ -80,16 +86,22 @@ class _QLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, codes, scales, zeros)
         ctx.module = module
         ctx.want_dx = want_dx
-        return F.linear(x, dequantize_int8(codes, scales, zeros, x.dtype), bias)
+        m, n = codes.shape
+        # y = x Ŵᵀ with the INT8 Ŵ decoded inside the matmul (Ŵ as the "right" projector, m×n).
+        y = lowrank_project(x.reshape(-1, n), QuantizedTensor(codes, scales, zeros, 8), "right")
+        y = y.reshape(*x.shape[:-1], m)
+        return y if bias is None else y + bias
 
     @staticmethod
     def backward(ctx, dy):  # noqa: D102
         x, codes, scales, zeros = ctx.saved_tensors
         m, n = codes.shape
         dx = db = None
-        if ctx.want_dx and ctx.needs_input_grad[0]:
-            dx = dy @ dequantize_int8(codes, scales, zeros, dy.dtype)  # Ŵ again, not saved
         dy2 = dy.reshape(-1, m)
+        if ctx.want_dx and ctx.needs_input_grad[0]:
+            # dx = dy Ŵ, Ŵ decoded again inside the matmul (never stored dense).
+            w_hat = QuantizedTensor(codes, scales, zeros, 8)
+            dx = lowrank_project_back(dy2.contiguous(), w_hat, "right").reshape(*dy.shape[:-1], n)
         if ctx.needs_input_grad[4]:
             db = dy2.sum(0)
         module = ctx.module
@@ -138,6 +150,7 @@ class QLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         _OWNERS[self.weight] = weakref.ref(self)
+        mark_accepts_projected_grad(self.weight)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 256) -> QLinear:
@@ -153,6 +166,7 @@ class QLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _OWNERS[self.weight] = weakref.ref(self)
+        mark_accepts_projected_grad(self.weight)
         want_dx = True
         if torch.is_grad_enabled() and self.weight_trainable and not x.requires_grad:
             # Record the op anyway so that backward produces G; dx is then not needed.
@@ -160,8 +174,12 @@ class QLinear(nn.Module):
         return _QLinearFunction.apply(x, self.weight, self.scales, self.zeros, self.bias, self, want_dx)
 
     def _accumulate_weight_grad(self, dy2: torch.Tensor, x2: torch.Tensor) -> None:
-        """weight.grad (fp32 m×n) += dy2ᵀ x2, created on first use."""
+        """The projected gradient (fp32) when the optimizer has published a projection for the
+        weight (:mod:`fastgrad.nn.lowrank`), else weight.grad (fp32 m×n) += dy2ᵀ x2, created on
+        first use; then the weight's grad-ready hooks run."""
         w = self.weight
+        if project_weight_grad(w, dy2, x2, torch.float32) is not None:
+            return
         if w.grad_dtype != torch.float32:  # a deep copy / load resets it to the codes' dtype
             w.grad_dtype = torch.float32
         dy2, x2 = dy2.float(), x2.float()
@@ -169,6 +187,7 @@ class QLinear(nn.Module):
             w.grad = dy2.t() @ x2
         else:
             w.grad.addmm_(dy2.t(), x2)
+        deliver_grad(w)
 
     def _apply(self, fn, recurse: bool = True):
         # Keep scales/zeros fp32 (model.to(bf16) would cast them and the ops need fp32); follow devices.

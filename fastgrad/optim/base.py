@@ -14,6 +14,12 @@
 * checkpoints: all state is tensors and ints, so ``torch.load(..., weights_only=True)`` reads it,
   and ``load_state_dict`` rejects a state saved for other shapes, ranks, sides or projectors.
 
+* projected gradients (:mod:`fastgrad.nn.lowrank`): when the update reads only R
+  (``update_reads_grad`` False), after every step the projection of each low-rank weight's next
+  gradient is published to its layer if that layer can compute R itself (LowRankGradLinear,
+  QLinear) and the next step is not a refresh; ``step`` then uses (and clears) the R the layer
+  accumulated instead of projecting ``p.grad`` (both are added if both exist).
+
 Subclasses implement ``_update_group(group, items)``. For a non-finite check the low-rank gradient is
 enough: a NaN or Inf in G reaches every entry of R = down(G) that it touches (NaN·x = NaN, Inf·0 =
 NaN), so the full gradient is only read again on refresh steps (where the SVD would fail on it).
@@ -30,6 +36,14 @@ from typing import Any
 
 import torch
 
+from fastgrad.nn.lowrank import (
+    GradProjection,
+    accepts_projected_grad,
+    pop_projected_grad,
+    projected_grad,
+    set_grad_projection,
+    zero_projected_grads,
+)
 from fastgrad.ops import lowrank_project
 from fastgrad.optim.projectors import (
     LEFT,
@@ -244,11 +258,12 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         for group in self.param_groups:
             proj = self._projector(group) if "rank" in group else None
             for p in group["params"]:
-                if p.grad is None:
+                low = projected_grad(p) if proj is not None else None
+                if p.grad is None and low is None:
                     continue
-                if p.grad.is_sparse:
+                if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                item = self._prepare(group, p, proj)
+                item = self._prepare(group, p, proj, low=low)
                 (items if item.low is not None else bad).append(item)
         flags = _finite_flags([it.low for it in items])
         bad += [it for it, ok in zip(items, flags, strict=True) if not ok]
@@ -265,23 +280,58 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
                 )
             for item in bad:
                 self._rollback(item)
+        for item in items + bad:  # consumed (a skipped step drops them, as the loop drops p.grad)
+            pop_projected_grad(item.param)
         by_group: dict[int, list[ParamStep]] = {}
         for item in items:
             by_group.setdefault(id(item.group), []).append(item)
         for group_items in by_group.values():
             self._update_group(group_items[0].group, group_items)
+        self._publish_grad_projections()
         return loss
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear ``p.grad`` (as torch does) and the projected gradients of every parameter."""
+        super().zero_grad(set_to_none)
+        zero_projected_grads(p for g in self.param_groups for p in g["params"])
+
+    def _publish_grad_projections(self) -> None:
+        """Tell low-rank-gradient layers the projection of each weight's next gradient: the current
+        P when the next step will not refresh it, else nothing (the refresh needs the whole G)."""
+        if self.update_reads_grad:
+            return
+        for group in self.param_groups:
+            if "rank" not in group:
+                continue
+            proj = self._projector(group)
+            for p in group["params"]:
+                if not accepts_projected_grad(p):
+                    continue
+                state = self.state[p]
+                if state and proj.has_basis(state) and not self._refresh_due(group, state):
+                    set_grad_projection(p, GradProjection(proj.matrix(state, p), SIDE_NAMES[state["proj_side"]]))
+                else:
+                    set_grad_projection(p, None)
+
     def _prepare(
-        self, group: dict[str, Any], p: torch.Tensor, proj: Projector | None, grad: torch.Tensor | None = None
+        self,
+        group: dict[str, Any],
+        p: torch.Tensor,
+        proj: Projector | None,
+        grad: torch.Tensor | None = None,
+        low: torch.Tensor | None = None,
     ) -> ParamStep:
         """Refresh the subspace if due and project the gradient; ``low`` stays None if G is non-finite.
 
         ``grad`` defaults to ``p.grad`` (the layer-wise driver passes an accumulated gradient).
+        ``low``: a projected gradient computed by the layer (only between refreshes), added to
+        the projection of ``grad`` if there is one too.
         """
         state = self.state[p]
         item = ParamStep(group, p, state, self._index_of(p))
         grad = p.grad if grad is None else grad
+        if low is not None:
+            return self._prepare_projected(item, proj, grad, low)
         if not state:
             state["step"] = 0
             if proj is not None:
@@ -303,6 +353,23 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
             low = proj.refresh(state, grad, state["step"])
         p_mat = proj.matrix(state, grad)
         item.low = low if low is not None else lowrank_project(grad, p_mat, item.side)
+        if proj.stores_matrix:
+            item.proj = p_mat
+        return item
+
+    def _prepare_projected(
+        self, item: ParamStep, proj: Projector, grad: torch.Tensor | None, low: torch.Tensor
+    ) -> ParamStep:
+        state = item.state
+        if not state or not proj.has_basis(state) or self._refresh_due(item.group, state):
+            raise RuntimeError(
+                f"{type(self).__name__}: parameter #{item.index} {tuple(item.param.shape)} has a projected gradient "
+                "but its subspace is refreshed at this step, which needs the full gradient (was the projection "
+                "published by another optimizer, or the optimizer state reloaded mid-accumulation?)"
+            )
+        item.lowrank = True
+        p_mat = proj.matrix(state, item.param if grad is None else grad)
+        item.low = low if grad is None else low + lowrank_project(grad, p_mat, item.side)
         if proj.stores_matrix:
             item.proj = p_mat
         return item
@@ -393,6 +460,7 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
                         self.state[p][key] = value.to(p.device)
         self.nonfinite_steps = int(state_dict.get("nonfinite_steps", 0))
         self._param_index = None
+        self._publish_grad_projections()
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
         name = f"{type(self).__name__}.load_state_dict"

@@ -81,6 +81,12 @@ What happens (and why):
 * **Checkpoints**: :meth:`state_dict` (at a step boundary) holds the optimizer's state (tensors and
   ints, ``weights_only``-loadable) and the driver's step count; resume is bitwise on CPU.
 
+* **Projected gradients from the layers** (:mod:`fastgrad.nn.lowrank`: LowRankGradLinear, QLinear):
+  between refreshes the layer hands over R itself and the hook adds it into the low-rank buffer, so
+  no full gradient of those weights exists at all; the projections are published after every
+  step. QLinear's uint8 weights (no autograd gradient) are driven through the layer's
+  grad-ready hook, which makes Q-GaLore layer-wise possible.
+
 Not supported: reentrant activation checkpointing (nested backward passes would be counted as
 micro-batches; fastgrad's models use the non-reentrant kind), ``torch.autograd.grad`` (no
 post-accumulate hooks fire), sparse gradients.
@@ -96,6 +102,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastgrad.nn.lowrank import accepts_projected_grad, pop_projected_grad, register_grad_ready_hook
 from fastgrad.ops import lowrank_project
 from fastgrad.optim.base import LowRankOptimizer, ParamStep, _finite_flags
 from fastgrad.optim.projectors import Projector, lowrank_shape
@@ -188,13 +195,20 @@ class LayerwiseOptimizer:
         self._handles = []
         for p in self._group_of:
             p.grad = None
-            self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+            # Gradients that fastgrad layers deliver outside autograd's accumulation: projected
+            # ones (LowRankGradLinear, QLinear) and QLinear's full gradient of its uint8 weight.
+            self._handles.append(register_grad_ready_hook(p, self._hook))
 
     # ------------------------------------------------------------------ construction checks
     def _check_params(self, module: nn.Module | None) -> None:
         for p in self._group_of:
-            if not p.is_leaf or not p.requires_grad:
-                raise ValueError("layerwise: every optimized tensor must be a leaf that requires grad")
+            if not p.is_leaf or not (p.requires_grad or accepts_projected_grad(p)):
+                raise ValueError(
+                    "layerwise: every optimized tensor must be a leaf that requires grad (or the weight of a "
+                    "fastgrad layer that delivers its gradient, such as QLinear)"
+                )
             if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
                 raise NotImplementedError(
                     "layerwise: sharded (DTensor / FSDP) parameters are not supported: a projector refresh "
@@ -265,6 +279,7 @@ class LayerwiseOptimizer:
             self._wait(slot)
             if slot.item is not None:
                 self.optimizer._rollback(slot.item)
+            pop_projected_grad(slot.param)
         self._reset()
 
     def remove_hooks(self) -> None:
@@ -289,27 +304,29 @@ class LayerwiseOptimizer:
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
         g = p.grad
-        if g is None:
+        low = pop_projected_grad(p) if g is None else None
+        if g is None and low is None:
             return
         p.grad = None
         if self._micro >= self.grad_accum_steps:
             raise RuntimeError(
                 f"layerwise: more than grad_accum_steps={self.grad_accum_steps} backward passes before finish_step()"
             )
-        if g.is_sparse:
+        if g is not None and g.is_sparse:
             raise RuntimeError("layerwise: sparse gradients are not supported")
         self._count_backward()
         slot = self._slots.get(p)
         if slot is None:
-            self._slots[p] = slot = self._open(p, g)
+            self._slots[p] = slot = self._open(p, g, low)
         else:
-            self._add(slot, g)
-        del g
+            self._add(slot, g, low)
+        del g, low
         if self._micro == self.grad_accum_steps - 1:
             self._close(slot)
 
-    def _open(self, p: torch.Tensor, g: torch.Tensor) -> _Slot:
-        """First gradient of ``p`` in this optimizer step: choose low-rank or full accumulation."""
+    def _open(self, p: torch.Tensor, g: torch.Tensor | None, low: torch.Tensor | None) -> _Slot:
+        """First gradient of ``p`` in this optimizer step (the full ``g``, or ``low`` projected by
+        the layer): choose low-rank or full accumulation."""
         opt = self.optimizer
         group = self._group_of[p]
         proj = opt._projector(group) if "rank" in group else None
@@ -318,12 +335,18 @@ class LayerwiseOptimizer:
         if proj is not None and not self._reads_grad:
             due = not state or not proj.has_basis(state) or state["step"] % group["update_proj_gap"] == 0
             lowrank_acc = not due or proj.name in _GRAD_FREE_REFRESH
-        slot = _Slot(p, group, proj, g.dtype, lowrank_acc)
+        if low is not None and not lowrank_acc:
+            raise RuntimeError(
+                f"layerwise: parameter {tuple(p.shape)} received a projected gradient at a step that refreshes "
+                "its subspace (the projection was not published by this optimizer?)"
+            )
+        slot = _Slot(p, group, proj, (g if g is not None else low).dtype, lowrank_acc)
         if not lowrank_acc:
             slot.buf = g
             return slot
-        # Projects G (after refreshing a gradient-free projector when due), initialising the state.
-        item = opt._prepare(group, p, proj, grad=g)
+        # Projects G (after refreshing a gradient-free projector when due), initialising the state;
+        # a projected gradient from the layer is taken as it is.
+        item = opt._prepare(group, p, proj, grad=g, low=low)
         slot.item = item
         if item.low is None:  # a due refresh met a non-finite gradient
             slot.bad = True
@@ -337,14 +360,17 @@ class LayerwiseOptimizer:
         slot.buf = low
         return slot
 
-    def _add(self, slot: _Slot, g: torch.Tensor) -> None:
+    def _add(self, slot: _Slot, g: torch.Tensor | None, low: torch.Tensor | None) -> None:
         if slot.closed:
             raise RuntimeError("layerwise: a gradient arrived after its accumulation was closed")
         if slot.bad:
             return
         if slot.lowrank_acc:
-            low = lowrank_project(g, self.optimizer.proj_matrix(slot.item), slot.item.side)
+            if low is None:
+                low = lowrank_project(g, self.optimizer.proj_matrix(slot.item), slot.item.side)
             slot.buf.add_(low)
+        elif low is not None:
+            raise RuntimeError(f"layerwise: parameter {tuple(slot.param.shape)} mixed projected and full gradients")
         else:
             slot.buf.add_(g)
 
@@ -429,6 +455,7 @@ class LayerwiseOptimizer:
             for s in slots:
                 s.param.grad = None
             self._reset()
+            opt._publish_grad_projections()
         return StepStats(self.steps, norm, coef, False)
 
     def _skip(self, slots: list[_Slot], items: list[ParamStep | None], norm: float) -> StepStats:
@@ -439,6 +466,7 @@ class LayerwiseOptimizer:
             if s.item is not None:
                 opt._rollback(s.item)
         self._reset()
+        opt._publish_grad_projections()
         opt.nonfinite_steps += 1
         if opt.nonfinite == "raise":
             where = ", ".join(f"#{opt._index_of(s.param)} {tuple(s.param.shape)}" for s in bad) or "(norm overflow)"

@@ -19,7 +19,10 @@ Pieces (§3.2–3.4), all per parameter of a ``rank`` group:
     W_new = Ŵ − η·α·up(N) (formed in fp32, straight into the Ŵ buffer), then re-quantized with
     stochastic rounding by :func:`fastgrad.ops.quantize_int8` (fresh per-group min/max,
     ``seed`` per parameter, ``offset`` advanced by m·n every step), written into the layer's
-    codes/scales/zeros in place.
+    codes/scales/zeros in place — a block of rows at a time (``UPDATE_BLOCK_ELEMS``), bitwise the
+    same as the whole matrix at once, so no m×n float copy of the weight is ever formed.
+(D) Between refreshes a QLinear computes only the projected gradient R in backward, with the INT4
+    P (:mod:`fastgrad.nn.lowrank`): with (C), a non-refresh step has no m×n tensor at all.
 
 Float parameters are updated too (QG-8 fixed): non-``rank`` groups (embeddings, norms, the head,
 biases) get AdamW; a float 2-D weight placed in a ``rank`` group gets the GaLore update with
@@ -60,6 +63,16 @@ QGALORE_DEFAULTS: dict[str, Any] = {
     "stochastic_round": True,
 }
 _SR_SALT = 0x5152_4F55_4E44  # separates the SR stream's seed from the projector's
+# fp32 elements of an INT8 weight dequantized at once by the update (a block of whole rows): the
+# step never holds an m×n float copy of a quantized weight.
+UPDATE_BLOCK_ELEMS = 1 << 20
+
+
+def _row_slice(p: torch.Tensor | QuantizedTensor, rows: slice) -> torch.Tensor | QuantizedTensor:
+    """Rows ``rows`` of a dense or quantized (groups along rows) matrix, as views."""
+    if isinstance(p, QuantizedTensor):
+        return QuantizedTensor(p.codes[rows], p.scales[rows], p.zeros[rows], p.bits)
+    return p[rows]
 
 
 def proj_group_size(row: int, group_size: int) -> int:
@@ -281,7 +294,7 @@ class QGaLoreAdamW(LowRankOptimizer):
     # ------------------------------------------------------------------ update
     def _update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
         beta1, beta2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        lr, eps = group["lr"], group["eps"]
         firsts, seconds = self._update_moments(group, items)  # state_transfer is rejected for Q-GaLore
         for it, first, second in zip(items, firsts, seconds, strict=True):
             it.low = None
@@ -297,7 +310,6 @@ class QGaLoreAdamW(LowRankOptimizer):
                 denom = second.sqrt().div_(math.sqrt(bc2)).add_(eps)
             normed = torch.div(first, denom, out=denom)
             p = it.param
-            layer = None
             if p.dtype == torch.uint8:
                 layer = qlinear_of(p)
                 if layer is None:
@@ -305,33 +317,57 @@ class QGaLoreAdamW(LowRankOptimizer):
                         f"QGaLoreAdamW: uint8 parameter #{it.index} {tuple(p.shape)} is not the weight of a live "
                         "fastgrad.nn.QLinear (run a forward/backward through the layer before stepping)"
                     )
-                target = dequantize_int8(p, layer.scales, layer.zeros, torch.float32)
+                self._update_quantized(group, it, layer, normed, step_size)
             else:
-                target = p
-            if wd != 0.0 and not self.faithful:
-                target.mul_(1.0 - lr * wd)
-            if it.lowrank:
-                lowrank_project_back_add_(target, normed, self.proj_matrix(it), it.side, -step_size * group["scale"])
-            else:
-                target.add_(normed, alpha=-step_size)
-            if wd != 0.0 and self.faithful:
-                target.add_(target, alpha=-lr * wd)
-            if layer is not None:
-                self._requantize(group, it, layer, target)
+                self._apply_update(group, it, p, normed, step_size)
             it.proj = it.proj_old = None
 
-    def _requantize(self, group: dict[str, Any], it: ParamStep, layer: QLinear, w: torch.Tensor) -> None:
-        """New codes/scales/zeros of ``layer`` from the fp32 ``w``: SR (or RTN), written in place."""
+    def _apply_update(
+        self, group: dict[str, Any], it: ParamStep, target: torch.Tensor, normed: torch.Tensor, step_size: float,
+        rows: slice | None = None,
+    ) -> None:  # fmt: skip
+        """target (the weight, or fp32 rows ``rows`` of it) ← decay and −η·α·up(N) (−η·N full-rank), in place."""
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd != 0.0 and not self.faithful:
+            target.mul_(1.0 - lr * wd)
+        if it.lowrank:
+            p_mat, low = self.proj_matrix(it), normed
+            if rows is not None:  # up(N)[rows] = P[rows] N (left, P m×r) or N[rows] P (right, N m×r)
+                if it.side == "left":
+                    p_mat = _row_slice(p_mat, rows)
+                else:
+                    low = normed[rows]
+            lowrank_project_back_add_(target, low, p_mat, it.side, -step_size * group["scale"])
+        else:
+            target.add_(normed if rows is None else normed[rows], alpha=-step_size)
+        if wd != 0.0 and self.faithful:
+            target.add_(target, alpha=-lr * wd)
+
+    def _update_quantized(
+        self, group: dict[str, Any], it: ParamStep, layer: QLinear, normed: torch.Tensor, step_size: float
+    ) -> None:
+        """The INT8 weight's update, a block of rows at a time: dequantize the rows to fp32, apply
+        the update, re-quantize them (SR) into the layer's codes/scales/zeros in place. Groups lie
+        within rows and the SR stream's counter of element (i, j) is offset + i·n + j, so the result
+        is bit for bit that of updating the whole matrix at once, without an m×n temporary."""
         st = it.state
         if "sr_seed" not in st:
             st["sr_seed"] = mix_seed(self._param_seed(group, it.param, it.index), _SR_SALT)
             st["sr_offset"] = 0
         stochastic = bool(group.get("stochastic_round", True))
-        q = quantize_int8(w, layer.group_size, stochastic=stochastic, seed=st["sr_seed"], offset=st["sr_offset"])
-        st["sr_offset"] += w.numel()
-        it.param.copy_(q.codes)
-        layer.scales.copy_(q.scales)
-        layer.zeros.copy_(q.zeros)
+        codes = it.param
+        m, n = codes.shape
+        block = max(1, UPDATE_BLOCK_ELEMS // max(n, 1))
+        for r0 in range(0, m, block):
+            rows = slice(r0, min(m, r0 + block))
+            w = dequantize_int8(codes[rows], layer.scales[rows], layer.zeros[rows], torch.float32)
+            self._apply_update(group, it, w, normed, step_size, rows)
+            offset = st["sr_offset"] + r0 * n
+            q = quantize_int8(w, layer.group_size, stochastic=stochastic, seed=st["sr_seed"], offset=offset)
+            codes[rows].copy_(q.codes)
+            layer.scales[rows].copy_(q.scales)
+            layer.zeros[rows].copy_(q.zeros)
+        st["sr_offset"] += m * n
 
 
 def qgalore_param_groups(

@@ -1,0 +1,256 @@
+"""Low-rank weight gradients: Linear layers that hand the optimizer R = down(G, P), never G.
+
+Between projector refreshes a GaLore-type optimizer only reads the projected gradient R of a weight
+W (m×n). For ``y = x Wᵀ`` the gradient is G = dyᵀ x, so R can be computed from dy and x directly
+(:func:`fastgrad.ops.lowrank_grad`): T·(m+n)·r multiply-adds and a T×r intermediate instead of
+T·m·n and an m×n gradient. The pieces:
+
+* the **optimizer** (:class:`fastgrad.optim.LowRankOptimizer` whose update needs only R: GaLoreAdamW,
+  QGaLoreAdamW) publishes, after each step, the projection the next gradient of each weight will
+  be projected with (:func:`set_grad_projection`), or withdraws it when the next step refreshes
+  the subspace (the refresh needs the whole G, once every T steps);
+* the **layer** (:class:`LowRankGradLinear`, or :class:`fastgrad.nn.QLinear` for INT8 weights) reads
+  it in backward: with a projection it accumulates R into the weight's *projected gradient* (see
+  :func:`projected_grad`) and produces no ``weight.grad``; without one it produces G as usual;
+* the optimizer's ``step`` consumes the projected gradient (and clears it), exactly as it would
+  have used ``lowrank_project(weight.grad, P)``; ``optimizer.zero_grad()`` clears it too.
+
+Gradient accumulation over micro-batches adds the R's (down(·, P) is linear, so Σ down(G_i) =
+down(Σ G_i)). The layer-wise driver (:func:`fastgrad.optim.layerwise`) is told through
+:func:`register_grad_ready_hook`. :func:`clip_grad_norm_` clips ordinary and projected gradients
+together. ``model.zero_grad()`` does not know projected gradients: use ``optimizer.zero_grad()`` or
+:func:`zero_projected_grads` to drop a partial accumulation.
+
+Convert a model with :func:`lowrank_grad_model` (fastgrad's LLaMA or a Hugging Face Llama: the
+attention and MLP projections by default). The converted layers are ``nn.Linear`` subclasses with
+the same parameters and ``state_dict``; with no optimizer publishing projections they behave
+exactly like ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from fastgrad.ops import QuantizedTensor, lowrank_grad
+
+__all__ = [
+    "GradProjection",
+    "LowRankGradLinear",
+    "lowrank_grad_model",
+    "set_grad_projection",
+    "grad_projection",
+    "projected_grad",
+    "pop_projected_grad",
+    "zero_projected_grads",
+    "register_grad_ready_hook",
+    "clip_grad_norm_",
+    "accepts_projected_grad",
+]
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class GradProjection:
+    """The projection of a weight's next gradient: R = lowrank_project(G, proj, side)."""
+
+    proj: torch.Tensor | QuantizedTensor
+    side: str
+
+
+# weight -> state, keyed weakly by the Parameter (a weight that dies takes its entries with it).
+_CAPABLE: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> True: a layer computes R itself
+_PROJECTIONS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> GradProjection
+_PROJECTED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> accumulated R
+_HOOKS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> {handle id: hook}
+
+
+def mark_accepts_projected_grad(weight: torch.Tensor) -> None:
+    """Called by layers whose backward honours :func:`grad_projection` (at construction and forward)."""
+    _CAPABLE[weight] = True
+
+
+def accepts_projected_grad(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` belongs to a layer that can compute its projected gradient itself."""
+    return _CAPABLE.get(weight, False)
+
+
+def set_grad_projection(weight: torch.Tensor, projection: GradProjection | None) -> None:
+    """Publish (or withdraw, with None) the projection of ``weight``'s next gradient."""
+    if projection is None:
+        _PROJECTIONS.pop(weight, None)
+    else:
+        _PROJECTIONS[weight] = projection
+
+
+def grad_projection(weight: torch.Tensor) -> GradProjection | None:
+    return _PROJECTIONS.get(weight)
+
+
+def projected_grad(weight: torch.Tensor) -> torch.Tensor | None:
+    """The projected gradient accumulated for ``weight`` since the optimizer last consumed it."""
+    return _PROJECTED.get(weight)
+
+
+def pop_projected_grad(weight: torch.Tensor) -> torch.Tensor | None:
+    return _PROJECTED.pop(weight, None)
+
+
+def zero_projected_grads(params: Iterable[torch.Tensor]) -> None:
+    """Drop the projected gradients of ``params`` (e.g. ``model.parameters()``)."""
+    for p in params:
+        _PROJECTED.pop(p, None)
+
+
+class _HookHandle:
+    _next = 0
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self._weight = weight
+        self.id = _HookHandle._next
+        _HookHandle._next += 1
+
+    def remove(self) -> None:
+        _HOOKS.get(self._weight, {}).pop(self.id, None)
+
+
+def register_grad_ready_hook(weight: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> _HookHandle:
+    """Call ``hook(weight)`` whenever a fastgrad layer has delivered a gradient of ``weight`` that
+    autograd's ``register_post_accumulate_grad_hook`` does not see: a projected gradient (read it
+    with :func:`projected_grad`), or the full gradient a :class:`~fastgrad.nn.QLinear` writes into
+    its uint8 weight's ``.grad``. Returns a handle with ``remove()``."""
+    handle = _HookHandle(weight)
+    _HOOKS.setdefault(weight, {})[handle.id] = hook
+    return handle
+
+
+def deliver_grad(weight: torch.Tensor) -> None:
+    """For layers: run the grad-ready hooks of ``weight``."""
+    for hook in list(_HOOKS.get(weight, {}).values()):
+        hook(weight)
+
+
+def deliver_projected_grad(weight: torch.Tensor, low: torch.Tensor) -> None:
+    """For layers: add ``low`` to ``weight``'s projected gradient, then run its grad-ready hooks."""
+    acc = _PROJECTED.get(weight)
+    if acc is None:
+        _PROJECTED[weight] = low
+    else:
+        acc.add_(low)
+    deliver_grad(weight)
+
+
+def project_weight_grad(
+    weight: torch.Tensor, dy2: torch.Tensor, x2: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """For layers: if a projection is published for ``weight``, compute R from dy2 (T×m) and x2
+    (T×n) in ``dtype``, deliver it and return it; else return None (the caller forms G)."""
+    route = _PROJECTIONS.get(weight)
+    if route is None:
+        return None
+    proj = route.proj
+    if isinstance(proj, torch.Tensor) and proj.dtype != dtype:
+        proj = proj.to(dtype)
+    low = lowrank_grad(dy2.to(dtype), x2.to(dtype), proj, route.side)
+    deliver_projected_grad(weight, low)
+    return low
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over the ordinary *and* projected gradients of
+    ``parameters``: the 2-norm of all of them (what the optimizer will consume), and, when
+    ``max_norm`` is given, all scaled by ``min(1, max_norm / (norm + 1e-6))``. Returns the norm
+    (NaN/Inf if any gradient is non-finite; nothing is scaled then)."""
+    grads = []
+    for p in parameters:
+        if p.grad is not None:
+            grads.append(p.grad)
+        low = _PROJECTED.get(p)
+        if low is not None:
+            grads.append(low)
+    if not grads:
+        return torch.tensor(0.0)
+    norms = torch._foreach_norm(grads, 2.0)
+    total = torch.linalg.vector_norm(torch.stack([n.float().cpu() for n in norms]), 2.0)
+    if max_norm is not None and torch.isfinite(total):
+        coef = float(max_norm) / (float(total) + 1e-6)
+        if coef < 1.0:
+            torch._foreach_mul_(grads, coef)
+    return total
+
+
+class _LowRankGradLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # noqa: D102
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: D102
+        x, weight = ctx.saved_tensors
+        m, n = weight.shape
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = dy @ weight.to(dy.dtype)
+        dy2 = dy.reshape(-1, m)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0)
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, n)
+            if project_weight_grad(weight, dy2, x2, weight.dtype) is None:
+                dw = (dy2.t() @ x2.to(dy2.dtype)).to(weight.dtype)  # a refresh step (or no optimizer): G
+        return dx, dw, db
+
+
+class LowRankGradLinear(nn.Linear):
+    """``nn.Linear`` whose backward produces the projected weight gradient R = down(G, P) with
+    :func:`fastgrad.ops.lowrank_grad` whenever the optimizer has published a projection for its
+    weight, and the ordinary gradient otherwise (see the module docstring). Same parameters,
+    ``state_dict`` and forward as ``nn.Linear``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        mark_accepts_projected_grad(self.weight)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> LowRankGradLinear:
+        """A LowRankGradLinear sharing ``linear``'s weight and bias Parameters (no copy)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        mark_accepts_projected_grad(layer.weight)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mark_accepts_projected_grad(self.weight)  # a deep copy / reloaded model has new Parameters
+        return _LowRankGradLinearFunction.apply(x, self.weight, self.bias)
+
+
+def lowrank_grad_model(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` child whose attribute name is in ``targets`` by a
+    :class:`LowRankGradLinear` sharing its parameters; returns ``model``.
+
+    The default targets are the attention and MLP projections of fastgrad's LLaMA and of Hugging
+    Face's ``LlamaForCausalLM`` (``q_proj`` … ``down_proj``); embeddings, norms and the head stay.
+    Build the optimizer after converting (or before: the parameters are the same objects).
+    """
+    targets = set(targets)
+    swaps = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if name in targets and type(child) is nn.Linear
+    ]
+    for parent, name, child in swaps:
+        setattr(parent, name, LowRankGradLinear.from_linear(child))
+    return model

@@ -1,0 +1,289 @@
+"""Low-rank weight gradients (fastgrad.nn.lowrank): LowRankGradLinear and QLinear hand the optimizer
+R = down(G, P) computed from dy and x, and training is the same as with full gradients projected by
+the optimizer — plain, with gradient accumulation, layer-wise, on resume — with no m×n tensor in a
+non-refresh step (profiler memory trace)."""
+
+import io
+
+import pytest
+import torch
+from optim_common import N_LOWRANK, OpCounter, tiny_model, token_batches, train
+
+import fastgrad.optim.base as optim_base
+from fastgrad.nn import (
+    LowRankGradLinear,
+    QLinear,
+    clip_grad_norm_,
+    lowrank_grad_model,
+    projected_grad,
+    quantize_model,
+)
+from fastgrad.optim import GaLoreAdamW, QGaLoreAdamW, galore_param_groups, layerwise, qgalore_param_groups
+from fastgrad.optim import qgalore as qgalore_module
+
+GAP = 5  # refreshes at steps 0, 5, 10
+
+
+def galore(model):
+    return GaLoreAdamW(galore_param_groups(model, rank=8, update_proj_gap=GAP), lr=1e-2)
+
+
+def qgalore(model):
+    return QGaLoreAdamW(qgalore_param_groups(model, rank=8, update_proj_gap=GAP, proj_group_size=8), lr=1e-2)
+
+
+def converted(seed=0):
+    return lowrank_grad_model(tiny_model(seed))
+
+
+def quantized(seed=0):
+    return quantize_model(tiny_model(seed), 32)
+
+
+@pytest.fixture
+def full_gradients_only(monkeypatch):
+    """The optimizer publishes no projection: every layer forms G (the reference path)."""
+    monkeypatch.setattr(optim_base, "accepts_projected_grad", lambda p: False)
+
+
+def _train_layerwise(model, factory, batches, accum=1):
+    lw = layerwise(model, factory, grad_accum_steps=accum)
+    losses = []
+    for ids in batches:
+        for part in ids.chunk(accum):
+            loss = model(part, part) / accum
+            loss.backward()
+        lw.finish_step()
+        losses.append(loss.item())
+    return losses, lw
+
+
+def test_conversion_shares_parameters_and_behaves_as_linear():
+    plain, model = tiny_model(), converted()
+    targets = [m for m in model.modules() if isinstance(m, LowRankGradLinear)]
+    assert len(targets) == N_LOWRANK and type(model.lm_head) is torch.nn.Linear  # the head is not a target
+    assert plain.state_dict().keys() == model.state_dict().keys()
+    ids = token_batches(1)[0]
+    loss_plain, loss = plain(ids, ids), model(ids, ids)
+    assert torch.equal(loss_plain, loss)
+    loss_plain.backward()
+    loss.backward()  # no optimizer has published a projection: ordinary gradients
+    for p, q in zip(plain.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7)
+        assert projected_grad(q) is None
+
+
+def test_galore_with_projected_gradients_matches_full_gradients():
+    batches = token_batches(12)
+    base_model = tiny_model()
+    base_losses = train(base_model, galore(base_model), batches)
+    model = converted()
+    opt = galore(model)
+    losses, counts, grads_none = [], [], []
+    for ids in batches:
+        opt.zero_grad(set_to_none=True)
+        with OpCounter() as counter:
+            loss = model(ids, ids)
+            loss.backward()
+            grads_none.append(all(m.weight.grad is None for m in model.modules() if isinstance(m, LowRankGradLinear)))
+            opt.step()
+        losses.append(loss.item())
+        counts.append((counter.calls["fastgrad.lowrank_grad"], counter.calls["fastgrad.lowrank_project"]))
+    refresh = [k % GAP == 0 for k in range(len(batches))]
+    # Between refreshes every target weight's R comes from lowrank_grad and G is never formed.
+    assert counts == [(0, N_LOWRANK) if r else (N_LOWRANK, 0) for r in refresh]
+    assert grads_none == [not r for r in refresh]
+    # The same training: both sides compute down(dyᵀx, P) in fp32, in a different order (~1e-7).
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(base_losses), rtol=1e-5, atol=0)
+    for p, q in zip(base_model.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_accumulation_adds_projected_gradients():
+    batches = token_batches(6, rows=4)
+
+    def run(model):
+        opt = galore(model)
+        for ids in batches:
+            opt.zero_grad()
+            for part in ids.chunk(2):
+                (model(part, part) / 2).backward()
+            opt.step()
+        return model
+
+    base, model = run(tiny_model()), run(converted())
+    for p, q in zip(base.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_layerwise_with_projected_gradients(accum):
+    batches = token_batches(8)
+    base = converted()
+    train(base, galore(base), batches) if accum == 1 else None
+    model = converted()
+    with OpCounter() as counter:
+        _, lw = _train_layerwise(model, galore, batches, accum)
+    assert counter.calls["fastgrad.lowrank_grad"] == accum * N_LOWRANK * sum(k % GAP != 0 for k in range(8))
+    if accum == 1:  # the same arithmetic as the non-layer-wise step: bitwise on CPU
+        for p, q in zip(base.parameters(), model.parameters(), strict=True):
+            assert torch.equal(p, q)
+    else:  # against layer-wise accumulation of full gradients projected by the driver
+        ref_model = tiny_model()
+        _train_layerwise(ref_model, galore, batches, accum)
+        for p, q in zip(ref_model.parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+
+
+def test_qgalore_int8_layers_deliver_projected_gradients(full_gradients_only, monkeypatch):
+    batches = token_batches(12)
+    base_model = quantized()
+    base_losses = train(base_model, qgalore(base_model), batches)
+    monkeypatch.undo()
+    model = quantized()
+    with OpCounter() as counter:
+        losses = train(model, qgalore(model), batches)
+    n_q = sum(isinstance(m, QLinear) for m in model.modules())
+    assert counter.calls["fastgrad.lowrank_grad_quantized"] == n_q * sum(k % GAP != 0 for k in range(12))
+    # Same steps; codes are re-quantized with SR after each, so an fp32-rounding difference in R can
+    # flip a code: compare losses (tight) rather than codes.
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(base_losses), rtol=2e-5, atol=0)
+
+
+def test_qgalore_layerwise_equals_qgalore():
+    batches = token_batches(8)
+    plain = quantized()
+    plain_losses = train(plain, qgalore(plain), batches)
+    model = quantized()
+    losses, _ = _train_layerwise(model, qgalore, batches)
+    assert losses == plain_losses
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_resume_publishes_the_projection_again():
+    batches = token_batches(8)
+    model = converted()
+    opt = galore(model)
+    full = train(model, opt, batches)
+    model1 = converted()
+    opt1 = galore(model1)
+    train(model1, opt1, batches[:3])
+    buf = io.BytesIO()
+    torch.save({"model": model1.state_dict(), "opt": opt1.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    model2 = converted(seed=5)
+    model2.load_state_dict(saved["model"])
+    opt2 = galore(model2)
+    opt2.load_state_dict(saved["opt"])
+    with OpCounter() as counter:
+        rest = train(model2, opt2, batches[3:4])  # step 3: no refresh, so R comes from the layers
+    assert counter.calls["fastgrad.lowrank_grad"] == N_LOWRANK
+    rest += train(model2, opt2, batches[4:])
+    assert full[3:] == rest
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_clip_grad_norm_covers_projected_gradients_and_zero_grad_clears_them():
+    batches = token_batches(2)
+    model = converted()
+    opt = galore(model)
+    train(model, opt, batches[:1])  # step 0 refreshes; P is published for step 1
+    opt.zero_grad()
+    loss = model(batches[1], batches[1])
+    loss.backward()
+    weights = [m.weight for m in model.modules() if isinstance(m, LowRankGradLinear)]
+    lows = [projected_grad(w) for w in weights]
+    others = [p.grad for p in model.parameters() if p.grad is not None]
+    assert all(t is not None for t in lows) and len(others) == sum(1 for _ in model.parameters()) - N_LOWRANK
+    expected = torch.sqrt(sum(t.double().square().sum() for t in lows + others))
+    before = [t.clone() for t in lows]
+    norm = clip_grad_norm_(model.parameters(), float(expected) / 2)
+    torch.testing.assert_close(norm.double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(lows[0], before[0] * float(expected) / 2 / (float(expected) + 1e-6))
+    opt.zero_grad()
+    assert all(projected_grad(w) is None for w in weights)
+
+
+def test_projected_gradient_at_a_refresh_step_is_an_error():
+    model = converted()
+    opt = galore(model)
+    batches = token_batches(GAP + 1)
+    train(model, opt, batches[: GAP - 1])  # the next step (k = GAP - 1) does not refresh
+    opt.zero_grad()
+    model(batches[0], batches[0]).backward()  # R delivered for step GAP - 1 ...
+    opt.step()
+    model(batches[1], batches[1]).backward()  # ... but now k = GAP refreshes: the layer formed G
+    assert all(projected_grad(m.weight) is None for m in model.modules() if isinstance(m, LowRankGradLinear))
+    layer = next(m for m in model.modules() if isinstance(m, LowRankGradLinear))
+    from fastgrad.nn.lowrank import deliver_projected_grad
+
+    deliver_projected_grad(layer.weight, torch.zeros(8, layer.weight.shape[1]))
+    with pytest.raises(RuntimeError, match="refreshed at this step"):
+        opt.step()
+
+
+# ------------------------------------------------------------------------------------------------
+# memory trace: no m×n tensor in a non-refresh step
+# ------------------------------------------------------------------------------------------------
+
+DIM, LAYERS = 1024, 3
+
+
+def _allocations(fn) -> list[int]:
+    """Sizes of every CPU allocation made while ``fn`` runs (torch.profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
+
+
+def _stack(layer_cls):
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(DIM, DIM, bias=False) for _ in range(LAYERS)]
+    if layer_cls is LowRankGradLinear:
+        layers = [LowRankGradLinear.from_linear(lin) for lin in layers]
+    elif layer_cls is QLinear:
+        layers = [QLinear.from_linear(lin, group_size=64) for lin in layers]
+    return torch.nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("kind", ["linear", "lowrank", "qlinear", "qlinear-layerwise"])
+def test_no_weight_sized_tensor_between_refreshes(kind, monkeypatch):
+    """Three 1024×1024 weights (4 MiB in fp32) and 8 tokens of activations (32 KiB). A step of
+    plain Linear + GaLore allocates 4 MiB gradients (the control: the trace sees them); with
+    LowRankGradLinear + GaLore, and with QLinear + Q-GaLore (plain and layer-wise) no allocation in
+    forward, backward or the step reaches half a weight's fp32 size: R comes from lowrank_grad, the
+    INT8 update runs a block of rows at a time, and the QLinear matmuls decode Ŵ in blocks of at
+    most 1 MiB (C++ kernels' scratch)."""
+    monkeypatch.setattr(qgalore_module, "UPDATE_BLOCK_ELEMS", DIM * DIM // 8)
+    layer_cls = {"linear": torch.nn.Linear, "lowrank": LowRankGradLinear}.get(kind, QLinear)
+    model = _stack(layer_cls)
+    weights = [m.weight for m in model]
+    group = {"params": weights, "rank": 16, "update_proj_gap": 100}
+    if layer_cls is QLinear:
+        opt = QGaLoreAdamW([{**group, "proj_group_size": 16}], lr=1e-3)
+    else:
+        opt = GaLoreAdamW([{**group, "projector": "randomized"}], lr=1e-3)
+    x = torch.randn(8, DIM, requires_grad=True)
+    lw = layerwise(model, opt) if kind.endswith("layerwise") else None
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        if lw is None:
+            opt.step()
+        else:
+            lw.finish_step()
+
+    step()  # k = 0: the refresh (full G, SVD) and the states
+    sizes = _allocations(step)  # k = 1
+    weight_bytes = DIM * DIM * 4
+    big = [s for s in sizes if s >= weight_bytes // 2]
+    if kind == "linear":
+        assert big.count(weight_bytes) >= LAYERS  # the full gradients
+    else:
+        assert big == [], f"{kind}: allocations of {big} bytes in a non-refresh step"
