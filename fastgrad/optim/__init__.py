@@ -1,11 +1,12 @@
-"""Memory-efficient optimizers over low-rank gradient projections (GaLore, Q-GaLore, Fira, APOLLO)
-and their projectors."""
+"""Memory-efficient optimizers over low-rank gradient projections (GaLore, Q-GaLore, Fira, APOLLO),
+8-bit-moment GaLoreAdamW / AdamW, and their projectors."""
 
 from fastgrad.optim.apollo import Apollo, ApolloMini, apollo_param_groups
 from fastgrad.optim.base import LowRankOptimizer, transfer_moments
 from fastgrad.optim.fira import FiraAdamW
 from fastgrad.optim.frugal import Frugal
 from fastgrad.optim.galore import GaLoreAdamW
+from fastgrad.optim.galore8bit import AdamW8bit, GaLoreAdamW8bit
 from fastgrad.optim.layerwise import LayerwiseOptimizer, StepStats, layerwise
 from fastgrad.optim.param_groups import galore_param_groups, target_linear_weights
 from fastgrad.optim.projectors import (
@@ -23,6 +24,8 @@ from fastgrad.optim.qgalore import QGaLoreAdamW, qgalore_param_groups
 
 __all__ = [
     "GaLoreAdamW",
+    "GaLoreAdamW8bit",
+    "AdamW8bit",
     "QGaLoreAdamW",
     "qgalore_param_groups",
     "layerwise",

@@ -83,7 +83,7 @@ class GaLoreAdamW(LowRankOptimizer):
         faithful: bool = False,
         nonfinite: str = "skip",
     ) -> None:
-        check_adam_hyperparameters("GaLoreAdamW", lr, betas, eps)
+        check_adam_hyperparameters(type(self).__name__, lr, betas, eps)
         self.faithful = faithful
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "correct_bias": correct_bias}
         super().__init__(params, defaults, nonfinite=nonfinite)
@@ -91,30 +91,44 @@ class GaLoreAdamW(LowRankOptimizer):
     def _normalize_lowrank_group(self, group: dict[str, Any]) -> None:
         super()._normalize_lowrank_group(group)
         if self.faithful and group["state_transfer"]:
-            raise ValueError("GaLoreAdamW: state_transfer=True is not galore-torch behaviour; use faithful=False")
+            raise ValueError(
+                f"{type(self).__name__}: state_transfer=True is not galore-torch behaviour; use faithful=False"
+            )
 
     def _update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
-        beta1, beta2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        lr, wd = group["lr"], group["weight_decay"]
         params = [it.param for it in items]
         if wd != 0.0 and not self.faithful:
             torch._foreach_mul_(params, 1.0 - lr * wd)
         firsts, seconds = self._update_moments(group, items)
         for it, first, second in zip(items, firsts, seconds, strict=True):
             it.low = None  # R is no longer needed: free it before the m×n back-projection
-            it.state["step"] += 1
-            step = it.state["step"]
-            step_size = lr
-            if group["correct_bias"]:
-                step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-            denom = second.sqrt().add_(eps)
-            normed = torch.div(first, denom, out=denom)
-            if it.lowrank:
-                p_mat = self.proj_matrix(it)
-                # W += (−η_t·α)·up(N): accumulated straight into W, no m×n temporary.
-                lowrank_project_back_add_(it.param, normed, p_mat, it.side, -step_size * group["scale"])
-            else:
-                it.param.add_(normed, alpha=-step_size)
-            it.proj = it.proj_old = None
+            self._adam_step(group, it, first, second)
         if wd != 0.0 and self.faithful:
             torch._foreach_add_(params, params, alpha=-lr * wd)
+
+    def _direction(
+        self, group: dict[str, Any], step: int, first: torch.Tensor, second: torch.Tensor
+    ) -> tuple[float, torch.Tensor]:
+        """(η_t, N) of step t = ``step`` from the updated moments M, V: N = M / (√V + ε),
+        η_t = lr·√(1−β2^t)/(1−β1^t) (lr if not correct_bias). M and V are not modified."""
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        step_size = lr
+        if group["correct_bias"]:
+            step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+        denom = second.sqrt().add_(group["eps"])
+        return step_size, torch.div(first, denom, out=denom)
+
+    def _adam_step(self, group: dict[str, Any], it: ParamStep, first: torch.Tensor, second: torch.Tensor) -> None:
+        """One weight's step once its moments are updated: t ← t + 1, then W ← W − η_t·α·up(N, P)
+        (low-rank) or W ← W − η_t·N (full-rank). Weight decay is the caller's."""
+        it.state["step"] += 1
+        step_size, normed = self._direction(group, it.state["step"], first, second)
+        if it.lowrank:
+            p_mat = self.proj_matrix(it)
+            # W += (−η_t·α)·up(N): accumulated straight into W, no m×n temporary.
+            lowrank_project_back_add_(it.param, normed.to(p_mat.dtype), p_mat, it.side, -step_size * group["scale"])
+        else:
+            it.param.add_(normed, alpha=-step_size)
+        it.proj = it.proj_old = None

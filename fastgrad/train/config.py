@@ -4,7 +4,8 @@ Recipes (ALGORITHMS.md §12): LLaMA 60M/130M/350M/1B/7B on C4 with sequence leng
 schedule to 10% of the peak with 10% warmup. GaLore/Q-GaLore/Fira: lr 0.01, scale 0.25 (Fira
 0.0625 at 1B/7B), projector refresh every 200 steps (500 at 7B), rank 128/256/256/512/1024.
 APOLLO: rank 128/192/256/256/256, scale 1; APOLLO-Mini: rank 1, scale 128. FRUGAL: density 0.25,
-lr 1e-3. AdamW baselines use lr 1e-3. ``tiny`` is sized so that the default run finishes in minutes on a 2-core CPU.
+lr 1e-3. AdamW baselines (adamw, adamw8bit) use lr 1e-3; galore8bit follows the GaLore recipe.
+``tiny`` is sized so that the default run finishes in minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ RANK = {"tiny": 32, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 APOLLO_RANK = {"tiny": 32, "60m": 128, "130m": 192, "350m": 256, "1b": 256, "7b": 256}
 UPDATE_PROJ_GAP = {"tiny": 50, "7b": 500}  # others: 200
 # scale α by optimizer (Fira uses 0.0625 at 1B and 7B); APOLLO's enters as √α.
-SCALE = {"galore": 0.25, "q-galore": 0.25, "fira": 0.25, "apollo": 1.0, "apollo-mini": 128.0}
+SCALE = {"galore": 0.25, "galore8bit": 0.25, "q-galore": 0.25, "fira": 0.25, "apollo": 1.0, "apollo-mini": 128.0}
 FIRA_LARGE_SCALE = {"1b": 0.0625, "7b": 0.0625}
 DEFAULT_STEPS = {"tiny": 300, "60m": 10_000, "130m": 20_000, "350m": 60_000, "1b": 100_000, "7b": 150_000}
 LOW_RANK_LR = 0.01  # GaLore/Q-GaLore/Fira/APOLLO recipes
@@ -72,7 +73,7 @@ class TrainConfig:
         if cfg.update_proj_gap is None:
             cfg.update_proj_gap = UPDATE_PROJ_GAP.get(name, 200)
         if cfg.lr is None:
-            cfg.lr = FULL_RANK_LR if cfg.optim in ("adamw", "frugal") else LOW_RANK_LR
+            cfg.lr = FULL_RANK_LR if cfg.optim in ("adamw", "adamw8bit", "frugal") else LOW_RANK_LR
         if cfg.steps is None:
             tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
             cfg.steps = -(-cfg.tokens // tokens_per_step) if cfg.tokens else DEFAULT_STEPS.get(name, 1000)

@@ -13,11 +13,26 @@ def _adamw(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _adamw8bit(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW (torch's update rule) with 8-bit blockwise moments for tensors of ≥ 4096 elements."""
+    from fastgrad.optim import AdamW8bit
+
+    return AdamW8bit(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def _galore(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     from fastgrad.optim import GaLoreAdamW, galore_param_groups
 
     groups = galore_param_groups(model, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale)
     return GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _galore8bit(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """GaLoreAdamW with 8-bit blockwise moments (projected moments of ≥ 4096 elements)."""
+    from fastgrad.optim import GaLoreAdamW8bit, galore_param_groups
+
+    groups = galore_param_groups(model, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale)
+    return GaLoreAdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _fira(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -58,7 +73,9 @@ def _qgalore(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 OPTIMIZERS: dict[str, Callable[[TrainConfig, torch.nn.Module], torch.optim.Optimizer]] = {
     "adamw": _adamw,
+    "adamw8bit": _adamw8bit,
     "galore": _galore,
+    "galore8bit": _galore8bit,
     "q-galore": _qgalore,
     "fira": _fira,
     "apollo": _apollo,
@@ -66,7 +83,7 @@ OPTIMIZERS: dict[str, Callable[[TrainConfig, torch.nn.Module], torch.optim.Optim
     "frugal": _frugal,
 }
 # Optimizers whose layer-wise mode (fastgrad.optim.layerwise) is supported.
-LAYERWISE = {"galore", "fira", "apollo", "apollo-mini"}
+LAYERWISE = {"galore", "galore8bit", "fira", "apollo", "apollo-mini"}
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
