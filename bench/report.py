@@ -12,7 +12,12 @@ from collections import OrderedDict
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
-BASELINE = {"quant": "reference", "project": "torch-matmul", "optim": "galore-torch"}
+BASELINE = {
+    "quant": "reference",
+    "project": "torch-matmul",
+    "optim": "galore-torch",
+    "lowrank": ("full-G-then-project", "dequantize-then-matmul"),
+}
 REFRESH_BASELINE = "svd"  # refresh steps compare to the exact SVD
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -28,6 +33,11 @@ def latest_rows(suite: str) -> list[dict]:
     return list(latest.values())
 
 
+def _baseline_name(suite: str) -> str:
+    base = BASELINE[suite]
+    return " / ".join(base) if isinstance(base, tuple) else base
+
+
 def render(suite: str) -> str:
     rows = latest_rows(suite)
     if not rows:
@@ -36,11 +46,12 @@ def render(suite: str) -> str:
     for row in rows:
         cases.setdefault((row["device"], row["threads"], row["op"], row["shape"], row["dtype"]), []).append(row)
     out = [
-        f"| device | op | shape | dtype | provider | median ms | GB/s | TFLOP/s | vs {BASELINE[suite]} |",
+        f"| device | op | shape | dtype | provider | median ms | GB/s | TFLOP/s | vs {_baseline_name(suite)} |",
         "|---|---|---|---|---|---:|---:|---:|---:|",
     ]
     for (device, threads, op, shape, dtype), group in cases.items():
-        base = next((r for r in group if r["provider"] in (BASELINE[suite], REFRESH_BASELINE)), None)
+        baselines = BASELINE[suite] if isinstance(BASELINE[suite], tuple) else (BASELINE[suite],)
+        base = next((r for r in group if r["provider"] in (*baselines, REFRESH_BASELINE)), None)
         if base is None and suite == "quant":  # the reference is timed on fp32 only
             base = next(
                 (r for r in rows if r["provider"] == "reference" and r["op"] == op and r["device"] == device), None
@@ -59,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--readme", action="store_true", help="write the tables into README.md")
     args = parser.parse_args()
-    text = "\n\n".join(t for t in (render(s) for s in ("quant", "project", "optim")) if t)
+    text = "\n\n".join(t for t in (render(s) for s in ("quant", "project", "lowrank", "optim")) if t)
     if not args.readme:
         print(text)
         return

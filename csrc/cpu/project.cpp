@@ -27,9 +27,12 @@ namespace {
 #define FG_CHECK_ARG(cond, op, arg, ...) \
   TORCH_CHECK(cond, "fastgrad.", op, ": argument '", arg, "' must be ", __VA_ARGS__)
 
-// fp32 elements of a P block in scratch (1 MiB), and of a block of a converted bf16/fp16 G or of
-// an fp32 output block staged before conversion (4 MiB).
+// fp32 elements of a P block in scratch: at least 1 MiB, at most an eighth of P (a projector is
+// skinny and fits in one or two blocks; an INT8 weight used as P by QLinear is decoded in 8 blocks
+// or more, few enough that the GEMMs stay efficient, never as a dense copy). And of a block of a
+// converted bf16/fp16 G or of an fp32 output block staged before conversion (4 MiB).
 constexpr int64_t kPBlockElems = int64_t{1} << 18;
+constexpr int64_t kPBlockFraction = 8;
 constexpr int64_t kGBlockElems = int64_t{1} << 20;
 constexpr int64_t kMinBlock = 64;
 
@@ -59,6 +62,9 @@ struct Projector {
   int64_t rows = 0, cols = 0, groups = 0;
 
   bool needs_scratch() const { return !dense.defined() || dense.scalar_type() != at::kFloat; }
+
+  // fp32 elements of one decoded block of P (see kPBlockElems).
+  int64_t block_budget() const { return std::max(kPBlockElems, rows * cols / kPBlockFraction); }
 
   at::Tensor tile(int64_t r0, int64_t r1, int64_t c0, int64_t c1, const at::Tensor& scratch) const {
     const int64_t h = r1 - r0, w = c1 - c0;
@@ -102,7 +108,7 @@ at::Tensor project_blocked(const at::Tensor& g, const Projector& p, bool left, b
   const int64_t red = left ? m : n;  // the reduction dimension, split into blocks
   const bool keep_f32 = g_f32 || f32_out;
   if (red == 0 || out.numel() == 0) return keep_f32 ? out.zero_() : out.zero_().to(g.scalar_type());
-  int64_t blk = block_len(red, rank, kPBlockElems);
+  int64_t blk = block_len(red, rank, p.block_budget());
   if (!g_f32) blk = std::min(blk, block_len(red, left ? n : m, kGBlockElems));
   at::Tensor p_scratch = p.needs_scratch() ? at::empty({blk * rank}, out.options()) : at::Tensor();
   at::Tensor g_scratch = g_f32 ? at::Tensor() : at::empty({blk * (left ? n : m)}, out.options());
@@ -198,7 +204,7 @@ void project_back_blocked(const at::Tensor& r, const Projector& p, bool left, do
   const auto f32 = r.options().dtype(at::kFloat);
   const at::Tensor rf = r.scalar_type() == at::kFloat ? r : r.to(at::kFloat);
   const int64_t split = left ? m : n;  // output rows (left) or columns (right), split into blocks
-  int64_t blk = block_len(split, rank, kPBlockElems);
+  int64_t blk = block_len(split, rank, p.block_budget());
   if (!out_f32) blk = std::min(blk, block_len(split, left ? n : m, kGBlockElems));
   at::Tensor p_scratch = p.needs_scratch() ? at::empty({blk * rank}, f32) : at::Tensor();
   at::Tensor o_scratch = out_f32 ? at::Tensor() : at::empty({blk * (left ? n : m)}, f32);
