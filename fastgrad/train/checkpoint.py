@@ -8,6 +8,9 @@ runs/<name>/
 
 A checkpoint is written to ``checkpoint.tmp`` and swapped in by renames, so an interrupt or a crash
 while saving leaves the previous checkpoint intact (``checkpoint.old`` during the swap).
+
+Under DDP only rank 0 saves and every rank loads; a ``DistributedDataParallel`` wrapper is
+unwrapped, so the tensor names are those of the plain model whatever the process count.
 """
 
 from __future__ import annotations
@@ -23,12 +26,16 @@ from safetensors.torch import load_model, save_model
 CHECKPOINT = "checkpoint"
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer, trainer: dict) -> None:
     """``optimizer``: anything with ``state_dict()`` (an optimizer or the layer-wise driver)."""
     tmp, final, old = run_dir / f"{CHECKPOINT}.tmp", run_dir / CHECKPOINT, run_dir / f"{CHECKPOINT}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
+    save_model(_unwrap(model), str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
     shutil.rmtree(old, ignore_errors=True)
@@ -48,7 +55,7 @@ def find_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict:
     """Restore model and optimizer in place; return the trainer state (step, counters)."""
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    missing, unexpected = load_model(_unwrap(model), str(path / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {path} does not match the model: missing {sorted(missing)[:5]}, "

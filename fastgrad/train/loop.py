@@ -5,14 +5,47 @@ learning rate is a pure function of k (set on every step, no scheduler state), a
 optimizer states are saved bit for bit, so a resumed run reproduces the uninterrupted run's
 losses on CPU. A step whose gradient norm is NaN/Inf is skipped (weights and optimizer state
 untouched) and counted; many in a row stop the run after saving the last good state.
+
+Data parallelism: the same command under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment)
+trains with DDP, ``gloo`` on CPU and ``nccl`` on CUDA (rank r on ``cuda:LOCAL_RANK``).
+
+* ``--batch-size`` is per process: the global batch of a step is
+  ``batch_size × world_size × grad_accum`` sequences, and it is the very batch that one process
+  with ``batch_size × world_size`` would take (rank r keeps rows ``[r·B, (r+1)·B)`` of every
+  micro-batch, ``TokenBatches``). So 2 processes × B reproduce 1 process × 2B up to the fp32
+  summation order of the gradient average; the learning-rate schedule is unchanged.
+* Non-layer-wise: the model is wrapped in ``DistributedDataParallel`` after the optimizer is
+  built (Q-GaLore swaps Linear layers for ``QLinear`` there); the micro-batches but the last run
+  under ``no_sync()``. Gradients DDP cannot see are averaged explicitly after the last
+  micro-batch, before clipping and the step: those of ``QLinear``'s INT8 codes (no autograd
+  gradient: the layer writes an fp32 ``.grad``) and the projected gradients R = down(G, P) that
+  low-rank-gradient layers (:mod:`fastgrad.nn.lowrank`) hand the optimizer between refreshes;
+  DDP is told to ignore those weights.
+* Layer-wise: the plain model is given to :func:`fastgrad.optim.layerwise`, which averages the
+  gradients itself (low-rank ones in low rank) and broadcasts rank 0's weights.
+* All ranks agree: the logged loss is the all-reduced mean, the gradient norm (hence the NaN/Inf
+  skip) is computed from averaged gradients, and the stop request (Ctrl-C on any rank) is
+  all-reduced with the loss once per step, so every rank stops after the same step; rank 0
+  saves and the others wait for it before exiting. (Ctrl-C in torchrun's terminal reaches the
+  agent, which forwards it to every worker and kills them after its shutdown timeout, 30 s by
+  default: enough for a step and a checkpoint of the models here.) Validation
+  runs on every rank over its share of the validation sequences (every world_size-th one) and
+  the sequence-weighted mean is all-reduced: the same sequences and value as one process with the
+  global batch size.
+* Rank 0 alone creates and writes the run directory (config, metrics, checkpoints, summary) and
+  shows the progress bar; every rank loads the checkpoint on ``--resume`` (the run directory must
+  be visible to all ranks: one node or a shared file system). The process group is destroyed at
+  the end (when ``train`` created it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
+import os
 import resource
 import signal
 import threading
@@ -25,12 +58,92 @@ from tqdm import tqdm
 
 from fastgrad.data import prepare_data
 from fastgrad.models import LlamaForCausalLM, get_config
+from fastgrad.nn.lowrank import accepts_projected_grad, projected_grad
 from fastgrad.optim import layerwise
 from fastgrad.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from fastgrad.train.config import TrainConfig
 from fastgrad.train.optimizers import build_optimizer, state_bytes
 
 MAX_CONSECUTIVE_NONFINITE = 20
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in data-parallel training (world_size 1: a single process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owned: bool = False  # train() initialised the process group and destroys it at the end
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a ``torchrun`` launch (or of an initialised process group) and in a single
+    process: where the command prints and writes files."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def setup_distributed(cfg: TrainConfig) -> tuple[Distributed, torch.device]:
+    """The device, and the process group: an initialised one is used as is; under ``torchrun``
+    (``WORLD_SIZE`` > 1) one is initialised from the environment, ``nccl`` when the device is CUDA
+    (then ``cuda:LOCAL_RANK``, whatever index ``--device`` names) and ``gloo`` otherwise."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dist = torch.distributed
+    initialised = dist.is_available() and dist.is_initialized()
+    if not initialised and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Distributed(), device
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    rank = dist.get_rank() if initialised else int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not initialised:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, dist.get_world_size(), local_rank, owned=not initialised), device
+
+
+def _rank0_first(env: Distributed, fn, *, others: bool = True):
+    """``fn()`` on rank 0, then (``others``) on the other ranks, which find its caches filled; an
+    error on rank 0 is raised on every rank instead of leaving the others waiting for it."""
+    if not env.enabled:
+        return fn()
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001  (re-raised below, on every rank)
+            error = e
+    status = [None if error is None else f"{type(error).__name__}: {error}"]
+    torch.distributed.broadcast_object_list(status, src=0)
+    if error is not None:
+        raise error
+    if status[0] is not None:
+        raise ValueError(f"rank 0 failed: {status[0]}")
+    return result if env.is_main or not others else fn()
+
+
+def _average_gradients(params: list[torch.Tensor], world_size: int) -> None:
+    """All-reduce (average), in place, the gradients of ``params`` that DDP does not handle: the
+    ``.grad`` and the projected gradient (:func:`fastgrad.nn.lowrank.projected_grad`) of each,
+    where there is one (the same on every rank: the same model, step and published projections)."""
+    grads = [g for p in params for g in (p.grad, projected_grad(p)) if g is not None]
+    works = [torch.distributed.all_reduce(g, async_op=True) for g in grads]
+    for work, g in zip(works, grads, strict=True):
+        work.wait()
+        g.div_(world_size)
 
 
 class InterruptAtStepBoundary(contextlib.AbstractContextManager):
@@ -86,15 +199,26 @@ def _peak_memory(device: torch.device) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data, cfg: TrainConfig, device: torch.device) -> float:
+def evaluate(
+    model: torch.nn.Module, data, cfg: TrainConfig, device: torch.device, env: Distributed | None = None
+) -> float:
+    """Mean validation loss over ``cfg.eval_batches`` batches of ``cfg.batch_size`` sequences per
+    rank, weighted by sequences; with DDP each rank takes every world_size-th sequence and the
+    result is all-reduced (the value of one process with batches of batch_size × world_size)."""
+    env = env or Distributed()
     model.eval()
-    losses = []
-    for i, (inputs, labels) in enumerate(data.val_batches(cfg.batch_size)):
+    total = torch.zeros(2, dtype=torch.float64)  # Σ loss · sequences, Σ sequences
+    for i, (inputs, labels) in enumerate(data.val_batches(cfg.batch_size, rank=env.rank, world_size=env.world_size)):
         if i >= cfg.eval_batches:
             break
-        losses.append(model(inputs.to(device), labels.to(device), shift_labels=False).item())
+        loss = model(inputs.to(device), labels.to(device), shift_labels=False).item()
+        total += torch.tensor([loss * len(inputs), len(inputs)], dtype=torch.float64)
     model.train()
-    return sum(losses) / len(losses)
+    if env.enabled:
+        total = total.to(device)
+        torch.distributed.all_reduce(total)
+    loss_sum, count = total.tolist()
+    return loss_sum / count if count else math.nan
 
 
 def _append_metrics(path: Path, record: dict) -> None:
@@ -116,51 +240,114 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, show_progress: 
     memory cover this process only, so a resumed run reports its last part).
 
     A new ``run_dir`` is created only once the data, model and optimizer are ready, so bad input
-    leaves nothing behind, and never over an existing directory.
+    leaves nothing behind, and never over an existing directory. Under ``torchrun`` this is data
+    parallel (module docstring); rank 0's ``run_dir`` is the run's, on every rank.
     """
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    env, device = setup_distributed(cfg)
+    try:
+        if env.enabled:
+            shared = [Path(run_dir)]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            run_dir = shared[0]
+        return _train(cfg, run_dir, resume, show_progress, env, device)
+    finally:
+        if env.owned:
+            torch.distributed.destroy_process_group()
+
+
+def _train(
+    cfg: TrainConfig, run_dir: Path, resume: bool, show_progress: bool, env: Distributed, device: torch.device
+) -> RunResult:
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if cfg.max_memory_gb and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.max_memory_gb * 2**30 / total), device)
 
-    data = prepare_data(cfg.data, cfg.seq_len, cfg.vocab_size, cfg.tokenizer)
+    # Rank 0 first: it trains and caches the tokenizer and the token stream, the others load them.
+    data = _rank0_first(env, lambda: prepare_data(cfg.data, cfg.seq_len, cfg.vocab_size, cfg.tokenizer))
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(get_config(cfg.model, data.vocab_size, cfg.seq_len)).to(device=device, dtype=dtype)
     model.gradient_checkpointing = cfg.activation_checkpointing
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model)  # may swap modules (Q-GaLore: QLinear): before any DDP wrapping
     # Layer-wise: the driver's hooks consume each gradient during backward (projected and
     # accumulated in low rank), then finish_step() clips, applies the NaN policy and updates.
+    # Under DDP it averages the gradients itself and broadcasts rank 0's weights: the plain model.
     stepper = (
         layerwise(model, optimizer, grad_accum_steps=cfg.grad_accum, max_grad_norm=cfg.grad_clip or None)
         if cfg.layerwise
         else optimizer
     )
-    forward = torch.compile(model) if cfg.compile else model
 
     metrics = run_dir / "metrics.jsonl"
     start_step, nonfinite, tokens_seen = 0, 0, 0
     if not resume:
-        run_dir.mkdir(parents=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+        def create_run_dir() -> None:
+            run_dir.mkdir(parents=True)
+            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+        _rank0_first(env, create_run_dir, others=False)
     else:
-        checkpoint = find_checkpoint(run_dir)
+        checkpoint = find_checkpoint(run_dir)  # every rank loads it
         if checkpoint is None:
             raise ValueError(f"--resume {run_dir}: no checkpoint found in it")
         trainer = load_checkpoint(checkpoint, model, stepper)
         start_step, nonfinite, tokens_seen = trainer["step"], trainer["nonfinite_steps"], trainer["tokens"]
-        _truncate_metrics(metrics, start_step)
+        if env.is_main:
+            _truncate_metrics(metrics, start_step)
 
-    batches = data.train_batches(cfg.batch_size, seed=cfg.seed, grad_accum_steps=cfg.grad_accum)
+    # Gradients DDP cannot average: QLinear's INT8 codes get theirs from the layer, not autograd
+    # (the weight does not require grad), and a layer that computes projected gradients
+    # (fastgrad.nn.lowrank: QLinear, LowRankGradLinear) hands R = down(G, P) to the optimizer
+    # between refreshes instead of G. DDP ignores these weights; they are averaged after backward.
+    outside_ddp = [(n, p) for n, p in model.named_parameters() if not p.requires_grad or accepts_projected_grad(p)]
+    ddp = None
+    if env.enabled and not cfg.layerwise:
+        # Rank 0's values of what DDP does not broadcast at construction: the weights it ignores, and
+        # the buffers (rotary tables, QLinear scales/zeros), which then change only through identical
+        # updates on every rank, so they are not broadcast again before every forward.
+        for tensor in [p for _, p in outside_ddp] + list(model.buffers()):
+            torch.distributed.broadcast(tensor.data, src=0)
+        DDP = torch.nn.parallel.DistributedDataParallel
+        no_buffer_sync = (  # torch >= 2.13 renamed broadcast_buffers
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(DDP).parameters
+            else {"broadcast_buffers": False}
+        )
+        DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, p in outside_ddp if p.requires_grad])
+        ddp = DDP(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True,  # no second copy of the gradients
+            **no_buffer_sync,
+        )
+    module = ddp if ddp is not None else model
+    forward = torch.compile(module) if cfg.compile else module
+
+    batches = data.train_batches(
+        cfg.batch_size, seed=cfg.seed, grad_accum_steps=cfg.grad_accum, rank=env.rank, world_size=env.world_size
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     step, consecutive_bad, train_loss, val_loss = start_step, 0, float("nan"), float("nan")
     started = time.perf_counter()
 
     def checkpoint_now() -> None:
-        save_checkpoint(run_dir, model, stepper, {"step": step, "nonfinite_steps": nonfinite, "tokens": tokens_seen})
+        if env.is_main:
+            save_checkpoint(
+                run_dir, model, stepper, {"step": step, "nonfinite_steps": nonfinite, "tokens": tokens_seen}
+            )
 
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not show_progress, desc=f"{cfg.model} {cfg.optim}")
+    def barrier() -> None:  # the other ranks wait for rank 0's files before exiting
+        if env.enabled:
+            torch.distributed.barrier()
+
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start_step,
+        disable=not (show_progress and env.is_main),
+        desc=f"{cfg.model} {cfg.optim}",
+    )
     with InterruptAtStepBoundary() as interrupt:
         while step < cfg.steps:
             lr = lr_at(cfg, step)
@@ -170,9 +357,19 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, show_progress: 
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
                 inputs, labels = batches.get(step, micro)
-                loss = forward(inputs.to(device), labels.to(device), shift_labels=False) / cfg.grad_accum
-                loss.backward()
+                last = micro == cfg.grad_accum - 1
+                with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+                    loss = forward(inputs.to(device), labels.to(device), shift_labels=False) / cfg.grad_accum
+                    loss.backward()
                 loss_sum += loss.item()
+            stop = interrupt.requested
+            if env.enabled:
+                if ddp is not None:
+                    _average_gradients([p for _, p in outside_ddp], env.world_size)
+                # One all-reduce per step: the mean loss for the metrics and the stop request.
+                agreed = torch.tensor([loss_sum, float(stop)], dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(agreed)
+                loss_sum, stop = agreed[0].item() / env.world_size, agreed[1].item() > 0
             if cfg.layerwise:
                 stats = stepper.finish_step()  # the driver skips a non-finite step for every parameter
                 grad_norm, ok = stats.grad_norm, not stats.skipped
@@ -196,14 +393,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, show_progress: 
             if consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
                 bar.close()
                 checkpoint_now()  # the last good state: the skipped steps changed nothing
+                barrier()
                 raise FloatingPointError(
                     f"{consecutive_bad} consecutive steps with a NaN/Inf loss or gradient at step {step}; "
                     f"the last good state is saved in {run_dir / 'checkpoint'}"
                 )
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                val_loss = evaluate(forward, data, cfg, device)
+                val_loss = evaluate(forward, data, cfg, device, env)
                 record["val_loss"] = val_loss
-            _append_metrics(metrics, record)
+            if env.is_main:
+                _append_metrics(metrics, record)
             bar.set_postfix(
                 loss=f"{loss_sum:.3f}",
                 val=f"{val_loss:.3f}",
@@ -213,9 +412,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, show_progress: 
             bar.update(1)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 checkpoint_now()
-            if interrupt.requested:
+            if stop if env.enabled else interrupt.requested:  # one process: a Ctrl-C up to now counts
                 bar.close()
                 checkpoint_now()
+                barrier()
                 raise KeyboardInterrupt
     bar.close()
     result = RunResult(
@@ -229,6 +429,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, show_progress: 
         optimizer_state_bytes=state_bytes(optimizer),
         nonfinite_steps=nonfinite,
     )
-    summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "run_dir"}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if env.is_main:
+        summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "run_dir"}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    barrier()
     return result
