@@ -1,4 +1,4 @@
-"""The ``fastgrad`` command: ``fastgrad pretrain``, ``fastgrad compare`` and ``fastgrad env``."""
+"""The ``fastgrad`` command: ``fastgrad pretrain``, ``fastgrad compare``, ``fastgrad memory`` and ``fastgrad env``."""
 
 from __future__ import annotations
 
@@ -17,47 +17,76 @@ from fastgrad.train.optimizers import LAYERWISE, OPTIMIZERS
 _CONFIG_FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
 
 
-def _add_training_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags that set a TrainConfig (all but --optim), shared by pretrain and compare."""
+# The flags of _add_training_arguments that shape a step's memory (fastgrad memory takes these).
+_MEMORY_FLAGS = {
+    "--model",
+    "--rank",
+    "--grad-accum",
+    "--batch-size",
+    "--seq-len",
+    "--dtype",
+    "--activation-checkpointing",
+    "--layerwise",
+    "--vocab-size",
+    "--no-lowrank-grad",
+}
+# Boolean config fields whose command-line flag turns them off.
+_NEGATIVE_FLAGS = {"lowrank_grad": "--no-lowrank-grad"}
+
+
+def _add_training_arguments(p: argparse.ArgumentParser, only: set[str] | None = None) -> None:
+    """The flags that set a TrainConfig (all but --optim), shared by pretrain and compare; ``only``:
+    just these flags (fastgrad memory)."""
     d = TrainConfig()
-    p.add_argument("--model", help=f"tiny, 60m, 130m, 350m, 1b or 7b (default {d.model})")
-    p.add_argument("--rank", type=int, help="projection rank (default: the model's recipe)")
-    p.add_argument("--update-proj-gap", type=int, help="projector refresh interval T in steps (default: recipe)")
-    p.add_argument("--scale", type=float, help="scale α (default: the optimizer's recipe: 0.25 GaLore, 1 APOLLO, ...)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 0.01 low-rank, 1e-3 AdamW)")
-    p.add_argument("--min-lr-ratio", type=float, help=f"cosine floor as a fraction of --lr (default {d.min_lr_ratio})")
-    p.add_argument(
-        "--warmup", type=float, help=f"warmup: a fraction of the steps if < 1, else steps (default {d.warmup})"
+
+    def add(flag: str, **kwargs) -> None:
+        if only is None or flag in only:
+            p.add_argument(flag, **kwargs)
+
+    add("--model", help=f"tiny, 60m, 130m, 350m, 1b or 7b (default {d.model})")
+    add("--rank", type=int, help="projection rank (default: the model's recipe)")
+    add("--update-proj-gap", type=int, help="projector refresh interval T in steps (default: recipe)")
+    add("--scale", type=float, help="scale α (default: the optimizer's recipe: 0.25 GaLore, 1 APOLLO, ...)")
+    add("--lr", type=float, help="peak learning rate (default: 0.01 low-rank, 1e-3 AdamW)")
+    add("--min-lr-ratio", type=float, help=f"cosine floor as a fraction of --lr (default {d.min_lr_ratio})")
+    add("--warmup", type=float, help=f"warmup: a fraction of the steps if < 1, else steps (default {d.warmup})")
+    add("--weight-decay", type=float, help=f"(default {d.weight_decay})")
+    add("--grad-clip", type=float, help="clip the global gradient norm to this (default: off)")
+    add("--grad-accum", type=int, help=f"micro-batches per optimizer step (default {d.grad_accum})")
+    add(
+        "--batch-size", type=int, help=f"sequences per micro-batch, per process under torchrun (default {d.batch_size})"
     )
-    p.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
-    p.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this (default: off)")
-    p.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step (default {d.grad_accum})")
-    p.add_argument("--batch-size", type=int, help=f"sequences per micro-batch (default {d.batch_size})")
-    p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {d.seq_len})")
-    p.add_argument("--steps", type=int, help="optimizer steps (default: the model's recipe; tiny 300)")
-    p.add_argument("--tokens", type=int, help="train on this many tokens instead of --steps")
-    p.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, float32 on CPU"
-    )
-    p.add_argument("--seed", type=int, help=f"(default {d.seed})")
-    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
-    p.add_argument("--activation-checkpointing", action="store_const", const=True, help="recompute layer activations")
-    p.add_argument(
+    add("--seq-len", type=int, help=f"tokens per sequence (default {d.seq_len})")
+    add("--steps", type=int, help="optimizer steps (default: the model's recipe; tiny 300)")
+    add("--tokens", type=int, help="train on this many tokens instead of --steps")
+    add("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, float32 on CPU")
+    add("--seed", type=int, help=f"(default {d.seed})")
+    add("--compile", action="store_const", const=True, help="torch.compile the model")
+    add("--activation-checkpointing", action="store_const", const=True, help="recompute layer activations")
+    add(
         "--layerwise",
         action="store_const",
         const=True,
-        help="update each weight during backward: at most one full gradient alive (galore, fira, apollo)",
+        help=f"update each weight during backward: at most one full gradient alive ({', '.join(sorted(LAYERWISE))})",
     )
-    p.add_argument("--max-memory-gb", type=float, help="cap CUDA memory to emulate a smaller GPU")
-    p.add_argument("--data", help="a .txt file, a folder of .txt files, or a Hugging Face dataset (default: built-in)")
-    p.add_argument("--tokenizer", help="a tokenizer.json to use instead of training one")
-    p.add_argument("--vocab-size", type=int, help=f"BPE vocabulary size when training one (default {d.vocab_size})")
-    p.add_argument("--eval-every", type=int, help=f"validate every this many steps (default {d.eval_every})")
-    p.add_argument("--eval-batches", type=int, help=f"validation batches per evaluation (default {d.eval_batches})")
-    p.add_argument("--save-every", type=int, help=f"checkpoint every this many steps (default {d.save_every})")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--out", default="runs", help="parent folder of the run directory (default runs)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add(
+        "--no-lowrank-grad",
+        dest="lowrank_grad",
+        action="store_const",
+        const=False,
+        help="galore/galore8bit: let the Linear layers form full gradients (default: between projector refreshes "
+        "they compute only the projected gradient, fastgrad.nn.lowrank)",
+    )
+    add("--max-memory-gb", type=float, help="cap CUDA memory to emulate a smaller GPU")
+    add("--data", help="a .txt file, a folder of .txt files, or a Hugging Face dataset (default: built-in)")
+    add("--tokenizer", help="a tokenizer.json to use instead of training one")
+    add("--vocab-size", type=int, help=f"BPE vocabulary size when training one (default {d.vocab_size})")
+    add("--eval-every", type=int, help=f"validate every this many steps (default {d.eval_every})")
+    add("--eval-batches", type=int, help=f"validation batches per evaluation (default {d.eval_batches})")
+    add("--save-every", type=int, help=f"checkpoint every this many steps (default {d.save_every})")
+    add("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    add("--out", default="runs", help="parent folder of the run directory (default runs)")
+    add("--no-progress", action="store_true", help="no progress bar")
 
 
 def _pretrain_parser(sub) -> argparse.ArgumentParser:
@@ -85,6 +114,28 @@ def _compare_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--optims", default="adamw,galore,q-galore", help="comma-separated (default adamw,galore,q-galore)")
     _add_training_arguments(p)
     p.add_argument("--name", help="comparison directory name (default: compare-<model>-<time>)")
+    return p
+
+
+def _memory_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "memory",
+        help="estimate the memory of a training step, without running it",
+        description="Estimate, from the model's shapes alone (nothing is allocated), the bytes of one training step "
+        "of `fastgrad pretrain` with these options: weights, gradients, optimizer states, projector transients and "
+        "activations, and the peak over the step's phases (what torch.cuda.max_memory_allocated would report), "
+        "beside the papers' published figures for the model and optimizer. The model is validated against the "
+        "measured peak of real steps (tests/test_memory.py).",
+    )
+    p.add_argument("--optim", choices=list(OPTIMIZERS), help=f"optimizer (default {TrainConfig().optim})")
+    _add_training_arguments(p, only=_MEMORY_FLAGS)
+    p.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="the device the step would run on (default cuda; the dtype defaults to bfloat16 there, float32 on cpu)",
+    )
+    p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
     return p
 
 
@@ -130,17 +181,25 @@ def _validate(cfg: TrainConfig) -> None:
 
 
 def pretrain(args: argparse.Namespace) -> int:
-    from fastgrad.train.loop import train
+    from fastgrad.train.loop import is_main_process, train
     from fastgrad.train.plot import plot_losses
 
     cfg, run_dir, resume = _prepare_run(args)
     _validate(cfg)
-    print(f"run directory: {run_dir}", flush=True)
+    main_process = is_main_process()  # under torchrun, rank 0 alone prints and writes
+    if main_process:
+        print(f"run directory: {run_dir}", flush=True)
     try:
         result = train(cfg, run_dir, resume=resume, show_progress=not args.no_progress)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: checkpoint saved; continue with: fastgrad pretrain --resume {run_dir}", file=sys.stderr)
+        if main_process:
+            print(
+                f"\ninterrupted: checkpoint saved; continue with: fastgrad pretrain --resume {run_dir}", file=sys.stderr
+            )
         return 130
+    if not main_process:
+        return 0
+    run_dir = result.run_dir  # rank 0's (the same in a single process)
     plot_losses({f"{cfg.model} {cfg.optim}": run_dir / "metrics.jsonl"}, run_dir / "loss.png")
     rows = [
         ("steps", f"{result.step}"),
@@ -161,11 +220,42 @@ def pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def memory(args: argparse.Namespace) -> int:
+    from fastgrad.models import get_config
+    from fastgrad.train.memory import estimate, format_report
+
+    explicit = _explicit_config(args)
+    cfg = TrainConfig(**explicit).resolved()
+    get_config(cfg.model, vocab_size=cfg.vocab_size)  # raises for an unknown model
+    for name in ("batch_size", "seq_len", "grad_accum", "rank", "vocab_size"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ValueError(f"{_CONFIG_FLAGS[name]} must be a positive integer, got {getattr(cfg, name)}")
+    notes = []
+    if cfg.layerwise:
+        from fastgrad.train.memory import LOWRANK_OPTIMIZERS
+
+        if cfg.optim not in LOWRANK_OPTIMIZERS:
+            raise ValueError(f"--layerwise works with --optim {', '.join(sorted(LAYERWISE))}, not {cfg.optim}")
+        if cfg.optim not in LAYERWISE:
+            notes.append(
+                f"fastgrad pretrain does not take --layerwise with {cfg.optim} yet; this is the step of "
+                "fastgrad.optim.layerwise driving it (as from Python)"
+            )
+    breakdown = estimate(cfg, device=args.device)
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(breakdown), "total": breakdown.total}, indent=1))
+    else:
+        print(format_report(breakdown, tuple(notes)))
+    return 0
+
+
 def _as_flags(explicit: dict) -> list[str]:
     """TrainConfig values back to command-line flags."""
     flags = []
     for name, value in explicit.items():
-        if isinstance(value, bool):
+        if name in _NEGATIVE_FLAGS:
+            flags += [] if value else [_NEGATIVE_FLAGS[name]]
+        elif isinstance(value, bool):
             flags += [_CONFIG_FLAGS[name]] if value else []
         else:
             flags += [_CONFIG_FLAGS[name], str(value)]
@@ -223,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _pretrain_parser(sub)
     _compare_parser(sub)
+    _memory_parser(sub)
     sub.add_parser("env", help="versions, devices and the backend serving each op")
     args = parser.parse_args(argv)
     try:
@@ -231,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(report())
             return 0
+        if args.command == "memory":
+            return memory(args)
         return compare(args) if args.command == "compare" else pretrain(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"fastgrad {args.command}: error: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ lr 1e-3. AdamW baselines (adamw, adamw8bit) use lr 1e-3; galore8bit follows the 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 RANK = {"tiny": 32, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
@@ -48,6 +49,9 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     layerwise: bool = False
+    # GaLore-type optimizers: the attention/MLP Linear layers compute the projected gradient
+    # themselves between refreshes (fastgrad.nn.lowrank); Q-GaLore's QLinear always does.
+    lowrank_grad: bool = True
     max_memory_gb: float | None = None
     data: str | None = None
     tokenizer: str | None = None
@@ -75,7 +79,9 @@ class TrainConfig:
         if cfg.lr is None:
             cfg.lr = FULL_RANK_LR if cfg.optim in ("adamw", "adamw8bit", "frugal") else LOW_RANK_LR
         if cfg.steps is None:
-            tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+            # --batch-size is per process: under torchrun a step takes WORLD_SIZE times as many tokens.
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * world
             cfg.steps = -(-cfg.tokens // tokens_per_step) if cfg.tokens else DEFAULT_STEPS.get(name, 1000)
         return cfg
 

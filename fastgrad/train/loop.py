@@ -58,7 +58,7 @@ from tqdm import tqdm
 
 from fastgrad.data import prepare_data
 from fastgrad.models import LlamaForCausalLM, get_config
-from fastgrad.nn.lowrank import accepts_projected_grad, projected_grad
+from fastgrad.nn.lowrank import accepts_projected_grad, clip_grad_norm_, projected_grad
 from fastgrad.optim import layerwise
 from fastgrad.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from fastgrad.train.config import TrainConfig
@@ -327,8 +327,10 @@ def _train(
     batches = data.train_batches(
         cfg.batch_size, seed=cfg.seed, grad_accum_steps=cfg.grad_accum, rank=env.rank, world_size=env.world_size
     )
-    params = [p for p in model.parameters() if p.requires_grad]
-    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    # Every trained tensor, QLinear's uint8 codes included (their fp32 .grad, or the projected
+    # gradient of a low-rank-gradient layer, which fastgrad's clip_grad_norm_ also covers).
+    params = [p for p in model.parameters() if p.requires_grad or accepts_projected_grad(p)]
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else None
     step, consecutive_bad, train_loss, val_loss = start_step, 0, float("nan"), float("nan")
     started = time.perf_counter()
 
@@ -374,7 +376,7 @@ def _train(
                 stats = stepper.finish_step()  # the driver skips a non-finite step for every parameter
                 grad_norm, ok = stats.grad_norm, not stats.skipped
             else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+                grad_norm = clip_grad_norm_(params, clip).item()
                 ok = math.isfinite(grad_norm) and math.isfinite(loss_sum)
                 if ok:
                     optimizer.step()

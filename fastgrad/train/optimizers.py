@@ -20,9 +20,21 @@ def _adamw8bit(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimize
     return AdamW8bit(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _lowrank_grad_layers(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """With cfg.lowrank_grad, the targeted Linear layers compute R = down(G, P) in backward
+    (fastgrad.nn.lowrank; converted in place, same parameters)."""
+    if cfg.lowrank_grad:
+        from fastgrad.nn import lowrank_grad_model
+
+        lowrank_grad_model(model)
+
+
 def _galore(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Converts the attention and MLP Linear layers to LowRankGradLinear (in place) first, unless
+    --no-lowrank-grad."""
     from fastgrad.optim import GaLoreAdamW, galore_param_groups
 
+    _lowrank_grad_layers(cfg, model)
     groups = galore_param_groups(model, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale)
     return GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -31,6 +43,7 @@ def _galore8bit(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimiz
     """GaLoreAdamW with 8-bit blockwise moments (projected moments of ≥ 4096 elements)."""
     from fastgrad.optim import GaLoreAdamW8bit, galore_param_groups
 
+    _lowrank_grad_layers(cfg, model)
     groups = galore_param_groups(model, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale)
     return GaLoreAdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -83,7 +96,7 @@ OPTIMIZERS: dict[str, Callable[[TrainConfig, torch.nn.Module], torch.optim.Optim
     "frugal": _frugal,
 }
 # Optimizers whose layer-wise mode (fastgrad.optim.layerwise) is supported.
-LAYERWISE = {"galore", "galore8bit", "fira", "apollo", "apollo-mini"}
+LAYERWISE = {"galore", "galore8bit", "q-galore", "fira", "apollo", "apollo-mini"}
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -1,0 +1,1217 @@
+"""Analytic memory model of one ``fastgrad pretrain`` step (``fastgrad memory``).
+
+:func:`estimate` predicts from the model's shapes alone (nothing is allocated: LLaMA-7B takes
+milliseconds) the bytes of a training step: weights, gradients, optimizer states, projector
+transients and activations, and the **peak**, which is not their sum: activations are freed as
+backward proceeds while gradients appear, the optimizer's temporaries come when the activations
+are gone, and the projector's SVD runs with whatever its moment leaves alive.
+
+The model
+---------
+A step is replayed as a sequence of allocations and frees (a "tape") on top of what stays resident
+(weights and buffers, optimizer states, the token batch). The peak is the largest live total; it is
+reported per phase (forward, backward, optimizer step) and for two kinds of step: a projector
+*refresh* step (the first step, then every T steps: the worst one, and what ``peak`` is) and a step
+between refreshes (``peak_between_refreshes``). The events follow the code of
+:mod:`fastgrad.models.llama`, :mod:`fastgrad.nn.qlinear`, :mod:`fastgrad.nn.lowrank`, the optimizers
+and :mod:`fastgrad.optim.layerwise`, op by op as the profiler records them on CPU. With a = batch ×
+seq tokens, C hidden, I intermediate, V vocabulary, e bytes of the model dtype:
+
+* **Saved activations, per decoder layer**: per RMSNorm the fp32 input (in fp32 the residual itself,
+  else a copy), the fp32 normalised value, the output and 1/rms (a floats); q and k after the rotary
+  embedding and v (a·C·e each; k, v repeated to all heads under GQA); the attention output and its
+  log-sum-exp (batch·heads·seq fp32): ``scaled_dot_product_attention`` takes the flash kernel on CPU
+  and on CUDA, which neither materialises nor saves the seq×seq attention matrix (the math backend,
+  a fallback this model does not count, would save batch·heads·seq² probabilities); the SwiGLU's
+  gate, silu, up and product (4·a·I·e). In fp32 that is 10·a·C·4 + 4·a·I·4 bytes per layer. Forward transients: the
+  rotary embedding's fp32 temporaries (four a·C), a QLinear's fp32 matmul output.
+* **Loss**: the logits (a·V·e), their fp32 copy (16-bit models), the fp32 log-softmax (saved).
+  Backward starts with two more a·V fp32 tensors: with a large vocabulary the peak is at the head.
+* **Activation checkpointing** keeps each layer's input (a·C·e) only; backward recomputes the layer
+  (until its last saved tensor) right before its backward.
+* **Backward**: every op frees what it saved and allocates its input gradients (the SwiGLU's three
+  a·I gradients are the largest per layer); weight gradients appear in backward order (head first,
+  embedding last) in the model dtype, fp32 for QLinear's INT8 weights.
+* **Gradients, non-layer-wise**: alive from creation to the optimizer step (and, with
+  ``--grad-accum`` > 1, through the later micro-batches). Between refreshes a QLinear computes the
+  projected gradient R (D×r', fp32) in backward and no m×n gradient exists (:mod:`fastgrad.nn.lowrank`).
+* **Gradients, layer-wise**: a low-rank weight's gradient is projected in its hook (after a refresh
+  from it, on refresh steps) and freed; its R is kept until ``finish_step``, as are the full
+  gradients of the full-rank parameters (embeddings, norms, head); optimizers whose update reads
+  the full gradient (Fira, APOLLO, FRUGAL) keep every full gradient until then.
+* **Optimizer step**: the GaLore family projects every gradient first (all R alive, and the
+  replaced projectors, which the step's rollback snapshot keeps), then updates weight by weight:
+  Adam's denominator, Fira's and FRUGAL's m×n residual, Q-GaLore's INT8 update by blocks of ≤ 2^20
+  rows·columns (fp32 rows and their new codes), 8-bit moments decoded to fp32 one weight at a time;
+  torch's AdamW: per tensor on CPU, ``foreach`` on CUDA (a copy of every second moment at once).
+* **Projector refresh**: the SVD (``full_matrices=False``) of the fp32 gradient: LAPACK's copy of
+  the input, U, S, Vᴴ, then the new P (two copies for GaLore's strided slice; Q-GaLore's fp32 basis
+  and INT4 codes). APOLLO's random P is regenerated (r'·d fp32) whenever it is needed.
+* **CPU kernels** (``device="cpu"``): the C++ ops' scratch blocks (≤ 1 MiB of P, ≤ 4 MiB of G), and
+  the fp32 copies torch makes for an in-place op mixing a 16-bit tensor with an fp32 one
+  (APOLLO's/Fira's ``addcmul_``, 8-bit AdamW's ``add_``). The CUDA kernels need neither.
+
+Not modelled: the CUDA context (~0.5 GiB), the caching allocator's fragmentation and reserve,
+cuBLAS/cuSOLVER workspaces and scratch LAPACK allocates outside torch's allocator, ``torch.compile``,
+DDP buckets. The numbers are those of ``torch.cuda.max_memory_allocated`` (and of the profiler's
+memory events on CPU).
+
+Validation (tests/test_memory.py): the peak against the live-memory peak of real steps measured with
+the profiler on CPU (small LLaMAs; AdamW, GaLore, Q-GaLore, GaLore layer-wise, with and without
+activation checkpointing; within 10%, in practice within 1%), and exactly the weights and
+``optimizer.state_bytes()`` after a step, for every optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from fastgrad.models.llama import LlamaConfig, get_config
+from fastgrad.nn.qlinear import fit_group_size
+from fastgrad.train.config import TrainConfig
+
+__all__ = [
+    "MemoryBreakdown",
+    "estimate",
+    "MODELLED_OPTIMIZERS",
+    "LOWRANK_OPTIMIZERS",
+    "Anchor",
+    "ANCHORS",
+    "anchors_for",
+    "format_bytes",
+    "format_report",
+]
+
+# The optimizers this model knows (the 8-bit ones are used when fastgrad.train.optimizers has them).
+MODELLED_OPTIMIZERS = (
+    "adamw",
+    "adamw8bit",
+    "galore",
+    "galore8bit",
+    "q-galore",
+    "fira",
+    "apollo",
+    "apollo-mini",
+    "frugal",
+)
+LOWRANK_OPTIMIZERS = {"galore", "galore8bit", "q-galore", "fira", "apollo", "apollo-mini", "frugal"}
+_READS_GRAD = {"fira", "apollo", "apollo-mini", "frugal"}  # update_reads_grad: keep G until the update
+_EIGHT_BIT = {"adamw8bit", "galore8bit"}
+# Layers that compute R = down(G, P) in backward between refreshes (fastgrad.nn.lowrank): QLinear
+# always; LowRankGradLinear for the GaLore optimizers with cfg.lowrank_grad (fastgrad.train.optimizers).
+_PROJECTED_GRAD = {"q-galore"}
+_PROJECTED_GRAD_OPTIONAL = {"galore", "galore8bit"}
+# Optimizers whose per-weight Adam step is a method (its denominator is freed per weight); the
+# others compute it inline in their update loop, so the previous weight's lives until rebound.
+_DENOM_PER_WEIGHT = {"galore", "galore8bit", "adamw8bit"}
+BLOCK_8BIT = 256  # 8-bit moments (GaLoreAdamW8bit, AdamW8bit): blocks of 256 values
+MIN_8BIT_NUMEL = 4096  # moments of fewer elements stay dense
+QLINEAR_GROUP = 256  # quantize_model(model, group_size=256) in fastgrad.train.optimizers
+PROJ_GROUP = 256  # Q-GaLore's INT4 projector group (proj_group_size)
+QUEUE_SIZE = 5  # Q-GaLore's cosine queue
+SVD_SCRATCH = 14_400  # bytes: the small LAPACK buffers torch allocates besides U, S, Vh and the input copy
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+P_BLOCK, G_BLOCK = 1 << 18, 1 << 20  # fp32 elements of the C++ kernels' scratch blocks (csrc/cpu/project.cpp)
+P_BLOCK_FRACTION = 8  # ... a block of P holds up to max(P_BLOCK, P's elements / 8)
+UPDATE_BLOCK = 1 << 20  # Q-GaLore updates an INT8 weight this many elements (whole rows) at a time
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes of one training step. ``peak`` is the largest live total over the step (the phases'
+    maxima are in ``phases``), not the sum of the categories."""
+
+    weights: int
+    gradients: int
+    optimizer_states: int
+    projector_transients: int
+    activations: int
+    peak: int
+    peak_phase: str
+    peak_between_refreshes: int
+    phases: dict[str, int] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    config: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        """Sum of the categories (an upper bound of the peak: they are not all alive at once)."""
+        return self.weights + self.gradients + self.optimizer_states + self.projector_transients + self.activations
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [
+            ("weights", self.weights),
+            ("gradients", self.gradients),
+            ("optimizer states", self.optimizer_states),
+            ("projector transients", self.projector_transients),
+            ("activations", self.activations),
+        ]
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Weight:
+    """A parameter of the model: name, shape and whether it is an attention/MLP projection (the
+    weights the low-rank optimizers project and Q-GaLore quantizes)."""
+
+    name: str
+    shape: tuple[int, ...]
+    proj: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _weights(mc: LlamaConfig) -> list[_Weight]:
+    """The parameters of LlamaForCausalLM(mc), in ``model.parameters()`` order."""
+    c, i, kv = mc.hidden_size, mc.intermediate_size, mc.num_kv_heads * mc.head_dim
+    out = [_Weight("model.embed_tokens.weight", (mc.vocab_size, c))]
+    for n in range(mc.num_layers):
+        p = f"model.layers.{n}."
+        out += [
+            _Weight(p + "input_layernorm.weight", (c,)),
+            _Weight(p + "self_attn.q_proj.weight", (c, c), True),
+            _Weight(p + "self_attn.k_proj.weight", (kv, c), True),
+            _Weight(p + "self_attn.v_proj.weight", (kv, c), True),
+            _Weight(p + "self_attn.o_proj.weight", (c, c), True),
+            _Weight(p + "post_attention_layernorm.weight", (c,)),
+            _Weight(p + "mlp.gate_proj.weight", (i, c), True),
+            _Weight(p + "mlp.up_proj.weight", (i, c), True),
+            _Weight(p + "mlp.down_proj.weight", (c, i), True),
+        ]
+    out.append(_Weight("model.norm.weight", (c,)))
+    if not mc.tie_embeddings:
+        out.append(_Weight("lm_head.weight", (mc.vocab_size, c)))
+    return out
+
+
+def _rank_of(optim: str, rank: int | None, shape: tuple[int, int]) -> int:
+    """r' of a projected weight: min(rank, m, n); FRUGAL without --rank: density 0.25 of the
+    compressed dimension (min(m, n) for the default "std" side)."""
+    m, n = shape
+    if optim == "frugal" and rank is None:
+        return min(max(1, round(0.25 * min(m, n))), m, n)
+    if optim == "apollo-mini":
+        rank = 1 if rank is None else rank
+    return min(rank or 1, m, n)
+
+
+def _int4_group(row: int, group_size: int = PROJ_GROUP) -> int:
+    """fastgrad.optim.qgalore.proj_group_size: the largest even divisor of ``row`` ≤ group_size."""
+    g = min(group_size, row)
+    while g > 1 and (row % g or g % 2):
+        g -= 1
+    return max(g, 1)
+
+
+def _padded(n: int) -> int:
+    return -(-n // BLOCK_8BIT) * BLOCK_8BIT
+
+
+def _moments_bytes(numel: int, elem: int, eight_bit: bool) -> int:
+    """Adam's two moments of ``numel`` values: dense in ``elem`` bytes, or (8-bit optimizers, moments
+    of ≥ 4096 values) uint8 codes padded to whole blocks, an fp32 scale per block for M and an fp32
+    scale and zero per block for V (fastgrad.optim.galore8bit)."""
+    if eight_bit and numel >= MIN_8BIT_NUMEL:
+        n_pad = _padded(numel)
+        return 2 * n_pad + 12 * (n_pad // BLOCK_8BIT)
+    return 2 * numel * elem
+
+
+def _block_len(total: int, width: int, budget: int) -> int:
+    """csrc/cpu/project.cpp block_len: rows of ``width`` elements per scratch block."""
+    length = max(64, (budget // max(width, 1)) // 64 * 64)
+    return min(length, max(total, 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# the tape
+# ------------------------------------------------------------------------------------------------
+
+
+class _Tape:
+    """Live bytes over a replayed step; remembers the maximum per phase."""
+
+    def __init__(self, resident: int) -> None:
+        self.live = resident
+        self.phase = ""
+        self.peaks: dict[str, int] = {}
+
+    def start(self, phase: str) -> None:
+        self.phase = phase
+        self.peaks[phase] = max(self.peaks.get(phase, 0), self.live)
+
+    def alloc(self, nbytes: int) -> None:
+        self.live += nbytes
+        if self.live > self.peaks[self.phase]:
+            self.peaks[self.phase] = self.live
+
+    def free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def temp(self, nbytes: int) -> None:
+        """A temporary that is freed right away."""
+        self.alloc(nbytes)
+        self.free(nbytes)
+
+
+class _Step:
+    """The replay of one optimizer step of ``cfg`` on the model ``mc`` (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, mc: LlamaConfig, device: str) -> None:
+        self.cfg, self.mc, self.device = cfg, mc, device
+        self.optim = cfg.optim
+        self.e = _DTYPE_BYTES[cfg.dtype]
+        self.cast = self.e != 4
+        self.quantized = cfg.optim == "q-galore"
+        self.lowrank = cfg.optim in LOWRANK_OPTIMIZERS
+        self.layerwise = cfg.layerwise and self.lowrank
+        self.reads_grad = cfg.optim in _READS_GRAD
+        self.eight_bit = cfg.optim in _EIGHT_BIT
+        self.weights = _weights(mc)
+        b, t = cfg.batch_size, cfg.seq_len
+        self.tokens = a = b * t
+        c, i, e = mc.hidden_size, mc.intermediate_size, self.e
+        self.kv_dim = mc.num_kv_heads * mc.head_dim
+        self.X, self.X4, self.M = a * c * e, a * c * 4, a * i * e  # activations of width C (e, fp32), I
+        self.XKV, self.X4KV = a * self.kv_dim * e, a * self.kv_dim * 4
+        self.R4 = a * 4  # 1/rms per token
+        self.LSE = b * mc.num_heads * t * 4  # attention log-sum-exp
+        self.V = a * mc.vocab_size  # logits elements
+        self.batch = 2 * a * 8  # input ids and labels (int64)
+
+    # ------------------------------------------------------------------ per-weight quantities
+    def grad_bytes(self, w: _Weight) -> int:
+        """The full gradient: fp32 for QLinear codes, else the model dtype."""
+        return w.numel * (4 if (self.quantized and w.proj) else self.e)
+
+    def is_lowrank(self, w: _Weight) -> bool:
+        return self.lowrank and w.proj
+
+    def rank(self, w: _Weight) -> int:
+        return _rank_of(self.optim, self.cfg.rank, w.shape)
+
+    def low_bytes(self, w: _Weight) -> int:
+        """R = down(G, P): D×r' in the gradient's dtype."""
+        return max(w.shape) * self.rank(w) * (4 if self.quantized else self.e)
+
+    def proj_bytes(self, w: _Weight) -> int:
+        """The stored projector of a low-rank weight."""
+        r = self.rank(w)
+        m, n = w.shape
+        d = min(m, n)
+        if self.optim in ("apollo", "apollo-mini"):
+            return 0  # random P: regenerated from its seed
+        if self.quantized:  # packed INT4 + fp32 scales/zeros per group along P's rows
+            left = m < n
+            rows, row = (m, r) if left else (r, n)
+            g = _int4_group(row)
+            return rows * row // 2 + 8 * rows * (row // g)
+        return r * d * self.e
+
+    def state_bytes(self, w: _Weight) -> int:
+        """What the optimizer's state holds for ``w`` after a step (the tensors only)."""
+        if self.optim == "adamw":
+            return 2 * w.numel * self.e + 4  # torch keeps the step count as a 0-d fp32 tensor
+        if not self.is_lowrank(w):
+            return _moments_bytes(w.numel, self.e, self.eight_bit)
+        low_numel = max(w.shape) * self.rank(w)
+        elem = 4 if self.quantized else self.e
+        total = _moments_bytes(low_numel, elem, self.eight_bit) + self.proj_bytes(w)
+        if self.optim in ("fira", "apollo", "apollo-mini"):
+            total += 4  # the norm-growth limiter's remembered norm (0-d fp32)
+        if self.quantized:
+            m, n = w.shape
+            total += 4 * (m if m < n else n)  # proj_past: P's first singular vector
+            total += 4 * QUEUE_SIZE  # the cosine queue
+        return total
+
+    def qlinear_bytes(self, w: _Weight) -> int:
+        """INT8 codes plus fp32 scales and zeros per group (fit_group_size(256, in_features))."""
+        m, n = w.shape
+        g = fit_group_size(QLINEAR_GROUP, n)
+        return m * n + 8 * m * (n // g)
+
+    def weight_bytes(self) -> int:
+        total = 0
+        for w in self.weights:
+            total += self.qlinear_bytes(w) if (self.quantized and w.proj) else w.numel * self.e
+        mc = self.mc
+        return total + 2 * mc.max_seq_len * mc.head_dim * 4  # rotary cos/sin tables (fp32 buffers)
+
+    def optimizer_state_bytes(self) -> int:
+        return sum(self.state_bytes(w) for w in self.weights)
+
+    def regenerated_bytes(self, w: _Weight) -> int:
+        """APOLLO's random P, drawn in fp32 (and cast) whenever it is needed; never stored."""
+        r, d = self.rank(w), min(w.shape)
+        return r * d * 4 + (r * d * self.e if self.cast else 0)
+
+    def _refresh(self, tape: _Tape, w: _Weight) -> None:
+        """A projector refresh from ``w``'s full gradient, replacing the stored P: the SVD of the
+        gradient in fp32 (``full_matrices=False``: LAPACK factorises a copy into U, S, Vh), then P
+        (GaLore: ``.to(copy=True)`` keeps the slice's strides and ``.contiguous()`` copies again;
+        Q-GaLore: a contiguous fp32 basis, quantized to INT4)."""
+        m, n = w.shape
+        d, r = min(m, n), self.rank(w)
+        usv = 4 * (m * d + d + d * n)
+        g32 = m * n * 4 if (self.cast and not self.quantized) else 0
+        proj = self.proj_bytes(w)
+        tape.alloc(g32)  # grad.float()
+        tape.alloc(usv)
+        tape.temp(4 * m * n + SVD_SCRATCH)  # LAPACK's copy of the input and small buffers
+        if self.quantized:
+            tape.alloc(r * d * 4)  # the basis, contiguous fp32
+            tape.alloc(4 * d + 4 * QUEUE_SIZE)  # its first vector, the cosine queue (new tensors)
+            tape.alloc(proj)  # quantize_int4: codes, scales, zeros
+            tape.free(r * d * 4)
+            replaced = proj + 4 * d + 4 * QUEUE_SIZE
+        else:
+            tape.alloc(2 * proj)
+            tape.free(proj)  # the strided copy
+            replaced = proj
+        tape.free(usv + g32)
+        # The step's rollback snapshot keeps the replaced tensors until the step is over.
+        self._snapshots += replaced
+
+    def refresh_transient(self, w: _Weight) -> int:
+        """Peak working memory of refreshing ``w``'s projector (the new P included)."""
+        if self.optim in ("apollo", "apollo-mini"):
+            return self.regenerated_bytes(w)
+        self._snapshots = 0
+        tape = _Tape(0)
+        tape.start("refresh")
+        self._refresh(tape, w)
+        return tape.peaks["refresh"]
+
+    # ------------------------------------------------------------------ the replay
+    def run(self, refresh: bool) -> dict[str, int]:
+        """Replay one step (a projector-refresh step or not); returns the peak of each phase."""
+        tape = _Tape(self.weight_bytes() + self.optimizer_state_bytes() + self.batch)
+        # the SVD projectors' refresh (APOLLO's random P needs no gradient and is regenerated anyway)
+        self._snapshots = 0  # replaced projector tensors kept by the step's rollback snapshots
+        self._due = refresh and self.lowrank and self.optim not in ("apollo", "apollo-mini")
+        ga = self.cfg.grad_accum
+        for micro in [0] if ga == 1 else [0, ga - 1]:  # the middle micro-batches are like the last one
+            self._micro, self._last = micro, micro == ga - 1
+            tape.start("forward")
+            self._forward(tape)
+            tape.start("backward")
+            self._backward(tape)
+        tape.start("optimizer step")
+        self._optimizer_step(tape)
+        return tape.peaks
+
+    # ------------------------------------------------------------------ forward
+    def _norm_forward(self, tape: _Tape, keep: bool) -> None:
+        """RMSNorm of an input held by the caller; leaves its output (X) alive and, if ``keep``, its
+        saved tensors: the fp32 input (a copy in 16-bit; in fp32 the input itself), 1/rms, the fp32
+        normalised value and (16-bit) the fp32 copy of the weight."""
+        X4, R4, C4 = self.X4, self.R4, self.mc.hidden_size * 4
+        saved = 0
+        if self.cast:
+            tape.alloc(X4)  # x.float()
+            saved += X4
+        tape.alloc(X4)  # pow(2)
+        tape.temp(R4)  # mean
+        tape.free(X4)
+        tape.temp(R4)  # + eps
+        tape.alloc(R4)  # rsqrt
+        tape.alloc(X4)  # xf * rsqrt
+        saved += R4 + X4
+        if self.cast:
+            tape.alloc(C4)  # weight.float()
+            saved += C4
+        tape.alloc(X4)  # · weight, in fp32
+        if self.cast:
+            tape.alloc(self.X)  # .to(x.dtype)
+            tape.free(X4)
+        if not keep:
+            tape.free(saved)
+
+    def _linear_forward(self, tape: _Tape, w: _Weight, out: int) -> None:
+        """The output (``out`` bytes) of a Linear; a QLinear decodes Ŵ inside its matmul (the
+        quantized projection op with Ŵ as an m×n "right" projector): fp32 output, then cast."""
+        if not (self.quantized and w.proj):
+            tape.alloc(out)
+            return
+        m, n = w.shape
+        a = self.tokens
+        tape.alloc(a * m * 4)
+        tape.temp(self._down_scratch(red=n, rank=m, other=a, g_f32=not self.cast, p_f32=False))
+        if self.cast:
+            tape.alloc(out)
+            tape.free(a * m * 4)
+
+    def _rotary_forward(self, tape: _Tape, size: int, size4: int) -> None:
+        """apply_rotary on an input of ``size`` bytes (``size4`` in fp32); leaves the output alive."""
+        if self.cast:
+            tape.alloc(size4)  # x.float()
+        tape.alloc(size4 // 2)  # -x2
+        tape.alloc(size4)  # cat
+        tape.free(size4 // 2)
+        tape.alloc(2 * size4)  # xf·cos, rotated·sin
+        tape.alloc(size4)  # their sum
+        tape.free(2 * size4)
+        if self.cast:
+            tape.alloc(size)  # .to(x.dtype)
+            tape.free(size4)
+        tape.free(size4)  # rotated
+        if self.cast:
+            tape.free(size4)  # x.float()
+
+    def _layer(self, n: int) -> dict[str, _Weight]:
+        prefix = f"model.layers.{n}."
+        return {w.name[len(prefix) :].split(".")[-2]: w for w in self.weights if w.name.startswith(prefix)}
+
+    def _qkv(self) -> int:
+        """Bytes of q, k, v as the attention saves them (k, v repeated to all heads under GQA)."""
+        return 3 * self.X if self.mc.num_heads > self.mc.num_kv_heads else self.X + 2 * self.XKV
+
+    def _layer_forward(self, tape: _Tape, n: int, keep: bool, recompute: bool = False) -> None:
+        """Decoder layer ``n``, its input (X) alive. ``keep``: leave the saved tensors alive (else it
+        runs under a checkpoint: only the output survives). ``recompute``: the checkpoint's
+        recomputation in backward, which stops after the last saved tensor."""
+        X, XKV, M = self.X, self.XKV, self.M
+        ws = self._layer(n)
+        self._norm_forward(tape, keep)  # h1
+        self._linear_forward(tape, ws["q_proj"], X)
+        self._linear_forward(tape, ws["k_proj"], XKV)
+        self._linear_forward(tape, ws["v_proj"], XKV)
+        self._rotary_forward(tape, X, self.X4)
+        self._rotary_forward(tape, XKV, self.X4KV)
+        tape.free(X + XKV)  # q, k before the rotation
+        if self.mc.num_heads > self.mc.num_kv_heads:
+            tape.alloc(2 * X)  # repeat_interleave of k and v
+            tape.free(2 * XKV)
+        tape.alloc(X)  # attention output (flash: plus the log-sum-exp; its transpose-reshape is a view)
+        tape.alloc(self.LSE)
+        if not keep:
+            tape.free(self.LSE)
+        tape.alloc(X)  # o_proj
+        if not keep:
+            tape.free(self._qkv() + 2 * X)  # q, k, v, attention output, h1
+        tape.alloc(X)  # x1 = x + o
+        tape.free(X)  # o
+        self._norm_forward(tape, keep)  # h2
+        self._linear_forward(tape, ws["gate_proj"], M)
+        tape.alloc(M)  # silu
+        if not keep:
+            tape.free(M)  # gate
+        self._linear_forward(tape, ws["up_proj"], M)
+        tape.alloc(M)  # silu · up
+        if not keep:
+            tape.free(2 * M)  # silu, up
+        self._linear_forward(tape, ws["down_proj"], X)
+        if not keep:
+            tape.free(M + X)  # product, h2
+        if recompute:
+            tape.free(X)  # the down projection's output
+            if self.cast:
+                tape.free(X)  # x1 (16-bit: the norm saved a copy)
+            return
+        tape.alloc(X)  # x2 = x1 + d
+        tape.free(X)  # d
+        if self.cast or not keep:
+            tape.free(X)  # x1 (fp32: saved by the second norm)
+        if self.cast and not self.cfg.activation_checkpointing:
+            tape.free(X)  # the input (fp32: saved by the first norm; checkpointing: kept by the checkpoint)
+
+    def _forward(self, tape: _Tape) -> None:
+        X, V, e = self.X, self.V, self.e
+        tape.alloc(X)  # embedding output
+        for n in range(self.mc.num_layers):
+            self._layer_forward(tape, n, keep=not self.cfg.activation_checkpointing)
+        self._norm_forward(tape, keep=True)
+        if self.cast:
+            tape.free(X)  # the last layer's output (fp32: saved by the norm)
+        tape.alloc(V * e)  # logits
+        if self.cast:
+            tape.alloc(V * 4)  # .float()
+        tape.alloc(V * 4)  # log_softmax (saved)
+        if self.cast:
+            tape.free(V * 4)
+        tape.free(V * e)  # logits
+
+    # ------------------------------------------------------------------ gradients
+    def _projected(self, w: _Weight) -> bool:
+        """Whether ``w``'s layer computes R itself in this step's backward (no m×n gradient): a
+        QLinear or LowRankGradLinear between refreshes (the optimizer publishes P after a step the
+        next one does not refresh)."""
+        layers = self.optim in _PROJECTED_GRAD or (self.optim in _PROJECTED_GRAD_OPTIONAL and self.cfg.lowrank_grad)
+        return layers and w.proj and not self._due
+
+    def _new_grad(self, tape: _Tape, w: _Weight) -> None:
+        """Backward produces the gradient of ``w``. Non-layer-wise it becomes (first micro-batch) or
+        is added in place into p.grad (a QLinear adds straight into its fp32 .grad); layer-wise the
+        hook takes it (see :meth:`_hook`; full-rank parameters add it into their kept gradient)."""
+        g = self.grad_bytes(w)
+        if self._micro == 0:
+            tape.alloc(g)
+        elif self.layerwise:
+            tape.alloc(g)
+            if not self.is_lowrank(w):
+                tape.free(g)
+        elif not (self.quantized and w.proj):
+            tape.temp(g)
+
+    def _new_projected_grad(self, tape: _Tape, w: _Weight, quantized: bool) -> None:
+        """fastgrad.ops.lowrank_grad: R from dy and x via the T×r' product Z (fp32), kept (in the
+        layer's projected gradient, then the layer-wise buffer) until the step. A QLinear
+        (``quantized``) passes dy and x in fp32 and gets an fp32 R; a LowRankGradLinear passes them
+        in the model's dtype and gets R in it (the C++ kernel upcasts 16-bit blocks of them)."""
+        m, n = w.shape
+        a, r = self.tokens, self.rank(w)
+        casts = a * (m + n) * 4 if quantized and self.cast else 0  # QLinear: dy, x in fp32
+        f32_inputs = quantized or not self.cast
+        right = m >= n
+        tape.alloc(casts)
+        tape.alloc(a * r * 4)  # Z
+        p_f32 = not quantized and not self.cast
+        tape.temp(self._down_scratch(red=n if right else m, rank=r, other=a, g_f32=f32_inputs, p_f32=p_f32))
+        low = self.low_bytes(w)
+        if f32_inputs:  # one at::mm (fp32 operands) into R
+            tape.alloc(low)
+        else:  # tn_matmul_f32: an fp32 R from blocks of the 16-bit dy (right) or x (left), then R in dtype
+            width = m if right else n
+            blk = _block_len(a, width + r, G_BLOCK)
+            out32 = (m * r if right else r * n) * 4
+            tape.alloc(out32)
+            tape.temp(4 * blk * width if self.device == "cpu" else 0)
+            tape.alloc(low)
+            tape.free(out32)
+        if self._micro > 0:
+            tape.free(low)  # added into the accumulated one
+        tape.free(a * r * 4 + casts)
+
+    def _hook(self, tape: _Tape, w: _Weight) -> None:
+        """Layer-wise: what the grad-ready hook does with the gradient of a low-rank ``w`` (full-rank
+        parameters keep their gradient until finish_step, as p.grad does otherwise)."""
+        if not (self.layerwise and self.is_lowrank(w)) or self._projected(w):
+            return  # a projected gradient goes into the layer-wise buffer as it is
+        g = self.grad_bytes(w)
+        if self.reads_grad or self._due:  # the full gradient is accumulated (refresh from the whole G, or read)
+            if self._micro > 0:
+                tape.free(g)  # added into the buffer
+            if self._last:
+                self._project(tape, w, self._due)
+                if not self.reads_grad:
+                    tape.free(g)  # the buffer is freed once projected
+            return
+        # between refreshes: project each micro-batch's G, keep R (summed over micro-batches)
+        self._project(tape, w, False)
+        low = self.low_bytes(w)
+        if self._micro > 0:
+            tape.free(low)  # added into the buffer
+        elif self._fp32_buffer(w):
+            tape.alloc(self._fp32_buffer(w))  # accumulated (and all-reduced) in fp32
+            tape.free(low)
+        tape.free(g)
+
+    def _fp32_buffer(self, w: _Weight) -> int:
+        """Layer-wise with several micro-batches, a 16-bit R is accumulated in an fp32 buffer (bytes;
+        0 when it is not)."""
+        if self.cfg.grad_accum > 1 and self.cast and not self.quantized and not self.reads_grad and not self._due:
+            return max(w.shape) * self.rank(w) * 4
+        return 0
+
+    def _node_hook(self, tape: _Tape, w: _Weight) -> None:
+        """The hook of a Linear weight after its backward node (autograd's post-accumulate-grad hook);
+        a QLinear runs it inside its backward instead (see :meth:`_linear_backward`)."""
+        if not (self.quantized and w.proj):
+            self._hook(tape, w)
+
+    def _project(self, tape: _Tape, w: _Weight, refresh: bool) -> None:
+        """LowRankOptimizer._prepare: refresh the projector if due, then R = down(G, P) (kept)."""
+        if refresh:
+            self._refresh(tape, w)
+        m, n = w.shape
+        r, low = self.rank(w), self.low_bytes(w)
+        red, other = (n, m) if m >= n else (m, n)  # right side: G Pᵀ reduces over n; left: Pᵀ G over m
+        if self.optim in ("apollo", "apollo-mini"):
+            tape.alloc(self.regenerated_bytes(w))  # P regenerated from its seed
+        g_f32 = self.quantized or not self.cast
+        p_f32 = not self.quantized and not self.cast
+        if not g_f32:
+            tape.alloc(max(m, n) * r * 4)  # fp32 result of the blocked kernel
+        else:
+            tape.alloc(low)
+        tape.temp(self._down_scratch(red=red, rank=r, other=other, g_f32=g_f32, p_f32=p_f32))
+        if not g_f32:
+            tape.alloc(low)  # cast to the gradient's dtype
+            tape.free(max(m, n) * r * 4)
+        if self.optim in ("apollo", "apollo-mini"):
+            tape.free(self.regenerated_bytes(w))
+
+    # ------------------------------------------------------------------ kernel scratch (CPU)
+    def _down_scratch(self, red: int, rank: int, other: int, g_f32: bool, p_f32: bool) -> int:
+        """project_blocked (csrc/cpu/project.cpp): blocks of the reduction dimension of P (decoded or
+        upcast, unless P is dense fp32) and of G (upcast, unless fp32). One at::mm when both are fp32.
+        The CUDA kernels decode in registers: nothing."""
+        if self.device != "cpu" or (g_f32 and p_f32):
+            return 0
+        blk = _block_len(red, rank, max(P_BLOCK, red * rank // P_BLOCK_FRACTION))
+        if not g_f32:
+            blk = min(blk, _block_len(red, other, G_BLOCK))
+        return 4 * blk * ((0 if p_f32 else rank) + (0 if g_f32 else other))
+
+    def _up_scratch(self, split: int, rank: int, other: int, r_numel: int, out_f32: bool, p_f32: bool) -> int:
+        """project_back_blocked: R upcast to fp32 (16-bit R), blocks of P (decoded/upcast) and of the
+        output (16-bit output). One at::addmm when everything is fp32."""
+        r_f32 = not self.cast or r_numel == 0
+        if self.device != "cpu" or (out_f32 and p_f32 and r_f32):
+            return 0
+        blk = _block_len(split, rank, max(P_BLOCK, split * rank // P_BLOCK_FRACTION))
+        if not out_f32:
+            blk = min(blk, _block_len(split, other, G_BLOCK))
+        rf = 0 if r_f32 else r_numel * 4
+        return rf + 4 * blk * ((0 if p_f32 else rank) + (0 if out_f32 else other))
+
+    # ------------------------------------------------------------------ backward
+    def _linear_backward(self, tape: _Tape, w: _Weight, dx: int) -> None:
+        """Weight and input gradients of a Linear (MmBackward: G first, then dx). A QLinear computes
+        dx = dy·Ŵ with Ŵ decoded inside the matmul, then G (fp32) or, between refreshes, R."""
+        if not (self.quantized and w.proj):
+            if self._projected(w):  # LowRankGradLinear between refreshes: dx = dy·W, then R
+                tape.alloc(dx)
+                self._new_projected_grad(tape, w, quantized=False)
+                return
+            self._new_grad(tape, w)
+            tape.alloc(dx)
+            return
+        m, n = w.shape
+        a = self.tokens
+        tape.alloc(dx)
+        tape.temp(self._up_scratch(split=n, rank=m, other=a, r_numel=a * m, out_f32=not self.cast, p_f32=False))
+        if self._projected(w):
+            self._new_projected_grad(tape, w, quantized=True)
+            return
+        casts = a * (m + n) * 4 if self.cast else 0  # dy.float(), x.float()
+        tape.alloc(casts)
+        self._new_grad(tape, w)
+        self._hook(tape, w)  # the grad-ready hook runs inside the layer's backward
+        tape.free(casts)
+
+    def _norm_backward(self, tape: _Tape, w: _Weight, residual: bool) -> None:
+        """RMSNorm backward, the output gradient (X) alive: frees the norm's saved tensors and the
+        output gradient; the input gradient is added into the residual stream's (``residual``) or
+        left alive (X)."""
+        X, X4, R4, C4 = self.X, self.X4, self.R4, self.mc.hidden_size * 4
+        if self.cast:
+            tape.alloc(X4)  # .to() backward: the gradient in fp32
+            tape.free(X)
+        tape.alloc(2 * X4)  # grad·weight, grad·xf2
+        if self.cast:
+            tape.alloc(C4)  # weight gradient in fp32
+        else:
+            self._new_grad(tape, w)
+        tape.free(3 * X4)  # grad·xf2, the output gradient, xf2
+        if self.cast:
+            tape.free(C4)  # weight.float()
+            self._new_grad(tape, w)  # weight.float() backward
+            tape.free(C4)
+        tape.alloc(2 * X4)  # grad·rsqrt, grad·xf
+        tape.temp(R4)
+        tape.free(2 * X4)  # grad·xf, grad of xf2
+        tape.alloc(X4)  # mean backward
+        tape.free(R4)  # 1/rms
+        tape.alloc(3 * X4)  # pow backward
+        tape.free(4 * X4)  # its temporaries, the mean's gradient; its result is summed in place
+        tape.free(X4 if self.cast else X)  # the saved input (fp32: the residual itself)
+        if self.cast:
+            tape.alloc(X)  # x.float() backward
+            tape.free(X4)
+        if residual:
+            tape.free(X)  # summed in place into the residual stream's gradient
+
+    def _layer_backward(self, tape: _Tape, n: int) -> None:
+        """Backward of layer ``n``: its saved tensors and the output gradient (X) alive on entry, the
+        input gradient (X) alive on exit."""
+        X, XKV, M = self.X, self.XKV, self.M
+        ws = self._layer(n)
+        # MLP branch (the output gradient also flows, unchanged, to x1)
+        self._linear_backward(tape, ws["down_proj"], M)
+        tape.free(M)  # product
+        self._node_hook(tape, ws["down_proj"])
+        tape.alloc(2 * M)  # gradients of silu and up
+        tape.free(3 * M)  # gradient of the product, up, silu
+        self._linear_backward(tape, ws["up_proj"], X)
+        tape.free(M)  # gradient of up
+        self._node_hook(tape, ws["up_proj"])
+        tape.alloc(M)  # silu backward
+        tape.free(2 * M)  # gradient of silu, gate
+        self._linear_backward(tape, ws["gate_proj"], X)
+        tape.free(M + X)  # gradient of gate, h2
+        self._node_hook(tape, ws["gate_proj"])
+        tape.alloc(X)  # sum of the two gradients of h2
+        tape.free(2 * X)
+        self._norm_backward(tape, ws["post_attention_layernorm"], residual=True)
+        # attention branch
+        self._linear_backward(tape, ws["o_proj"], X)
+        self._node_hook(tape, ws["o_proj"])
+        qkv = self._qkv()
+        tape.alloc(qkv)  # gradients of q, k, v
+        tape.free(X + qkv + self.LSE + X)  # attention output's gradient, q, k, v, lse, output
+        if self.mc.num_heads > self.mc.num_kv_heads:
+            tape.alloc(2 * XKV)  # repeat_interleave backward
+            tape.free(2 * X)
+        for size, size4 in ((X, self.X4), (XKV, self.X4KV)):  # rotary backward
+            if self.cast:
+                tape.alloc(size4)
+                tape.free(size)
+            tape.alloc(2 * size4)  # grad·cos, grad·sin
+            tape.free(size4)
+            tape.alloc(size4 // 2 + size4)  # neg, cat
+            tape.free(size4 + size4 // 2 + size4)
+            if self.cast:
+                tape.alloc(size)
+                tape.free(size4)
+        self._linear_backward(tape, ws["v_proj"], X)
+        tape.free(XKV)
+        self._node_hook(tape, ws["v_proj"])
+        self._linear_backward(tape, ws["k_proj"], X)
+        tape.free(XKV)
+        self._node_hook(tape, ws["k_proj"])
+        tape.alloc(X)
+        tape.free(2 * X)
+        self._linear_backward(tape, ws["q_proj"], X)
+        tape.free(3 * X)  # gradient of q, h1; the third gradient of h1 is summed in place
+        self._node_hook(tape, ws["q_proj"])
+        self._norm_backward(tape, ws["input_layernorm"], residual=True)
+
+    def _backward(self, tape: _Tape) -> None:
+        ws = {w.name: w for w in self.weights}
+        X, V, e = self.X, self.V, self.e
+        tape.alloc(V * 4)  # nll_loss backward
+        tape.alloc(V * 4)  # log_softmax backward
+        tape.free(2 * V * 4)  # nll's gradient, the saved log-softmax
+        if self.cast:
+            tape.alloc(V * e)  # .float() backward
+            tape.free(V * 4)
+        self._linear_backward(tape, ws.get("lm_head.weight", ws["model.embed_tokens.weight"]), X)
+        tape.free(V * e + X)  # the logits' gradient, the final norm's output
+        self._norm_backward(tape, ws["model.norm.weight"], residual=False)
+        for n in reversed(range(self.mc.num_layers)):
+            if self.cfg.activation_checkpointing:
+                self._layer_forward(tape, n, keep=True, recompute=True)
+            self._layer_backward(tape, n)
+            if self.cfg.activation_checkpointing and self.cast:
+                tape.free(X)  # the checkpoint's input (fp32: freed with the first norm's saved input)
+        self._new_grad(tape, ws["model.embed_tokens.weight"])
+        tape.free(X)  # the embedding output's gradient
+
+    # ------------------------------------------------------------------ optimizer step
+    def _optimizer_step(self, tape: _Tape) -> None:
+        e = self.e
+        if self.optim == "adamw":  # torch.optim.AdamW
+            if self.device == "cuda":  # foreach: sqrt of every second moment at once, in place after
+                tape.temp(sum(w.numel * e for w in self.weights))
+                return
+            prev = 0
+            for w in self.weights:  # per tensor: sqrt(V), / bias correction; the last denominator lives on
+                tape.alloc(2 * w.numel * e)
+                tape.free(w.numel * e + prev)
+                prev = w.numel * e
+            tape.free(prev)
+            return
+        # LowRankOptimizer.step: refresh and project every low-rank gradient (all R held), then update
+        lowrank = [w for w in self.weights if self.is_lowrank(w)]
+        rest = [w for w in self.weights if not self.is_lowrank(w)]
+        if not self.layerwise:
+            for w in lowrank:
+                if not self._projected(w):  # else R is already there, computed in backward
+                    self._project(tape, w, self._due)
+        else:
+            for w in lowrank:  # finish_step: the fp32 accumulation buffers back to the gradient's dtype
+                if self._fp32_buffer(w):
+                    tape.alloc(self.low_bytes(w))
+                    tape.free(self._fp32_buffer(w))
+        self._prev = 0  # the previous weight's denominator, released when rebound (inline loops)
+        for w in lowrank:
+            self._update(tape, w, lowrank=True)
+        tape.free(self._prev)
+        self._prev = 0
+        for w in rest:
+            self._update(tape, w, lowrank=False)
+        tape.free(self._prev + self._snapshots)
+
+    def _update(self, tape: _Tape, w: _Weight, lowrank: bool) -> None:
+        """The update of one weight (its R, or its full gradient, alive on entry)."""
+        e = self.e
+        m, n = w.shape if len(w.shape) == 2 else (1, w.numel)
+        r = self.rank(w) if lowrank else 0
+        numel = max(m, n) * r if lowrank else w.numel
+        elem = 4 if (lowrank and self.quantized) else e  # moments, R and N: the gradient's dtype
+        low = numel * elem
+        # a full-rank weight's gradient kept by the layer-wise driver is freed with it.low = None
+        kept = not lowrank and self.layerwise and not self.reads_grad
+        if self.eight_bit and numel >= MIN_8BIT_NUMEL:
+            self._update_8bit(tape, w, numel, low, lowrank, kept)
+            return
+        if self.optim == "frugal" and lowrank:
+            tape.temp(m * n * e)  # the residual G − up(R): one m×n buffer
+        if self.optim not in ("fira", "apollo", "apollo-mini") and (lowrank or kept):
+            tape.free(low if lowrank else self.grad_bytes(w))  # it.low = None before the step
+        tape.alloc(low)  # the denominator √V + ε, then N in place
+        if self.optim == "adamw8bit":
+            tape.temp(low)  # √V / √(1−β2^t): a second temporary
+        if self.optim in _DENOM_PER_WEIGHT:
+            denom_left = low  # freed when the weight's step returns
+        else:
+            tape.free(self._prev)
+            self._prev, denom_left = low, 0
+        if lowrank:
+            right = m >= n
+            split, other = (n, m) if right else (m, n)
+            mixed = 4 * m * n if (self.cast and self.device == "cpu") else 0
+            if self.optim == "fira":
+                tape.alloc(m * n * e)  # the residual G − α·up(R)
+                tape.temp(self._up_scratch(split, r, other, low, out_f32=not self.cast, p_f32=not self.cast))
+                tape.free(low)
+                tape.temp(mixed)  # vector_norm(residual, dtype=fp32) upcasts it (CPU)
+                tape.temp(3 * mixed)  # W.addcmul_(residual, fp32 coefficients): fp32 copies (CPU)
+                tape.free(m * n * e)
+            elif self.optim in ("apollo", "apollo-mini"):
+                tape.free(low)
+                tape.temp(mixed)  # vector_norm(G, dtype=fp32)
+                tape.temp(3 * mixed)  # W.addcmul_(G, fp32 coefficients)
+            if self.quantized:
+                self._update_int8(tape, w)
+            elif self.optim not in ("apollo", "apollo-mini"):
+                tape.temp(self._up_scratch(split, r, other, low, out_f32=not self.cast, p_f32=not self.cast))
+        tape.free(denom_left)
+
+    def _update_int8(self, tape: _Tape, w: _Weight) -> None:
+        """QGaLoreAdamW._update_quantized: rows of the INT8 weight de-quantized to fp32, updated and
+        re-quantized, ≤ 2^20 values at a time (each block's tensors live until the next replaces them)."""
+        m, n = w.shape
+        rows = min(m, max(1, UPDATE_BLOCK // max(n, 1)))
+        g = fit_group_size(QLINEAR_GROUP, n)
+        r = self.rank(w)
+        prev_block = prev_codes = 0  # the previous block's tensors, released when rebound
+        for r0 in range(0, m, rows):
+            k = min(rows, m - r0)
+            block, codes = k * n * 4, k * n + 8 * k * (n // g)
+            split, other = (k, n) if m < n else (n, k)
+            tape.alloc(block)  # dequantize_int8 of the rows
+            tape.free(prev_block)
+            tape.temp(self._up_scratch(split, r, other, 0, out_f32=True, p_f32=False))
+            tape.alloc(codes)  # quantize_int8: codes, scales, zeros of the rows
+            tape.free(prev_codes)
+            prev_block, prev_codes = block, codes
+        tape.free(prev_block + prev_codes)  # the method returns
+
+    def _update_8bit(self, tape: _Tape, w: _Weight, numel: int, low: int, lowrank: bool, kept: bool) -> None:
+        """GaLoreAdamW8bit / AdamW8bit, a weight with 8-bit moments: decode (M, V) to fp32, update,
+        step, re-encode (fastgrad.optim.galore8bit)."""
+        e = self.e
+        n_pad = _padded(numel)
+        blocks = n_pad // BLOCK_8BIT
+        owned = (low if lowrank else self.grad_bytes(w)) if (lowrank or kept) else 0  # freed with it.low
+        low32 = numel * 4 if low // numel != 4 else 0
+        tape.alloc(low32)  # it.low.float() (the same tensor if already fp32)
+        if low32:
+            tape.free(owned)  # it.low = None
+        tape.temp(blocks * 4)
+        tape.alloc(2 * n_pad * 4)  # decoded M and V (fp32, padded)
+        tape.free(self._prev)  # the previous weight's, released when rebound
+        tape.free(low32 or owned)  # del low, once the moments are updated
+        tape.alloc(numel * 4)  # the denominator, then N
+        if self.optim == "adamw8bit":
+            tape.temp(numel * 4)
+        if lowrank and e != 4:
+            tape.temp(numel * e)  # N cast to P's dtype
+        elif not lowrank and e != 4 and self.device == "cpu":
+            tape.temp(2 * numel * 4)  # W.add_(fp32 N) on a 16-bit W: fp32 copies (CPU)
+        tape.free(numel * 4)
+        tape.alloc(n_pad + 8 * blocks)  # V^(1/4) quantized
+        tape.alloc(n_pad * 4)  # √V̂
+        tape.alloc(n_pad + 8 * blocks)  # M / √V̂ quantized
+        tape.free(2 * n_pad + 12 * blocks)  # the old codes, replaced in the state
+        tape.free(n_pad * 4 + 4 * blocks)  # √V̂, M's unused zeros
+        self._prev = 2 * n_pad * 4
+
+    # ------------------------------------------------------------------ categories
+    def gradient_bytes(self) -> int:
+        """Gradients of a refresh step: every full gradient (non-layer-wise; layer-wise with several
+        micro-batches, which accumulates them for the refresh; or when the update reads them), else
+        the full-rank parameters' and the largest low-rank one (in its hook); plus the projected
+        gradients R that the step holds."""
+        lows = sum(self.low_bytes(w) for w in self.weights if self.is_lowrank(w))
+        if not self.layerwise or self.reads_grad or self.cfg.grad_accum > 1:
+            return sum(self.grad_bytes(w) for w in self.weights) + lows
+        full = sum(self.grad_bytes(w) for w in self.weights if not self.is_lowrank(w))
+        largest = max((self.grad_bytes(w) for w in self.weights if self.is_lowrank(w)), default=0)
+        return full + lows + largest
+
+    def activation_bytes(self) -> int:
+        """What the forward leaves alive for backward (saved tensors, checkpointed inputs, the
+        log-softmax), and the token batch."""
+        tape = _Tape(0)
+        tape.start("forward")
+        self._micro, self._last, self._due = 0, True, False
+        self._forward(tape)
+        return tape.live + self.batch
+
+    def projector_bytes(self) -> int:
+        """The largest refresh working set (SVD factors, the new P beside the old); APOLLO: its
+        regenerated random P."""
+        return max((self.refresh_transient(w) for w in self.weights if self.is_lowrank(w)), default=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# public API
+# ------------------------------------------------------------------------------------------------
+
+
+def estimate(
+    cfg: TrainConfig, *, model_config: LlamaConfig | None = None, device: str | None = None
+) -> MemoryBreakdown:
+    """The memory of one training step of ``cfg`` (see the module docstring for the model).
+
+    ``model_config`` overrides ``cfg.model`` (e.g. a custom small LlamaConfig); by default it is
+    ``get_config(cfg.model, cfg.vocab_size, cfg.seq_len)``, as ``fastgrad pretrain`` builds it
+    (with a trained tokenizer the vocabulary is its size). ``device`` ("cpu" or "cuda"; default
+    ``cfg.device``, else "cuda") selects the AdamW implementation torch uses (``foreach`` on CUDA) and
+    the default dtype (``cfg.dtype``, else bfloat16 on CUDA, float32 on CPU). Nothing is allocated.
+    Raises ValueError for an unknown model or optimizer.
+    """
+    if cfg.optim not in MODELLED_OPTIMIZERS:
+        raise ValueError(f"no memory model for --optim {cfg.optim!r}; known: {', '.join(MODELLED_OPTIMIZERS)}")
+    cfg = cfg.resolved()
+    mc = model_config or get_config(cfg.model, vocab_size=cfg.vocab_size, max_seq_len=cfg.seq_len)
+    dev = (device or cfg.device or "cuda").split(":")[0]
+    if dev not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda for the memory model, got {device or cfg.device!r}")
+    if cfg.dtype is None:
+        cfg.dtype = "bfloat16" if dev == "cuda" else "float32"
+    if cfg.dtype not in _DTYPE_BYTES:
+        raise ValueError(f"--dtype must be one of {', '.join(_DTYPE_BYTES)}, got {cfg.dtype!r}")
+    if cfg.seq_len > mc.max_seq_len:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {mc.max_seq_len}")
+    step = _Step(cfg, mc, dev)
+    phases = step.run(refresh=True)
+    between = max(step.run(refresh=False).values())
+    notes = []
+    if cfg.layerwise and not step.lowrank:
+        notes.append(f"--layerwise has no effect for {cfg.optim} (not a low-rank optimizer): modelled without it")
+    lowrank = [w for w in step.weights if step.is_lowrank(w)]
+    if step.quantized:
+        moments = sum(_moments_bytes(max(w.shape) * step.rank(w), 4, False) for w in lowrank)
+        notes.append(
+            f"QGaLoreAdamW keeps the Adam moments of the projected gradients in fp32 ({format_bytes(moments)}); "
+            "the Q-GaLore paper's are 8-bit"
+        )
+    if step.layerwise:
+        lows = sum(step.low_bytes(w) for w in lowrank)
+        notes.append(
+            f"layer-wise, every projected gradient R is kept until finish_step (for the exact global norm and the "
+            f"NaN/Inf policy): {format_bytes(lows)}"
+        )
+    if model_config is None and cfg.model != "tiny" and mc.vocab_size != 32000:
+        notes.append(
+            f"vocabulary {mc.vocab_size} (fastgrad's BPE default); the papers' LLaMA tokenizer has 32000 "
+            "(--vocab-size 32000)"
+        )
+    if dev == "cuda":
+        notes.append(
+            "what torch.cuda.max_memory_allocated counts: the CUDA context (~0.5 GiB), the caching allocator's "
+            "fragmentation and cuBLAS/cuSOLVER workspaces come on top"
+        )
+    peak_phase = max(phases, key=phases.get)
+    config = {
+        "model": cfg.model,
+        "optim": cfg.optim,
+        "rank": cfg.rank if step.lowrank else None,
+        "layerwise": step.layerwise,
+        "activation_checkpointing": cfg.activation_checkpointing,
+        "batch_size": cfg.batch_size,
+        "seq_len": cfg.seq_len,
+        "grad_accum": cfg.grad_accum,
+        "dtype": cfg.dtype,
+        "device": dev,
+        "vocab_size": mc.vocab_size,
+        "parameters": sum(w.numel for w in step.weights),
+    }
+    return MemoryBreakdown(
+        weights=step.weight_bytes(),
+        gradients=step.gradient_bytes(),
+        optimizer_states=step.optimizer_state_bytes(),
+        projector_transients=step.projector_bytes(),
+        activations=step.activation_bytes(),
+        peak=phases[peak_phase],
+        peak_phase=peak_phase,
+        peak_between_refreshes=between,
+        phases=dict(phases),
+        notes=tuple(notes),
+        config=config,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# published figures (ALGORITHMS.md §12)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A memory figure a paper or reference repository states (as ALGORITHMS.md §12 quotes it).
+
+    ``quantity`` says what it measures, and so which of our numbers it is printed beside: "peak"
+    (a training run's peak; its setting rarely matches yours), "weights+states" (the papers' memory
+    estimates: weights and optimizer states, BF16), "weights+states+grads", "states" (optimizer
+    states only)."""
+
+    model: str
+    optims: tuple[str, ...]  # the fastgrad optimizers it is the published counterpart of
+    method: str  # as the source names it
+    figure: str  # GB, as printed by the source
+    quantity: str
+    setting: str
+    source: str
+
+    def ours(self, b: MemoryBreakdown) -> int:
+        if self.quantity == "peak":
+            return b.peak
+        if self.quantity == "states":
+            return b.optimizer_states
+        if self.quantity == "weights+states+grads":
+            return b.weights + b.optimizer_states + b.gradients
+        return b.weights + b.optimizer_states
+
+
+_G8, _A8 = ("galore", "galore8bit"), ("adamw", "adamw8bit")
+ANCHORS: tuple[Anchor, ...] = (
+    # LLaMA-7B (ALGORITHMS.md §12.2)
+    Anchor(
+        "7b", ("q-galore",), "Q-GaLore", "15.26", "peak", "batch 16, activation checkpointing, A6000", "Q-GaLore README"
+    ),
+    Anchor("7b", ("q-galore",), "Q-GaLore", "15", "weights+states", "memory estimate", "Q-GaLore Table 2"),
+    Anchor("7b", _G8 + ("q-galore",), "8-bit GaLore", "18", "weights+states", "memory estimate", "GaLore Table 3"),
+    Anchor(
+        "7b",
+        _G8,
+        "8-bit GaLore, layer-wise",
+        "22.0",
+        "peak",
+        "token batch ≤ ~500, no checkpointing",
+        "GaLore §5.5/Fig. 1",
+    ),
+    Anchor(
+        "7b",
+        _G8,
+        "8-bit GaLore, layer-wise",
+        "22.8",
+        "peak",
+        "batch 16, activation checkpointing, RTX 4090",
+        "GaLore README",
+    ),
+    Anchor("7b", _G8, "8-bit GaLore", "4.9", "states", "optimizer states", "APOLLO Table 3"),
+    Anchor("7b", _A8, "8-bit Adam", "26", "weights+states", "memory estimate", "GaLore Table 3"),
+    Anchor("7b", _A8, "8-bit Adam", "13", "states", "optimizer states", "APOLLO Table 3"),
+    Anchor(
+        "7b",
+        ("adamw",),
+        "BF16 Adam",
+        "22.0 + 37.92",
+        "peak",
+        "8-bit GaLore's 22.0 GB plus its stated saving over BF16 Adam (63.3%)",
+        "GaLore §5.5",
+    ),
+    Anchor("7b", ("apollo",), "APOLLO", "1.6", "states", "optimizer states", "APOLLO Table 3"),
+    Anchor("7b", ("apollo-mini",), "APOLLO-Mini", "0.0", "states", "optimizer states", "APOLLO Table 3"),
+    Anchor("7b", ("apollo-mini",), "Q-APOLLO-Mini", "< 12", "peak", "INT8 weights, layer-wise updates", "APOLLO"),
+    # LLaMA-1B measured (§12.3): token batch 256, single device
+    Anchor("1b", ("adamw",), "AdamW", "13.60", "peak", "token batch 256", "GaLore Table 11"),
+    Anchor("1b", ("adamw8bit",), "Adam8bit", "9.54", "peak", "token batch 256", "GaLore Table 11"),
+    Anchor("1b", _G8, "8-bit GaLore", "7.95", "peak", "token batch 256", "GaLore Table 11"),
+    Anchor("1b", ("adamw",), "AdamW, layer-wise", "9.63", "peak", "token batch 256", "GaLore Table 11"),
+    Anchor("1b", ("adamw8bit",), "Adam8bit, layer-wise", "6.93", "peak", "token batch 256", "GaLore Table 11"),
+    Anchor("1b", _G8, "8-bit GaLore, layer-wise", "5.63", "peak", "token batch 256", "GaLore Table 11"),
+    Anchor("1b", ("adamw",), "AdamW", "25.6", "peak", "peak allocated, setting not stated", "torchao GaLore README"),
+    Anchor("1b", ("galore",), "GaLoreAdamW r128", "15.3", "peak", "peak allocated", "torchao GaLore README"),
+    Anchor("1b", ("adamw8bit",), "bnb AdamW8bit", "13.6", "peak", "peak allocated", "torchao GaLore README"),
+    Anchor("1b", ("galore8bit",), "GaLore AdamW8bit", "14.2", "peak", "peak allocated", "torchao GaLore README"),
+)
+# C4 pre-training tables (§12.1): memory estimates of weights + optimizer states in BF16, and Fira's
+# with gradients, for 60M / 130M / 350M / 1B.
+for _method, _optims, _figures, _quantity, _source in (
+    ("Full-rank Adam", ("adamw",), ("0.36", "0.76", "2.06", "7.80"), "weights+states", "GaLore Table 2"),
+    ("GaLore", ("galore",), ("0.24", "0.52", "1.22", "4.38"), "weights+states", "GaLore Table 2"),
+    ("Q-GaLore", ("q-galore",), ("0.18", "0.39", "0.88", "3.08"), "weights+states", "Q-GaLore Table 1"),
+    ("APOLLO", ("apollo",), ("0.24", "0.52", "1.22", "4.38"), "weights+states", "APOLLO Table 2"),
+    ("APOLLO-Mini", ("apollo-mini",), ("0.12", "0.25", "0.69", "2.60"), "weights+states", "APOLLO Table 2"),
+    ("Full-rank", ("adamw",), ("0.48", "1.01", "2.74", "10.40"), "weights+states+grads", "Fira Table 3"),
+    ("GaLore & Fira", ("galore", "fira"), ("0.36", "0.77", "1.90", "6.98"), "weights+states+grads", "Fira Table 3"),
+):
+    ANCHORS += tuple(
+        Anchor(model, _optims, _method, figure, _quantity, "memory estimate, BF16", _source)
+        for model, figure in zip(("60m", "130m", "350m", "1b"), _figures, strict=True)
+    )
+
+
+def anchors_for(model: str, optim: str) -> list[Anchor]:
+    """The published figures for ``model`` whose method is ``optim``'s counterpart."""
+    key = model.lower().removeprefix("llama-")
+    return [a for a in ANCHORS if a.model == key and optim in a.optims]
+
+
+# ------------------------------------------------------------------------------------------------
+# the report of ``fastgrad memory``
+# ------------------------------------------------------------------------------------------------
+
+
+def format_bytes(nbytes: int) -> str:
+    """GiB from 1 GiB up, else MiB."""
+    if abs(nbytes) >= 2**30:
+        return f"{nbytes / 2**30:.2f} GiB"
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def format_report(b: MemoryBreakdown, notes: tuple[str, ...] = ()) -> str:
+    """The table ``fastgrad memory`` prints: the categories, their sum, the estimated peak (by phase),
+    and beside it the published figures for this model and optimizer."""
+    c = b.config
+    what = [f"llama-{c['model']} ({c['parameters'] / 1e9:.2f}B parameters)", c["optim"]]
+    if c["rank"] is not None:
+        what[-1] += f" rank {c['rank']}"
+    what += ["layer-wise"] if c["layerwise"] else []
+    what += ["activation checkpointing"] if c["activation_checkpointing"] else []
+    accum = f" × {c['grad_accum']} micro-batches" if c["grad_accum"] > 1 else ""
+    what += [f"batch {c['batch_size']} × seq {c['seq_len']}{accum}", c["dtype"], f"vocabulary {c['vocab_size']}"]
+    what += [f"device {c['device']}"]
+    lines = ["memory of one training step: " + ", ".join(what), ""]
+    rows = [(name, format_bytes(v)) for name, v in b.rows()]
+    rows += [("total (sum)", format_bytes(b.total))]
+    rows += [(f"estimated peak ({b.peak_phase})", format_bytes(b.peak))]
+    if b.peak_between_refreshes != b.peak:
+        rows += [("peak between projector refreshes", format_bytes(b.peak_between_refreshes))]
+    width = max(len(k) for k, _ in rows)
+    vwidth = max(len(v) for _, v in rows)
+    lines += [f"| {'category':<{width}} | {'bytes':>{vwidth}} |", f"|{'-' * (width + 2)}|{'-' * (vwidth + 1)}:|"]
+    lines += [f"| {k:<{width}} | {v:>{vwidth}} |" for k, v in rows]
+    lines += ["", "peak by phase: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in b.phases.items())]
+    anchors = anchors_for(c["model"], c["optim"])
+    if anchors:
+        lines += ["", "published figures (as quoted in ALGORITHMS.md §12; GB as printed; ours in GB = 1e9 bytes):", ""]
+        table = [("method", "figure", "what", "setting", "source", "this estimate")]
+        for a in anchors:
+            ours = a.ours(b) / 1e9
+            table.append((a.method, f"{a.figure} GB", a.quantity, a.setting, a.source, f"{ours:.2f} GB"))
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+        for i, row in enumerate(table):
+            lines.append("| " + " | ".join(f"{v:<{w}}" for v, w in zip(row, widths, strict=True)) + " |")
+            if i == 0:
+                lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    else:
+        lines += ["", f"no published figure for llama-{c['model']} with {c['optim']} in ALGORITHMS.md §12"]
+    all_notes = list(b.notes) + list(notes)
+    if all_notes:
+        lines += [""] + [f"note: {n}" for n in all_notes]
+    return "\n".join(lines)
