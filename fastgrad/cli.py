@@ -178,6 +178,30 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--lr must be positive, got {cfg.lr}")
     if cfg.layerwise and cfg.optim not in LAYERWISE:
         raise ValueError(f"--layerwise works with --optim {', '.join(sorted(LAYERWISE))}, not {cfg.optim}")
+    if cfg.max_memory_gb is not None:
+        _check_memory_cap(cfg)
+
+
+def _check_memory_cap(cfg: TrainConfig) -> None:
+    """Refuse, before anything is built, a run whose step cannot fit in --max-memory-gb by fastgrad's
+    memory model (fastgrad.train.memory, validated against measured steps); the CUDA cap itself is
+    set by the training loop."""
+    import torch
+
+    from fastgrad.train.memory import MODELLED_OPTIMIZERS, estimate
+
+    if not cfg.max_memory_gb > 0:
+        raise ValueError(f"--max-memory-gb must be positive, got {cfg.max_memory_gb}")
+    if cfg.optim not in MODELLED_OPTIMIZERS:
+        return
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    peak = estimate(cfg, device="cuda" if device.startswith("cuda") else "cpu").peak
+    if peak > cfg.max_memory_gb * 2**30:
+        raise ValueError(
+            f"--max-memory-gb {cfg.max_memory_gb}: a training step of this configuration needs about "
+            f"{peak / 2**30:.2f} GiB (fastgrad memory with the same options shows the breakdown); lower "
+            "--batch-size or --seq-len, or use --activation-checkpointing, --layerwise, a lower --rank or q-galore"
+        )
 
 
 def pretrain(args: argparse.Namespace) -> int:

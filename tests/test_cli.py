@@ -38,6 +38,8 @@ def _run(tmp_path, text_file, *extra) -> int:
         (["--model", "huge"], "unknown model"),
         (["--steps", "0"], "--steps must be a positive integer"),
         (["--lr", "-1"], "--lr must be positive"),
+        (["--max-memory-gb", "0.0001"], "--max-memory-gb 0.0001: a training step of this configuration needs about"),
+        (["--max-memory-gb", "-1"], "--max-memory-gb must be positive"),
     ],
 )
 def test_bad_arguments_exit_nonzero_with_a_message(tmp_path, text_file, capsys, args, message):

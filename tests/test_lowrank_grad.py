@@ -287,3 +287,55 @@ def test_no_weight_sized_tensor_between_refreshes(kind, monkeypatch):
         assert big.count(weight_bytes) >= LAYERS  # the full gradients
     else:
         assert big == [], f"{kind}: allocations of {big} bytes in a non-refresh step"
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face Llama (transformers is installed with the test extra, as a dependency of fira)
+# ------------------------------------------------------------------------------------------------
+
+
+def _hf_llama(seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).float()
+
+
+def _train_hf(model, opt, batches):
+    losses = []
+    for ids in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_hugging_face_llama_converts_and_trains_the_same():
+    batches = token_batches(8)
+    base = _hf_llama()
+    base_losses = _train_hf(base, galore(base), batches)
+    model = lowrank_grad_model(_hf_llama())
+    assert sum(isinstance(m, LowRankGradLinear) for m in model.modules()) == N_LOWRANK
+    with OpCounter() as counter:
+        losses = _train_hf(model, galore(model), batches)
+    assert counter.calls["fastgrad.lowrank_grad"] == N_LOWRANK * sum(k % GAP != 0 for k in range(8))
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(base_losses), rtol=1e-5, atol=0)
+
+
+def test_hugging_face_llama_trains_with_qgalore():
+    model = quantize_model(_hf_llama(), 32)
+    assert sum(isinstance(m, QLinear) for m in model.modules()) == N_LOWRANK
+    with OpCounter() as counter:
+        losses = _train_hf(model, qgalore(model), token_batches(8, seed=3) * 1)
+    assert counter.calls["fastgrad.lowrank_grad_quantized"] == N_LOWRANK * sum(k % GAP != 0 for k in range(8))
+    assert all(torch.isfinite(torch.tensor(losses)))
