@@ -87,6 +87,40 @@ def test_bad_data_argument_raises_value_error_naming_it(tmp_path, monkeypatch, m
     assert message in str(info.value)
 
 
+class _FakeDatasets:
+    """Stands in for the `datasets` package (not a test dependency: it pulls in pyarrow): records
+    the call and returns a train split with the given columns."""
+
+    def __init__(self, columns: dict[str, list[str]]):
+        self.columns, self.calls = columns, []
+
+    def load_dataset(self, name, split):
+        self.calls.append((name, split))
+        columns = self.columns
+
+        class Split:
+            column_names = list(columns)
+
+            def __getitem__(self, key):
+                return columns[key]
+
+        return Split()
+
+
+def test_hugging_face_dataset_text_column_is_loaded(monkeypatch):
+    fake = _FakeDatasets({"text": ["First document.", "Second one."], "id": ["a", "b"]})
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    text = corpus.load_text("someuser/some-dataset")
+    assert fake.calls == [("someuser/some-dataset", "train")]
+    assert text == "First document." + corpus.EOT + "Second one."
+
+
+def test_hugging_face_dataset_without_text_column_is_rejected(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", _FakeDatasets({"content": ["x"]}))
+    with pytest.raises(ValueError, match="expected a 'text' column"):
+        corpus.load_text("someuser/other")
+
+
 # --- tokenizer ----------------------------------------------------------------------------------
 
 
