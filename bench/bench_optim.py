@@ -1,10 +1,30 @@
-"""Optimizer step time and state bytes: fastgrad vs the reference packages, per weight shape.
+"""Optimizer step time: fastgrad vs the reference packages, per weight shape.
 
     python -m pytest bench/bench_optim.py --benchmark-only      # rows -> bench/results/optim.csv
 
 One weight of each LLaMA layer shape (60M attention, 1B attention and MLP), rank per the recipes,
 fp32 on CPU. Non-refresh steps only (update_proj_gap = ∞ after one refresh); the refresh is
-timed separately per projector. galore-torch is a test dependency; apollo-torch is not used.
+timed separately per projector. galore-torch and fira are test dependencies. Optimizer-state bytes
+are checked against each optimizer's formula in tests/test_convergence.py, not here.
+
+Cases and their baselines (``bench/report.py`` divides by the ``galore-torch`` row of a case):
+  * GaLoreAdamW step: galore-torch vs fastgrad.
+  * FiraAdamW step: fira 1.0.2 (``fira.FiraAdamW``, α = 0.25 as ``alpha``) vs fastgrad
+    ``FiraAdamW`` (default variant "code", the same update); flops count fira's three m·n·r'
+    products (down(G), up(R), up(N)). The report has no speed-up column for this case (its
+    baseline is ``galore-torch``): read the fira row.
+  * APOLLO step: no reference package (apollo-torch is not installed, and its code is not used);
+    the case times galore-torch's and fastgrad's GaLoreAdamW step on the same weight and rank as
+    the baseline, next to fastgrad ``Apollo`` (rank r, channel scaling, random projection redrawn
+    from its seed at every step, as in APOLLO) and ``ApolloMini`` (rank 1, tensor scaling).
+  * QGaLoreAdamW step: a ``fastgrad.nn.QLinear`` (INT8 weight, groups of 256) with its fp32 m×n
+    gradient in ``weight.grad``, rank r, INT4 projector: projection, moments, de-quantization,
+    update and stochastic-rounding re-quantization of the whole weight. q-galore-torch is not
+    timed: 1.0 fails with bitsandbytes 0.50 (``KeyError: 'percentile_clipping'``) and its
+    optimizer builds on bitsandbytes' CUDA 8-bit Adam. As context the case also times the fp32
+    GaLoreAdamW step of galore-torch and fastgrad on the same shape and rank. (Between refreshes of
+    a real Q-GaLore run the layer's backward already delivers R = down(G), so the optimizer's
+    projection is skipped; this case includes it.)
 """
 
 from __future__ import annotations
@@ -12,7 +32,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastgrad.optim import GaLoreAdamW
+from fastgrad.nn import QLinear
+from fastgrad.optim import Apollo, ApolloMini, FiraAdamW, GaLoreAdamW, QGaLoreAdamW
 
 SHAPES = {"60m-attn": (512, 512, 128), "1b-attn": (2048, 2048, 128), "1b-mlp": (5461, 2048, 512)}
 
@@ -21,13 +42,13 @@ def _galore_torch():
     return pytest.importorskip("galore_torch").GaLoreAdamW
 
 
-def _optimizer(cls, shape, projector=None):
+def _optimizer(cls, shape, projector=None, scale_key="scale", scale=0.25, rank=None, **opt_kwargs):
     m, n, r = shape
     w = torch.nn.Parameter(torch.randn(m, n))
-    group = {"params": [w], "rank": r, "update_proj_gap": 10**9, "scale": 0.25, "proj_type": "std"}
+    group = {"params": [w], "rank": rank or r, "update_proj_gap": 10**9, scale_key: scale, "proj_type": "std"}
     if projector is not None:
         group["projector"] = projector
-    opt = cls([group], lr=1e-3)
+    opt = cls([group], lr=1e-3, **opt_kwargs)
     w.grad = torch.randn(m, n) * 1e-3
     opt.step()  # the refresh step: not timed
     return opt
@@ -53,3 +74,59 @@ def test_refresh(compare):
         w.grad = torch.randn(m, n)
         providers[projector] = opt.step
     compare("optim", "GaLoreAdamW refresh step", (m, n, r), torch.float32, "cpu", providers, rounds=3)
+
+
+@pytest.mark.parametrize("shape_name", ["1b-attn", "1b-mlp"])
+def test_fira_step(compare, shape_name):
+    fira = pytest.importorskip("fira")
+    shape = SHAPES[shape_name]
+    m, n, r = shape
+    providers = {
+        "fira": _optimizer(fira.FiraAdamW, shape, scale_key="alpha", no_deprecation_warning=True).step,
+        "fastgrad": _optimizer(FiraAdamW, shape).step,
+    }
+    compare("optim", "FiraAdamW step", shape, torch.float32, "cpu", providers, flops=6 * m * n * r, rounds=20)
+
+
+@pytest.mark.parametrize("shape_name", ["1b-attn", "1b-mlp"])
+def test_apollo_step(compare, shape_name):
+    shape = SHAPES[shape_name]
+    providers = {
+        "galore-torch": _optimizer(_galore_torch(), shape).step,
+        "fastgrad GaLoreAdamW": _optimizer(GaLoreAdamW, shape).step,
+        "fastgrad Apollo": _optimizer(Apollo, shape, scale=1.0).step,
+        "fastgrad ApolloMini (r=1)": _optimizer(ApolloMini, shape, scale=128.0, rank=1).step,
+    }
+    note = "no apollo-torch; baseline: GaLoreAdamW at the same rank"
+    compare("optim", "APOLLO step", shape, torch.float32, "cpu", providers, note=note, rounds=20)
+
+
+def _qgalore_step(shape):
+    """A non-refresh QGaLoreAdamW step of a QLinear(n -> m) weight whose fp32 gradient is set."""
+    m, n, r = shape
+    layer = QLinear(n, m, group_size=256, weight=torch.randn(m, n) * 0.02)
+    opt = QGaLoreAdamW([{"params": [layer.weight], "rank": r, "update_proj_gap": 10**9, "scale": 0.25}], lr=1e-3)
+    layer.weight.grad_dtype = torch.float32
+    layer.weight.grad = torch.randn(m, n) * 1e-3
+    opt.step()  # the refresh step (fp32 SVD, INT4 P): not timed
+
+    def step():
+        opt.step()
+        return layer  # keeps the layer alive: the optimizer reaches its scales/zeros through a weak reference
+
+    return step
+
+
+@pytest.mark.parametrize("shape_name", ["1b-attn", "1b-mlp"])
+def test_qgalore_step(compare, shape_name):
+    shape = SHAPES[shape_name]
+    m, n, r = shape
+    providers = {
+        "galore-torch": _optimizer(_galore_torch(), shape).step,
+        "fastgrad GaLoreAdamW": _optimizer(GaLoreAdamW, shape).step,
+        "fastgrad QGaLoreAdamW (INT8 W)": _qgalore_step(shape),
+    }
+    note = "q-galore-torch not timed (fails with bitsandbytes 0.50; CUDA 8-bit Adam); GaLore fp32 as context"
+    compare(
+        "optim", "QGaLoreAdamW step", shape, torch.float32, "cpu", providers, flops=4 * m * n * r, note=note, rounds=20
+    )

@@ -15,7 +15,7 @@ ROOT = Path(__file__).parent.parent
 BASELINE = {
     "quant": "reference",
     "project": "torch-matmul",
-    "optim": "galore-torch",
+    "optim": ("galore-torch", "fira"),
     "lowrank": ("full-G-then-project", "dequantize-then-matmul"),
 }
 REFRESH_BASELINE = "svd"  # refresh steps compare to the exact SVD
