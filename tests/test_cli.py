@@ -161,3 +161,10 @@ def test_8bit_optimizers_train(tmp_path, text_file, extra):
     assert _run(tmp_path, text_file, *extra, "--steps", "3", "--name", "run") == 0
     losses = _losses(tmp_path / "run")
     assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+
+
+def test_frugal_block_trains(tmp_path, text_file):
+    """The FRUGAL paper's block recipe from the command line (state only for the window's tensors)."""
+    assert _run(tmp_path, text_file, "--optim", "frugal-block", "--steps", "3", "--name", "run") == 0
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses)

@@ -1,10 +1,11 @@
-"""Memory-efficient optimizers over low-rank gradient projections (GaLore, Q-GaLore, Fira, APOLLO),
-8-bit-moment GaLoreAdamW / AdamW, and their projectors."""
+"""Memory-efficient optimizers over low-rank gradient projections (GaLore, Q-GaLore, Fira, APOLLO,
+FRUGAL with projected or block subspaces), 8-bit-moment GaLoreAdamW / AdamW, and their projectors."""
 
 from fastgrad.optim.apollo import Apollo, ApolloMini, apollo_param_groups
 from fastgrad.optim.base import LowRankOptimizer, transfer_moments
 from fastgrad.optim.fira import FiraAdamW
 from fastgrad.optim.frugal import Frugal
+from fastgrad.optim.frugal_block import FrugalBlock
 from fastgrad.optim.galore import GaLoreAdamW
 from fastgrad.optim.galore8bit import AdamW8bit, GaLoreAdamW8bit
 from fastgrad.optim.layerwise import LayerwiseOptimizer, StepStats, layerwise
@@ -33,6 +34,7 @@ __all__ = [
     "StepStats",
     "FiraAdamW",
     "Frugal",
+    "FrugalBlock",
     "Apollo",
     "ApolloMini",
     "apollo_param_groups",

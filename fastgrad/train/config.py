@@ -67,7 +67,8 @@ class TrainConfig:
         cfg = dataclasses.replace(self)
         name = cfg.model.lower().removeprefix("llama-")
         cfg.model = name
-        if cfg.rank is None and cfg.optim != "frugal":  # FRUGAL sizes each subspace by density instead
+        # FRUGAL sizes each subspace (or window of tensors) by density instead of a rank.
+        if cfg.rank is None and cfg.optim not in ("frugal", "frugal-block"):
             if cfg.optim == "apollo-mini":
                 cfg.rank = 1
             else:
@@ -77,7 +78,7 @@ class TrainConfig:
         if cfg.update_proj_gap is None:
             cfg.update_proj_gap = UPDATE_PROJ_GAP.get(name, 200)
         if cfg.lr is None:
-            cfg.lr = FULL_RANK_LR if cfg.optim in ("adamw", "adamw8bit", "frugal") else LOW_RANK_LR
+            cfg.lr = FULL_RANK_LR if cfg.optim in ("adamw", "adamw8bit", "frugal", "frugal-block") else LOW_RANK_LR
         if cfg.steps is None:
             # --batch-size is per process: under torchrun a step takes WORLD_SIZE times as many tokens.
             world = int(os.environ.get("WORLD_SIZE", "1"))

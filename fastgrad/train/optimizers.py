@@ -72,6 +72,16 @@ def _frugal(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     return Frugal(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _frugal_block(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The paper's pre-training FRUGAL: AdamW on a descending window of 25% of the attention/MLP
+    weights, re-chosen every --update-proj-gap steps, signSGD on the others."""
+    from fastgrad.optim import FrugalBlock, galore_param_groups
+
+    lowrank, rest = galore_param_groups(model, rank=1)
+    block = {"params": lowrank["params"], "density": 0.25, "update_proj_gap": cfg.update_proj_gap}
+    return FrugalBlock([block, rest], lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed)
+
+
 def _qgalore(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Converts the model's attention and MLP Linear layers to INT8 QLinear (in place) first."""
     from fastgrad.nn import quantize_model
@@ -94,6 +104,7 @@ OPTIMIZERS: dict[str, Callable[[TrainConfig, torch.nn.Module], torch.optim.Optim
     "apollo": _apollo,
     "apollo-mini": _apollo,
     "frugal": _frugal,
+    "frugal-block": _frugal_block,
 }
 # Optimizers whose layer-wise mode (fastgrad.optim.layerwise) is supported.
 LAYERWISE = {"galore", "galore8bit", "q-galore", "fira", "apollo", "apollo-mini"}
