@@ -13,10 +13,11 @@ Cases and their baselines (``bench/report.py`` divides by the ``galore-torch`` r
     ``FiraAdamW`` (default variant "code", the same update); flops count fira's three m·n·r'
     products (down(G), up(R), up(N)). The report has no speed-up column for this case (its
     baseline is ``galore-torch``): read the fira row.
-  * APOLLO step: no reference package (apollo-torch is not installed, and its code is not used);
-    the case times galore-torch's and fastgrad's GaLoreAdamW step on the same weight and rank as
-    the baseline, next to fastgrad ``Apollo`` (rank r, channel scaling, random projection redrawn
-    from its seed at every step, as in APOLLO) and ``ApolloMini`` (rank 1, tensor scaling).
+  * APOLLO step: galore-torch's and fastgrad's GaLoreAdamW step on the same weight and rank as
+    the baseline, fastgrad ``Apollo`` (rank r, channel scaling, random projection redrawn from its
+    seed at every step, as in APOLLO) and ``ApolloMini`` (rank 1, tensor scaling), and, when it is
+    installed (``pip install apollo-torch``; benchmark only, non-commercial licence: called, its
+    code never read or used), apollo-torch 1.0.3's ``APOLLOAdamW`` with the same settings.
   * QGaLoreAdamW step: a ``fastgrad.nn.QLinear`` (INT8 weight, groups of 256) with its fp32 m×n
     gradient in ``weight.grad``, rank r, INT4 projector: projection, moments, de-quantization,
     update and stochastic-rounding re-quantization of the whole weight. q-galore-torch is not
@@ -42,10 +43,11 @@ def _galore_torch():
     return pytest.importorskip("galore_torch").GaLoreAdamW
 
 
-def _optimizer(cls, shape, projector=None, scale_key="scale", scale=0.25, rank=None, **opt_kwargs):
+def _optimizer(cls, shape, projector=None, scale_key="scale", scale=0.25, rank=None, group_extra=None, **opt_kwargs):
     m, n, r = shape
     w = torch.nn.Parameter(torch.randn(m, n))
     group = {"params": [w], "rank": rank or r, "update_proj_gap": 10**9, scale_key: scale, "proj_type": "std"}
+    group.update(group_extra or {})
     if projector is not None:
         group["projector"] = projector
     opt = cls([group], lr=1e-3, **opt_kwargs)
@@ -97,7 +99,18 @@ def test_apollo_step(compare, shape_name):
         "fastgrad Apollo": _optimizer(Apollo, shape, scale=1.0).step,
         "fastgrad ApolloMini (r=1)": _optimizer(ApolloMini, shape, scale=128.0, rank=1).step,
     }
-    note = "no apollo-torch; baseline: GaLoreAdamW at the same rank"
+    note = "baseline: GaLoreAdamW at the same rank"
+    try:  # benchmark-only reference (CC-BY-NC: called, never read): pip install apollo-torch
+        from apollo_torch import APOLLOAdamW
+    except ImportError:
+        note += "; apollo-torch not installed"
+    else:
+        channel = {"proj": "random", "scale_type": "channel"}
+        tensor = {"proj": "random", "scale_type": "tensor"}
+        providers["apollo-torch APOLLO"] = _optimizer(APOLLOAdamW, shape, scale=1.0, group_extra=channel).step
+        providers["apollo-torch APOLLO-Mini (r=1)"] = _optimizer(
+            APOLLOAdamW, shape, scale=128.0, rank=1, group_extra=tensor
+        ).step
     compare("optim", "APOLLO step", shape, torch.float32, "cpu", providers, note=note, rounds=20)
 
 
