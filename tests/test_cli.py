@@ -168,3 +168,10 @@ def test_frugal_block_trains(tmp_path, text_file):
     assert _run(tmp_path, text_file, "--optim", "frugal-block", "--steps", "3", "--name", "run") == 0
     losses = _losses(tmp_path / "run")
     assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+
+
+def test_qgalore8bit_trains_layerwise(tmp_path, text_file):
+    """The Q-GaLore recipe's optimizer (8-bit moments) from the command line, layer-wise."""
+    assert _run(tmp_path, text_file, "--optim", "q-galore8bit", "--layerwise", "--steps", "3", "--name", "run") == 0
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses)

@@ -47,15 +47,17 @@ whole validation split after step 200; s = seconds of the 200 steps under a load
     apollo        3.675   3.615  1.003      4.8
     apollo-mini   3.775   3.714  1.031      4.4
     frugal        3.642   3.595  0.998      4.3
+    frugal-block  3.662   3.614  1.003      4.0
     adamw8bit     3.653   3.603  1.000      5.8
     galore8bit    3.697   3.641  1.010      6.2
+    q-galore8bit  3.696   3.638  1.010      6.0
 
 Assertions: every optimizer's final training loss and validation loss are at least 2.5 nats below
 the initial validation loss (6.94 → ≤ 4.44: more than 1.1 nats below the best context-free model
 of this text, whose unigram cross-entropy on the validation split is 5.57); GaLore's and
 Q-GaLore's final validation loss is within 5% of AdamW's, in both directions. The state-bytes
 tests check each optimizer's ``state_bytes()`` against its docstring formula, computed from shapes.
-The module takes 46–52 s on the shared 2-core machine (load average 1.5–3), ~90% of it training.
+The module takes ~55 s on the shared 2-core machine (load average 1.5–3), ~90% of it training.
 """
 
 from __future__ import annotations
@@ -77,9 +79,11 @@ from fastgrad.optim import (
     ApolloMini,
     FiraAdamW,
     Frugal,
+    FrugalBlock,
     GaLoreAdamW,
     GaLoreAdamW8bit,
     QGaLoreAdamW,
+    QGaLoreAdamW8bit,
     apollo_param_groups,
     galore_param_groups,
     qgalore_param_groups,
@@ -99,7 +103,19 @@ MIN_8BIT = 1024
 SMOOTH = 20  # final training loss: mean of the last SMOOTH steps
 MARGIN = 2.5  # nats below the initial validation loss
 TOLERANCE = 0.05  # GaLore / Q-GaLore vs AdamW, relative, on the validation loss
-OPTIMIZERS = ["adamw", "galore", "q-galore", "fira", "apollo", "apollo-mini", "frugal", "adamw8bit", "galore8bit"]
+OPTIMIZERS = [
+    "adamw",
+    "galore",
+    "q-galore",
+    "fira",
+    "apollo",
+    "apollo-mini",
+    "frugal",
+    "frugal-block",
+    "adamw8bit",
+    "galore8bit",
+    "q-galore8bit",
+]
 
 
 def _split_groups(model: torch.nn.Module, lr_lowrank: float) -> list[dict]:
@@ -125,6 +141,13 @@ def build_optimizer(
     if name == "q-galore":
         quantize_model(model, group_size=256)
         return QGaLoreAdamW(qgalore_param_groups(model, rank, gap, ALPHA, **qgalore_kwargs), lr=LR)
+    if name == "q-galore8bit":
+        quantize_model(model, group_size=256)
+        groups = qgalore_param_groups(model, rank, gap, ALPHA, **qgalore_kwargs)
+        return QGaLoreAdamW8bit(groups, lr=LR, min_8bit_size=MIN_8BIT)
+    if name == "frugal-block":
+        lowrank, rest = _split_groups(model, LR * ALPHA)
+        return FrugalBlock([{**lowrank, "density": 0.25, "update_proj_gap": gap}, rest], lr=LR)
     if name == "fira":
         return FiraAdamW(galore_param_groups(model, rank, gap, ALPHA), lr=LR)
     if name == "apollo":
@@ -176,17 +199,23 @@ def expected_state_bytes(name: str, opt: torch.optim.Optimizer) -> int:
                    + 4·d (last first singular vector) + 4·Q (cosine queue) + 1 (pending bool)]
                    + Σ_full 2·numel·4
       *8bit        per moment tensor of n elements: 2·n_pad + 12·blocks if n ≥ min_8bit_size, else
-                   8·n; galore8bit adds P = r'·d·4 per low-rank weight
+                   8·n; galore8bit adds P = r'·d·4 per low-rank weight, q-galore8bit q-galore's
+                   projector terms
+      frugal-block Σ 2·numel·4 over the window's tensors (block_active) and the other group
     The only state-dependent term is Q-GaLore's pending bool (1 byte while a growth of T decided
     at the last refresh waits for the next refresh candidate)."""
     if name == "adamw":
         return sum(8 * p.numel() + 4 for g in opt.param_groups for p in g["params"])
     total = 0
     for group in opt.param_groups:
-        for p in group["params"]:
+        for i, p in enumerate(group["params"]):
             numel = p.numel()
+            if name == "frugal-block":  # the window's tensors and the other group hold fp32 moments
+                if "density" not in group or i in group["block_active"]:
+                    total += 8 * numel
+                continue
             if "rank" not in group:
-                if name in ("adamw8bit", "galore8bit"):
+                if name in ("adamw8bit", "galore8bit", "q-galore8bit"):
                     total += _moment_bytes_8bit(numel, opt.block_size, opt.min_8bit_size)
                 else:
                     total += 8 * numel
@@ -207,10 +236,12 @@ def expected_state_bytes(name: str, opt: torch.optim.Optimizer) -> int:
                 total += moments + 4
             elif name == "galore8bit":
                 total += _moment_bytes_8bit(big * r, opt.block_size, opt.min_8bit_size) + r * d * 4
-            elif name == "q-galore":
+            elif name in ("q-galore", "q-galore8bit"):
                 row = n if m >= n else r  # P is r'×n (right) or m×r' (left); INT4 groups run along its rows
                 g = proj_group_size(row, group["proj_group_size"])
                 pending = 1 if "proj_pending" in opt.state[p] else 0
+                if name == "q-galore8bit":
+                    moments = _moment_bytes_8bit(big * r, opt.block_size, opt.min_8bit_size)
                 total += moments + r * d // 2 + 8 * r * d // g + 4 * d + 4 * group["queue_size"] + pending
             else:
                 raise ValueError(name)

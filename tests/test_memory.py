@@ -156,6 +156,8 @@ def test_peak_matches_measured_step_bfloat16(optim):
         ("galore", False, {"lowrank_grad": False}),
         ("galore", False, {"dtype": "bfloat16"}),
         ("q-galore", False, {}),
+        ("q-galore8bit", False, {}),
+        ("q-galore8bit", True, {}),
         ("galore", True, {}),
         ("galore", True, {"lowrank_grad": False}),
     ],

@@ -11,7 +11,14 @@ from optim_common import CONFIG, OpCounter, assert_same_state, state_tensors, tr
 from fastgrad.models import LlamaConfig, LlamaForCausalLM
 from fastgrad.models.llama import RMSNorm
 from fastgrad.nn import QLinear, projected_grad, qlinear_of, quantize_model
-from fastgrad.optim import GaLoreAdamW, QGaLoreAdamW, galore_param_groups, qgalore_param_groups
+from fastgrad.optim import (
+    GaLoreAdamW,
+    QGaLoreAdamW,
+    QGaLoreAdamW8bit,
+    galore_param_groups,
+    layerwise,
+    qgalore_param_groups,
+)
 from fastgrad.optim.qgalore import proj_group_size
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -406,3 +413,63 @@ def test_tiny_llama_learns_and_is_close_to_galore(capsys):
         )
     assert q_end < 0.2 * qlosses[0]
     assert q_end < 2.0 * f_end + 0.05
+
+
+# ------------------------------------------------------------------------------------------------
+# QGaLoreAdamW8bit: Q-GaLore with 8-bit moments (the recipe's optimizer)
+# ------------------------------------------------------------------------------------------------
+
+
+def make_opt8(model, min_8bit_size=1024, **kw):
+    groups = qgalore_param_groups(model, rank=16, update_proj_gap=3, scale=0.25)
+    return QGaLoreAdamW8bit(groups, lr=3e-3, min_8bit_size=min_8bit_size, **kw)
+
+
+def test_qgalore8bit_trains_like_qgalore_with_a_quarter_of_the_moment_bytes():
+    """Tiny LLaMA, 30 steps on 6 repeated batches: every moment of ≥ 1024 elements (the projected
+    D×16 moments of all 14 QLinear weights, the embedding and the head) in 8 bits."""
+    batches = token_batches(6) * 5
+    fp32_model = tiny_model()  # already INT8 (QLinear)
+    fp32_losses = train(fp32_model, make_opt(fp32_model, rank=16, gap=3), batches)
+    model = tiny_model()
+    opt = make_opt8(model)
+    with OpCounter() as counter:
+        losses = train(model, opt, batches)
+    n_q = len(qlinears(model))
+    eight = [p for p, st in opt.state.items() if "exp_avg_codes" in st]
+    assert len(eight) == n_q + 2  # the QLinear weights, the embedding and the head
+    # per step: 2 encodes per 8-bit tensor + 1 SR re-quantization per QLinear weight
+    assert counter.calls["fastgrad.quantize_int8"] == 30 * (2 * len(eight) + n_q)
+    assert losses[-1] < 0.7 * losses[0]
+    assert abs(losses[-1] / fp32_losses[-1] - 1) < 0.05, (losses[-1], fp32_losses[-1])
+    for p in eight:  # 2·n_pad + 12·blocks bytes instead of 2·n·4
+        st = opt.state[p]
+        n_pad = st["exp_avg_codes"].numel()
+        codes_and_scales = sum(
+            v.numel() * v.element_size() for k, v in st.items() if k.startswith("exp_avg") and torch.is_tensor(v)
+        )
+        assert codes_and_scales == 2 * n_pad + 12 * (n_pad // 256)
+
+
+def test_qgalore8bit_resumes_bitwise_and_layerwise_is_the_same():
+    batches = token_batches(7)
+    model = tiny_model()
+    full = train(model, make_opt8(model), batches)
+    half = tiny_model()
+    opt = make_opt8(half)
+    train(half, opt, batches[:4])
+    saved = _roundtrip({"model": half.state_dict(), "opt": opt.state_dict()})
+    resumed = tiny_model(seed=3)
+    resumed.load_state_dict(saved["model"])
+    opt2 = make_opt8(resumed)
+    opt2.load_state_dict(saved["opt"])
+    assert train(resumed, opt2, batches[4:]) == full[4:]
+    lw_model = tiny_model()
+    lw = layerwise(lw_model, make_opt8)
+    for ids in batches:
+        lw_model(ids, ids).backward()
+        lw.finish_step()
+    for (name, a), b, c in zip(
+        model.state_dict().items(), resumed.state_dict().values(), lw_model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b) and torch.equal(a, c), name

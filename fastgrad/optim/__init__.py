@@ -21,13 +21,14 @@ from fastgrad.optim.projectors import (
     make_projector,
     resolve_side,
 )
-from fastgrad.optim.qgalore import QGaLoreAdamW, qgalore_param_groups
+from fastgrad.optim.qgalore import QGaLoreAdamW, QGaLoreAdamW8bit, qgalore_param_groups
 
 __all__ = [
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
     "AdamW8bit",
     "QGaLoreAdamW",
+    "QGaLoreAdamW8bit",
     "qgalore_param_groups",
     "layerwise",
     "LayerwiseOptimizer",

@@ -100,12 +100,16 @@ class GaLoreAdamW(LowRankOptimizer):
         params = [it.param for it in items]
         if wd != 0.0 and not self.faithful:
             torch._foreach_mul_(params, 1.0 - lr * wd)
+        self._step_items(group, items)
+        if wd != 0.0 and self.faithful:
+            torch._foreach_add_(params, params, alpha=-lr * wd)
+
+    def _step_items(self, group: dict[str, Any], items: list[ParamStep]) -> None:
+        """Moments of every item (fp32 state), then each weight's step (:meth:`_weight_step`)."""
         firsts, seconds = self._update_moments(group, items)
         for it, first, second in zip(items, firsts, seconds, strict=True):
             it.low = None  # R is no longer needed: free it before the m×n back-projection
-            self._adam_step(group, it, first, second)
-        if wd != 0.0 and self.faithful:
-            torch._foreach_add_(params, params, alpha=-lr * wd)
+            self._weight_step(group, it, first, second)
 
     def _direction(
         self, group: dict[str, Any], step: int, first: torch.Tensor, second: torch.Tensor
@@ -120,7 +124,7 @@ class GaLoreAdamW(LowRankOptimizer):
         denom = second.sqrt().add_(group["eps"])
         return step_size, torch.div(first, denom, out=denom)
 
-    def _adam_step(self, group: dict[str, Any], it: ParamStep, first: torch.Tensor, second: torch.Tensor) -> None:
+    def _weight_step(self, group: dict[str, Any], it: ParamStep, first: torch.Tensor, second: torch.Tensor) -> None:
         """One weight's step once its moments are updated: t ← t + 1, then W ← W − η_t·α·up(N, P)
         (low-rank) or W ← W − η_t·N (full-rank). Weight decay is the caller's."""
         it.state["step"] += 1

@@ -26,7 +26,7 @@ from fastgrad.optim.base import ParamStep, name_key, transfer_moments
 from fastgrad.optim.galore import GaLoreAdamW
 from fastgrad.optim.projectors import Projector, effective_rank, lowrank_shape, mix_seed, resolve_side
 
-__all__ = ["GaLoreAdamW8bit", "AdamW8bit", "moment_bound", "encode_moments", "decode_moments"]
+__all__ = ["EightBitMoments", "GaLoreAdamW8bit", "AdamW8bit", "moment_bound", "encode_moments", "decode_moments"]
 
 _SR_SALT = 0x3842_4954_4D4F  # separates the moments' rounding stream from the projector's seed
 _TINY = torch.finfo(torch.float32).tiny
@@ -73,89 +73,17 @@ def decode_moments(
     return first, sqrt_v.square_()
 
 
-class GaLoreAdamW8bit(GaLoreAdamW):
-    """:class:`~fastgrad.optim.GaLoreAdamW` whose Adam moments are stored in 8 bits per element.
-
-    Param groups, keys, defaults, modes (``faithful``), update rule, NaN/Inf policy and checkpoint
-    checks are GaLoreAdamW's (see its docstring): a group with ``rank`` is low-rank and its moments
-    have the projected shape (D×r'); any other group is plain HF-style AdamW. Defaults: lr 1e-3,
-    β (0.9, 0.999), ε 1e-6 (added to √V without bias correction), weight_decay 0: GaLoreAdamW's,
-    i.e. the recipes' HF AdamW. galore-torch's bitsandbytes GaLoreAdamW8bit has bnb's ε 1e-8 inside
-    the bias correction and weight_decay 1e-2 (§2.5); the 8-bit encoding needs no larger ε (updates
-    are bounded by C whatever ε, see below), so the GaLoreAdamW defaults are kept for
-    comparability: with fp32 moments this class *is* GaLoreAdamW, bitwise.
-
-    8-bit arguments:
-      ``block_size`` (256, bitsandbytes ≥ 0.44): elements per quantization block (one fp32 scale,
-      plus one fp32 zero for V); ``min_8bit_size`` (4096, as bitsandbytes): a moment with fewer
-      elements (the *projected* shape for a low-rank weight) keeps fp32 ``exp_avg``/``exp_avg_sq``
-      exactly like GaLoreAdamW. The layout is chosen at a weight's first step and kept.
-
-    Representation (module docstring): V as V^(1/4) asymmetric per block, M as r = M/√V̂ clamped to
-    ±C symmetric per block, both with stochastic rounding. Measured with this class and variants
-    of its encoding on the tests' tiny LLaMA memorising 4 batches (AdamW lr 3e-3, every tensor of
-    ≥ 1024 elements in 8 bits, 200 steps; final loss / largest per-coordinate |ΔW| in units of lr):
-    torch AdamW fp32 0.0149 / 1.37; linear M + linear V 2.42 / 2.0e6; linear M + √V 0.072 / 1.3e4;
-    linear M + V^(1/4) 0.0148 / 30; r + √V 0.0148 / 1.38; r + V^(1/4) (this) 0.0148 / 1.37. After
-    50 steps (tests/test_optim_8bit.py) linear M + V is at 3.28 where fp32 and this are at 1.35.
-      * V linear (codes spread evenly between a block's min and max) cannot hold V's range: V is a
-        square and spans orders of magnitude within a block; entries below 1/255 of the block's
-        largest decode to 0 (or one step), √V̂ collapses and M/(√V̂+ε) explodes. A root compresses
-        the range (V^(1/4): 4 decades of V in 1 of y).
-      * M linear fails the other way: an entry 100× below its block's largest keeps about one code,
-        and that noise divided by its own small √V dominates its update. r = M/√V̂ is what the
-        update uses (N ≈ r); exact Adam has |r| ≤ C, and r's error (a code step is max|r|/127 in its
-        block) is the same for every coordinate whatever its scale. Clamping r to ±C keeps
-        Adam's invariant |M̂| ≤ C·√V̂ in the stored pair, and the recurrence keeps it (see
-        :func:`moment_bound`), so every update has |M/(√V+ε)| ≤ C per coordinate: no quantization
-        noise can make it explode.
-      * V^(1/4) rather than √V: stochastic rounding makes the stored root unbiased, so V̂ = ŷ⁴ is
-        biased up by ≈ 6·Var(ŷ)/y² per encoding, and the EMA (which forgets 1e-3 per step) lets
-        that settle at a floor relative to the block's largest entry. On a synthetic stream (4096
-        coordinates, gradient scales log-uniform over 3 decades, 2000 steps) the mean |√V̂/√V − 1|
-        of the smallest fifth of the coordinates is 1.1 with √V, 0.18 with V^(1/4), and the update
-        direction N differs from fp32 Adam's on the same gradients by (relative 2-norm) 1.9 for linear M
-        (clipped to ±C·√V̂) + √V, 1.5 for linear M + V^(1/4), 1.2 for r + √V, 0.15 for r + V^(1/4).
-      * stochastic rounding (counter-based Philox: a seed per parameter, counters advanced by
-        2·n_pad each step, so a resumed run draws the same numbers): round-to-nearest is biased, and
-        an EMA step smaller than half a code ((1−β2)·(g² − V) is 1e-3 of V) would be rounded away
-        every time; with stochastic rounding every encoding is unbiased (y and M exactly).
-    Accuracy (tests/test_optim_8bit.py, real gradients of the tiny LLaMA): after 30 steps the
-    dequantized M and V are within 1.4% and 1.7% (relative 2-norm) of fp32 moments fed the same
-    gradients; after 50 steps of training the loss is within 0.2% (AdamW8bit vs torch AdamW) and
-    2% (GaLoreAdamW8bit vs GaLoreAdamW, every projected moment in 8 bits) of the fp32 optimizer's.
-
-    State of an 8-bit weight (n = elements of the moment, n_pad = n rounded up to block_size,
-    blocks = n_pad / block_size): ``step`` int; ``exp_avg_qseed`` int (the rounding seed);
-    ``exp_avg_codes`` uint8 (n_pad,), ``exp_avg_scales`` fp32 (blocks,); ``exp_avg_sq_codes``
-    uint8 (n_pad,), ``exp_avg_sq_scales`` and ``exp_avg_sq_zeros`` fp32 (blocks,); plus the
-    projector's keys. Bytes: 2·n_pad + 12·blocks (≈ 2.05 per element for block 256, vs 8 for fp32
-    moments and 4 for bf16) + the projector as in GaLoreAdamW. :meth:`state_bytes` sums the tensors.
-    Resume is bitwise (the rounding stream is a function of the seed and the step). Each step
-    decodes one weight's moments to fp32 (transient, the size of that weight's moments), updates
-    them, applies the update and re-encodes them before the next weight: fastgrad ops
-    ``quantize_int8`` ×2 and ``dequantize_int8`` ×3 per 8-bit weight and step.
-
-    ``state_transfer=True`` re-expresses the decoded moments in the new basis before they are
-    updated; a rotation can take |M| above C·√V (by at most √r'), which the clamp then shortens.
-    """
+class EightBitMoments:
+    """Mixin for a :class:`~fastgrad.optim.base.LowRankOptimizer` whose update runs
+    ``_step_items(group, items)`` → per weight ``_weight_step(group, item, M, V)`` (GaLoreAdamW,
+    QGaLoreAdamW): the Adam moments of every tensor of at least ``min_8bit_size`` elements are kept
+    in 8 bits (the representation of the module docstring and :class:`GaLoreAdamW8bit`), decoded
+    to fp32 for one weight's step at a time and re-encoded right after it. Call
+    :meth:`_init_8bit` before the optimizer's ``__init__``."""
 
     keep_dtype_keys = (M_SCALES, V_SCALES, V_ZEROS)
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        *,
-        block_size: int = 256,
-        min_8bit_size: int = 4096,
-        faithful: bool = False,
-        nonfinite: str = "skip",
-    ) -> None:
+    def _init_8bit(self, block_size: int, min_8bit_size: int) -> None:
         name = type(self).__name__
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise ValueError(f"{name}: block_size must be a positive int, got {block_size!r}")
@@ -163,7 +91,6 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             raise ValueError(f"{name}: min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
         self.block_size = block_size
         self.min_8bit_size = min_8bit_size
-        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, faithful=faithful, nonfinite=nonfinite)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -251,40 +178,36 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             return item
         return super()._prepare(group, p, proj, grad, **kw)
 
-    def _update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
-        beta1, beta2 = group["betas"]
-        lr, wd = group["lr"], group["weight_decay"]
-        params = [it.param for it in items]
-        if wd != 0.0 and not self.faithful:
-            torch._foreach_mul_(params, 1.0 - lr * wd)
+    def _step_items(self, group: dict[str, Any], items: list[ParamStep]) -> None:
+        """fp32-moment items through the optimizer's own path; 8-bit ones one weight at a time:
+        decode, (transfer,) update the moments, the weight's step, encode."""
         eight = [self._is_8bit(it) for it in items]
         dense = [it for it, q in zip(items, eight, strict=True) if not q]
-        if dense:  # GaLoreAdamW's path, unchanged
-            firsts, seconds = self._update_moments(group, dense)
-            for it, first, second in zip(dense, firsts, seconds, strict=True):
-                it.low = None
-                self._adam_step(group, it, first, second)
+        if dense:
+            super()._step_items(group, dense)
         for it in (it for it, q in zip(items, eight, strict=True) if q):
-            st = it.state
-            low = it.low.float()
-            it.low = None
-            n = low.numel()
-            if M_CODES in st:
-                first_pad, second_pad = self._decode(st)
-            else:
-                st[QSEED] = self._qseed(group, it)
-                first_pad = torch.zeros(self._padded(n), dtype=torch.float32, device=low.device)
-                second_pad = torch.zeros_like(first_pad)
-            first, second = first_pad[:n].view(low.shape), second_pad[:n].view(low.shape)
-            if it.proj_old is not None:
-                transfer_moments(first, second, it.proj_old, self.proj_matrix(it), st["proj_side"])
-            first.mul_(beta1).add_(low, alpha=1.0 - beta1)
-            second.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
-            del low
-            self._adam_step(group, it, first, second)
-            self._encode(group, it, first_pad, second_pad)
-        if wd != 0.0 and self.faithful:
-            torch._foreach_add_(params, params, alpha=-lr * wd)
+            self._step_8bit(group, it)
+
+    def _step_8bit(self, group: dict[str, Any], it: ParamStep) -> None:
+        beta1, beta2 = group["betas"]
+        st = it.state
+        low = it.low.float()
+        it.low = None
+        n = low.numel()
+        if M_CODES in st:
+            first_pad, second_pad = self._decode(st)
+        else:
+            st[QSEED] = self._qseed(group, it)
+            first_pad = torch.zeros(self._padded(n), dtype=torch.float32, device=low.device)
+            second_pad = torch.zeros_like(first_pad)
+        first, second = first_pad[:n].view(low.shape), second_pad[:n].view(low.shape)
+        if it.proj_old is not None:
+            transfer_moments(first, second, it.proj_old, self.proj_matrix(it), st["proj_side"])
+        first.mul_(beta1).add_(low, alpha=1.0 - beta1)
+        second.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+        del low
+        self._weight_step(group, it, first, second)
+        self._encode(group, it, first_pad, second_pad)
 
     # ------------------------------------------------------------------ checkpoints
     def _check_param_state(
@@ -306,6 +229,91 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                     f"expected shape ({size},) for moments of shape {low_shape} in blocks of {self.block_size}: "
                     "the state was saved for a different model, rank or block_size"
                 )
+
+
+class GaLoreAdamW8bit(EightBitMoments, GaLoreAdamW):
+    """:class:`~fastgrad.optim.GaLoreAdamW` whose Adam moments are stored in 8 bits per element.
+
+    Param groups, keys, defaults, modes (``faithful``), update rule, NaN/Inf policy and checkpoint
+    checks are GaLoreAdamW's (see its docstring): a group with ``rank`` is low-rank and its moments
+    have the projected shape (D×r'); any other group is plain HF-style AdamW. Defaults: lr 1e-3,
+    β (0.9, 0.999), ε 1e-6 (added to √V without bias correction), weight_decay 0: GaLoreAdamW's,
+    i.e. the recipes' HF AdamW. galore-torch's bitsandbytes GaLoreAdamW8bit has bnb's ε 1e-8 inside
+    the bias correction and weight_decay 1e-2 (§2.5); the 8-bit encoding needs no larger ε (updates
+    are bounded by C whatever ε, see below), so the GaLoreAdamW defaults are kept for
+    comparability: with fp32 moments this class *is* GaLoreAdamW, bitwise.
+
+    8-bit arguments:
+      ``block_size`` (256, bitsandbytes ≥ 0.44): elements per quantization block (one fp32 scale,
+      plus one fp32 zero for V); ``min_8bit_size`` (4096, as bitsandbytes): a moment with fewer
+      elements (the *projected* shape for a low-rank weight) keeps fp32 ``exp_avg``/``exp_avg_sq``
+      exactly like GaLoreAdamW. The layout is chosen at a weight's first step and kept.
+
+    Representation (module docstring): V as V^(1/4) asymmetric per block, M as r = M/√V̂ clamped to
+    ±C symmetric per block, both with stochastic rounding. Measured with this class and variants
+    of its encoding on the tests' tiny LLaMA memorising 4 batches (AdamW lr 3e-3, every tensor of
+    ≥ 1024 elements in 8 bits, 200 steps; final loss / largest per-coordinate |ΔW| in units of lr):
+    torch AdamW fp32 0.0149 / 1.37; linear M + linear V 2.42 / 2.0e6; linear M + √V 0.072 / 1.3e4;
+    linear M + V^(1/4) 0.0148 / 30; r + √V 0.0148 / 1.38; r + V^(1/4) (this) 0.0148 / 1.37. After
+    50 steps (tests/test_optim_8bit.py) linear M + V is at 3.28 where fp32 and this are at 1.35.
+      * V linear (codes spread evenly between a block's min and max) cannot hold V's range: V is a
+        square and spans orders of magnitude within a block; entries below 1/255 of the block's
+        largest decode to 0 (or one step), √V̂ collapses and M/(√V̂+ε) explodes. A root compresses
+        the range (V^(1/4): 4 decades of V in 1 of y).
+      * M linear fails the other way: an entry 100× below its block's largest keeps about one code,
+        and that noise divided by its own small √V dominates its update. r = M/√V̂ is what the
+        update uses (N ≈ r); exact Adam has |r| ≤ C, and r's error (a code step is max|r|/127 in its
+        block) is the same for every coordinate whatever its scale. Clamping r to ±C keeps
+        Adam's invariant |M̂| ≤ C·√V̂ in the stored pair, and the recurrence keeps it (see
+        :func:`moment_bound`), so every update has |M/(√V+ε)| ≤ C per coordinate: no quantization
+        noise can make it explode.
+      * V^(1/4) rather than √V: stochastic rounding makes the stored root unbiased, so V̂ = ŷ⁴ is
+        biased up by ≈ 6·Var(ŷ)/y² per encoding, and the EMA (which forgets 1e-3 per step) lets
+        that settle at a floor relative to the block's largest entry. On a synthetic stream (4096
+        coordinates, gradient scales log-uniform over 3 decades, 2000 steps) the mean |√V̂/√V − 1|
+        of the smallest fifth of the coordinates is 1.1 with √V, 0.18 with V^(1/4), and the update
+        direction N differs from fp32 Adam's on the same gradients by (relative 2-norm) 1.9 for linear M
+        (clipped to ±C·√V̂) + √V, 1.5 for linear M + V^(1/4), 1.2 for r + √V, 0.15 for r + V^(1/4).
+      * stochastic rounding (counter-based Philox: a seed per parameter, counters advanced by
+        2·n_pad each step, so a resumed run draws the same numbers): round-to-nearest is biased, and
+        an EMA step smaller than half a code ((1−β2)·(g² − V) is 1e-3 of V) would be rounded away
+        every time; with stochastic rounding every encoding is unbiased (y and M exactly).
+    Accuracy (tests/test_optim_8bit.py, real gradients of the tiny LLaMA): after 30 steps the
+    dequantized M and V are within 1.4% and 1.7% (relative 2-norm) of fp32 moments fed the same
+    gradients; after 50 steps of training the loss is within 0.2% (AdamW8bit vs torch AdamW) and
+    2% (GaLoreAdamW8bit vs GaLoreAdamW, every projected moment in 8 bits) of the fp32 optimizer's.
+
+    State of an 8-bit weight (n = elements of the moment, n_pad = n rounded up to block_size,
+    blocks = n_pad / block_size): ``step`` int; ``exp_avg_qseed`` int (the rounding seed);
+    ``exp_avg_codes`` uint8 (n_pad,), ``exp_avg_scales`` fp32 (blocks,); ``exp_avg_sq_codes``
+    uint8 (n_pad,), ``exp_avg_sq_scales`` and ``exp_avg_sq_zeros`` fp32 (blocks,); plus the
+    projector's keys. Bytes: 2·n_pad + 12·blocks (≈ 2.05 per element for block 256, vs 8 for fp32
+    moments and 4 for bf16) + the projector as in GaLoreAdamW. :meth:`state_bytes` sums the tensors.
+    Resume is bitwise (the rounding stream is a function of the seed and the step). Each step
+    decodes one weight's moments to fp32 (transient, the size of that weight's moments), updates
+    them, applies the update and re-encodes them before the next weight: fastgrad ops
+    ``quantize_int8`` ×2 and ``dequantize_int8`` ×3 per 8-bit weight and step.
+
+    ``state_transfer=True`` re-expresses the decoded moments in the new basis before they are
+    updated; a rotation can take |M| above C·√V (by at most √r'), which the clamp then shortens.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        *,
+        block_size: int = 256,
+        min_8bit_size: int = 4096,
+        faithful: bool = False,
+        nonfinite: str = "skip",
+    ) -> None:
+        self._init_8bit(block_size, min_8bit_size)
+        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, faithful=faithful, nonfinite=nonfinite)
 
 
 class AdamW8bit(GaLoreAdamW8bit):

@@ -42,6 +42,7 @@ from torch import nn
 from fastgrad.nn.qlinear import QLinear, qlinear_of
 from fastgrad.ops import QuantizedTensor, dequantize_int8, lowrank_project_back_add_, quantize_int4, quantize_int8
 from fastgrad.optim.base import LowRankOptimizer, ParamStep, check_adam_hyperparameters
+from fastgrad.optim.galore8bit import EightBitMoments
 from fastgrad.optim.projectors import (
     LEFT,
     Projector,
@@ -52,7 +53,7 @@ from fastgrad.optim.projectors import (
     resolve_side,
 )
 
-__all__ = ["QGaLoreAdamW", "QuantizedSVDProjector", "qgalore_param_groups"]
+__all__ = ["QGaLoreAdamW", "QGaLoreAdamW8bit", "QuantizedSVDProjector", "qgalore_param_groups"]
 
 # Q-GaLore keys of a rank group, with their defaults (run_pretrain.py / projector class).
 QGALORE_DEFAULTS: dict[str, Any] = {
@@ -218,8 +219,9 @@ class QGaLoreAdamW(LowRankOptimizer):
         moments 2·D·r'·4  +  INT4 projector r'·d/2 + 8·r'·d/g  +  past vector 4·(n or m: the
         length of P's first row/column)  +  queue 4·Q (+ 1 byte while a decision is pending)
     plus 2·numel·4 per full-rank (AdamW) parameter. :meth:`state_bytes` sums the actual tensors.
-    Transient per step: the fp32 gradient m×n (the layer's ``weight.grad``) and one fp32 Ŵ
-    buffer m×n during the parameter's update.
+    Transient per step: on refresh steps the fp32 gradient m×n (the layer's ``weight.grad``);
+    between refreshes only R (the layer computes it, :mod:`fastgrad.nn.lowrank`); and during a
+    weight's update one fp32 block of at most ``UPDATE_BLOCK_ELEMS`` of its rows.
     """
 
     moment_keys = ("exp_avg", "exp_avg_sq")
@@ -293,34 +295,42 @@ class QGaLoreAdamW(LowRankOptimizer):
 
     # ------------------------------------------------------------------ update
     def _update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
-        beta1, beta2 = group["betas"]
-        lr, eps = group["lr"], group["eps"]
+        self._step_items(group, items)
+
+    def _step_items(self, group: dict[str, Any], items: list[ParamStep]) -> None:
+        """Moments of every item (fp32 state), then each weight's step (:meth:`_weight_step`)."""
         firsts, seconds = self._update_moments(group, items)  # state_transfer is rejected for Q-GaLore
         for it, first, second in zip(items, firsts, seconds, strict=True):
-            it.low = None
-            st = it.state
-            st["step"] += 1
-            t = st["step"]
-            bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
-            if self.faithful:  # bnb: ε inside, scaled by √(1−β2^t)
-                step_size = lr * math.sqrt(bc2) / bc1
-                denom = second.sqrt().add_(eps * math.sqrt(bc2))
-            else:  # torch AdamW
-                step_size = lr / bc1
-                denom = second.sqrt().div_(math.sqrt(bc2)).add_(eps)
-            normed = torch.div(first, denom, out=denom)
-            p = it.param
-            if p.dtype == torch.uint8:
-                layer = qlinear_of(p)
-                if layer is None:
-                    raise RuntimeError(
-                        f"QGaLoreAdamW: uint8 parameter #{it.index} {tuple(p.shape)} is not the weight of a live "
-                        "fastgrad.nn.QLinear (run a forward/backward through the layer before stepping)"
-                    )
-                self._update_quantized(group, it, layer, normed, step_size)
-            else:
-                self._apply_update(group, it, p, normed, step_size)
-            it.proj = it.proj_old = None
+            self._weight_step(group, it, first, second)
+
+    def _weight_step(self, group: dict[str, Any], it: ParamStep, first: torch.Tensor, second: torch.Tensor) -> None:
+        """t ← t + 1, N and η from the updated moments, then the weight's update (in place)."""
+        beta1, beta2 = group["betas"]
+        lr, eps = group["lr"], group["eps"]
+        it.low = None
+        st = it.state
+        st["step"] += 1
+        t = st["step"]
+        bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+        if self.faithful:  # bnb: ε inside, scaled by √(1−β2^t)
+            step_size = lr * math.sqrt(bc2) / bc1
+            denom = second.sqrt().add_(eps * math.sqrt(bc2))
+        else:  # torch AdamW
+            step_size = lr / bc1
+            denom = second.sqrt().div_(math.sqrt(bc2)).add_(eps)
+        normed = torch.div(first, denom, out=denom)
+        p = it.param
+        if p.dtype == torch.uint8:
+            layer = qlinear_of(p)
+            if layer is None:
+                raise RuntimeError(
+                    f"QGaLoreAdamW: uint8 parameter #{it.index} {tuple(p.shape)} is not the weight of a live "
+                    "fastgrad.nn.QLinear (run a forward/backward through the layer before stepping)"
+                )
+            self._update_quantized(group, it, layer, normed, step_size)
+        else:
+            self._apply_update(group, it, p, normed, step_size)
+        it.proj = it.proj_old = None
 
     def _apply_update(
         self, group: dict[str, Any], it: ParamStep, target: torch.Tensor, normed: torch.Tensor, step_size: float,
@@ -368,6 +378,36 @@ class QGaLoreAdamW(LowRankOptimizer):
             layer.scales[rows].copy_(q.scales)
             layer.zeros[rows].copy_(q.zeros)
         st["sr_offset"] += m * n
+
+
+class QGaLoreAdamW8bit(EightBitMoments, QGaLoreAdamW):
+    """:class:`QGaLoreAdamW` with 8-bit Adam moments, as in the Q-GaLore recipe (whose optimizer
+    builds on bitsandbytes' 8-bit Adam; ALGORITHMS.md §3): INT8 weights, INT4 projector, and the
+    moments of every tensor of at least ``min_8bit_size`` elements (the projected D×r' moments of
+    the QLinear weights, the embeddings and the head) in the representation of
+    :class:`~fastgrad.optim.GaLoreAdamW8bit` (V^(1/4) and M/√V̂ per block of ``block_size``,
+    stochastic rounding; about 2.05 bytes per element instead of 8). Everything else — groups,
+    defaults, update rule, ``faithful``, adaptive interval, NaN/Inf policy, checkpoints — is
+    QGaLoreAdamW's. Optimizer-state bytes: QGaLoreAdamW's with each 8-bit tensor's moments
+    replaced by 2·n_pad + 12·blocks (n_pad = n rounded up to ``block_size``)."""
+
+    keep_dtype_keys = QGaLoreAdamW.keep_dtype_keys + EightBitMoments.keep_dtype_keys
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        block_size: int = 256,
+        min_8bit_size: int = 4096,
+        faithful: bool = False,
+        nonfinite: str = "skip",
+    ) -> None:
+        self._init_8bit(block_size, min_8bit_size)
+        super().__init__(params, lr, betas, eps, weight_decay, faithful=faithful, nonfinite=nonfinite)
 
 
 def qgalore_param_groups(

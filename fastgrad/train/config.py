@@ -18,7 +18,15 @@ RANK = {"tiny": 32, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 APOLLO_RANK = {"tiny": 32, "60m": 128, "130m": 192, "350m": 256, "1b": 256, "7b": 256}
 UPDATE_PROJ_GAP = {"tiny": 50, "7b": 500}  # others: 200
 # scale α by optimizer (Fira uses 0.0625 at 1B and 7B); APOLLO's enters as √α.
-SCALE = {"galore": 0.25, "galore8bit": 0.25, "q-galore": 0.25, "fira": 0.25, "apollo": 1.0, "apollo-mini": 128.0}
+SCALE = {
+    "galore": 0.25,
+    "galore8bit": 0.25,
+    "q-galore": 0.25,
+    "q-galore8bit": 0.25,
+    "fira": 0.25,
+    "apollo": 1.0,
+    "apollo-mini": 128.0,
+}
 FIRA_LARGE_SCALE = {"1b": 0.0625, "7b": 0.0625}
 DEFAULT_STEPS = {"tiny": 300, "60m": 10_000, "130m": 20_000, "350m": 60_000, "1b": 100_000, "7b": 150_000}
 LOW_RANK_LR = 0.01  # GaLore/Q-GaLore/Fira/APOLLO recipes

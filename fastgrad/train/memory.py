@@ -90,17 +90,18 @@ MODELLED_OPTIMIZERS = (
     "galore",
     "galore8bit",
     "q-galore",
+    "q-galore8bit",
     "fira",
     "apollo",
     "apollo-mini",
     "frugal",
 )
-LOWRANK_OPTIMIZERS = {"galore", "galore8bit", "q-galore", "fira", "apollo", "apollo-mini", "frugal"}
+LOWRANK_OPTIMIZERS = {"galore", "galore8bit", "q-galore", "q-galore8bit", "fira", "apollo", "apollo-mini", "frugal"}
 _READS_GRAD = {"fira", "apollo", "apollo-mini", "frugal"}  # update_reads_grad: keep G until the update
-_EIGHT_BIT = {"adamw8bit", "galore8bit"}
+_EIGHT_BIT = {"adamw8bit", "galore8bit", "q-galore8bit"}
 # Layers that compute R = down(G, P) in backward between refreshes (fastgrad.nn.lowrank): QLinear
 # always; LowRankGradLinear for the GaLore optimizers with cfg.lowrank_grad (fastgrad.train.optimizers).
-_PROJECTED_GRAD = {"q-galore"}
+_PROJECTED_GRAD = {"q-galore", "q-galore8bit"}
 _PROJECTED_GRAD_OPTIONAL = {"galore", "galore8bit"}
 # Optimizers whose per-weight Adam step is a method (its denominator is freed per weight); the
 # others compute it inline in their update loop, so the previous weight's lives until rebound.
@@ -269,7 +270,7 @@ class _Step:
         self.optim = cfg.optim
         self.e = _DTYPE_BYTES[cfg.dtype]
         self.cast = self.e != 4
-        self.quantized = cfg.optim == "q-galore"
+        self.quantized = cfg.optim in ("q-galore", "q-galore8bit")  # QLinear (INT8) weights
         self.lowrank = cfg.optim in LOWRANK_OPTIMIZERS
         self.layerwise = cfg.layerwise and self.lowrank
         self.reads_grad = cfg.optim in _READS_GRAD
@@ -1002,11 +1003,11 @@ def estimate(
     if cfg.layerwise and not step.lowrank:
         notes.append(f"--layerwise has no effect for {cfg.optim} (not a low-rank optimizer): modelled without it")
     lowrank = [w for w in step.weights if step.is_lowrank(w)]
-    if step.quantized:
+    if step.quantized and not step.eight_bit:
         moments = sum(_moments_bytes(max(w.shape) * step.rank(w), 4, False) for w in lowrank)
         notes.append(
             f"QGaLoreAdamW keeps the Adam moments of the projected gradients in fp32 ({format_bytes(moments)}); "
-            "the Q-GaLore paper's are 8-bit"
+            "the Q-GaLore paper's are 8-bit: --optim q-galore8bit"
         )
     if step.layerwise:
         lows = sum(step.low_bytes(w) for w in lowrank)
@@ -1090,9 +1091,17 @@ _G8, _A8 = ("galore", "galore8bit"), ("adamw", "adamw8bit")
 ANCHORS: tuple[Anchor, ...] = (
     # LLaMA-7B (ALGORITHMS.md §12.2)
     Anchor(
-        "7b", ("q-galore",), "Q-GaLore", "15.26", "peak", "batch 16, activation checkpointing, A6000", "Q-GaLore README"
+        "7b",
+        ("q-galore", "q-galore8bit"),
+        "Q-GaLore",
+        "15.26",
+        "peak",
+        "batch 16, activation checkpointing, A6000",
+        "Q-GaLore README",
     ),
-    Anchor("7b", ("q-galore",), "Q-GaLore", "15", "weights+states", "memory estimate", "Q-GaLore Table 2"),
+    Anchor(
+        "7b", ("q-galore", "q-galore8bit"), "Q-GaLore", "15", "weights+states", "memory estimate", "Q-GaLore Table 2"
+    ),
     Anchor("7b", _G8 + ("q-galore",), "8-bit GaLore", "18", "weights+states", "memory estimate", "GaLore Table 3"),
     Anchor(
         "7b",
@@ -1144,7 +1153,7 @@ ANCHORS: tuple[Anchor, ...] = (
 for _method, _optims, _figures, _quantity, _source in (
     ("Full-rank Adam", ("adamw",), ("0.36", "0.76", "2.06", "7.80"), "weights+states", "GaLore Table 2"),
     ("GaLore", ("galore",), ("0.24", "0.52", "1.22", "4.38"), "weights+states", "GaLore Table 2"),
-    ("Q-GaLore", ("q-galore",), ("0.18", "0.39", "0.88", "3.08"), "weights+states", "Q-GaLore Table 1"),
+    ("Q-GaLore", ("q-galore", "q-galore8bit"), ("0.18", "0.39", "0.88", "3.08"), "weights+states", "Q-GaLore Table 1"),
     ("APOLLO", ("apollo",), ("0.24", "0.52", "1.22", "4.38"), "weights+states", "APOLLO Table 2"),
     ("APOLLO-Mini", ("apollo-mini",), ("0.12", "0.25", "0.69", "2.60"), "weights+states", "APOLLO Table 2"),
     ("Full-rank", ("adamw",), ("0.48", "1.01", "2.74", "10.40"), "weights+states+grads", "Fira Table 3"),

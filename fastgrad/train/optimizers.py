@@ -85,12 +85,14 @@ def _frugal_block(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optim
 def _qgalore(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Converts the model's attention and MLP Linear layers to INT8 QLinear (in place) first."""
     from fastgrad.nn import quantize_model
-    from fastgrad.optim import QGaLoreAdamW, qgalore_param_groups
+    from fastgrad.optim import QGaLoreAdamW, QGaLoreAdamW8bit, qgalore_param_groups
 
     quantize_model(model, group_size=256)
     groups = qgalore_param_groups(
         model, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale, seed=cfg.seed
     )
+    if cfg.optim == "q-galore8bit":  # the recipe's optimizer: 8-bit Adam moments too
+        return QGaLoreAdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return QGaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -100,6 +102,7 @@ OPTIMIZERS: dict[str, Callable[[TrainConfig, torch.nn.Module], torch.optim.Optim
     "galore": _galore,
     "galore8bit": _galore8bit,
     "q-galore": _qgalore,
+    "q-galore8bit": _qgalore,
     "fira": _fira,
     "apollo": _apollo,
     "apollo-mini": _apollo,
@@ -107,7 +110,7 @@ OPTIMIZERS: dict[str, Callable[[TrainConfig, torch.nn.Module], torch.optim.Optim
     "frugal-block": _frugal_block,
 }
 # Optimizers whose layer-wise mode (fastgrad.optim.layerwise) is supported.
-LAYERWISE = {"galore", "galore8bit", "q-galore", "fira", "apollo", "apollo-mini"}
+LAYERWISE = {"galore", "galore8bit", "q-galore", "q-galore8bit", "fira", "apollo", "apollo-mini"}
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
