@@ -175,3 +175,13 @@ def test_qgalore8bit_trains_layerwise(tmp_path, text_file):
     assert _run(tmp_path, text_file, "--optim", "q-galore8bit", "--layerwise", "--steps", "3", "--name", "run") == 0
     losses = _losses(tmp_path / "run")
     assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+
+
+def test_tokens_dtype_and_activation_checkpointing(tmp_path, text_file):
+    """--tokens sets the steps (tokens per step = batch × seq × accumulation), bf16 training with
+    recomputed activations runs, Q-GaLore (INT8 QLinear layers)."""
+    args = ["--tokens", str(3 * 4 * 32 * 2), "--grad-accum", "2", "--dtype", "bfloat16", "--activation-checkpointing"]
+    assert _run(tmp_path, text_file, *args, "--name", "run") == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["tokens"] == 3 * 4 * 32 * 2
+    assert all(0 < r["loss"] < 20 for r in rows)

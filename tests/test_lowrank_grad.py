@@ -161,6 +161,22 @@ def test_qgalore_layerwise_equals_qgalore():
         assert torch.equal(a, b), name
 
 
+def test_torch_compile_keeps_projected_gradients():
+    """torch.compile of a converted model: between refreshes the layers still deliver R (the
+    custom autograd function reads the published projection at backward time, not at trace time)."""
+    model = converted()
+    opt = galore(model)
+    compiled = torch.compile(model)
+    layer = next(m for m in model.modules() if isinstance(m, LowRankGradLinear))
+    delivered = []
+    for ids in token_batches(3):
+        opt.zero_grad()
+        compiled(ids, ids).backward()
+        delivered.append((layer.weight.grad is None, projected_grad(layer.weight) is not None))
+        opt.step()
+    assert delivered == [(False, False), (True, True), (True, True)]  # step 0 refreshes (GAP = 5)
+
+
 def test_resume_publishes_the_projection_again():
     batches = token_batches(8)
     model = converted()
