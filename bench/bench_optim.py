@@ -8,7 +8,8 @@ timed separately per projector. galore-torch and fira are test dependencies. Opt
 are checked against each optimizer's formula in tests/test_convergence.py, not here.
 
 Cases and their baselines (``bench/report.py`` divides by the ``galore-torch`` row of a case):
-  * GaLoreAdamW step: galore-torch vs fastgrad.
+  * GaLoreAdamW step: galore-torch vs fastgrad, and torch.optim.AdamW's full-rank step on the
+    same weight (what the low-rank step replaces: its moments are m×n).
   * FiraAdamW step: fira 1.0.2 (``fira.FiraAdamW``, α = 0.25 as ``alpha``) vs fastgrad
     ``FiraAdamW`` (default variant "code", the same update); flops count fira's three m·n·r'
     products (down(G), up(R), up(N)). The report has no speed-up column for this case (its
@@ -56,6 +57,16 @@ def _optimizer(cls, shape, projector=None, scale_key="scale", scale=0.25, rank=N
     return opt
 
 
+def _torch_adamw(shape):
+    """torch.optim.AdamW (foreach) on the same m×n weight: the full-rank step GaLore replaces."""
+    m, n, _ = shape
+    w = torch.nn.Parameter(torch.randn(m, n))
+    opt = torch.optim.AdamW([w], lr=1e-3)
+    w.grad = torch.randn(m, n) * 1e-3
+    opt.step()
+    return opt
+
+
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_galore_step(compare, shape_name):
     shape = SHAPES[shape_name]
@@ -63,6 +74,7 @@ def test_galore_step(compare, shape_name):
     providers = {
         "galore-torch": _optimizer(_galore_torch(), shape).step,
         "fastgrad": _optimizer(GaLoreAdamW, shape).step,
+        "torch AdamW (full rank)": _torch_adamw(shape).step,
     }
     compare("optim", "GaLoreAdamW step", shape, torch.float32, "cpu", providers, flops=4 * m * n * r, rounds=20)
 
