@@ -18,7 +18,7 @@ from fastgrad.nn import (
     projected_grad,
     quantize_model,
 )
-from fastgrad.optim import GaLoreAdamW, QGaLoreAdamW, galore_param_groups, layerwise, qgalore_param_groups
+from fastgrad.optim import FiraAdamW, GaLoreAdamW, QGaLoreAdamW, galore_param_groups, layerwise, qgalore_param_groups
 from fastgrad.optim import qgalore as qgalore_module
 
 GAP = 5  # refreshes at steps 0, 5, 10
@@ -221,6 +221,17 @@ def test_clip_grad_norm_covers_projected_gradients_and_zero_grad_clears_them():
     torch.testing.assert_close(lows[0], before[0] * float(expected) / 2 / (float(expected) + 1e-6))
     opt.zero_grad()
     assert all(projected_grad(w) is None for w in weights)
+
+
+def test_a_new_optimizer_withdraws_the_projections_of_the_previous_one():
+    model = converted()
+    train(model, galore(model), token_batches(2))  # publishes P for step 2
+    opt = galore(model)  # a fresh optimizer: its first step refreshes, the layers must form G
+    train(model, opt, token_batches(1, seed=7))
+    assert all(opt.state[m.weight]["step"] == 1 for m in model.modules() if isinstance(m, LowRankGradLinear))
+    fira = FiraAdamW(galore_param_groups(model, rank=8, update_proj_gap=GAP), lr=1e-2)  # reads G: withdraws all
+    train(model, fira, token_batches(1, seed=8))
+    assert all(m.weight.grad is not None for m in model.modules() if isinstance(m, LowRankGradLinear))
 
 
 def test_projected_gradient_at_a_refresh_step_is_an_error():

@@ -29,6 +29,7 @@ exactly like ``nn.Linear``.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -109,12 +110,11 @@ def zero_projected_grads(params: Iterable[torch.Tensor]) -> None:
 
 
 class _HookHandle:
-    _next = 0
+    _ids = itertools.count()
 
     def __init__(self, weight: torch.Tensor) -> None:
         self._weight = weight
-        self.id = _HookHandle._next
-        _HookHandle._next += 1
+        self.id = next(_HookHandle._ids)
 
     def remove(self) -> None:
         _HOOKS.get(self._weight, {}).pop(self.id, None)

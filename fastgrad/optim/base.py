@@ -169,6 +169,7 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         self._projector_cache: dict[tuple, Projector] = {}
         self._param_index: dict[torch.Tensor, int] | None = None
         super().__init__(params, defaults)
+        self._publish_grad_projections()  # withdraws any projection a previous optimizer left
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -297,18 +298,15 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
 
     def _publish_grad_projections(self) -> None:
         """Tell low-rank-gradient layers the projection of each weight's next gradient: the current
-        P when the next step will not refresh it, else nothing (the refresh needs the whole G)."""
-        if self.update_reads_grad:
-            return
+        P when the next step will not refresh it, else nothing (the refresh needs the whole G). An
+        optimizer whose update reads G (``update_reads_grad``) withdraws every projection."""
         for group in self.param_groups:
-            if "rank" not in group:
-                continue
-            proj = self._projector(group)
+            proj = self._projector(group) if "rank" in group and not self.update_reads_grad else None
             for p in group["params"]:
                 if not accepts_projected_grad(p):
                     continue
                 state = self.state[p]
-                if state and proj.has_basis(state) and not self._refresh_due(group, state):
+                if proj is not None and state and proj.has_basis(state) and not self._refresh_due(group, state):
                     set_grad_projection(p, GradProjection(proj.matrix(state, p), SIDE_NAMES[state["proj_side"]]))
                 else:
                     set_grad_projection(p, None)
