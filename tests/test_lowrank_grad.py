@@ -177,6 +177,26 @@ def test_torch_compile_keeps_projected_gradients():
     assert delivered == [(False, False), (True, True), (True, True)]  # step 0 refreshes (GAP = 5)
 
 
+def test_qgalore_layerwise_follows_the_adaptive_interval():
+    """cos_threshold 0 and a queue of 1: T doubles at every refresh (2, 4, 8): the layer-wise
+    driver must refresh on the optimizer's schedule, not on k % update_proj_gap."""
+
+    def factory(model):
+        groups = qgalore_param_groups(
+            model, rank=8, update_proj_gap=2, proj_group_size=8, cos_threshold=0.0, queue_size=1
+        )
+        return QGaLoreAdamW(groups, lr=1e-2)
+
+    batches = token_batches(12)
+    plain = quantized()
+    opt = factory(plain)
+    plain_losses = train(plain, opt, batches)
+    assert max(st.get("proj_gap", 0) for st in opt.state.values()) >= 8  # T did grow
+    model = quantized()
+    losses, _ = _train_layerwise(model, factory, batches)
+    assert losses == plain_losses
+
+
 def test_resume_publishes_the_projection_again():
     batches = token_batches(8)
     model = converted()

@@ -333,7 +333,8 @@ class LayerwiseOptimizer:
         state = opt.state[p]
         lowrank_acc = False
         if proj is not None and not self._reads_grad:
-            due = not state or not proj.has_basis(state) or state["step"] % group["update_proj_gap"] == 0
+            # The optimizer's own rule (Q-GaLore's interval T adapts per weight).
+            due = not state or not proj.has_basis(state) or opt._refresh_due(group, state)
             lowrank_acc = not due or proj.name in _GRAD_FREE_REFRESH
         if low is not None and not lowrank_acc:
             raise RuntimeError(
