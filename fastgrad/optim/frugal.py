@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from fastgrad.ops import lowrank_project_back_add_
-from fastgrad.optim.base import LowRankOptimizer, ParamStep, transfer_moments
+from fastgrad.optim.base import LowRankOptimizer, ParamStep, check_adam_hyperparameters
 from fastgrad.optim.projectors import RIGHT, resolve_side
 
 __all__ = ["Frugal"]
@@ -83,12 +83,7 @@ class Frugal(LowRankOptimizer):
         inactive_lr_scale: float = 1.0,
         nonfinite: str = "skip",
     ) -> None:
-        if lr < 0.0:
-            raise ValueError(f"Frugal: invalid learning rate {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"Frugal: betas must be in [0, 1), got {betas}")
-        if eps < 0.0:
-            raise ValueError(f"Frugal: invalid eps {eps}")
+        check_adam_hyperparameters("Frugal", lr, betas, eps)
         # Defaults of FRUGAL groups only (torch's ``defaults`` would put them into every group).
         self._frugal_defaults = {
             "density": density,
@@ -158,29 +153,18 @@ class Frugal(LowRankOptimizer):
         step_key = "adam_step" if lowrank else "step"
         for it in items:
             st = it.state
-            refreshed = it.snapshot is not None
-            if "exp_avg" not in st:
-                st["exp_avg"] = torch.zeros_like(it.low)
-                st["exp_avg_sq"] = torch.zeros_like(it.low)
-                if lowrank:
-                    st["adam_step"] = 0
-            elif lowrank and refreshed and group["reset_statistics"]:
+            reset = lowrank and it.snapshot is not None and group["reset_statistics"] and "exp_avg" in st
+            if reset:  # FRUGAL: fresh moments (not re-expressed in the new basis) at each refresh
                 st["exp_avg"].zero_()
                 st["exp_avg_sq"].zero_()
-                st["adam_step"] = 0
-            elif it.proj_old is not None:
-                transfer_moments(st["exp_avg"], st["exp_avg_sq"], it.proj_old, self.proj_matrix(it), st["proj_side"])
+                it.proj_old = None
+            if lowrank and (reset or "adam_step" not in st):
+                st["adam_step"] = 0  # bias correction restarts with the moments
         params = [it.param for it in items]
         if wd != 0.0:
             torch._foreach_mul_(params, 1.0 - lr * wd)
-        firsts = [it.state["exp_avg"] for it in items]
-        seconds = [it.state["exp_avg_sq"] for it in items]
-        lows = [it.low for it in items]
-        torch._foreach_mul_(firsts, beta1)
-        torch._foreach_add_(firsts, lows, alpha=1.0 - beta1)
-        torch._foreach_mul_(seconds, beta2)
-        torch._foreach_addcmul_(seconds, lows, lows, value=1.0 - beta2)
-        del lows
+        # Created at zero on a weight's first step; re-expressed after a refresh when state transfer is on.
+        firsts, seconds = self._update_moments(group, items)
         for it, first, second in zip(items, firsts, seconds, strict=True):
             st = it.state
             if lowrank:
