@@ -21,11 +21,11 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from fastgrad.models import LlamaForCausalLM, get_config
 from fastgrad.nn import lowrank_grad_model, quantize_model
 from fastgrad.optim import GaLoreAdamW, QGaLoreAdamW, galore_param_groups, layerwise, qgalore_param_groups
+from fastgrad.train.memory import live_peak, measured_memory_events
 
 RESULTS = Path(__file__).parent / "results" / "memory.csv"
 RANK = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}
@@ -46,17 +46,8 @@ def _resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
 
 def _profile(fn) -> tuple[int, int]:
     """(peak of allocated − freed during fn, largest single allocation) from profiler memory events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    live = peak = largest = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-        largest = max(largest, e.nbytes())
-    return peak, largest
+    events = measured_memory_events(fn)
+    return live_peak(events), max(events, default=0)
 
 
 def measure(config: str, model_name: str, tokens: int, checkpointing: bool, vocab: int) -> dict:

@@ -20,6 +20,7 @@ from fastgrad.nn import (
 )
 from fastgrad.optim import FiraAdamW, GaLoreAdamW, QGaLoreAdamW, galore_param_groups, layerwise, qgalore_param_groups
 from fastgrad.optim import qgalore as qgalore_module
+from fastgrad.train.memory import measured_memory_events
 
 GAP = 5  # refreshes at steps 0, 5, 10
 
@@ -281,11 +282,7 @@ DIM, LAYERS = 1024, 3
 
 def _allocations(fn) -> list[int]:
     """Sizes of every CPU allocation made while ``fn`` runs (torch.profiler memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
+    return [nbytes for nbytes in measured_memory_events(fn) if nbytes > 0]
 
 
 def _stack(layer_cls):

@@ -6,13 +6,12 @@ import time
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from fastgrad.cli import main
 from fastgrad.models import LlamaConfig, LlamaForCausalLM, get_config
 from fastgrad.optim import layerwise
 from fastgrad.train.config import TrainConfig
-from fastgrad.train.memory import MODELLED_OPTIMIZERS, anchors_for, estimate
+from fastgrad.train.memory import MODELLED_OPTIMIZERS, anchors_for, estimate, measured_memory_events
 from fastgrad.train.optimizers import OPTIMIZERS, build_optimizer, state_bytes
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -84,17 +83,17 @@ def measured_peak(mc: LlamaConfig, cfg: TrainConfig, steps: int = 2) -> int:
         for _ in range(cfg.grad_accum)
     ]
     resident = _storage_bytes([*model.parameters(), *model.buffers(), *(t for b in batches for t in b)])
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+
+    def run() -> None:
         for _ in range(steps):
             torch.empty(MARK, dtype=torch.uint8)  # allocated and freed at once: the marker
             _train_step(model, optimizer, stepper, cfg, batches)
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
+
     live = peak = 0
     marks = 0
-    for e in events:
-        live += e.nbytes()
-        if e.nbytes() == MARK:
+    for nbytes in measured_memory_events(run):
+        live += nbytes
+        if nbytes == MARK:
             marks += 1
         if marks == steps:
             peak = max(peak, live)
@@ -202,11 +201,7 @@ def test_estimate_allocates_nothing_and_7b_is_instant():
     start = time.perf_counter()
     b = estimate(cfg)
     assert time.perf_counter() - start < 2.0
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        estimate(cfg)
-    allocated = sum(
-        e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0
-    )
+    allocated = sum(nbytes for nbytes in measured_memory_events(lambda: estimate(cfg)) if nbytes > 0)
     assert allocated < 2**20  # shapes only: no tensor of the model
     assert b.config["parameters"] == 6_738_415_616  # LLaMA-7B with a 32000-token vocabulary
     assert b.config["dtype"] == "bfloat16" and b.config["device"] == "cuda"

@@ -16,6 +16,7 @@ from optim_common import N_LOWRANK, OpCounter, tiny_model
 from optim_common import token_batches as shared_token_batches
 
 from fastgrad.optim import GaLoreAdamW, galore_param_groups, layerwise
+from fastgrad.train.memory import live_peak, measured_memory_events
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -395,17 +396,7 @@ def test_resume_is_exact(projector):
 
 def _profiled_peak(fn) -> int:
     """Peak of the bytes allocated minus freed during ``fn`` (profiler memory events, in order)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    return live_peak(measured_memory_events(fn))
 
 
 @pytest.mark.parametrize(("accum", "refresh"), [(1, False), (1, True), (4, False)])

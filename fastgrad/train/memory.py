@@ -64,7 +64,9 @@ activation checkpointing; within 10%, in practice within 1%), and exactly the we
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from fastgrad.models.llama import LlamaConfig, get_config
@@ -1224,3 +1226,25 @@ def format_report(b: MemoryBreakdown, notes: tuple[str, ...] = ()) -> str:
     if all_notes:
         lines += [""] + [f"note: {n}" for n in all_notes]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement: what the estimate is validated against (tests/test_memory.py, bench/)
+# ---------------------------------------------------------------------------------------------
+
+
+def measured_memory_events(fn: Callable[[], object]) -> list[int]:
+    """Run ``fn`` under ``torch.profiler`` and return the CPU allocator's memory events in time
+    order: +bytes for each allocation, −bytes for each free."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    return [e.nbytes() for e in events]
+
+
+def live_peak(events: Iterable[int]) -> int:
+    """The largest running total of ``events``: the peak of bytes live above the start (≥ 0)."""
+    return max(itertools.accumulate(events, initial=0))
