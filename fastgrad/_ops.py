@@ -39,6 +39,15 @@ SCHEMAS: dict[str, str] = {
     "lowrank_grad": "(Tensor dy, Tensor x, Tensor p, str side) -> Tensor",
     "lowrank_grad_quantized": "(Tensor dy, Tensor x, Tensor p_codes, Tensor p_scales, Tensor p_zeros, int bits,"
     " str side) -> Tensor",
+    "galore_adam_step_": "(Tensor(a!) w, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor r, Tensor p, str side,"
+    " float beta1, float beta2, float eps, float denom_scale, float step_scale, float decay) -> ()",
+    "galore_adam_step_quantized_": "(Tensor(a!) w, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor r,"
+    " Tensor p_codes, Tensor p_scales, Tensor p_zeros, int bits, str side, float beta1, float beta2, float eps,"
+    " float denom_scale, float step_scale, float decay) -> ()",
+    "galore_adam_step_int8_": "(Tensor(a!) w_codes, Tensor(b!) w_scales, Tensor(c!) w_zeros, Tensor(d!) exp_avg,"
+    " Tensor(e!) exp_avg_sq, Tensor r, Tensor p_codes, Tensor p_scales, Tensor p_zeros, int bits, str side,"
+    " float beta1, float beta2, float eps, float denom_scale, float step_scale, float decay, bool stochastic,"
+    " int seed, int offset) -> ()",
 }
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -76,31 +85,33 @@ def check_quantize(op: str, x: torch.Tensor, bits: int, group_size: int, seed: i
     return g
 
 
-def check_dequantize(op: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, dtype) -> int:
-    """Validate quantized storage; return the number of values per row (unpacked)."""
-    _check(codes.dtype == torch.uint8, op, "codes", "uint8", codes.dtype)
-    _check(codes.dim() >= 1, op, "codes", "a tensor with at least 1 dimension", f"a {codes.dim()}-d tensor")
-    _check(codes.is_contiguous(), op, "codes", "contiguous", "a non-contiguous tensor")
-    for name, t in (("scales", scales), ("zeros", zeros)):
+def check_dequantize(
+    op: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, dtype, prefix: str = ""
+) -> int:
+    """Validate quantized storage; return the number of values per row (unpacked). ``prefix``
+    names the arguments in messages (``"w_"``: w_codes, w_scales, w_zeros)."""
+    _check(codes.dtype == torch.uint8, op, f"{prefix}codes", "uint8", codes.dtype)
+    _check(codes.dim() >= 1, op, f"{prefix}codes", "a tensor with at least 1 dimension", f"a {codes.dim()}-d tensor")
+    _check(codes.is_contiguous(), op, f"{prefix}codes", "contiguous", "a non-contiguous tensor")
+    for name, t in ((f"{prefix}scales", scales), (f"{prefix}zeros", zeros)):
         _check(t.dtype == torch.float32, op, name, "float32", t.dtype)
         _check(t.is_contiguous(), op, name, "contiguous", "a non-contiguous tensor")
-    _check_same_device(op, "codes", codes, scales=scales, zeros=zeros)
+    _check_same_device(op, f"{prefix}codes", codes, **{f"{prefix}scales": scales, f"{prefix}zeros": zeros})
     lead = tuple(codes.shape[:-1])
     _check(
         scales.dim() == codes.dim() and tuple(scales.shape[:-1]) == lead,
         op,
-        "scales",
+        f"{prefix}scales",
         f"of shape (*{lead}, groups)",
         tuple(scales.shape),
     )
-    _check(
-        tuple(zeros.shape) == tuple(scales.shape), op, "zeros", f"of shape {tuple(scales.shape)}", tuple(zeros.shape)
-    )
+    zeros_shape = tuple(zeros.shape)
+    _check(zeros_shape == tuple(scales.shape), op, f"{prefix}zeros", f"of shape {tuple(scales.shape)}", zeros_shape)
     n = codes.shape[-1] * (8 // bits)
     groups = scales.shape[-1]
-    _check(groups > 0 and n % groups == 0, op, "scales", f"with a last dimension that divides {n}", groups)
+    _check(groups > 0 and n % groups == 0, op, f"{prefix}scales", f"with a last dimension that divides {n}", groups)
     if bits == 4:
-        _check((n // groups) % 2 == 0, op, "scales", f"such that groups are even ({n} values per row)", groups)
+        _check((n // groups) % 2 == 0, op, f"{prefix}scales", f"such that groups are even ({n} values per row)", groups)
     _check(dtype in FLOAT_DTYPES, op, "dtype", "float32, bfloat16 or float16", dtype)
     return n
 
@@ -446,3 +457,106 @@ def _grad_q_default(dy, x, p_codes, p_scales, p_zeros, bits, side):
 
 
 _register("lowrank_grad_quantized")((_grad_q_fake, _grad_q_default))
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused projected-Adam step (GaLore / Q-GaLore), see _reference.galore_adam_step_
+
+
+def check_adam_moments(op: str, r: torch.Tensor, exp_avg, exp_avg_sq, beta1, beta2, eps, denom_scale) -> None:
+    """R (the projected gradient) and Adam's moments M, V of R's shape, updated in place."""
+    _check(r.is_contiguous(), op, "r", "contiguous", "a non-contiguous tensor")
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        _check(t.dtype in FLOAT_DTYPES, op, name, "float32, bfloat16 or float16", t.dtype)
+        _check(tuple(t.shape) == tuple(r.shape), op, name, f"of r's shape {tuple(r.shape)}", tuple(t.shape))
+        _check(t.is_contiguous(), op, name, "contiguous", "a non-contiguous tensor")
+    _check(exp_avg_sq.dtype == exp_avg.dtype, op, "exp_avg_sq", f"of exp_avg's dtype {exp_avg.dtype}", exp_avg_sq.dtype)
+    _check_same_device(op, "r", r, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    _check(0.0 <= beta1 < 1.0, op, "beta1", "in [0, 1)", beta1)
+    _check(0.0 <= beta2 < 1.0, op, "beta2", "in [0, 1)", beta2)
+    _check(0.0 <= eps < float("inf"), op, "eps", "finite and >= 0", eps)
+    _check(0.0 < denom_scale < float("inf"), op, "denom_scale", "finite and > 0", denom_scale)
+
+
+def check_galore_adam_step(w, exp_avg, exp_avg_sq, r, p, side, beta1, beta2, eps, denom_scale) -> None:
+    op = "galore_adam_step_"
+    check_dense_p(op, p)
+    check_project_back(op, r, tuple(p.shape), p.dtype, p.device, side)
+    check_accumulator(op, w, r, backproject_shape(side, r.shape, p.shape))
+    check_adam_moments(op, r, exp_avg, exp_avg_sq, beta1, beta2, eps, denom_scale)
+
+
+def _adam_step_fake(w, exp_avg, exp_avg_sq, r, p, side, beta1, beta2, eps, denom_scale, step_scale, decay):
+    check_galore_adam_step(w, exp_avg, exp_avg_sq, r, p, side, beta1, beta2, eps, denom_scale)
+
+
+def _adam_step_default(w, exp_avg, exp_avg_sq, r, p, side, beta1, beta2, eps, denom_scale, step_scale, decay):
+    check_galore_adam_step(w, exp_avg, exp_avg_sq, r, p, side, beta1, beta2, eps, denom_scale)
+    ref.galore_adam_step_(w, exp_avg, exp_avg_sq, r, p, side, beta1, beta2, eps, denom_scale, step_scale, decay)
+
+
+_register("galore_adam_step_")((_adam_step_fake, _adam_step_default))
+
+
+def check_galore_adam_step_quantized(
+    w, exp_avg, exp_avg_sq, r, p_codes, p_scales, p_zeros, bits, side, beta1, beta2, eps, denom_scale
+) -> None:
+    op = "galore_adam_step_quantized_"
+    p_shape = check_quantized_p(op, p_codes, p_scales, p_zeros, bits)
+    check_project_back(op, r, p_shape, None, p_codes.device, side)
+    check_accumulator(op, w, r, backproject_shape(side, r.shape, p_shape))
+    check_adam_moments(op, r, exp_avg, exp_avg_sq, beta1, beta2, eps, denom_scale)
+
+
+def _adam_step_q_fake(w, exp_avg, exp_avg_sq, r, p_codes, p_scales, p_zeros, bits, side, *hyper):
+    check_galore_adam_step_quantized(w, exp_avg, exp_avg_sq, r, p_codes, p_scales, p_zeros, bits, side, *hyper[:4])
+
+
+def _adam_step_q_default(w, exp_avg, exp_avg_sq, r, p_codes, p_scales, p_zeros, bits, side, *hyper):
+    check_galore_adam_step_quantized(w, exp_avg, exp_avg_sq, r, p_codes, p_scales, p_zeros, bits, side, *hyper[:4])
+    ref.galore_adam_step_quantized_(w, exp_avg, exp_avg_sq, r, p_codes, p_scales, p_zeros, bits, side, *hyper)
+
+
+_register("galore_adam_step_quantized_")((_adam_step_q_fake, _adam_step_q_default))
+
+
+def check_galore_adam_step_int8(
+    w_codes, w_scales, w_zeros, exp_avg, exp_avg_sq, r, p_codes, p_scales, p_zeros, bits, side,
+    beta1, beta2, eps, denom_scale, seed, offset,
+) -> int:  # fmt: skip
+    """Also the INT8 weight (codes m×n uint8, fp32 scales/zeros m×groups) and the SR stream.
+    Returns the weight's group size."""
+    op = "galore_adam_step_int8_"
+    p_shape = check_quantized_p(op, p_codes, p_scales, p_zeros, bits)
+    check_project_back(op, r, p_shape, None, p_codes.device, side)
+    _check(w_codes.dim() == 2, op, "w_codes", "a 2-d tensor (m×n)", f"a {w_codes.dim()}-d tensor")
+    n = check_dequantize(op, w_codes, w_scales, w_zeros, 8, torch.float32, prefix="w_")
+    out_shape = backproject_shape(side, r.shape, p_shape)
+    _check((w_codes.shape[0], n) == tuple(out_shape), op, "w_codes", f"of shape {tuple(out_shape)}", tuple(w_codes.shape))
+    _check(w_codes.device == r.device, op, "w_codes", f"on r's device {r.device}", w_codes.device)
+    check_adam_moments(op, r, exp_avg, exp_avg_sq, beta1, beta2, eps, denom_scale)
+    _check(SEED_RANGE[0] <= seed <= SEED_RANGE[1], op, "seed", "in [0, 2**63)", seed)
+    _check(offset >= 0, op, "offset", "non-negative", offset)
+    _check(offset + w_codes.numel() <= 2**63 - 1, op, "offset", "such that offset + numel < 2**63", offset)
+    return n // w_scales.shape[1]
+
+
+def _adam_step_int8_checks(args) -> int:
+    (w_codes, w_scales, w_zeros, exp_avg, exp_avg_sq, r, p_codes, p_scales, p_zeros, bits, side,
+     beta1, beta2, eps, denom_scale, _step_scale, _decay, _stochastic, seed, offset) = args  # fmt: skip
+    return check_galore_adam_step_int8(
+        w_codes, w_scales, w_zeros, exp_avg, exp_avg_sq, r, p_codes, p_scales, p_zeros, bits, side,
+        beta1, beta2, eps, denom_scale, seed, offset,
+    )  # fmt: skip
+
+
+def _adam_step_int8_fake(*args):
+    _adam_step_int8_checks(args)
+
+
+def _adam_step_int8_default(*args):
+    _adam_step_int8_checks(args)
+    ref.galore_adam_step_int8_(*args)
+
+
+_register("galore_adam_step_int8_")((_adam_step_int8_fake, _adam_step_int8_default))

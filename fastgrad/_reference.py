@@ -42,6 +42,19 @@ Low-rank projection of a gradient G (m×n)
     up-projection into a full-size W in place, W ← W + scale · up(R), summed in fp32 and rounded
     once to W's dtype, so no m×n temporary is needed (an optimizer's weight update, or Fira's
     residual G − α·up(R) formed inside a copy of G).
+
+Projected Adam step (``galore_adam_step_*``: one GaLore / Q-GaLore weight update)
+    From the projected gradient R and Adam's moments M, V (R's shape, updated in place):
+      M ← β1·M + (1−β1)·R ;  V ← β2·V + (1−β2)·R⊙R          (fp32 math, stored in M's dtype)
+      N = M / (denom_scale·√V + ε)                             (from the fp32 M, V, before storing)
+      W ← decay·W + step_scale·up(N, P)                        (fp32, rounded once to W's dtype)
+    The optimizer folds its policy into the four scalars: GaLore N = M/(√V + ε) is denom_scale 1,
+    torch AdamW's M/(√V/√(1−β2^t) + ε) is denom_scale 1/√(1−β2^t); step_scale = −η_t·α; decay =
+    1 − lr·wd (decoupled decay before the update), or decay 1 − lr·wd with step_scale ·(1 − lr·wd)
+    (decay of the updated weight, galore-torch). The INT8-weight form decodes W = code·scale + zero,
+    applies the same update and re-quantizes the result (asymmetric, W's group size, stochastic
+    rounding with the element counter offset + i·n + j): bitwise the quantizer's codes of the
+    updated fp32 weight.
 """
 
 from __future__ import annotations
@@ -240,3 +253,57 @@ def lowrank_grad(dy: torch.Tensor, x: torch.Tensor, p: torch.Tensor, side: str) 
 def lowrank_grad_quantized(dy, x, p_codes, p_scales, p_zeros, bits, side):
     p = dequantize_projector(p_codes, p_scales, p_zeros, bits, torch.float32)
     return lowrank_grad(dy, x, p, side)
+
+
+def adam_direction_(
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, r: torch.Tensor, beta1: float, beta2: float, eps: float,
+    denom_scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """Adam's moments updated in place from R; returns the fp32 direction N (R's shape)."""
+    r32 = r.float()
+    m = exp_avg.float().mul_(beta1).add_(r32, alpha=1.0 - beta1)
+    v = exp_avg_sq.float().mul_(beta2).addcmul_(r32, r32, value=1.0 - beta2)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    return m.div_(v.sqrt_().mul_(denom_scale).add_(eps))
+
+
+def galore_adam_step_(w, exp_avg, exp_avg_sq, r, p, side, beta1, beta2, eps, denom_scale, step_scale, decay) -> None:
+    """W (m×n) ← decay·W + step_scale·up(N, P) with N from the updated moments (module docstring)."""
+    n = adam_direction_(exp_avg, exp_avg_sq, r, beta1, beta2, eps, denom_scale)
+    up = p.float() @ n if side == "left" else n @ p.float()
+    w.copy_(w.float().mul_(decay).add_(up, alpha=step_scale))
+
+
+def galore_adam_step_quantized_(w, exp_avg, exp_avg_sq, r, p_codes, p_scales, p_zeros, bits, side, *hyper) -> None:
+    p = dequantize_projector(p_codes, p_scales, p_zeros, bits, torch.float32)
+    galore_adam_step_(w, exp_avg, exp_avg_sq, r, p, side, *hyper)
+
+
+# fp32 elements of the INT8 weight decoded at once: the reference walks the weight a block of rows
+# at a time (bitwise the same as the whole matrix: groups lie within rows), so that it needs no
+# m×n float copy either when it serves as the fallback kernel.
+INT8_STEP_BLOCK_ELEMS = 1 << 20
+
+
+def galore_adam_step_int8_(
+    w_codes, w_scales, w_zeros, exp_avg, exp_avg_sq, r, p_codes, p_scales, p_zeros, bits, side,
+    beta1, beta2, eps, denom_scale, step_scale, decay, stochastic, seed, offset,
+) -> None:  # fmt: skip
+    """The step of an INT8 weight (codes m×n, fp32 scales/zeros m×groups), in place:
+    W = dequantize(codes) (fp32); W ← decay·W + step_scale·up(N, P); (codes, scales, zeros) ←
+    quantize(W, 8, group, asymmetric, stochastic, seed, offset)."""
+    n = adam_direction_(exp_avg, exp_avg_sq, r, beta1, beta2, eps, denom_scale)
+    p = dequantize_projector(p_codes, p_scales, p_zeros, bits, torch.float32)
+    rows, cols = w_codes.shape
+    group = cols // w_scales.shape[1]
+    block = max(1, INT8_STEP_BLOCK_ELEMS // max(cols, 1))
+    for r0 in range(0, rows, block):
+        sl = slice(r0, min(rows, r0 + block))
+        w = dequantize(w_codes[sl], w_scales[sl], w_zeros[sl], torch.float32)
+        up = p[sl] @ n if side == "left" else n[sl] @ p
+        w.mul_(decay).add_(up, alpha=step_scale)
+        codes, scales, zeros = quantize(w, 8, group, False, stochastic, seed, offset + r0 * cols)
+        w_codes[sl].copy_(codes)
+        w_scales[sl].copy_(scales)
+        w_zeros[sl].copy_(zeros)

@@ -30,6 +30,7 @@ __all__ = [
     "lowrank_project_back",
     "lowrank_project_back_add_",
     "lowrank_grad",
+    "galore_adam_step_",
 ]
 
 
@@ -207,3 +208,56 @@ def lowrank_grad(dy: torch.Tensor, x: torch.Tensor, p: torch.Tensor | QuantizedT
     if isinstance(p, QuantizedTensor):
         return torch.ops.fastgrad.lowrank_grad_quantized(dy2, x2, p.codes, p.scales, p.zeros, p.bits, side)
     return torch.ops.fastgrad.lowrank_grad(dy2, x2, p, side)
+
+
+def galore_adam_step_(
+    w: torch.Tensor | QuantizedTensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    r: torch.Tensor,
+    p: torch.Tensor | QuantizedTensor,
+    side: str,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step_scale: float,
+    denom_scale: float = 1.0,
+    decay: float = 1.0,
+    stochastic: bool = True,
+    seed: int = 0,
+    offset: int = 0,
+) -> None:
+    """One projected-Adam (GaLore) step of a weight, fused: in place,
+
+        M ← β1·M + (1−β1)·R ;  V ← β2·V + (1−β2)·R⊙R     (``exp_avg``, ``exp_avg_sq``: R's shape)
+        N = M / (denom_scale·√V + ε)
+        W ← decay·W + step_scale·up(N, P)                  (up as in :func:`lowrank_project_back`)
+
+    ``r`` is the projected gradient (side "left": r×n with P m×r; "right": m×r with P r×n), ``w``
+    the m×n weight: a float tensor, or an INT8 :class:`QuantizedTensor` (asymmetric, groups along
+    rows, as :class:`fastgrad.nn.QLinear` keeps it) whose codes, scales and zeros are decoded,
+    updated in fp32 and re-quantized in place (``stochastic`` rounding from the Philox stream at
+    ``(seed, offset)``, counter offset + i·n + j for element (i, j)). ``p`` is dense (R's dtype) or
+    an INT4/INT8 :class:`QuantizedTensor`, decoded inside the matmul. The moments keep their dtype;
+    the math is fp32. No m×n temporary is formed by the compiled kernels: the update goes straight
+    into W (in a block of rows at a time for an INT8 weight). Bias correction, learning rate, α and
+    weight decay are folded into the scalars by the optimizer (see ``_reference.py``).
+    """
+    hyper = (beta1, beta2, eps, denom_scale, step_scale, decay)
+    if isinstance(w, QuantizedTensor):
+        if w.bits != 8 or not isinstance(p, QuantizedTensor):
+            raise ValueError(
+                "fastgrad.galore_adam_step_: a quantized 'w' must be INT8 (bits=8) with a quantized 'p', "
+                f"got w.bits={w.bits} and p of type {type(p).__name__}"
+            )
+        torch.ops.fastgrad.galore_adam_step_int8_(
+            w.codes, w.scales, w.zeros, exp_avg, exp_avg_sq, r, p.codes, p.scales, p.zeros, p.bits, side,
+            *hyper, stochastic, seed, offset,
+        )  # fmt: skip
+    elif isinstance(p, QuantizedTensor):
+        torch.ops.fastgrad.galore_adam_step_quantized_(
+            w, exp_avg, exp_avg_sq, r, p.codes, p.scales, p.zeros, p.bits, side, *hyper
+        )
+    else:
+        torch.ops.fastgrad.galore_adam_step_(w, exp_avg, exp_avg_sq, r, p, side, *hyper)
