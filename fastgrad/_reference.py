@@ -261,11 +261,11 @@ def adam_direction_(
 ) -> torch.Tensor:  # fmt: skip
     """Adam's moments updated in place from R; returns the fp32 direction N (R's shape)."""
     r32 = r.float()
-    m = exp_avg.float().mul_(beta1).add_(r32, alpha=1.0 - beta1)
-    v = exp_avg_sq.float().mul_(beta2).addcmul_(r32, r32, value=1.0 - beta2)
+    m = exp_avg.float() * beta1 + r32 * (1.0 - beta1)
+    v = exp_avg_sq.float() * beta2 + r32 * r32 * (1.0 - beta2)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
-    return m.div_(v.sqrt_().mul_(denom_scale).add_(eps))
+    return m / (v.sqrt() * denom_scale + eps)
 
 
 def galore_adam_step_(w, exp_avg, exp_avg_sq, r, p, side, beta1, beta2, eps, denom_scale, step_scale, decay) -> None:
@@ -283,7 +283,7 @@ def galore_adam_step_quantized_(w, exp_avg, exp_avg_sq, r, p_codes, p_scales, p_
 # fp32 elements of the INT8 weight decoded at once: the reference walks the weight a block of rows
 # at a time (bitwise the same as the whole matrix: groups lie within rows), so that it needs no
 # m×n float copy either when it serves as the fallback kernel.
-INT8_STEP_BLOCK_ELEMS = 1 << 20
+INT8_STEP_BLOCK_ELEMS = 1 << 18  # 1 MiB of fp32
 
 
 def galore_adam_step_int8_(

@@ -377,6 +377,7 @@ def test_step_runs_through_fastgrad_ops():
         assert counter.calls["fastgrad.dequantize_int8"] == (3 if step else 1) * n8
         assert counter.calls["fastgrad.lowrank_project"] == N_LOWRANK
         assert counter.calls["fastgrad.lowrank_project_back_add_"] == N_LOWRANK
+        assert counter.calls["fastgrad.galore_adam_step_"] == 0  # 8-bit moments: decoded around the step
 
 
 def test_small_tensors_keep_fp32_moments():

@@ -175,7 +175,9 @@ def test_step_runs_through_fastgrad_ops(projector):
         with OpCounter() as counter:
             opt.step()
         assert counter.calls["fastgrad.lowrank_project"] == N_LOWRANK
-        assert counter.calls["fastgrad.lowrank_project_back_add_"] == N_LOWRANK  # straight into W
+        # moments, N, back-projection and decay in one fused op per weight, straight into W
+        assert counter.calls["fastgrad.galore_adam_step_"] == N_LOWRANK
+        assert counter.calls["fastgrad.lowrank_project_back_add_"] == 0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -174,10 +174,13 @@ def test_projector_is_packed_int4_and_used_through_the_quantized_ops():
         # on refresh steps it forms G and the optimizer projects it.
         assert backward_counter.calls["fastgrad.lowrank_grad_quantized"] == (N_Q if k == 1 else 0)
         assert counter.calls["fastgrad.lowrank_project_quantized"] == (N_Q if k != 1 else 0)
-        assert counter.calls["fastgrad.lowrank_project_back_quantized_add_"] == N_Q
-        assert counter.calls["fastgrad.quantize_int8"] == N_Q  # SR re-quantization of every weight
+        # moments, N, back-projection with the INT4 P, decay and the SR re-quantization of the INT8
+        # weight: one fused op per weight
+        assert counter.calls["fastgrad.galore_adam_step_int8_"] == N_Q
+        assert counter.calls["fastgrad.lowrank_project_back_quantized_add_"] == 0
+        assert counter.calls["fastgrad.quantize_int8"] == 0
         assert counter.calls["fastgrad.quantize_int4"] == (N_Q if k != 1 else 0)
-        for dense in ("fastgrad.lowrank_project", "fastgrad.lowrank_project_back_add_", "fastgrad.dequantize_int4"):
+        for dense in ("fastgrad.lowrank_project", "fastgrad.galore_adam_step_", "fastgrad.dequantize_int4"):
             assert counter.calls[dense] == 0, dense  # P is never densified
     for layer in qlinears(model):
         st = opt.state[layer.weight]

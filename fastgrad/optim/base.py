@@ -378,14 +378,10 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         Subclasses with a per-parameter interval (Q-GaLore's adaptive T) override this."""
         return state["step"] % group["update_proj_gap"] == 0
 
-    def _update_moments(
-        self, group: dict[str, Any], items: list[ParamStep]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Adam's moments from each item's low-rank gradient R, in place:
-        M ← β1·M + (1−β1)·R,  V ← β2·V + (1−β2)·R⊙R  (both created at zero on a weight's first step,
-        and re-expressed in the new basis after a refresh when state transfer is on).
-        Returns the lists (M, V) in the order of ``items``."""
-        beta1, beta2 = group["betas"]
+    def _moment_tensors(self, items: list[ParamStep]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each item's Adam moments (M, V), not yet updated: created at zero (R's shape and dtype) on
+        a weight's first step, re-expressed in the new basis after a refresh when state transfer is
+        on. Returns the lists (M, V) in the order of ``items``."""
         for it in items:
             st = it.state
             if "exp_avg" not in st:
@@ -393,8 +389,15 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
                 st["exp_avg_sq"] = torch.zeros_like(it.low)
             elif it.proj_old is not None:
                 transfer_moments(st["exp_avg"], st["exp_avg_sq"], it.proj_old, self.proj_matrix(it), st["proj_side"])
-        firsts = [it.state["exp_avg"] for it in items]
-        seconds = [it.state["exp_avg_sq"] for it in items]
+        return [it.state["exp_avg"] for it in items], [it.state["exp_avg_sq"] for it in items]
+
+    def _update_moments(
+        self, group: dict[str, Any], items: list[ParamStep]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Adam's moments from each item's low-rank gradient R, in place (:meth:`_moment_tensors`):
+        M ← β1·M + (1−β1)·R,  V ← β2·V + (1−β2)·R⊙R.  Returns the lists (M, V) in the order of ``items``."""
+        beta1, beta2 = group["betas"]
+        firsts, seconds = self._moment_tensors(items)
         lows = [it.low for it in items]
         torch._foreach_mul_(firsts, beta1)
         torch._foreach_add_(firsts, lows, alpha=1.0 - beta1)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fastgrad.ops import lowrank_project_back_add_
+from fastgrad.ops import galore_adam_step_, lowrank_project_back_add_
 from fastgrad.optim.base import LowRankOptimizer, ParamStep, check_adam_hyperparameters
 
 __all__ = ["GaLoreAdamW"]
@@ -30,7 +30,11 @@ class GaLoreAdamW(LowRankOptimizer):
         R = down(G, P)  (right: G Pᵀ, m×r'; left: Pᵀ G, r'×n)   # fastgrad.ops.lowrank_project
         t = k + 1;  M ← β1 M + (1−β1) R;  V ← β2 V + (1−β2) R⊙R;  N = M / (√V + ε)
         η_t = lr·√(1−β2^t)/(1−β1^t)   (lr if not correct_bias)
-        W ← W − η_t·α · up(N, P)                              # fastgrad.ops.lowrank_project_back_add_
+        W ← W − η_t·α · up(N, P)
+    The moment update, N, the back-projection and the weight decay of a low-rank weight are one
+    fused op call, :func:`fastgrad.ops.galore_adam_step_` (one GEMM whose epilogue writes W; the
+    m×n update is never materialized); 8-bit moments (:class:`GaLoreAdamW8bit`) take the unfused
+    path through :func:`fastgrad.ops.lowrank_project_back_add_`.
     Full-rank parameters use R = G and W ← W − η_t·N. ε is added to √V without bias correction and
     defaults to 1e-6 (the HF-legacy AdamW of the GaLore recipes).
 
@@ -62,9 +66,9 @@ class GaLoreAdamW(LowRankOptimizer):
       (dct also keeps one shared s×s basis per size and dtype outside the state.)
     :meth:`state_bytes` sums the actual tensors.
 
-    Step cost of a low-rank weight between refreshes: two products of m·n·r' (down and up), the
-    moment updates on the r'-sized tensors, and one in-place add of the back-projection into W.
-    No m×n temporary besides the back-projection is formed, and P Pᵀ never is. The projected
+    Step cost of a low-rank weight between refreshes: two products of m·n·r' (down, or R from
+    :class:`fastgrad.nn.LowRankGradLinear`'s backward, and up), and the fused step. No m×n
+    temporary is formed by the compiled kernels, and P Pᵀ never is. The projected
     gradients of all parameters are held until the single finiteness check of the step
     (transiently the size of one moment).
     """
@@ -95,34 +99,67 @@ class GaLoreAdamW(LowRankOptimizer):
                 f"{type(self).__name__}: state_transfer=True is not galore-torch behaviour; use faithful=False"
             )
 
+    def _fuses(self, it: ParamStep) -> bool:
+        """Whether ``it``'s whole step (moments, back-projection, decay) is one fused op call."""
+        return it.lowrank
+
     def _update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
         lr, wd = group["lr"], group["weight_decay"]
-        params = [it.param for it in items]
-        if wd != 0.0 and not self.faithful:
+        params = [it.param for it in items if not self._fuses(it)]  # the fused op decays its own weight
+        if wd != 0.0 and not self.faithful and params:
             torch._foreach_mul_(params, 1.0 - lr * wd)
         self._step_items(group, items)
-        if wd != 0.0 and self.faithful:
+        if wd != 0.0 and self.faithful and params:
             torch._foreach_add_(params, params, alpha=-lr * wd)
 
     def _step_items(self, group: dict[str, Any], items: list[ParamStep]) -> None:
-        """Moments of every item (fp32 state), then each weight's step (:meth:`_weight_step`)."""
-        firsts, seconds = self._update_moments(group, items)
-        for it, first, second in zip(items, firsts, seconds, strict=True):
-            it.low = None  # R is no longer needed: free it before the m×n back-projection
-            self._weight_step(group, it, first, second)
+        """Low-rank weights through the fused step (:meth:`_fused_step`); the others: moments of
+        every item at once (foreach), then each weight's step (:meth:`_weight_step`)."""
+        rest = [it for it in items if not self._fuses(it)]
+        if rest:
+            firsts, seconds = self._update_moments(group, rest)
+            for it, first, second in zip(rest, firsts, seconds, strict=True):
+                it.low = None  # R is no longer needed: free it before the m×n back-projection
+                self._weight_step(group, it, first, second)
+        for it in items:
+            if self._fuses(it):
+                self._fused_step(group, it)
+
+    def _step_size(self, group: dict[str, Any], step: int) -> float:
+        """η_t = lr·√(1−β2^t)/(1−β1^t) (lr if not correct_bias)."""
+        beta1, beta2 = group["betas"]
+        if group["correct_bias"]:
+            return group["lr"] * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+        return group["lr"]
+
+    def _fused_step(self, group: dict[str, Any], it: ParamStep) -> None:
+        """t ← t + 1, then one :func:`fastgrad.ops.galore_adam_step_` call: the moments from R,
+        N = M/(√V + ε), W ← decay·W − η_t·α·up(N, P) with the decay of the mode (torch-style: W
+        decays before the update; faithful: the updated weight decays, so the update is scaled too)."""
+        (first,), (second,) = self._moment_tensors([it])
+        beta1, beta2 = group["betas"]
+        it.state["step"] += 1
+        lr, wd = group["lr"], group["weight_decay"]
+        decay = 1.0 - lr * wd
+        step_scale = -self._step_size(group, it.state["step"]) * group["scale"]
+        if self.faithful:
+            step_scale *= decay
+        p_mat = self.proj_matrix(it)
+        low = it.low.to(p_mat.dtype).contiguous()
+        it.low = None
+        galore_adam_step_(
+            it.param, first, second, low, p_mat, it.side,
+            beta1=beta1, beta2=beta2, eps=group["eps"], step_scale=step_scale, decay=decay,
+        )  # fmt: skip
+        it.proj = it.proj_old = None
 
     def _direction(
         self, group: dict[str, Any], step: int, first: torch.Tensor, second: torch.Tensor
     ) -> tuple[float, torch.Tensor]:
         """(η_t, N) of step t = ``step`` from the updated moments M, V: N = M / (√V + ε),
         η_t = lr·√(1−β2^t)/(1−β1^t) (lr if not correct_bias). M and V are not modified."""
-        beta1, beta2 = group["betas"]
-        lr = group["lr"]
-        step_size = lr
-        if group["correct_bias"]:
-            step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
         denom = second.sqrt().add_(group["eps"])
-        return step_size, torch.div(first, denom, out=denom)
+        return self._step_size(group, step), torch.div(first, denom, out=denom)
 
     def _weight_step(self, group: dict[str, Any], it: ParamStep, first: torch.Tensor, second: torch.Tensor) -> None:
         """One weight's step once its moments are updated: t ← t + 1, then W ← W − η_t·α·up(N, P)

@@ -111,6 +111,10 @@ class EightBitMoments:
             return True
         return "exp_avg" not in st and it.low.numel() >= self.min_8bit_size
 
+    def _fuses(self, it: ParamStep) -> bool:
+        """8-bit moments are decoded and encoded around the step: only fp32-moment items fuse."""
+        return super()._fuses(it) and not self._is_8bit(it)
+
     def _qseed(self, group: dict[str, Any], it: ParamStep) -> int:
         """Per-parameter seed of the rounding stream: the group's ``seed`` (0 if none) mixed with the
         parameter's name when the group has ``param_names``, else with its index; then salted."""

@@ -16,11 +16,13 @@ Pieces (§3.2–3.4), all per parameter of a ``rank`` group:
     queue of ``queue_size``; when the queue is full and its mean ≥ ``cos_threshold``,
     T ← int(T·``gamma_proj``). The next refresh is the next k with k % T == 0 (QG schedule).
 (C) INT8 weights (:class:`fastgrad.nn.QLinear`): Ŵ = dequant(codes) in fp32,
-    W_new = Ŵ − η·α·up(N) (formed in fp32, straight into the Ŵ buffer), then re-quantized with
-    stochastic rounding by :func:`fastgrad.ops.quantize_int8` (fresh per-group min/max,
-    ``seed`` per parameter, ``offset`` advanced by m·n every step), written into the layer's
-    codes/scales/zeros in place — a block of rows at a time (``UPDATE_BLOCK_ELEMS``), bitwise the
-    same as the whole matrix at once, so no m×n float copy of the weight is ever formed.
+    W_new = Ŵ − η·α·up(N), re-quantized with stochastic rounding (fresh per-group min/max,
+    ``seed`` per parameter, ``offset`` advanced by m·n every step) into the layer's
+    codes/scales/zeros in place. With the moment update this is one fused op per weight,
+    :func:`fastgrad.ops.galore_adam_step_` (``galore_adam_step_int8_``), which works a block of
+    rows at a time, so no m×n float copy of the weight is ever formed. (8-bit moments, in
+    :class:`QGaLoreAdamW8bit`, take the unfused path: dequantize_int8, lowrank_project_back_add_,
+    quantize_int8 per block of ``UPDATE_BLOCK_ELEMS``, bitwise the same as the whole matrix.)
 (D) Between refreshes a QLinear computes only the projected gradient R in backward, with the INT4
     P (:mod:`fastgrad.nn.lowrank`): with (C), a non-refresh step has no m×n tensor at all.
 
@@ -40,7 +42,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgrad.nn.qlinear import QLinear, qlinear_of
-from fastgrad.ops import QuantizedTensor, dequantize_int8, lowrank_project_back_add_, quantize_int4, quantize_int8
+from fastgrad.ops import (
+    QuantizedTensor,
+    dequantize_int8,
+    galore_adam_step_,
+    lowrank_project_back_add_,
+    quantize_int4,
+    quantize_int8,
+)
 from fastgrad.optim.base import LowRankOptimizer, ParamStep, check_adam_hyperparameters
 from fastgrad.optim.galore8bit import EightBitMoments
 from fastgrad.optim.projectors import (
@@ -193,9 +202,10 @@ class QGaLoreAdamW(LowRankOptimizer):
         default (torch AdamW):   N = M / (√V/√(1−β2^t) + ε),     η = lr/(1−β1^t)
         faithful (bnb, §1):      N = M / (√V + ε·√(1−β2^t)),     η = lr·√(1−β2^t)/(1−β1^t)
         Ŵ = q·s + z (fp32);  Ŵ ← Ŵ·(1 − lr·wd)   (default; faithful: Ŵ ← Ŵ − lr·wd·Ŵ after the update)
-        Ŵ ← Ŵ − η·α·up(N, P̂)                        # lowrank_project_back_quantized_add_, fp32
+        Ŵ ← Ŵ − η·α·up(N, P̂)
         (q, s, z) ← quantize_int8(Ŵ, g, stochastic=True, seed=sr_seed, offset=sr_offset)
         sr_offset += m·n
+    (from the moment update on: one fused ``galore_adam_step_int8_`` call per weight)
     ``faithful=True`` also uses the *signed* cosine for the refresh statistic (QG-4: an SVD that
     returns −v gives c ≈ −1 and can keep T from growing); the default uses |c|. Defaults
     β = (0.9, 0.999), ε = 1e-8, wd = 0 (Q-GaLore's scripts use β2 = 0.95, QG-1: pass it).
@@ -297,37 +307,90 @@ class QGaLoreAdamW(LowRankOptimizer):
     def _update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
         self._step_items(group, items)
 
+    def _fuses(self, it: ParamStep) -> bool:
+        """Whether ``it``'s whole step (moments, back-projection, decay, SR re-quantization) is one
+        fused op call: every low-rank weight (float or INT8)."""
+        return it.lowrank
+
     def _step_items(self, group: dict[str, Any], items: list[ParamStep]) -> None:
-        """Moments of every item (fp32 state), then each weight's step (:meth:`_weight_step`)."""
-        firsts, seconds = self._update_moments(group, items)  # state_transfer is rejected for Q-GaLore
-        for it, first, second in zip(items, firsts, seconds, strict=True):
-            self._weight_step(group, it, first, second)
+        """Low-rank weights through the fused step (:meth:`_fused_step`); the others: moments of
+        every item at once (foreach), then each weight's step (:meth:`_weight_step`)."""
+        rest = [it for it in items if not self._fuses(it)]
+        if rest:
+            firsts, seconds = self._update_moments(group, rest)  # state_transfer is rejected for Q-GaLore
+            for it, first, second in zip(rest, firsts, seconds, strict=True):
+                self._weight_step(group, it, first, second)
+        for it in items:
+            if self._fuses(it):
+                self._fused_step(group, it)
+
+    def _adam_scalars(self, group: dict[str, Any], step: int) -> tuple[float, float, float]:
+        """(η, denom_scale, ε') of step t = ``step`` with N = M/(denom_scale·√V + ε'):
+        torch AdamW: η = lr/(1−β1^t), N = M/(√V/√(1−β2^t) + ε);
+        faithful (bnb): η = lr·√(1−β2^t)/(1−β1^t), N = M/(√V + ε·√(1−β2^t))."""
+        beta1, beta2 = group["betas"]
+        bc1, bc2 = 1.0 - beta1**step, 1.0 - beta2**step
+        if self.faithful:
+            return group["lr"] * math.sqrt(bc2) / bc1, 1.0, group["eps"] * math.sqrt(bc2)
+        return group["lr"] / bc1, 1.0 / math.sqrt(bc2), group["eps"]
+
+    def _fused_step(self, group: dict[str, Any], it: ParamStep) -> None:
+        """t ← t + 1, then one :func:`fastgrad.ops.galore_adam_step_` call on the weight: the moments
+        from R, N, W ← decay·W − η·α·up(N, P̂) (faithful: the updated weight decays, so the update
+        is scaled too) with the INT4 P̂ decoded inside the matmul, and for an INT8 weight the SR
+        re-quantization into its codes/scales/zeros (``sr_offset`` advances by m·n)."""
+        (first,), (second,) = self._moment_tensors([it])
+        beta1, beta2 = group["betas"]
+        st = it.state
+        st["step"] += 1
+        step_size, denom_scale, eps = self._adam_scalars(group, st["step"])
+        decay = 1.0 - group["lr"] * group["weight_decay"]
+        step_scale = -step_size * group["scale"] * (decay if self.faithful else 1.0)
+        low = it.low.contiguous()
+        it.low = None
+        weight: torch.Tensor | QuantizedTensor = it.param
+        seed = offset = 0
+        if it.param.dtype == torch.uint8:
+            layer = self._layer_of(it)
+            weight = QuantizedTensor(it.param, layer.scales, layer.zeros, 8)
+            seed, offset = self._sr_stream(group, it)
+        galore_adam_step_(
+            weight, first, second, low, self.proj_matrix(it), it.side,
+            beta1=beta1, beta2=beta2, eps=eps, denom_scale=denom_scale, step_scale=step_scale, decay=decay,
+            stochastic=bool(group.get("stochastic_round", True)), seed=seed, offset=offset,
+        )  # fmt: skip
+        if it.param.dtype == torch.uint8:
+            st["sr_offset"] += it.param.numel()
+        it.proj = it.proj_old = None
+
+    def _layer_of(self, it: ParamStep) -> QLinear:
+        layer = qlinear_of(it.param)
+        if layer is None:
+            raise RuntimeError(
+                f"QGaLoreAdamW: uint8 parameter #{it.index} {tuple(it.param.shape)} is not the weight of a live "
+                "fastgrad.nn.QLinear (run a forward/backward through the layer before stepping)"
+            )
+        return layer
+
+    def _sr_stream(self, group: dict[str, Any], it: ParamStep) -> tuple[int, int]:
+        """(seed, offset) of the weight's stochastic-rounding stream (seeded on its first update)."""
+        st = it.state
+        if "sr_seed" not in st:
+            st["sr_seed"] = mix_seed(self._param_seed(group, it.param, it.index), _SR_SALT)
+            st["sr_offset"] = 0
+        return st["sr_seed"], st["sr_offset"]
 
     def _weight_step(self, group: dict[str, Any], it: ParamStep, first: torch.Tensor, second: torch.Tensor) -> None:
         """t ← t + 1, N and η from the updated moments, then the weight's update (in place)."""
-        beta1, beta2 = group["betas"]
-        lr, eps = group["lr"], group["eps"]
         it.low = None
         st = it.state
         st["step"] += 1
-        t = st["step"]
-        bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
-        if self.faithful:  # bnb: ε inside, scaled by √(1−β2^t)
-            step_size = lr * math.sqrt(bc2) / bc1
-            denom = second.sqrt().add_(eps * math.sqrt(bc2))
-        else:  # torch AdamW
-            step_size = lr / bc1
-            denom = second.sqrt().div_(math.sqrt(bc2)).add_(eps)
+        step_size, denom_scale, eps = self._adam_scalars(group, st["step"])
+        denom = second.sqrt().mul_(denom_scale).add_(eps)
         normed = torch.div(first, denom, out=denom)
         p = it.param
         if p.dtype == torch.uint8:
-            layer = qlinear_of(p)
-            if layer is None:
-                raise RuntimeError(
-                    f"QGaLoreAdamW: uint8 parameter #{it.index} {tuple(p.shape)} is not the weight of a live "
-                    "fastgrad.nn.QLinear (run a forward/backward through the layer before stepping)"
-                )
-            self._update_quantized(group, it, layer, normed, step_size)
+            self._update_quantized(group, it, self._layer_of(it), normed, step_size)
         else:
             self._apply_update(group, it, p, normed, step_size)
         it.proj = it.proj_old = None
@@ -361,9 +424,7 @@ class QGaLoreAdamW(LowRankOptimizer):
         within rows and the SR stream's counter of element (i, j) is offset + i·n + j, so the result
         is bit for bit that of updating the whole matrix at once, without an m×n temporary."""
         st = it.state
-        if "sr_seed" not in st:
-            st["sr_seed"] = mix_seed(self._param_seed(group, it.param, it.index), _SR_SALT)
-            st["sr_offset"] = 0
+        self._sr_stream(group, it)
         stochastic = bool(group.get("stochastic_round", True))
         codes = it.param
         m, n = codes.shape
