@@ -4,9 +4,15 @@
 ``fastgrad/_backends.py`` registers each for ``cuda`` (and ``cpu`` under ``TRITON_INTERPRET=1``).
 One file per op family: ``quant.py`` (quantizers, bf16 stochastic rounding), ``project.py``
 (low-rank projections and the low-rank weight gradient, dense or with a fused-dequantized
-INT4/INT8 projector).
+INT4/INT8 projector), ``adam_step.py`` (the fused projected-Adam step of GaLore / Q-GaLore, dense or
+INT8 weight).
 """
 
+from .adam_step import (
+    galore_adam_step_int8_triton,
+    galore_adam_step_quantized_triton,
+    galore_adam_step_triton,
+)
 from .project import (
     lowrank_grad_quantized_triton,
     lowrank_grad_triton,
@@ -39,4 +45,7 @@ TRITON_KERNELS: dict = {
     "lowrank_project_back_quantized_add_": lowrank_project_back_quantized_add_triton,
     "lowrank_grad": lowrank_grad_triton,
     "lowrank_grad_quantized": lowrank_grad_quantized_triton,
+    "galore_adam_step_": galore_adam_step_triton,
+    "galore_adam_step_quantized_": galore_adam_step_quantized_triton,
+    "galore_adam_step_int8_": galore_adam_step_int8_triton,
 }

@@ -14,15 +14,16 @@ from fastgrad._backends import triton_interpret
 INTERPRET: bool = triton_interpret()
 
 
-def autotune(configs: list[triton.Config], key: list[str]):
+def autotune(configs: list[triton.Config], key: list[str], restore_value: list[str] | None = None):
     """``triton.autotune`` over ``configs`` on a GPU; under the interpreter only the first config.
 
     With a single config the autotuner never benchmarks (benchmarking needs CUDA events), yet the
     launch still goes through the same autotuner and grid callback as on the GPU, so the
-    interpreter exercises that code path too. The kernels tuned here are pure (outputs are
-    overwritten, never accumulated), so re-running a config while tuning is harmless.
+    interpreter exercises that code path too. Benchmarking runs a kernel many times: a kernel that
+    updates a tensor in place names it in ``restore_value`` (the autotuner saves it before each
+    timed run and copies it back after), otherwise the update would be applied once per run.
     """
-    return triton.autotune(configs=configs[:1] if INTERPRET else configs, key=key)
+    return triton.autotune(configs=configs[:1] if INTERPRET else configs, key=key, restore_value=restore_value)
 
 
 @functools.cache

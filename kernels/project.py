@@ -121,7 +121,9 @@ def _load_tile(
     return t
 
 
-@autotune(_CONFIGS, key=["M", "N", "K", "QUANT", "Q_IS_A", "Q_TRANS", "SPLIT"])
+# restore_value: with ACCUMULATE the kernel updates C (a weight) in place; the autotuner's timed
+# runs must not apply the update once per run.
+@autotune(_CONFIGS, key=["M", "N", "K", "QUANT", "Q_IS_A", "Q_TRANS", "SPLIT"], restore_value=["c_ptr"])
 @triton.jit
 def _lowrank_matmul_kernel(
     a_ptr, b_ptr, c_ptr, M, N, K,

@@ -89,11 +89,11 @@ def _scale_zero(lo, hi, gmask, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
 
 
 @triton.jit
-def _encode_store(
-    codes_ptr, x, elem, mask, base, gmask, c, scale, zero, group_size, seed, offset,
-    BITS: tl.constexpr, STOCHASTIC: tl.constexpr, GROUPS: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """Encode one chunk (u = (x - zero) / scale, then RTN or SR, clamp) and store its codes."""
+def encode_codes(x, elem, scale, zero, seed, offset, BITS: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """Codes (int32) of a tile ``x`` (rows, cols) whose row i has ``scale[i]``/``zero[i]``:
+    u = (x - zero) / scale (correctly rounded), then RTN floor(u + 0.5) or SR floor(u) + [xi < frac],
+    xi the Philox uniform of counter ``offset + elem`` (``elem``: the elements' flat indices),
+    clamped to [0, 2**BITS - 1]. The one encoder of the Triton kernels (also ``adam_step.py``)."""
     QMAX: tl.constexpr = (1 << BITS) - 1
     u = tl.math.div_rn(x - zero[:, None], tl.broadcast_to(scale[:, None], x.shape))
     if STOCHASTIC:
@@ -103,7 +103,16 @@ def _encode_store(
         code = fl + (xi < (u - fl)).to(tl.float32)
     else:
         code = tl.floor(u + 0.5)
-    code = tl.minimum(tl.maximum(code, 0.0), QMAX).to(tl.int32)
+    return tl.minimum(tl.maximum(code, 0.0), QMAX).to(tl.int32)
+
+
+@triton.jit
+def _encode_store(
+    codes_ptr, x, elem, mask, base, gmask, c, scale, zero, group_size, seed, offset,
+    BITS: tl.constexpr, STOCHASTIC: tl.constexpr, GROUPS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Encode one chunk (u = (x - zero) / scale, then RTN or SR, clamp) and store its codes."""
+    code = encode_codes(x, elem, scale, zero, seed, offset, BITS, STOCHASTIC)
     if BITS == 8:
         tl.store(codes_ptr + elem, code.to(tl.uint8), mask=mask)
     else:

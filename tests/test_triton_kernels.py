@@ -391,6 +391,290 @@ def test_lowrank_grad(side, kind, dtype, device):
 
 
 # ---------------------------------------------------------------------------------------------
+# Projected Adam step (galore_adam_step_*): moments, then W ← decay·W + s·up(N, P) in place
+# ---------------------------------------------------------------------------------------------
+
+# W is m×n, rank r: none a multiple of the 32-wide interpreter tiles, and r > BLOCK_K (two K steps).
+ADAM_SHAPE = (70, 46, 36)
+# Group sizes of a quantized P (along P's rows: left P is m×r, right P is r×n).
+ADAM_P_GROUPS = {("left", 8): 9, ("left", 4): 6, ("right", 8): 23, ("right", 4): -1}
+ADAM_HYPER = (0.9, 0.99, 1e-6, 1.3)  # beta1, beta2, eps, denom_scale
+# An update of the size of W itself (N and up(N, P) are O(1), W ~ N(0, 1)), so that a wrong
+# update cannot hide below the rounding of a bf16 W; a decay != 1 so that a lost decay shows.
+STEP, DECAY = -0.4, 0.95
+_U = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}  # unit roundoff
+# (W, moments, R and dense P) dtypes.
+ADAM_DTYPES = [
+    (torch.float32, torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.bfloat16, torch.bfloat16),  # fp32 master weight, bf16 states and gradient
+    (torch.bfloat16, torch.float32, torch.float32),
+]
+
+
+def _dtypes_id(dtypes) -> str:
+    short = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+    return "-".join(f"{name}:{short[d]}" for name, d in zip(("w", "mom", "r"), dtypes, strict=True))
+
+
+def _adam_inputs(side, kind, m, n, rank, r_dtype, mom_dtype, gen, p_group=None):
+    """R, M, V (R's shape), P's arguments (dense P in R's dtype, or INT4/INT8 codes, scales, zeros,
+    bits) and P as a dense fp32 matrix."""
+    p_shape = (m, rank) if side == "left" else (rank, n)
+    r_shape = (rank, n) if side == "left" else (m, rank)
+    p32 = torch.randn(p_shape, generator=gen) / max(rank, 1) ** 0.5
+    if kind == "dense":
+        p = p32.to(r_dtype)
+        p_args, p_dense = (p,), p.float()
+    else:
+        bits = int(kind[-1])
+        group = p_group if p_group is not None else ADAM_P_GROUPS[(side, bits)]
+        q = getattr(ref, f"quantize_int{bits}")(p32, group, False, True, 11, 0)
+        p_args, p_dense = (*q, bits), ref.dequantize_projector(*q, bits, torch.float32)
+    r = torch.randn(r_shape, generator=gen).to(r_dtype)
+    exp_avg = torch.randn(r_shape, generator=gen).to(mom_dtype)
+    exp_avg_sq = torch.rand(r_shape, generator=gen).to(mom_dtype)
+    return r, exp_avg, exp_avg_sq, p_args, p_dense
+
+
+def _to(args, device):
+    """Copies on ``device`` (always copies: the ops mutate their arguments)."""
+    return tuple(a.to(device, copy=True) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _clone(args):
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _up_operands(side, r, exp_avg, exp_avg_sq, p_dense):
+    """(A, B) in fp32 with up(N, P) = A B, N the reference's direction (from copies of the moments)."""
+    n_dir = ref.adam_direction_(exp_avg.clone(), exp_avg_sq.clone(), r, *ADAM_HYPER)
+    return (p_dense, n_dir) if side == "left" else (n_dir, p_dense)
+
+
+def _step_bound(a, b, step, out_dtype, device):
+    """Componentwise bound on |W'_kernel − W'_reference| before W's final rounding:
+    γ·|s|·(|A| |B|) with γ = 2K·2**-24 (two fp32 sums of K products in different orders, Higham;
+    N itself is bitwise the reference's, see the moment check) plus, on a GPU, the rounding of the
+    dot inputs: "tf32x3" (≈ 2**-21) for fp32/INT8 W, or N and P rounded to a 16-bit W's dtype
+    (2u). The decay·W products are the same fp32 operation on both sides."""
+    gamma = 2 * a.shape[1] * 2.0**-24
+    if device != "cpu":
+        gamma += 2.0**-21 if out_dtype in (torch.float32, torch.uint8) else 2 * _U[out_dtype]
+    return gamma * abs(step) * (a.abs() @ b.abs())
+
+
+def _assert_step_close(got, want, bound, dtype, what):
+    """|got − want| ≤ bound + 2.5u·|want|: the bound of ``_step_bound``, then each result rounded
+    once to W's dtype (the two fp32 values may straddle a rounding boundary: one unit of the last
+    place, ≤ 2u·|want|, with slack)."""
+    err = (got.float().cpu() - want.float()).abs()
+    tol = bound + 2.5 * _U[dtype] * want.float().abs() + 1e-30
+    bad = err > tol
+    if bad.any():
+        i = tuple(bad.nonzero()[0].tolist())
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{bad.numel()} elements out of tolerance; first at {i}: "
+            f"got {got[i].item()}, want {want[i].item()}, |err| {err[i].item():.3g} > {tol[i].item():.3g}"
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtypes", ADAM_DTYPES, ids=_dtypes_id)
+@pytest.mark.parametrize("kind", ["dense", "int8", "int4"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_adam_step(side, kind, dtypes, device):
+    """Moments bitwise (the same fp32 operations, correctly rounded √ and division, no FMA) and
+    W within the matmul bound, for a dense W of either dtype and a dense or quantized P."""
+    w_dtype, mom_dtype, r_dtype = dtypes
+    m, n, rank = ADAM_SHAPE
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("adam", side, kind, dtypes)).encode()))
+    r, exp_avg, exp_avg_sq, p_args, p_dense = _adam_inputs(side, kind, m, n, rank, r_dtype, mom_dtype, gen)
+    w = torch.randn(m, n, generator=gen).to(w_dtype)
+    op = "galore_adam_step_" if kind == "dense" else "galore_adam_step_quantized_"
+    args = (w, exp_avg, exp_avg_sq, r, *p_args, side, *ADAM_HYPER, STEP, DECAY)
+    got = _to(args, device)
+    assert run_op(op, *got) is None
+    want = _clone(args)
+    getattr(ref, op)(*want)
+    assert_bits_equal(got[1].cpu(), want[1], f"{op} exp_avg")
+    assert_bits_equal(got[2].cpu(), want[2], f"{op} exp_avg_sq")
+    a, b = _up_operands(side, r, exp_avg, exp_avg_sq, p_dense)
+    assert got[0].dtype == w_dtype
+    _assert_step_close(got[0], want[0], _step_bound(a, b, STEP, w_dtype, device), w_dtype, f"{op} {side} {kind} w")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_adam_step_fp16_strided_w(side, device):
+    """fp16 W, moments and R; W a strided view (a column slice of a transposed buffer)."""
+    m, n, rank = 37, 50, 20
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("adam-fp16", side)).encode()))
+    r, exp_avg, exp_avg_sq, p_args, p_dense = _adam_inputs(side, "dense", m, n, rank, torch.float16, torch.float16, gen)
+    base = torch.randn(n + 3, m, generator=gen).to(torch.float16).to(device)
+    w = base.t()[:, 2 : n + 2]  # strides (1, m): not contiguous
+    w_before = w.cpu().clone()
+    base_before = base.cpu().clone()
+    got = _to((exp_avg, exp_avg_sq, r, *p_args), device)
+    run_op("galore_adam_step_", w, *got, side, *ADAM_HYPER, STEP, DECAY)
+    want = (w_before, *_clone((exp_avg, exp_avg_sq, r, *p_args)))
+    ref.galore_adam_step_(*want, side, *ADAM_HYPER, STEP, DECAY)
+    assert_bits_equal(got[0].cpu(), want[1], "exp_avg fp16")
+    assert_bits_equal(got[1].cpu(), want[2], "exp_avg_sq fp16")
+    a, b = _up_operands(side, r, exp_avg, exp_avg_sq, p_dense)
+    _assert_step_close(w, want[0], _step_bound(a, b, STEP, torch.float16, device), torch.float16, "fp16 w")
+    outside = [0, 1, n + 2]  # rows of the buffer (columns of its transpose) outside the view
+    assert_bits_equal(base.cpu()[outside], base_before[outside], "buffer outside the strided W")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_adam_step_zero_step_is_exact(device):
+    """step_scale = 0 (or rank 0): W ← decay·W, one fp32 product rounded to W's dtype: bitwise."""
+    m, n, rank = ADAM_SHAPE
+    gen = torch.Generator().manual_seed(5)
+    for side, kind, w_dtype, k in [("left", "dense", torch.bfloat16, rank), ("right", "int4", torch.float32, rank),
+                                   ("right", "dense", torch.float32, 0)]:  # fmt: skip
+        r, exp_avg, exp_avg_sq, p_args, _ = _adam_inputs(side, kind, m, n, k, torch.float32, torch.float32, gen)
+        w = torch.randn(m, n, generator=gen).to(w_dtype)
+        op = "galore_adam_step_" if kind == "dense" else "galore_adam_step_quantized_"
+        step = 0.0 if k else STEP
+        args = (w, exp_avg, exp_avg_sq, r, *p_args, side, *ADAM_HYPER, step, DECAY)
+        got = _to(args, device)
+        run_op(op, *got)
+        want = _clone(args)
+        getattr(ref, op)(*want)
+        for i, name in enumerate(("w", "exp_avg", "exp_avg_sq")):
+            assert_bits_equal(got[i].cpu(), want[i], f"{op} {side} {kind} rank {k}: {name}")
+
+
+# INT8 W (m, n, rank). 40 rows: three row blocks of the interpreter's 16. Groups of 127 (not a
+# power of two: two chunks of 64, the last one padded; the second group starts at column 127, inside
+# a chunk of any power-of-two tiling of the row) and of the whole row (254: four chunks of 64).
+# n is even so that a right-side P (r×n) can be INT4.
+INT8_W_SHAPE = (40, 254, 12)
+INT8_SEED_OFFSET = (2**40 + 7, 2**33 + 5)  # high words of the Philox key and counter set
+INT8_P_GROUPS = {("left", 8): 3, ("left", 4): 6, ("right", 8): 127, ("right", 4): -1}
+
+
+def _int8_step_case(side, bits, group, stochastic, step, device, seed=0):
+    """Run the INT8-weight step on ``device`` and with the reference; returns (got, want, inputs)."""
+    m, n, rank = INT8_W_SHAPE
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("adam-int8", side, bits, group, stochastic, seed)).encode()))
+    mom_dtype = torch.bfloat16 if bits == 4 else torch.float32  # (and R: both dtypes seen)
+    r, exp_avg, exp_avg_sq, p_args, p_dense = _adam_inputs(
+        side, f"int{bits}", m, n, rank, mom_dtype, mom_dtype, gen, INT8_P_GROUPS[(side, bits)]
+    )
+    w = torch.randn(m, n, generator=gen) * 0.5
+    w[:, :3] += 2.0  # the largest values at a group's (and chunk's) edge
+    w_q = ref.quantize_int8(w, group, False, True, 21, 0)
+    args = (*w_q, exp_avg, exp_avg_sq, r, *p_args, side, *ADAM_HYPER, step, DECAY, stochastic, *INT8_SEED_OFFSET)
+    got = _to(args, device)
+    run_op("galore_adam_step_int8_", *got)
+    want = _clone(args)
+    ref.galore_adam_step_int8_(*want)
+    return got, want, (r, exp_avg, exp_avg_sq, p_dense, w_q)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stochastic", [False, True], ids=["rtn", "sr"])
+@pytest.mark.parametrize("group", [127, -1], ids=["g127", "row"])
+@pytest.mark.parametrize("bits", [8, 4], ids=["p8", "p4"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_adam_step_int8_weight(side, bits, group, stochastic, device):
+    """Moments bitwise; the re-quantized W against the reference.
+
+    Kernel and reference compute the same fp32 W' = decay·dequant(W) + s·up(N, P) up to the
+    matmul's summation order (bound δ of ``_step_bound``, plus 2**-22·|W'| for the two roundings of
+    the sum), then apply the same quantizer (same min/max reduction, correctly rounded division,
+    Philox stream). So zero = min moves by at most the group's max δ, scale by 2·δ/255 and one
+    ulp, and a code can differ only where u lies within about δ/scale of a rounding threshold: rare
+    (≤ 0.1% of the codes is asserted; under the interpreter none is expected), and then by one
+    (the dequantized values differ by one quantization step, not more).
+    """
+    from fastgrad.kernels import adam_step
+
+    m, n, _rank = INT8_W_SHAPE
+    g = n if group == -1 else group
+    if device == "cpu":  # the interpreter's tiling: several row blocks, several chunks per group
+        block_m, block_n, _ = adam_step.int8_plan(m, n // g, g, _rank, torch.device("cpu"))
+        assert block_m < m and block_n < g
+    got, want, (r, exp_avg, exp_avg_sq, p_dense, w_q) = _int8_step_case(side, bits, group, stochastic, STEP, device)
+    assert_bits_equal(got[3].cpu(), want[3], "exp_avg")
+    assert_bits_equal(got[4].cpu(), want[4], "exp_avg_sq")
+    codes, scales, zeros = (t.cpu() for t in got[:3])
+    w_codes, w_scales, w_zeros = want[:3]
+    # Bound on |W'_kernel − W'_reference| per element, then its max per group.
+    a, b = _up_operands(side, r, exp_avg, exp_avg_sq, p_dense)
+    w_new = ref.dequantize_int8(*w_q, torch.float32) * DECAY + (a @ b) * STEP
+    delta = _step_bound(a, b, STEP, torch.uint8, device) + 2.0**-22 * w_new.abs()
+    delta_g = delta.reshape(m, n // g, g).amax(dim=-1)
+    assert ((zeros - w_zeros).abs() <= delta_g).all(), "zeros"
+    assert ((scales - w_scales).abs() <= 2 * delta_g / 255 + 2.0**-23 * w_scales).all(), "scales"
+    same = codes == w_codes
+    assert same.float().mean().item() >= 0.999, f"{int((~same).sum())}/{same.numel()} codes differ"
+    got_w = ref.dequantize_int8(codes, scales, zeros, torch.float32)
+    want_w = ref.dequantize_int8(w_codes, w_scales, w_zeros, torch.float32)
+    step_g = torch.maximum(scales, w_scales).repeat_interleave(g, dim=1)
+    assert ((got_w - want_w).abs() <= step_g * 1.001 + 256 * delta_g.repeat_interleave(g, dim=1)).all(), "values"
+    # Every differing code is a decision at its threshold: the reference's u = (W' − zero)/scale
+    # lies within the perturbation of W', zero and scale (in units of u) of the rounding threshold
+    # (RTN: frac(u) = 1/2; SR: frac(u) = ξ, the element's uniform). Away from the thresholds the
+    # decision is continuous in u (also across integers), so nothing else may differ.
+    if not same.all():
+        zero_e = w_zeros.repeat_interleave(g, dim=1)
+        scale_e = w_scales.repeat_interleave(g, dim=1)
+        u = (w_new - zero_e) / scale_e
+        if stochastic:
+            threshold = ref.philox_uniform(*INT8_SEED_OFFSET, (m, n), "cpu")
+        else:
+            threshold = torch.full_like(u, 0.5)
+        slack = (4 * delta_g.repeat_interleave(g, dim=1) + delta) / scale_e + 2.0**-16
+        near = (u - u.floor() - threshold).abs() <= slack
+        assert near[~same].all(), f"codes differ away from a rounding threshold at {(~same & ~near).nonzero()[:5]}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_adam_step_int8_weight_zero_step_is_exact(side, device):
+    """step_scale = 0 and decay = 1: W' is the decoded W, the same fp32 values on both sides, so
+    codes, scales and zeros are bitwise the reference quantizer's (SR with the element counters)."""
+    m, n, rank = INT8_W_SHAPE
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("adam-int8-zero", side)).encode()))
+    r, exp_avg, exp_avg_sq, p_args, _ = _adam_inputs(side, "int8", m, n, rank, torch.float32, torch.float32, gen,
+                                                     INT8_P_GROUPS[(side, 8)])  # fmt: skip
+    w_q = ref.quantize_int8(torch.randn(m, n, generator=gen), 127, False, True, 2, 0)
+    args = (*w_q, exp_avg, exp_avg_sq, r, *p_args, side, *ADAM_HYPER, 0.0, 1.0, True, 77, 2**32 - 1000)
+    got = _to(args, device)
+    run_op("galore_adam_step_int8_", *got)
+    want = _clone(args)
+    ref.galore_adam_step_int8_(*want)
+    for i, name in enumerate(("codes", "scales", "zeros", "exp_avg", "exp_avg_sq")):
+        assert_bits_equal(got[i].cpu(), want[i], f"int8 step, zero step: {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_adam_step_bad_input_raises_before_launch(device):
+    from fastgrad.kernels import TRITON_KERNELS
+
+    m, n, rank = 8, 12, 4
+    w = torch.randn(m, n, device=device)
+    r = torch.randn(rank, n, device=device)
+    p = torch.randn(m, rank, device=device)
+    mom = torch.zeros(rank, n, device=device)
+    with pytest.raises(RuntimeError, match=r"fastgrad.galore_adam_step_: argument 'beta2'"):
+        TRITON_KERNELS["galore_adam_step_"](w, mom, mom.clone(), r, p, "left", 0.9, 1.0, 1e-8, 1.0, -1.0, 1.0)
+    q = tuple(t.to(device) for t in ref.quantize_int8(p.cpu(), -1, False, False, 0, 0))
+    with pytest.raises(RuntimeError, match=r"fastgrad.galore_adam_step_quantized_: argument 'w'"):
+        TRITON_KERNELS["galore_adam_step_quantized_"](w[:, :5], mom, mom.clone(), r, *q, 8, "left", 0.9, 0.99,
+                                                      1e-8, 1.0, -1.0, 1.0)  # fmt: skip
+    wq = tuple(t.to(device) for t in ref.quantize_int8(w.cpu(), 6, False, False, 0, 0))
+    with pytest.raises(RuntimeError, match=r"fastgrad.galore_adam_step_int8_: argument 'offset'"):
+        TRITON_KERNELS["galore_adam_step_int8_"](*wq, mom, mom.clone(), r, *q, 8, "left", 0.9, 0.99, 1e-8, 1.0,
+                                                 -1.0, 1.0, True, 0, -1)  # fmt: skip
+    assert (mom == 0).all()  # nothing ran
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU only: more than 2**31 elements (64-bit offsets and counters)
 # ---------------------------------------------------------------------------------------------
 
