@@ -70,6 +70,14 @@ def _add_training_arguments(p: argparse.ArgumentParser, only: set[str] | None = 
         help=f"update each weight during backward: at most one full gradient alive ({', '.join(sorted(LAYERWISE))})",
     )
     add(
+        "--layerwise-streaming",
+        action="store_const",
+        const=True,
+        help="with --layerwise: update each weight inside its gradient hook and free its gradient at once, instead "
+        "of keeping the projected (and full-rank) gradients until the end of the step; no --grad-clip, and a "
+        "NaN/Inf gradient skips that weight only",
+    )
+    add(
         "--no-lowrank-grad",
         dest="lowrank_grad",
         action="store_const",
@@ -178,6 +186,9 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--lr must be positive, got {cfg.lr}")
     if cfg.layerwise and cfg.optim not in LAYERWISE:
         raise ValueError(f"--layerwise works with --optim {', '.join(sorted(LAYERWISE))}, not {cfg.optim}")
+    streaming_error = cfg.layerwise_streaming_error()
+    if streaming_error:
+        raise ValueError(streaming_error)
     if cfg.max_memory_gb is not None:
         _check_memory_cap(cfg)
 

@@ -93,6 +93,38 @@ def test_layerwise_needs_a_supported_optimizer(tmp_path, text_file, capsys):
     assert "--layerwise works with" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layerwise", "--layerwise-streaming", "--grad-clip", "1.0"], "--layerwise-streaming cannot clip gradients"),
+        (["--layerwise-streaming"], "add --layerwise"),
+    ],
+)
+def test_layerwise_streaming_needs_layerwise_and_no_clipping(tmp_path, text_file, capsys, args, message):
+    assert _run(tmp_path, text_file, "--optim", "galore", *args, "--name", "bad") == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("optim", ["galore", "q-galore"])
+def test_layerwise_streaming_trains_as_layerwise(tmp_path, text_file, optim):
+    """--layerwise-streaming (updates in the gradient hooks) is the same training as --layerwise
+    without clipping: bitwise the same losses and optimizer state, across projector refreshes and
+    with accumulation."""
+    args = ["--optim", optim, "--layerwise", "--rank", "8", "--update-proj-gap", "2", "--grad-accum", "2"]
+    args += ["--steps", "4", "--save-every", "4"]
+    assert _run(tmp_path, text_file, *args, "--name", "deferred") == 0
+    assert _run(tmp_path, text_file, *args, "--layerwise-streaming", "--name", "streaming") == 0
+    assert json.loads((tmp_path / "streaming/config.json").read_text())["layerwise_streaming"] is True
+    deferred, streaming = _losses(tmp_path / "deferred"), _losses(tmp_path / "streaming")
+    assert len(streaming) == 4 and all(0 < x < 20 for x in streaming)
+    assert streaming == deferred
+    a = torch.load(tmp_path / "deferred/checkpoint/optimizer.pt", weights_only=True)["optimizer"]
+    b = torch.load(tmp_path / "streaming/checkpoint/optimizer.pt", weights_only=True)["optimizer"]
+    for sa, sb in zip(a["state"].values(), b["state"].values(), strict=True):
+        assert all(torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k] for k in sa)
+
+
 RESUME_CASES = {
     "galore": ["--optim", "galore"],
     "galore-layerwise": ["--optim", "galore", "--layerwise", "--grad-accum", "2", "--grad-clip", "1.0"],

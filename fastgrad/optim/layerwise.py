@@ -21,6 +21,10 @@ Usage::
         log(stats.grad_norm, stats.clip_coef, stats.skipped)
     torch.save(lw.state_dict(), "optimizer.pt")   # loads with torch.load(..., weights_only=True)
 
+With ``streaming=True`` (and no ``max_grad_norm``) the same loop updates each parameter inside its
+hook during the last micro-batch's backward; ``finish_step()`` then only publishes, counts and
+reports (see "Streaming" below).
+
 What happens (and why):
 
 * **One optimizer, per-parameter work in hooks.** The factory is called once with
@@ -33,7 +37,8 @@ What happens (and why):
   full gradient is alive at a time (plus the buffers below).
 * **Accumulation** (``grad_accum_steps`` = n backward passes per optimizer step; the loss must
   already be divided by n, as for ordinary accumulation). Backward passes are counted with an
-  autograd-engine callback; no parameter steps before :meth:`finish_step`.
+  autograd-engine callback; no parameter steps before :meth:`finish_step` (unless streaming, below:
+  then each steps in its hook of the last micro-batch).
 
   - low-rank parameter, no refresh due: each micro-batch's G_i is projected with the current P
     (``fastgrad.ops.lowrank_project``, through ``LowRankOptimizer._prepare`` on the first one) and
@@ -80,6 +85,36 @@ What happens (and why):
   a mismatch hangs like any mismatched collective). Sharded (DTensor/FSDP) parameters are rejected.
 * **Checkpoints**: :meth:`state_dict` (at a step boundary) holds the optimizer's state (tensors and
   ints, ``weights_only``-loadable) and the driver's step count; resume is bitwise on CPU.
+* **Streaming** (``streaming=True``, opt-in): what galore-torch and Q-GaLore do. Each parameter is
+  updated in its hook as soon as its accumulation is complete (the last micro-batch's hook, after
+  the refresh/projection above; under a process group after its all-reduce, waited for right
+  there), through the optimizer's own update, and its buffers are freed at once: at most one
+  parameter's consumed gradient (R, or a full-rank G) is alive beyond what backward itself holds,
+  instead of all of them until :meth:`finish_step` (for LLaMA-7B Q-GaLore at rank 1024 the held
+  R's are ~6 GiB, and the full-rank gradients are not kept either). Without clipping and with
+  finite gradients the result is bitwise that of ``streaming=False`` (the same per-parameter
+  updates, at another time). What it trades:
+
+  - no clipping: the global norm is known only after the last update, so ``max_grad_norm`` must be
+    None (it is still reported: :meth:`finish_step` sums per-parameter squares recorded in the hooks);
+  - NaN/Inf is per parameter, not all-or-nothing: a non-finite consumed gradient skips that
+    parameter only (its refresh undone; weight, moments, projector unchanged; the step is counted
+    once in ``nonfinite_steps``, ``grad_norm`` is NaN/Inf, ``skipped`` is True only if every
+    parameter skipped); with ``nonfinite="raise"`` the hook raises FloatingPointError out of
+    ``backward()``, and the parameters updated earlier in that backward pass keep their update
+    (those not reached yet are not updated; the driver is reset, ready for the next step);
+  - the learning rate is read during backward: call :meth:`set_lr` for step k before step k's
+    last backward pass (``fastgrad.train`` sets it at the start of each step);
+  - :meth:`zero_grad` in the middle of the last backward pass cannot undo the updates already made:
+    it warns (RuntimeWarning) and drops only the rest;
+  - one host synchronisation per parameter (its finiteness decides whether it is updated).
+
+  Use it when the held projected (and full-rank) gradients decide whether a step fits, and
+  clipping is not needed (GaLore and Q-GaLore's recipes do not clip); it works with activation
+  checkpointing (a block's weights are updated only after that block's backward, recomputation
+  included), with projected gradients from the layers (LowRankGradLinear, QLinear), with an
+  optimizer that reads the full gradient (``p.grad`` is set around its update) and under a process
+  group (one synchronous all-reduce per parameter instead of overlapped ones).
 
 * **Projected gradients from the layers** (:mod:`fastgrad.nn.lowrank`: LowRankGradLinear, QLinear):
   between refreshes the layer hands over R itself and the hook adds it into the low-rank buffer, so
@@ -89,12 +124,15 @@ What happens (and why):
 
 Not supported: reentrant activation checkpointing (nested backward passes would be counted as
 micro-batches; fastgrad's models use the non-reentrant kind), ``torch.autograd.grad`` (no
-post-accumulate hooks fire), sparse gradients.
+post-accumulate hooks fire), sparse gradients. Streaming additionally assumes that no autograd node
+still to run in the backward pass reads a weight whose gradient is complete (true of ordinary
+models, weight tying included: a weight's hook fires only after all its uses' gradients).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -119,9 +157,10 @@ class StepStats:
 
     step:      optimizer steps finished so far, this one included (skipped or not).
     grad_norm: global 2-norm of the gradients the optimizer consumes, before clipping (NaN/Inf when
-               the step was skipped for a non-finite gradient).
+               the step was skipped for a non-finite gradient; streaming: when any parameter was).
     clip_coef: the factor the gradients were multiplied by (1.0: no clipping happened).
-    skipped:   True when a non-finite gradient made the step change nothing.
+    skipped:   True when a non-finite gradient made the step change nothing (streaming: True only
+               when every parameter was skipped; a partly skipped step has a non-finite grad_norm).
     """
 
     step: int
@@ -145,6 +184,7 @@ class _Slot:
     bad: bool = False  # a refresh met a non-finite gradient
     closed: bool = False  # the accumulation is complete (and its reduction launched)
     work: Any = None  # pending async all-reduce
+    done: bool = False  # streaming: updated (or skipped) in its hook, buffers released
 
 
 def _is_16bit(dtype: torch.dtype) -> bool:
@@ -155,8 +195,8 @@ class LayerwiseOptimizer:
     """Layer-wise stepping of one :class:`LowRankOptimizer`; build it with :func:`layerwise`.
 
     See the module docstring for the design. Attributes: ``optimizer`` (the wrapped optimizer),
-    ``param_groups`` (its groups), ``grad_accum_steps``, ``max_grad_norm``, ``steps`` (finished
-    optimizer steps, skipped ones included).
+    ``param_groups`` (its groups), ``grad_accum_steps``, ``max_grad_norm``, ``streaming``, ``steps``
+    (finished optimizer steps, skipped ones included).
     """
 
     def __init__(
@@ -167,6 +207,7 @@ class LayerwiseOptimizer:
         max_grad_norm: float | None = None,
         process_group: Any = None,
         module: nn.Module | None = None,
+        streaming: bool = False,
     ) -> None:
         if not isinstance(optimizer, LowRankOptimizer):
             raise TypeError(
@@ -177,7 +218,16 @@ class LayerwiseOptimizer:
             raise ValueError(f"layerwise: grad_accum_steps must be a positive int, got {grad_accum_steps!r}")
         if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"layerwise: max_grad_norm must be a positive finite number or None, got {max_grad_norm}")
+        if not isinstance(streaming, bool):
+            raise TypeError(f"layerwise: streaming must be a bool, got {streaming!r}")
+        if streaming and max_grad_norm is not None:
+            raise ValueError(
+                f"layerwise: streaming=True cannot clip (max_grad_norm={max_grad_norm}): each parameter is updated "
+                "during backward, and the global gradient norm is known only after the last update; use "
+                "streaming=False for clipping, or max_grad_norm=None with streaming"
+            )
         self.optimizer = optimizer
+        self.streaming = streaming
         self.grad_accum_steps = grad_accum_steps
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.steps = 0
@@ -192,6 +242,11 @@ class LayerwiseOptimizer:
         self._slots: dict[torch.Tensor, _Slot] = {}
         self._micro = 0  # backward passes completed in the current optimizer step
         self._queued_for: Any = None  # graph task whose end-of-backward callback is queued
+        # Streaming, within the current step: (parameter index, its consumed gradient's 2-norm, a
+        # 0-d fp32 tensor on its device) per parameter, and how many were updated / skipped.
+        self._norms: list[tuple[int, torch.Tensor]] = []
+        self._updated = 0
+        self._skipped = 0
         self._handles = []
         for p in self._group_of:
             p.grad = None
@@ -248,7 +303,8 @@ class LayerwiseOptimizer:
         return self.optimizer.param_groups
 
     def set_lr(self, lr: float) -> None:
-        """Set the learning rate of every param group; call it once per optimizer step."""
+        """Set the learning rate of every param group; call it once per optimizer step (streaming:
+        before the step's last backward pass, during which the updates read it)."""
         for group in self.optimizer.param_groups:
             group["lr"] = float(lr)
 
@@ -274,13 +330,33 @@ class LayerwiseOptimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the gradients accumulated since the last :meth:`finish_step` (and undo refreshes made
-        from them), e.g. after an exception in the middle of a step. A no-op at a step boundary."""
+        from them), e.g. after an exception in the middle of a step. A no-op at a step boundary.
+
+        Streaming: parameters already updated in the step's last backward pass cannot be rolled
+        back; they keep their update (a RuntimeWarning says how many) and only the others' gradients
+        are dropped. The driver's step count does not advance."""
+        opt = self.optimizer
+        updated, skipped = self._updated, self._skipped
         for slot in self._slots.values():
+            if slot.done:
+                continue
             self._wait(slot)
             if slot.item is not None:
-                self.optimizer._rollback(slot.item)
+                opt._rollback(slot.item)
             pop_projected_grad(slot.param)
         self._reset()
+        if updated or skipped:
+            if skipped:
+                opt.nonfinite_steps += 1
+            opt._publish_grad_projections()  # the updated parameters' next projections
+        if updated:
+            warnings.warn(
+                f"layerwise (streaming): zero_grad() in the middle of a step cannot undo the updates of the {updated} "
+                "parameter(s) already updated during this step's last backward pass; they keep them, and only the "
+                "other parameters' gradients were dropped",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def remove_hooks(self) -> None:
         """Detach the driver from the parameters (the optimizer stays usable on its own)."""
@@ -323,6 +399,8 @@ class LayerwiseOptimizer:
         del g, low
         if self._micro == self.grad_accum_steps - 1:
             self._close(slot)
+            if self.streaming:
+                self._stream(slot)
 
     def _open(self, p: torch.Tensor, g: torch.Tensor | None, low: torch.Tensor | None) -> _Slot:
         """First gradient of ``p`` in this optimizer step (the full ``g``, or ``low`` projected by
@@ -363,7 +441,10 @@ class LayerwiseOptimizer:
 
     def _add(self, slot: _Slot, g: torch.Tensor | None, low: torch.Tensor | None) -> None:
         if slot.closed:
-            raise RuntimeError("layerwise: a gradient arrived after its accumulation was closed")
+            raise RuntimeError(
+                "layerwise: a gradient arrived after its accumulation was closed"
+                + (" (streaming: the parameter was already updated)" if slot.done else "")
+            )
         if slot.bad:
             return
         if slot.lowrank_acc:
@@ -415,18 +496,101 @@ class LayerwiseOptimizer:
         slot.buf = None
         return slot.item
 
+    # ------------------------------------------------------------------ streaming
+    def _stream(self, slot: _Slot) -> None:
+        """Streaming: update ``slot``'s parameter now (its accumulation is complete) through the
+        optimizer's own update, or skip it if its consumed gradient is non-finite; free its buffers."""
+        opt = self.optimizer
+        item = self._finalize(slot)  # waits for the all-reduce; None if a refresh met a non-finite G
+        slot.done = True
+        low = None if item is None else item.low
+        if low is None:
+            norm = torch.full((), math.nan, dtype=torch.float32, device=slot.param.device)
+            finite = False
+        else:
+            norm = torch._foreach_norm([low], 2, dtype=torch.float32)[0]
+            # One host sync per parameter. An overflowing norm of finite entries is not a skip
+            # (it is reported as Inf): max|x| decides then, as in LowRankOptimizer.step.
+            finite = bool(torch.isfinite(norm)) or _finite_flags([low])[0]
+        self._norms.append((opt._index_of(slot.param), norm))
+        del low
+        if not finite:
+            if slot.item is not None:
+                opt._rollback(slot.item)
+            self._release(slot)
+            self._skipped += 1
+            if opt.nonfinite == "raise":
+                self._abort(slot)
+            return
+        if slot.grad is not None:  # update_reads_grad: the accumulated full gradient
+            slot.param.grad = slot.grad
+        self._updated += 1
+        try:
+            opt._update_group(slot.group, [item])
+        finally:
+            slot.param.grad = None
+            self._release(slot)
+
+    @staticmethod
+    def _release(slot: _Slot) -> None:
+        slot.buf = slot.grad = slot.item = None
+
+    def _abort(self, bad: _Slot) -> None:
+        """Streaming, ``nonfinite="raise"``: drop what is pending, reset, raise FloatingPointError."""
+        opt = self.optimizer
+        pending = 0
+        for slot in self._slots.values():
+            if slot.done:
+                continue
+            pending += 1
+            self._wait(slot)
+            if slot.item is not None:
+                opt._rollback(slot.item)
+            pop_projected_grad(slot.param)
+        updated = self._updated
+        self.steps += 1
+        opt.nonfinite_steps += 1
+        self._reset()
+        opt._publish_grad_projections()
+        raise FloatingPointError(
+            f"layerwise {type(opt).__name__} (streaming): non-finite gradient in parameter "
+            f"#{opt._index_of(bad.param)} {tuple(bad.param.shape)}, which was not changed; streaming is not "
+            f"all-or-nothing: the {updated} parameter(s) updated earlier in this step keep their update, the "
+            f"{pending} with a pending accumulation and those not reached by backward yet are not updated"
+        )
+
+    def _finish_streaming(self) -> StepStats:
+        opt = self.optimizer
+        # A parameter without a gradient in the last micro-batch was not closed by a hook: now.
+        for slot in sorted((s for s in self._slots.values() if not s.done), key=lambda s: opt._index_of(s.param)):
+            self._stream(slot)
+        self.steps += 1
+        self._norms.sort(key=lambda t: t[0])
+        norm = self._norm_of_norms([n for _, n in self._norms])
+        count, skipped = len(self._slots), self._skipped
+        if skipped:
+            opt.nonfinite_steps += 1
+        self._reset()
+        opt._publish_grad_projections()
+        return StepStats(self.steps, norm, 1.0, count > 0 and skipped == count)
+
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def finish_step(self) -> StepStats:
         """Complete the optimizer step: global norm, clipping, NaN/Inf policy, every parameter's update.
 
         Must follow exactly ``grad_accum_steps`` backward passes since the previous call.
+        Streaming: the parameters were updated in their hooks; this publishes the next step's
+        projections, advances the step count, and returns the norm of the consumed gradients
+        (from per-parameter norms kept on the device: one host synchronisation) with clip_coef 1.
         """
         if self._micro != self.grad_accum_steps:
             raise RuntimeError(
                 f"layerwise: finish_step() after {self._micro} backward pass(es), expected "
                 f"grad_accum_steps={self.grad_accum_steps} (call zero_grad() to drop a partial step)"
             )
+        if self.streaming:
+            return self._finish_streaming()
         opt = self.optimizer
         slots = sorted(self._slots.values(), key=lambda s: opt._index_of(s.param))
         items = [self._finalize(s) for s in slots]
@@ -485,16 +649,26 @@ class LayerwiseOptimizer:
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for t in tensors:
             by_device.setdefault(t.device, []).append(t)
+        norms = [n for ts in by_device.values() for n in torch._foreach_norm(ts, 2, dtype=torch.float32)]
+        return LayerwiseOptimizer._norm_of_norms(norms)
+
+    @staticmethod
+    def _norm_of_norms(norms: list[torch.Tensor]) -> float:
+        """sqrt(Σ n²) of 0-d fp32 norms, one host synchronisation per device."""
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for n in norms:
+            by_device.setdefault(n.device, []).append(n)
         total = 0.0
-        for ts in by_device.values():
-            norms = torch._foreach_norm(ts, 2, dtype=torch.float32)
-            total += float(torch.linalg.vector_norm(torch.stack(norms)).square())
+        for ns in by_device.values():
+            total += float(torch.linalg.vector_norm(torch.stack(ns)).square())
         return math.sqrt(total)
 
     def _reset(self) -> None:
         self._slots = {}
         self._micro = 0
         self._queued_for = None
+        self._norms = []
+        self._updated = self._skipped = 0
 
     # ------------------------------------------------------------------ checkpoints
     def _check_boundary(self, what: str) -> None:
@@ -520,11 +694,13 @@ class LayerwiseOptimizer:
                 "steps": self.steps,
                 "grad_accum_steps": self.grad_accum_steps,
                 "max_grad_norm": self.max_grad_norm,
+                "streaming": self.streaming,
             },
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (grad_accum_steps and max_grad_norm stay as constructed)."""
+        """Restore a :meth:`state_dict` (grad_accum_steps, max_grad_norm and streaming stay as
+        constructed: a state saved with or without streaming loads into either)."""
         self._check_boundary("load_state_dict()")
         if "optimizer" not in state_dict or "layerwise" not in state_dict:
             raise ValueError(
@@ -543,6 +719,7 @@ def layerwise(
     grad_accum_steps: int = 1,
     max_grad_norm: float | None = None,
     process_group: Any = None,
+    streaming: bool = False,
 ) -> LayerwiseOptimizer:
     """Layer-wise stepping for the optimizer that ``optimizer_factory(model_or_params)`` returns.
 
@@ -552,7 +729,9 @@ def layerwise(
     built optimizer. ``grad_accum_steps``: backward passes per optimizer step. ``max_grad_norm``:
     clip the global norm of the consumed gradients (None: no clipping; the norm is still reported).
     ``process_group``: for data parallelism (default: the world group when torch.distributed is
-    initialized). See the module docstring for the design and an example.
+    initialized). ``streaming``: update each parameter in its hook during the last backward pass
+    and free its buffers at once (needs ``max_grad_norm=None``; NaN/Inf is then per parameter).
+    See the module docstring for the design and an example.
     """
     module = model_or_params if isinstance(model_or_params, nn.Module) else None
     if isinstance(module, nn.parallel.DistributedDataParallel):
@@ -572,4 +751,5 @@ def layerwise(
         max_grad_norm=max_grad_norm,
         process_group=process_group,
         module=module,
+        streaming=streaming,
     )

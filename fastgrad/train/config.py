@@ -57,6 +57,9 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     layerwise: bool = False
+    # With layerwise: update each weight in its gradient hook during backward and free its gradient at
+    # once (fastgrad.optim.layerwise "Streaming"): no clipping (grad_clip must be 0), NaN/Inf per weight.
+    layerwise_streaming: bool = False
     # GaLore-type optimizers: the attention/MLP Linear layers compute the projected gradient
     # themselves between refreshes (fastgrad.nn.lowrank); Q-GaLore's QLinear always does.
     lowrank_grad: bool = True
@@ -93,6 +96,20 @@ class TrainConfig:
             tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * world
             cfg.steps = -(-cfg.tokens // tokens_per_step) if cfg.tokens else DEFAULT_STEPS.get(name, 1000)
         return cfg
+
+    def layerwise_streaming_error(self) -> str | None:
+        """Why ``layerwise_streaming`` cannot be used with the rest of this config (None: it can)."""
+        if not self.layerwise_streaming:
+            return None
+        if not self.layerwise:
+            return "--layerwise-streaming is a mode of the layer-wise driver: add --layerwise"
+        if self.grad_clip > 0:
+            return (
+                f"--layerwise-streaming cannot clip gradients (--grad-clip {self.grad_clip}): each weight is updated "
+                "during backward, before the global gradient norm is known; use --grad-clip 0 (off, the default) "
+                "with --layerwise-streaming, or --layerwise without --layerwise-streaming to clip"
+            )
+        return None
 
     def warmup_steps(self) -> int:
         return int(self.warmup * self.steps) if self.warmup < 1 else int(self.warmup)

@@ -22,7 +22,11 @@ trains with DDP, ``gloo`` on CPU and ``nccl`` on CUDA (rank r on ``cuda:LOCAL_RA
   low-rank-gradient layers (:mod:`fastgrad.nn.lowrank`) hand the optimizer between refreshes;
   DDP is told to ignore those weights.
 * Layer-wise: the plain model is given to :func:`fastgrad.optim.layerwise`, which averages the
-  gradients itself (low-rank ones in low rank) and broadcasts rank 0's weights.
+  gradients itself (low-rank ones in low rank) and broadcasts rank 0's weights. With
+  ``layerwise_streaming`` each weight is updated in its hook during the step's last backward pass
+  (after a synchronous all-reduce under DDP): the learning rate is set at the start of the step,
+  before any backward; there is no clipping; a NaN/Inf gradient skips that weight only, and such a
+  step counts as non-finite (its grad_norm is NaN/Inf) though the other weights were updated.
 * All ranks agree: the logged loss is the all-reduced mean, the gradient norm (hence the NaN/Inf
   skip) is computed from averaged gradients, and the stop request (Ctrl-C on any rank) is
   all-reduced with the loss once per step, so every rank stops after the same step; rank 0
@@ -258,6 +262,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, show_progress: 
 def _train(
     cfg: TrainConfig, run_dir: Path, resume: bool, show_progress: bool, env: Distributed, device: torch.device
 ) -> RunResult:
+    streaming_error = cfg.layerwise_streaming_error()
+    if streaming_error:
+        raise ValueError(streaming_error)
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if cfg.max_memory_gb and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
@@ -270,10 +277,17 @@ def _train(
     model.gradient_checkpointing = cfg.activation_checkpointing
     optimizer = build_optimizer(cfg, model)  # may swap modules (Q-GaLore: QLinear): before any DDP wrapping
     # Layer-wise: the driver's hooks consume each gradient during backward (projected and
-    # accumulated in low rank), then finish_step() clips, applies the NaN policy and updates.
+    # accumulated in low rank), then finish_step() clips, applies the NaN policy and updates
+    # (streaming: each weight is updated in its hook of the last micro-batch instead).
     # Under DDP it averages the gradients itself and broadcasts rank 0's weights: the plain model.
     stepper = (
-        layerwise(model, optimizer, grad_accum_steps=cfg.grad_accum, max_grad_norm=cfg.grad_clip or None)
+        layerwise(
+            model,
+            optimizer,
+            grad_accum_steps=cfg.grad_accum,
+            max_grad_norm=cfg.grad_clip or None,
+            streaming=cfg.layerwise_streaming,
+        )
         if cfg.layerwise
         else optimizer
     )
@@ -353,6 +367,7 @@ def _train(
     with InterruptAtStepBoundary() as interrupt:
         while step < cfg.steps:
             lr = lr_at(cfg, step)
+            # Before any backward of the step: the streaming layer-wise driver updates during the last one.
             for group in optimizer.param_groups:  # the layer-wise driver shares these groups
                 group["lr"] = lr
             step_start = time.perf_counter()
@@ -373,8 +388,10 @@ def _train(
                 torch.distributed.all_reduce(agreed)
                 loss_sum, stop = agreed[0].item() / env.world_size, agreed[1].item() > 0
             if cfg.layerwise:
-                stats = stepper.finish_step()  # the driver skips a non-finite step for every parameter
-                grad_norm, ok = stats.grad_norm, not stats.skipped
+                # The driver skips a non-finite step for every parameter (streaming: for the non-finite
+                # ones; the step's norm is then NaN/Inf and it counts as non-finite here).
+                stats = stepper.finish_step()
+                grad_norm, ok = stats.grad_norm, not stats.skipped and math.isfinite(stats.grad_norm)
             else:
                 grad_norm = clip_grad_norm_(params, clip).item()
                 ok = math.isfinite(grad_norm) and math.isfinite(loss_sum)
@@ -396,9 +413,14 @@ def _train(
                 bar.close()
                 checkpoint_now()  # the last good state: the skipped steps changed nothing
                 barrier()
+                saved = (
+                    "the state after the last step (streaming: the weights with finite gradients kept being updated)"
+                    if cfg.layerwise_streaming
+                    else "the last good state"
+                )
                 raise FloatingPointError(
                     f"{consecutive_bad} consecutive steps with a NaN/Inf loss or gradient at step {step}; "
-                    f"the last good state is saved in {run_dir / 'checkpoint'}"
+                    f"{saved} is saved in {run_dir / 'checkpoint'}"
                 )
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val_loss = evaluate(forward, data, cfg, device, env)
