@@ -11,7 +11,8 @@
 // upcast (bf16/fp16 P) into a small fp32 scratch, bf16/fp16 operands likewise, and MKL does the
 // block's GEMM (accumulating into the output for the down projection, writing the output block
 // for the up projection). The dense P is never materialized: the extra cost over a dense fp32
-// matmul is an O(m r) decode plus one pass over the low-precision operands.
+// matmul is an O(m r) decode plus one pass over the low-precision operands. The projector, its
+// checks and the blocked up projection live in project_common.h (shared with adam_step.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,77 +20,12 @@
 #include <string>
 #include <utility>
 
-#include "quant_common.h"
+#include "project_common.h"
 
 namespace fastgrad {
 namespace {
 
-#define FG_CHECK_ARG(cond, op, arg, ...) \
-  TORCH_CHECK(cond, "fastgrad.", op, ": argument '", arg, "' must be ", __VA_ARGS__)
-
-// fp32 elements of a P block in scratch: at least 1 MiB, at most an eighth of P (a projector is
-// skinny and fits in one or two blocks; an INT8 weight used as P by QLinear is decoded in 8 blocks
-// or more, few enough that the GEMMs stay efficient, never as a dense copy). And of a block of a
-// converted bf16/fp16 G or of an fp32 output block staged before conversion (4 MiB).
-constexpr int64_t kPBlockElems = int64_t{1} << 18;
-constexpr int64_t kPBlockFraction = 8;
-constexpr int64_t kGBlockElems = int64_t{1} << 20;
-constexpr int64_t kMinBlock = 64;
-
-bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
-
-bool check_side(const char* op, const std::string& side) {
-  FG_CHECK_ARG(side == "left" || side == "right", op, "side", "'left' or 'right', got '", side, "'");
-  return side == "left";
-}
-
-// Length of a block along a dimension of size `total` whose slices hold `width` elements each:
-// at most `budget` elements per block, a multiple of kMinBlock, at least kMinBlock.
-int64_t block_len(int64_t total, int64_t width, int64_t budget) {
-  int64_t len = std::max<int64_t>(kMinBlock, (budget / std::max<int64_t>(width, 1)) / kMinBlock * kMinBlock);
-  return std::min(len, std::max<int64_t>(total, 1));
-}
-
-// The projector P (rows x cols), dense (any float dtype) or quantized (codes + fp32 scales/zeros,
-// groups along each row). tile() gives P[r0:r1, c0:c1] as an fp32 matrix: a view of a dense fp32
-// P, otherwise decoded/upcast into `scratch` (at least (r1-r0)*(c1-c0) fp32 elements).
-struct Projector {
-  at::Tensor dense;  // defined for a dense P
-  const uint8_t* codes = nullptr;
-  const float* scales = nullptr;
-  const float* zeros = nullptr;
-  int bits = 8;
-  int64_t rows = 0, cols = 0, groups = 0;
-
-  bool needs_scratch() const { return !dense.defined() || dense.scalar_type() != at::kFloat; }
-
-  // fp32 elements of one decoded block of P (see kPBlockElems).
-  int64_t block_budget() const { return std::max(kPBlockElems, rows * cols / kPBlockFraction); }
-
-  at::Tensor tile(int64_t r0, int64_t r1, int64_t c0, int64_t c1, const at::Tensor& scratch) const {
-    const int64_t h = r1 - r0, w = c1 - c0;
-    if (dense.defined()) {
-      at::Tensor view = dense.slice(0, r0, r1).slice(1, c0, c1);
-      if (dense.scalar_type() == at::kFloat) return view;
-      return scratch.narrow(0, 0, h * w).view({h, w}).copy_(view);
-    }
-    at::Tensor out = scratch.narrow(0, 0, h * w).view({h, w});
-    float* dst = out.data_ptr<float>();
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(w, 1));
-    at::parallel_for(r0, r1, grain, [&](int64_t b, int64_t e) {
-      cpu::decode_tile(codes, scales, zeros, bits, cols, groups, b, e, c0, c1, dst + (b - r0) * w, w);
-    });
-    return out;
-  }
-};
-
-Projector dense_projector(const at::Tensor& p) {
-  Projector proj;
-  proj.dense = p;
-  proj.rows = p.size(0);
-  proj.cols = p.size(1);
-  return proj;
-}
+using namespace cpu;  // NOLINT: the shared projection machinery of project_common.h
 
 // An fp32 view of `t` (fp32) or an upcast copy of it in `scratch`.
 at::Tensor as_f32(const at::Tensor& t, const at::Tensor& scratch) {
@@ -188,41 +124,6 @@ bool check_grad(const char* op, const at::Tensor& dy, const at::Tensor& x, int64
   return left;
 }
 
-// Up projection into `out` (m, n), any float dtype: out = scale * (P R | R P) when `accumulate` is
-// false, out += scale * (P R | R P) when it is true (summed in fp32, rounded once to out's dtype).
-// r: left (rank, n), right (m, rank); P: left (m, rank), right (rank, n).
-void project_back_blocked(const at::Tensor& r, const Projector& p, bool left, double scale, at::Tensor& out,
-                          bool accumulate) {
-  const int64_t m = out.size(0), n = out.size(1);
-  const int64_t rank = left ? r.size(0) : r.size(1);
-  if (out.numel() == 0) return;
-  if (rank == 0) {
-    if (!accumulate) out.zero_();
-    return;
-  }
-  const bool out_f32 = out.scalar_type() == at::kFloat;
-  const auto f32 = r.options().dtype(at::kFloat);
-  const at::Tensor rf = r.scalar_type() == at::kFloat ? r : r.to(at::kFloat);
-  const int64_t split = left ? m : n;  // output rows (left) or columns (right), split into blocks
-  int64_t blk = block_len(split, rank, p.block_budget());
-  if (!out_f32) blk = std::min(blk, block_len(split, left ? n : m, kGBlockElems));
-  at::Tensor p_scratch = p.needs_scratch() ? at::empty({blk * rank}, f32) : at::Tensor();
-  at::Tensor o_scratch = out_f32 ? at::Tensor() : at::empty({blk * (left ? n : m)}, f32);
-  const double beta = accumulate ? 1.0 : 0.0;  // beta = 0: the previous contents are never read
-  for (int64_t b0 = 0; b0 < split; b0 += blk) {
-    const int64_t b1 = std::min(split, b0 + blk);
-    at::Tensor dst = left ? out.slice(0, b0, b1) : out.slice(1, b0, b1);
-    at::Tensor acc = out_f32 ? dst : o_scratch.narrow(0, 0, dst.numel()).view(dst.sizes());
-    if (!out_f32 && accumulate) acc.copy_(dst);
-    if (left) {  // out[b0:b1, :] (+)= scale * P[b0:b1, :] (blk, rank) @ R (rank, n)
-      at::addmm_out(acc, acc, p.tile(b0, b1, 0, rank, p_scratch), rf, beta, /*alpha=*/scale);
-    } else {  // out[:, b0:b1] (+)= scale * R (m, rank) @ P[:, b0:b1] (rank, blk)
-      at::addmm_out(acc, acc, rf, p.tile(0, rank, b0, b1, p_scratch), beta, /*alpha=*/scale);
-    }
-    if (!out_f32) dst.copy_(acc);
-  }
-}
-
 // g: (m, n) float32/bfloat16/float16; p: left (m, r), right (r, n) of g's dtype
 // -> left (r, n), right (m, r) of g's dtype.
 at::Tensor lowrank_project_cpu(const at::Tensor& g, const at::Tensor& p, c10::string_view side_sv) {
@@ -245,34 +146,6 @@ at::Tensor lowrank_project_cpu(const at::Tensor& g, const at::Tensor& p, c10::st
   return project_blocked(g, dense_projector(p), left);
 }
 
-// Checks of the up projection with a dense P. r: left (rank, n), right (m, rank); p: left (m, rank),
-// right (rank, n) of r's dtype. Returns whether the side is "left".
-bool check_back_dense(const char* op, const at::Tensor& r, const at::Tensor& p, c10::string_view side_sv) {
-  FG_CHECK_ARG(p.dim() == 2, op, "p", "a 2-d tensor, got a ", p.dim(), "-d tensor");
-  const bool left = check_side(op, std::string(side_sv));
-  FG_CHECK_ARG(is_float_type(r.scalar_type()), op, "r", "float32, bfloat16 or float16, got ", r.scalar_type());
-  FG_CHECK_ARG(r.dim() == 2, op, "r", "a 2-d tensor, got a ", r.dim(), "-d tensor");
-  FG_CHECK_ARG(p.device() == r.device(), op, "p", "on r's device ", r.device(), ", got ", p.device());
-  FG_CHECK_ARG(p.scalar_type() == r.scalar_type(), op, "p", "of r's dtype ", r.scalar_type(), ", got ",
-               p.scalar_type());
-  if (left) {
-    FG_CHECK_ARG(p.size(1) == r.size(0), op, "p", "of shape (m, ", r.size(0), ") for side='left' with r of shape ",
-                 r.sizes(), ", got ", p.sizes());
-  } else {
-    FG_CHECK_ARG(p.size(0) == r.size(1), op, "p", "of shape (", r.size(1), ", n) for side='right' with r of shape ",
-                 r.sizes(), ", got ", p.sizes());
-  }
-  return left;
-}
-
-// w, the in-place target of an _add_ op: a float tensor of shape (m, n) on r's device.
-void check_accumulator(const char* op, const at::Tensor& w, const at::Tensor& r, int64_t m, int64_t n) {
-  FG_CHECK_ARG(is_float_type(w.scalar_type()), op, "w", "float32, bfloat16 or float16, got ", w.scalar_type());
-  FG_CHECK_ARG(w.dim() == 2 && w.size(0) == m && w.size(1) == n, op, "w", "of shape (", m, ", ", n, "), got ",
-               w.sizes());
-  FG_CHECK_ARG(w.device() == r.device(), op, "w", "on r's device ", r.device(), ", got ", w.device());
-}
-
 // r: left (rank, n), right (m, rank); p: left (m, rank), right (rank, n) of r's dtype
 // -> (m, n) of r's dtype.
 at::Tensor lowrank_project_back_cpu(const at::Tensor& r, const at::Tensor& p, c10::string_view side_sv, double scale) {
@@ -283,7 +156,7 @@ at::Tensor lowrank_project_back_cpu(const at::Tensor& r, const at::Tensor& p, c1
     if (left) return at::addmm_out(out, out, p, r, /*beta=*/0, /*alpha=*/scale);
     return at::addmm_out(out, out, r, p, /*beta=*/0, /*alpha=*/scale);
   }
-  project_back_blocked(r, dense_projector(p), left, scale, out, /*accumulate=*/false);
+  project_back_blocked(r, dense_projector(p), left, scale, out, /*beta=*/0.0);
   return out;
 }
 
@@ -302,41 +175,7 @@ void lowrank_project_back_add_cpu(at::Tensor& w, const at::Tensor& r, const at::
     }
     return;
   }
-  project_back_blocked(r, dense_projector(p), left, scale, w, /*accumulate=*/true);
-}
-
-// Validates a quantized projector: p_codes (rows, cols * bits / 8) uint8, p_scales/p_zeros
-// (rows, groups) fp32, all contiguous.
-Projector quantized_projector(const char* op, const at::Tensor& codes, const at::Tensor& scales,
-                              const at::Tensor& zeros, int64_t bits) {
-  FG_CHECK_ARG(bits == 4 || bits == 8, op, "bits", "4 or 8, got ", bits);
-  FG_CHECK_ARG(codes.dim() == 2, op, "p_codes", "a 2-d tensor, got a ", codes.dim(), "-d tensor");
-  FG_CHECK_ARG(codes.scalar_type() == at::kByte, op, "p_codes", "uint8, got ", codes.scalar_type());
-  FG_CHECK_ARG(codes.is_contiguous(), op, "p_codes", "contiguous, got a non-contiguous tensor");
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"p_scales", scales}, {"p_zeros", zeros}}) {
-    FG_CHECK_ARG(t.scalar_type() == at::kFloat, op, name, "float32, got ", t.scalar_type());
-    FG_CHECK_ARG(t.is_contiguous(), op, name, "contiguous, got a non-contiguous tensor");
-    FG_CHECK_ARG(t.device() == codes.device(), op, name, "on p_codes's device ", codes.device(), ", got ",
-                 t.device());
-  }
-  FG_CHECK_ARG(scales.dim() == 2 && scales.size(0) == codes.size(0), op, "p_scales", "of shape (", codes.size(0),
-               ", groups), got ", scales.sizes());
-  FG_CHECK_ARG(zeros.sizes() == scales.sizes(), op, "p_zeros", "of shape ", scales.sizes(), ", got ", zeros.sizes());
-  Projector p;
-  p.bits = static_cast<int>(bits);
-  p.rows = codes.size(0);
-  p.cols = codes.size(1) * (8 / bits);
-  p.groups = scales.size(1);
-  FG_CHECK_ARG(p.groups > 0 && p.cols % p.groups == 0, op, "p_scales", "with a last dimension that divides ", p.cols,
-               ", got ", p.groups);
-  if (bits == 4) {
-    FG_CHECK_ARG((p.cols / p.groups) % 2 == 0, op, "p_scales", "such that groups are even (", p.cols,
-                 " values per row), got ", p.groups);
-  }
-  p.codes = codes.const_data_ptr<uint8_t>();
-  p.scales = scales.const_data_ptr<float>();
-  p.zeros = zeros.const_data_ptr<float>();
-  return p;
+  project_back_blocked(r, dense_projector(p), left, scale, w, /*beta=*/1.0);
 }
 
 // g: (m, n) float32/bfloat16/float16; P (dense shape left (m, r), right (r, n)) given as
@@ -361,23 +200,6 @@ at::Tensor lowrank_project_quantized_cpu(const at::Tensor& g, const at::Tensor& 
 
 // r: left (rank, n), right (m, rank); P (dense shape left (m, rank), right (rank, n)) quantized
 // -> (m, n) of r's dtype.
-// Checks of the up projection with a quantized P; returns whether the side is "left".
-bool check_back_quantized(const char* op, const at::Tensor& r, const at::Tensor& p_codes, const Projector& p,
-                          c10::string_view side_sv) {
-  const bool left = check_side(op, std::string(side_sv));
-  FG_CHECK_ARG(is_float_type(r.scalar_type()), op, "r", "float32, bfloat16 or float16, got ", r.scalar_type());
-  FG_CHECK_ARG(r.dim() == 2, op, "r", "a 2-d tensor, got a ", r.dim(), "-d tensor");
-  FG_CHECK_ARG(p_codes.device() == r.device(), op, "p", "on r's device ", r.device(), ", got ", p_codes.device());
-  if (left) {
-    FG_CHECK_ARG(p.cols == r.size(0), op, "p", "of shape (m, ", r.size(0), ") for side='left' with r of shape ",
-                 r.sizes(), ", got (", p.rows, ", ", p.cols, ")");
-  } else {
-    FG_CHECK_ARG(p.rows == r.size(1), op, "p", "of shape (", r.size(1), ", n) for side='right' with r of shape ",
-                 r.sizes(), ", got (", p.rows, ", ", p.cols, ")");
-  }
-  return left;
-}
-
 at::Tensor lowrank_project_back_quantized_cpu(const at::Tensor& r, const at::Tensor& p_codes,
                                               const at::Tensor& p_scales, const at::Tensor& p_zeros, int64_t bits,
                                               c10::string_view side_sv, double scale) {
@@ -385,7 +207,7 @@ at::Tensor lowrank_project_back_quantized_cpu(const at::Tensor& r, const at::Ten
   const Projector p = quantized_projector(op, p_codes, p_scales, p_zeros, bits);
   const bool left = check_back_quantized(op, r, p_codes, p, side_sv);
   at::Tensor out = at::empty({left ? p.rows : r.size(0), left ? r.size(1) : p.cols}, r.options());
-  project_back_blocked(r, p, left, scale, out, /*accumulate=*/false);
+  project_back_blocked(r, p, left, scale, out, /*beta=*/0.0);
   return out;
 }
 
@@ -397,7 +219,7 @@ void lowrank_project_back_quantized_add_cpu(at::Tensor& w, const at::Tensor& r, 
   const Projector p = quantized_projector(op, p_codes, p_scales, p_zeros, bits);
   const bool left = check_back_quantized(op, r, p_codes, p, side_sv);
   check_accumulator(op, w, r, left ? p.rows : r.size(0), left ? r.size(1) : p.cols);
-  project_back_blocked(r, p, left, scale, w, /*accumulate=*/true);
+  project_back_blocked(r, p, left, scale, w, /*beta=*/1.0);
 }
 
 // dy (T, m), x (T, n); p: left (m, r), right (r, n) of dy's dtype -> left (r, n), right (m, r).

@@ -34,9 +34,6 @@ namespace {
 
 using cpu::kChunk;
 
-#define FG_CHECK_ARG(cond, op, arg, ...) \
-  TORCH_CHECK(cond, "fastgrad.", op, ": argument '", arg, "' must be ", __VA_ARGS__)
-
 // out[i] = uniform in [0, 1) of counter first + i, i < kChunk (== fastgrad::philox_uniform).
 // Philox dominates stochastic rounding, so it runs on 16 counters at once. With AVX2: explicit
 // intrinsics (32x32->64 products with vpmuludq on the even and odd lanes, then blends), about 2x
@@ -412,6 +409,11 @@ at::Tensor dequantize_int4_cpu(const at::Tensor& codes, const at::Tensor& scales
 }
 
 }  // namespace
+
+void cpu::quantize_f32(const float* x, int64_t numel, int64_t g, int bits, bool symmetric, bool stochastic,
+                       uint64_t seed, uint64_t offset, uint8_t* codes, float* scales, float* zeros) {
+  quantize_kernel<float>(x, numel, g, bits, symmetric, stochastic, seed, offset, codes, scales, zeros);
+}
 
 TORCH_LIBRARY_IMPL(fastgrad, CPU, m) {
   m.impl("quantize_int8", &quantize_int8_cpu);

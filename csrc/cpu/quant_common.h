@@ -1,12 +1,14 @@
-// Helpers shared by the CPU quantizer kernels (quant.cpp) and the fused quantized-projector kernels
-// (project.cpp): fp32 <-> bf16/fp16 conversion and the group-wise affine decode
-// x = code * scale + zero of fastgrad/_reference.py::dequantize.
+// Helpers shared by the CPU quantizer kernels (quant.cpp), the fused quantized-projector kernels
+// (project.cpp) and the fused Adam steps (adam_step.cpp): the argument-check macro, fp32 <->
+// bf16/fp16 conversion, the group-wise affine decode x = code * scale + zero of
+// fastgrad/_reference.py::dequantize, and the entry point of the one CPU quantizer (quant.cpp).
 //
 // The loops are written for gcc's auto-vectorizer (-O3 -mavx2 -fno-trapping-math, see setup.py):
 // __restrict pointers, no calls, selects instead of branches. -ffp-contract=off keeps code * scale
 // and + zero two correctly rounded fp32 operations, exactly as the reference computes them.
 #pragma once
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -17,6 +19,11 @@
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
+
+// The error of a bad argument, worded like fastgrad/_ops.py::_fail:
+// "fastgrad.<op>: argument '<arg>' must be <expected>, got <got>".
+#define FG_CHECK_ARG(cond, op, arg, ...) \
+  TORCH_CHECK(cond, "fastgrad.", op, ": argument '", arg, "' must be ", __VA_ARGS__)
 
 namespace fastgrad {
 namespace cpu {
@@ -120,6 +127,13 @@ inline void decode_tile(const uint8_t* codes, const float* scales, const float* 
     }
   }
 }
+
+// Group-wise quantization of fp32 values (defined in quant.cpp, the quantize_int8/int4 kernels):
+// x: (numel,) contiguous, numel = groups * g -> codes: (numel * bits / 8,) uint8 (INT4 packed),
+// scales, zeros: (groups,) fp32; stochastic rounding uses the Philox counter offset + i for x[i].
+// Bitwise fastgrad/_reference.py::quantize. Parallel over groups (at::parallel_for).
+void quantize_f32(const float* x, int64_t numel, int64_t g, int bits, bool symmetric, bool stochastic, uint64_t seed,
+                  uint64_t offset, uint8_t* codes, float* scales, float* zeros);
 
 }  // namespace cpu
 }  // namespace fastgrad

@@ -1,0 +1,201 @@
+// The blocked low-rank projection machinery shared by csrc/cpu/project.cpp (lowrank_* ops) and
+// csrc/cpu/adam_step.cpp (galore_adam_step_* ops): the projector P, dense or group-wise quantized,
+// decoded a block at a time (Projector::tile), never as a dense fp32 copy; the checks of P, R and
+// the in-place target W; and the blocked up projection out = beta * out + scale * up(R, P).
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <string>
+#include <utility>
+
+#include "quant_common.h"
+
+namespace fastgrad {
+namespace cpu {
+
+// fp32 elements of a P block in scratch: at least 1 MiB, at most an eighth of P (a projector is
+// skinny and fits in one or two blocks; an INT8 weight used as P by QLinear is decoded in 8 blocks
+// or more, few enough that the GEMMs stay efficient, never as a dense copy). And of a block of a
+// converted bf16/fp16 G or of an fp32 output block staged before conversion (4 MiB).
+inline constexpr int64_t kPBlockElems = int64_t{1} << 18;
+inline constexpr int64_t kPBlockFraction = 8;
+inline constexpr int64_t kGBlockElems = int64_t{1} << 20;
+inline constexpr int64_t kMinBlock = 64;
+
+inline bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+inline bool check_side(const char* op, const std::string& side) {
+  FG_CHECK_ARG(side == "left" || side == "right", op, "side", "'left' or 'right', got '", side, "'");
+  return side == "left";
+}
+
+// Length of a block along a dimension of size `total` whose slices hold `width` elements each:
+// at most `budget` elements per block, a multiple of kMinBlock, at least kMinBlock.
+inline int64_t block_len(int64_t total, int64_t width, int64_t budget) {
+  int64_t len = std::max<int64_t>(kMinBlock, (budget / std::max<int64_t>(width, 1)) / kMinBlock * kMinBlock);
+  return std::min(len, std::max<int64_t>(total, 1));
+}
+
+// The projector P (rows x cols), dense (any float dtype) or quantized (codes + fp32 scales/zeros,
+// groups along each row). tile() gives P[r0:r1, c0:c1] as an fp32 matrix: a view of a dense fp32
+// P, otherwise decoded/upcast into `scratch` (at least (r1-r0)*(c1-c0) fp32 elements).
+struct Projector {
+  at::Tensor dense;  // defined for a dense P
+  const uint8_t* codes = nullptr;
+  const float* scales = nullptr;
+  const float* zeros = nullptr;
+  int bits = 8;
+  int64_t rows = 0, cols = 0, groups = 0;
+
+  bool needs_scratch() const { return !dense.defined() || dense.scalar_type() != at::kFloat; }
+
+  // fp32 elements of one decoded block of P (see kPBlockElems).
+  int64_t block_budget() const { return std::max(kPBlockElems, rows * cols / kPBlockFraction); }
+
+  at::Tensor tile(int64_t r0, int64_t r1, int64_t c0, int64_t c1, const at::Tensor& scratch) const {
+    const int64_t h = r1 - r0, w = c1 - c0;
+    if (dense.defined()) {
+      at::Tensor view = dense.slice(0, r0, r1).slice(1, c0, c1);
+      if (dense.scalar_type() == at::kFloat) return view;
+      return scratch.narrow(0, 0, h * w).view({h, w}).copy_(view);
+    }
+    at::Tensor out = scratch.narrow(0, 0, h * w).view({h, w});
+    float* dst = out.data_ptr<float>();
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(w, 1));
+    at::parallel_for(r0, r1, grain, [&](int64_t b, int64_t e) {
+      cpu::decode_tile(codes, scales, zeros, bits, cols, groups, b, e, c0, c1, dst + (b - r0) * w, w);
+    });
+    return out;
+  }
+};
+
+inline Projector dense_projector(const at::Tensor& p) {
+  Projector proj;
+  proj.dense = p;
+  proj.rows = p.size(0);
+  proj.cols = p.size(1);
+  return proj;
+}
+
+// Validates a quantized projector: p_codes (rows, cols * bits / 8) uint8, p_scales/p_zeros
+// (rows, groups) fp32, all contiguous.
+inline Projector quantized_projector(const char* op, const at::Tensor& codes, const at::Tensor& scales,
+                                     const at::Tensor& zeros, int64_t bits) {
+  FG_CHECK_ARG(bits == 4 || bits == 8, op, "bits", "4 or 8, got ", bits);
+  FG_CHECK_ARG(codes.dim() == 2, op, "p_codes", "a 2-d tensor, got a ", codes.dim(), "-d tensor");
+  FG_CHECK_ARG(codes.scalar_type() == at::kByte, op, "p_codes", "uint8, got ", codes.scalar_type());
+  FG_CHECK_ARG(codes.is_contiguous(), op, "p_codes", "contiguous, got a non-contiguous tensor");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"p_scales", scales}, {"p_zeros", zeros}}) {
+    FG_CHECK_ARG(t.scalar_type() == at::kFloat, op, name, "float32, got ", t.scalar_type());
+    FG_CHECK_ARG(t.is_contiguous(), op, name, "contiguous, got a non-contiguous tensor");
+    FG_CHECK_ARG(t.device() == codes.device(), op, name, "on p_codes's device ", codes.device(), ", got ",
+                 t.device());
+  }
+  FG_CHECK_ARG(scales.dim() == 2 && scales.size(0) == codes.size(0), op, "p_scales", "of shape (", codes.size(0),
+               ", groups), got ", scales.sizes());
+  FG_CHECK_ARG(zeros.sizes() == scales.sizes(), op, "p_zeros", "of shape ", scales.sizes(), ", got ", zeros.sizes());
+  Projector p;
+  p.bits = static_cast<int>(bits);
+  p.rows = codes.size(0);
+  p.cols = codes.size(1) * (8 / bits);
+  p.groups = scales.size(1);
+  FG_CHECK_ARG(p.groups > 0 && p.cols % p.groups == 0, op, "p_scales", "with a last dimension that divides ", p.cols,
+               ", got ", p.groups);
+  if (bits == 4) {
+    FG_CHECK_ARG((p.cols / p.groups) % 2 == 0, op, "p_scales", "such that groups are even (", p.cols,
+                 " values per row), got ", p.groups);
+  }
+  p.codes = codes.const_data_ptr<uint8_t>();
+  p.scales = scales.const_data_ptr<float>();
+  p.zeros = zeros.const_data_ptr<float>();
+  return p;
+}
+
+// Checks of the up projection with a dense P. r: left (rank, n), right (m, rank); p: left (m, rank),
+// right (rank, n) of r's dtype. Returns whether the side is "left".
+inline bool check_back_dense(const char* op, const at::Tensor& r, const at::Tensor& p, c10::string_view side_sv) {
+  FG_CHECK_ARG(p.dim() == 2, op, "p", "a 2-d tensor, got a ", p.dim(), "-d tensor");
+  const bool left = check_side(op, std::string(side_sv));
+  FG_CHECK_ARG(is_float_type(r.scalar_type()), op, "r", "float32, bfloat16 or float16, got ", r.scalar_type());
+  FG_CHECK_ARG(r.dim() == 2, op, "r", "a 2-d tensor, got a ", r.dim(), "-d tensor");
+  FG_CHECK_ARG(p.device() == r.device(), op, "p", "on r's device ", r.device(), ", got ", p.device());
+  FG_CHECK_ARG(p.scalar_type() == r.scalar_type(), op, "p", "of r's dtype ", r.scalar_type(), ", got ",
+               p.scalar_type());
+  if (left) {
+    FG_CHECK_ARG(p.size(1) == r.size(0), op, "p", "of shape (m, ", r.size(0), ") for side='left' with r of shape ",
+                 r.sizes(), ", got ", p.sizes());
+  } else {
+    FG_CHECK_ARG(p.size(0) == r.size(1), op, "p", "of shape (", r.size(1), ", n) for side='right' with r of shape ",
+                 r.sizes(), ", got ", p.sizes());
+  }
+  return left;
+}
+
+// w, the in-place target of an _add_ op: a float tensor of shape (m, n) on r's device.
+inline void check_accumulator(const char* op, const at::Tensor& w, const at::Tensor& r, int64_t m, int64_t n) {
+  FG_CHECK_ARG(is_float_type(w.scalar_type()), op, "w", "float32, bfloat16 or float16, got ", w.scalar_type());
+  FG_CHECK_ARG(w.dim() == 2 && w.size(0) == m && w.size(1) == n, op, "w", "of shape (", m, ", ", n, "), got ",
+               w.sizes());
+  FG_CHECK_ARG(w.device() == r.device(), op, "w", "on r's device ", r.device(), ", got ", w.device());
+}
+
+// Checks of the up projection with a quantized P; returns whether the side is "left".
+inline bool check_back_quantized(const char* op, const at::Tensor& r, const at::Tensor& p_codes, const Projector& p,
+                                 c10::string_view side_sv) {
+  const bool left = check_side(op, std::string(side_sv));
+  FG_CHECK_ARG(is_float_type(r.scalar_type()), op, "r", "float32, bfloat16 or float16, got ", r.scalar_type());
+  FG_CHECK_ARG(r.dim() == 2, op, "r", "a 2-d tensor, got a ", r.dim(), "-d tensor");
+  FG_CHECK_ARG(p_codes.device() == r.device(), op, "p", "on r's device ", r.device(), ", got ", p_codes.device());
+  if (left) {
+    FG_CHECK_ARG(p.cols == r.size(0), op, "p", "of shape (m, ", r.size(0), ") for side='left' with r of shape ",
+                 r.sizes(), ", got (", p.rows, ", ", p.cols, ")");
+  } else {
+    FG_CHECK_ARG(p.rows == r.size(1), op, "p", "of shape (", r.size(1), ", n) for side='right' with r of shape ",
+                 r.sizes(), ", got (", p.rows, ", ", p.cols, ")");
+  }
+  return left;
+}
+
+// Up projection into `out` (m, n), any float dtype, in place: out = beta * out + scale * (P R | R P),
+// summed in fp32 and rounded once to out's dtype. beta = 0: out's previous contents are never read
+// (a NaN there does not propagate); beta = 1: out += scale * up; other values: a weight decay.
+// r: left (rank, n), right (m, rank); P: left (m, rank), right (rank, n).
+inline void project_back_blocked(const at::Tensor& r, const Projector& p, bool left, double scale, at::Tensor& out,
+                                 double beta) {
+  const int64_t m = out.size(0), n = out.size(1);
+  const int64_t rank = left ? r.size(0) : r.size(1);
+  if (out.numel() == 0) return;
+  if (rank == 0) {  // up = 0
+    if (beta == 0.0) {
+      out.zero_();
+    } else if (beta != 1.0) {
+      out.mul_(beta);
+    }
+    return;
+  }
+  const bool out_f32 = out.scalar_type() == at::kFloat;
+  const auto f32 = r.options().dtype(at::kFloat);
+  const at::Tensor rf = r.scalar_type() == at::kFloat ? r : r.to(at::kFloat);
+  const int64_t split = left ? m : n;  // output rows (left) or columns (right), split into blocks
+  int64_t blk = block_len(split, rank, p.block_budget());
+  if (!out_f32) blk = std::min(blk, block_len(split, left ? n : m, kGBlockElems));
+  at::Tensor p_scratch = p.needs_scratch() ? at::empty({blk * rank}, f32) : at::Tensor();
+  at::Tensor o_scratch = out_f32 ? at::Tensor() : at::empty({blk * (left ? n : m)}, f32);
+  for (int64_t b0 = 0; b0 < split; b0 += blk) {
+    const int64_t b1 = std::min(split, b0 + blk);
+    at::Tensor dst = left ? out.slice(0, b0, b1) : out.slice(1, b0, b1);
+    at::Tensor acc = out_f32 ? dst : o_scratch.narrow(0, 0, dst.numel()).view(dst.sizes());
+    if (!out_f32 && beta != 0.0) acc.copy_(dst);
+    if (left) {  // out[b0:b1, :] = beta * out[b0:b1, :] + scale * P[b0:b1, :] (blk, rank) @ R (rank, n)
+      at::addmm_out(acc, acc, p.tile(b0, b1, 0, rank, p_scratch), rf, beta, /*alpha=*/scale);
+    } else {  // out[:, b0:b1] = beta * out[:, b0:b1] + scale * R (m, rank) @ P[:, b0:b1] (rank, blk)
+      at::addmm_out(acc, acc, rf, p.tile(0, rank, b0, b1, p_scratch), beta, /*alpha=*/scale);
+    }
+    if (!out_f32) dst.copy_(acc);
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastgrad
