@@ -77,7 +77,7 @@ import triton.language as tl
 from fastgrad._ops import check_galore_adam_step, check_galore_adam_step_int8, check_galore_adam_step_quantized
 
 from ._common import INTERPRET, autotune, load_float, out_view, parallel_slots, store_float
-from .project import _load_tile
+from .project import _INTERPRET_CONFIG, _load_tile
 from .quant import _reduce_chunk, _scale_zero, encode_codes
 
 # Knobs (module attributes so that tests can reach every path with small shapes).
@@ -89,7 +89,6 @@ _MIN_DOT = 16  # smallest tl.dot dimension on a GPU
 
 _NO_FMA = {"enable_fp_fusion": False}
 
-_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
 _DENSE_CONFIGS = [_INTERPRET_CONFIG] + [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in (
