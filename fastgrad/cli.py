@@ -27,6 +27,7 @@ _MEMORY_FLAGS = {
     "--dtype",
     "--activation-checkpointing",
     "--layerwise",
+    "--layerwise-streaming",
     "--vocab-size",
     "--no-lowrank-grad",
 }
@@ -206,12 +207,14 @@ def _check_memory_cap(cfg: TrainConfig) -> None:
     if cfg.optim not in MODELLED_OPTIMIZERS:
         return
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # The whole config is modelled, --layerwise-streaming included (updates during backward).
     peak = estimate(cfg, device="cuda" if device.startswith("cuda") else "cpu").peak
     if peak > cfg.max_memory_gb * 2**30:
+        options = "--layerwise-streaming" if cfg.layerwise and not cfg.layerwise_streaming else "--layerwise"
         raise ValueError(
             f"--max-memory-gb {cfg.max_memory_gb}: a training step of this configuration needs about "
             f"{peak / 2**30:.2f} GiB (fastgrad memory with the same options shows the breakdown); lower "
-            "--batch-size or --seq-len, or use --activation-checkpointing, --layerwise, a lower --rank or q-galore"
+            f"--batch-size or --seq-len, or use --activation-checkpointing, {options}, a lower --rank or q-galore"
         )
 
 
@@ -276,6 +279,9 @@ def memory(args: argparse.Namespace) -> int:
                 f"fastgrad pretrain does not take --layerwise with {cfg.optim} yet; this is the step of "
                 "fastgrad.optim.layerwise driving it (as from Python)"
             )
+    streaming_error = cfg.layerwise_streaming_error()
+    if streaming_error:
+        raise ValueError(streaming_error)
     breakdown = estimate(cfg, device=args.device)
     if args.json:
         print(json.dumps({**dataclasses.asdict(breakdown), "total": breakdown.total}, indent=1))

@@ -27,8 +27,11 @@ seq tokens, C hidden, I intermediate, V vocabulary, e bytes of the model dtype:
   rotary embedding's fp32 temporaries (four a·C), a QLinear's fp32 matmul output.
 * **Loss**: the logits (a·V·e), their fp32 copy (16-bit models), the fp32 log-softmax (saved).
   Backward starts with two more a·V fp32 tensors: with a large vocabulary the peak is at the head.
-* **Activation checkpointing** keeps each layer's input (a·C·e) only; backward recomputes the layer
-  (until its last saved tensor) right before its backward.
+* **Activation checkpointing** keeps each layer's input (a·C·e) only (and, on CPU, the 5056-byte CPU
+  RNG state, a second one during the recomputation); backward recomputes the layer (until its last
+  saved tensor) right before its backward. LowRankGradLinear then forms G: it looks its projection
+  up by the weight it saved, which the recomputation hands back as another tensor (QLinear is not
+  affected).
 * **Backward**: every op frees what it saved and allocates its input gradients (the SwiGLU's three
   a·I gradients are the largest per layer); weight gradients appear in backward order (head first,
   embedding last) in the model dtype, fp32 for QLinear's INT8 weights.
@@ -38,28 +41,50 @@ seq tokens, C hidden, I intermediate, V vocabulary, e bytes of the model dtype:
 * **Gradients, layer-wise**: a low-rank weight's gradient is projected in its hook (after a refresh
   from it, on refresh steps) and freed; its R is kept until ``finish_step``, as are the full
   gradients of the full-rank parameters (embeddings, norms, head); optimizers whose update reads
-  the full gradient (Fira, APOLLO, FRUGAL) keep every full gradient until then.
+  the full gradient (Fira, APOLLO, FRUGAL) keep every full gradient until then. ``finish_step``
+  takes the fp32 norm of each (an fp32 copy of a 16-bit tensor on CPU) before updating.
+* **Layer-wise streaming** (``--layerwise-streaming``): in the last micro-batch each parameter's
+  hook (autograd's AccumulateGrad of a Linear, norm or embedding weight; inside a QLinear's
+  backward; as a layer delivers R) finalizes its accumulation, takes its norm and runs the
+  optimizer's update of that weight alone, then frees its R or full gradient (and the projector
+  its refresh replaced): nothing is held until ``finish_step``, and the update's temporaries come
+  during backward, with the activations not yet freed.
 * **Optimizer step**: the GaLore family projects every gradient first (all R alive, and the
-  replaced projectors, which the step's rollback snapshot keeps), then updates weight by weight:
-  Adam's denominator, Fira's and FRUGAL's m×n residual, Q-GaLore's INT8 update by blocks of ≤ 2^20
-  rows·columns (fp32 rows and their new codes), 8-bit moments decoded to fp32 one weight at a time;
-  torch's AdamW: per tensor on CPU, ``foreach`` on CUDA (a copy of every second moment at once).
+  replaced projectors, which the step's rollback snapshot keeps), then updates param group by
+  param group (low-rank, then the rest), in each the weights with fp32/16-bit moments first, then
+  the 8-bit ones. A low-rank weight with fp32/16-bit moments (GaLore, Q-GaLore, and the 8-bit
+  variants below min_8bit_size) is one fused ``galore_adam_step_`` op: the moments in place, N in
+  an R-sized fp32 scratch, R held until the op returns; a dense W by one addmm_ (fp32) or scratch
+  blocks of P and W (16-bit), an INT8 W decoded, updated and re-quantized in place by blocks of
+  whole rows of ≤ 2^18 fp32 elements. Full-rank weights: Adam's denominator; 8-bit moments are
+  decoded to fp32 one weight at a time, the weight updated unfused (Q-GaLore8bit's INT8 weight by
+  blocks of ≤ 2^20 rows·columns: fp32 rows and their new codes), re-encoded. Fira's and FRUGAL's
+  m×n residual; torch's AdamW: per tensor on CPU, ``foreach`` on CUDA (a copy of every second
+  moment at once).
 * **Projector refresh**: the SVD (``full_matrices=False``) of the fp32 gradient: LAPACK's copy of
   the input, U, S, Vᴴ, then the new P (two copies for GaLore's strided slice; Q-GaLore's fp32 basis
   and INT4 codes). APOLLO's random P is regenerated (r'·d fp32) whenever it is needed.
-* **CPU kernels** (``device="cpu"``): the C++ ops' scratch blocks (≤ 1 MiB of P, ≤ 4 MiB of G), and
-  the fp32 copies torch makes for an in-place op mixing a 16-bit tensor with an fp32 one
-  (APOLLO's/Fira's ``addcmul_``, 8-bit AdamW's ``add_``). The CUDA kernels need neither.
+* **CPU kernels** (``device="cpu"``): the C++ ops' scratch blocks (≤ 1 MiB of P, ≤ 4 MiB of G, the
+  fused INT8 step's ≤ 1 MiB of decoded rows), the flash-attention kernel's per-thread blocks (one
+  thread counted), and the fp32 copies torch makes for an in-place op mixing a 16-bit tensor with
+  an fp32 one (APOLLO's/Fira's ``addcmul_``, 8-bit AdamW's ``add_``, a 16-bit R added into the
+  layer-wise fp32 buffer). The CUDA kernels need none of them.
 
 Not modelled: the CUDA context (~0.5 GiB), the caching allocator's fragmentation and reserve,
 cuBLAS/cuSOLVER workspaces and scratch LAPACK allocates outside torch's allocator, ``torch.compile``,
 DDP buckets. The numbers are those of ``torch.cuda.max_memory_allocated`` (and of the profiler's
 memory events on CPU).
 
-Validation (tests/test_memory.py): the peak against the live-memory peak of real steps measured with
-the profiler on CPU (small LLaMAs; AdamW, GaLore, Q-GaLore, GaLore layer-wise, with and without
-activation checkpointing; within 10%, in practice within 1%), and exactly the weights and
-``optimizer.state_bytes()`` after a step, for every optimizer.
+Validation (tests/test_memory.py): the peak of each phase against the live-memory peak of real steps
+measured with the profiler on CPU, to a relative 1e-4 (what is left is a few bytes of scalar
+tensors, and the later micro-batches' token tensors that the measurement keeps): small LLaMAs,
+AdamW, GaLore (with and without LowRankGradLinear), Q-GaLore, their 8-bit-moment variants, with
+and without activation checkpointing, fp32 and bf16, gradient accumulation, refresh steps and steps
+between refreshes, layer-wise and layer-wise streaming, and a model whose QLinear weights exceed
+one 2^18-element block of the fused INT8 step; and exactly the weights and
+``optimizer.state_bytes()`` after a step, for every optimizer. Fira, APOLLO and FRUGAL are modelled
+the same way but not held to the measured peaks: a few of their temporaries are missing (on the
+tests' wide model their steps come out up to 0.2% low; FRUGAL's bf16 step between refreshes 3.4%).
 """
 
 from __future__ import annotations
@@ -105,25 +130,31 @@ _EIGHT_BIT = {"adamw8bit", "galore8bit", "q-galore8bit"}
 # always; LowRankGradLinear for the GaLore optimizers with cfg.lowrank_grad (fastgrad.train.optimizers).
 _PROJECTED_GRAD = {"q-galore", "q-galore8bit"}
 _PROJECTED_GRAD_OPTIONAL = {"galore", "galore8bit"}
-# Optimizers whose per-weight Adam step is a method (its denominator is freed per weight); the
-# others compute it inline in their update loop, so the previous weight's lives until rebound.
-_DENOM_PER_WEIGHT = {"galore", "galore8bit", "adamw8bit"}
+# Optimizers stepped per param group by LowRankOptimizer ``_step_items`` (GaLoreAdamW, QGaLoreAdamW,
+# their 8-bit-moment variants, AdamW8bit): each weight's step is a method call (its temporaries are
+# freed when it returns) and a low-rank weight with fp32/16-bit moments is one fused op call. The
+# others (Fira, APOLLO, FRUGAL) update inline in their loop: the previous weight's denominator lives
+# until rebound.
+_STEP_ITEMS = {"galore", "galore8bit", "q-galore", "q-galore8bit", "adamw8bit"}
 BLOCK_8BIT = 256  # 8-bit moments (GaLoreAdamW8bit, AdamW8bit): blocks of 256 values
 MIN_8BIT_NUMEL = 4096  # moments of fewer elements stay dense
 QLINEAR_GROUP = 256  # quantize_model(model, group_size=256) in fastgrad.train.optimizers
 PROJ_GROUP = 256  # Q-GaLore's INT4 projector group (proj_group_size)
 QUEUE_SIZE = 5  # Q-GaLore's cosine queue
+CPU_RNG_STATE = 5056  # bytes of torch.get_rng_state() (the CPU generator's state)
 SVD_SCRATCH = 14_400  # bytes: the small LAPACK buffers torch allocates besides U, S, Vh and the input copy
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 P_BLOCK, G_BLOCK = 1 << 18, 1 << 20  # fp32 elements of the C++ kernels' scratch blocks (csrc/cpu/project.cpp)
 P_BLOCK_FRACTION = 8  # ... a block of P holds up to max(P_BLOCK, P's elements / 8)
-UPDATE_BLOCK = 1 << 20  # Q-GaLore updates an INT8 weight this many elements (whole rows) at a time
+UPDATE_BLOCK = 1 << 20  # QGaLoreAdamW8bit's unfused INT8 update: this many elements (whole rows) at a time
+INT8_STEP_BLOCK = 1 << 18  # the fused step decodes an INT8 weight this many fp32 elements (whole rows) at a time
 
 
 @dataclass(frozen=True)
 class MemoryBreakdown:
     """Bytes of one training step. ``peak`` is the largest live total over the step (the phases'
-    maxima are in ``phases``), not the sum of the categories."""
+    maxima are in ``phases``; of a step between projector refreshes in ``phases_between_refreshes``),
+    not the sum of the categories."""
 
     weights: int
     gradients: int
@@ -134,12 +165,14 @@ class MemoryBreakdown:
     peak_phase: str
     peak_between_refreshes: int
     phases: dict[str, int] = field(default_factory=dict)
+    phases_between_refreshes: dict[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     config: dict = field(default_factory=dict)
 
     @property
     def total(self) -> int:
-        """Sum of the categories (an upper bound of the peak: they are not all alive at once)."""
+        """Sum of the categories (not the peak: they are not all alive at once, and the optimizer's and
+        the kernels' temporaries are in none of them)."""
         return self.weights + self.gradients + self.optimizer_states + self.projector_transients + self.activations
 
     def rows(self) -> list[tuple[str, int]]:
@@ -241,21 +274,26 @@ def _block_len(total: int, width: int, budget: int) -> int:
 class _Tape:
     """Live bytes over a replayed step; remembers the maximum per phase."""
 
-    def __init__(self, resident: int) -> None:
+    def __init__(self, resident: int, trace: list[tuple[str, int]] | None = None) -> None:
         self.live = resident
         self.phase = ""
         self.peaks: dict[str, int] = {}
+        self.trace = trace  # (phase, ±bytes) of every non-empty event, when given (for debugging the model)
 
     def start(self, phase: str) -> None:
         self.phase = phase
         self.peaks[phase] = max(self.peaks.get(phase, 0), self.live)
 
     def alloc(self, nbytes: int) -> None:
+        if self.trace is not None and nbytes:
+            self.trace.append((self.phase, nbytes))
         self.live += nbytes
         if self.live > self.peaks[self.phase]:
             self.peaks[self.phase] = self.live
 
     def free(self, nbytes: int) -> None:
+        if self.trace is not None and nbytes:
+            self.trace.append((self.phase, -nbytes))
         self.live -= nbytes
 
     def temp(self, nbytes: int) -> None:
@@ -275,6 +313,7 @@ class _Step:
         self.quantized = cfg.optim in ("q-galore", "q-galore8bit")  # QLinear (INT8) weights
         self.lowrank = cfg.optim in LOWRANK_OPTIMIZERS
         self.layerwise = cfg.layerwise and self.lowrank
+        self.streaming = self.layerwise and cfg.layerwise_streaming  # each weight updated in its hook
         self.reads_grad = cfg.optim in _READS_GRAD
         self.eight_bit = cfg.optim in _EIGHT_BIT
         self.weights = _weights(mc)
@@ -288,6 +327,8 @@ class _Step:
         self.LSE = b * mc.num_heads * t * 4  # attention log-sum-exp
         self.V = a * mc.vocab_size  # logits elements
         self.batch = 2 * a * 8  # input ids and labels (int64)
+        # torch.utils.checkpoint keeps torch.get_rng_state() per checkpointed layer: a CPU tensor
+        self._rng_state = CPU_RNG_STATE if device == "cpu" else 0
 
     # ------------------------------------------------------------------ per-weight quantities
     def grad_bytes(self, w: _Weight) -> int:
@@ -394,11 +435,13 @@ class _Step:
         return tape.peaks["refresh"]
 
     # ------------------------------------------------------------------ the replay
-    def run(self, refresh: bool) -> dict[str, int]:
-        """Replay one step (a projector-refresh step or not); returns the peak of each phase."""
-        tape = _Tape(self.weight_bytes() + self.optimizer_state_bytes() + self.batch)
+    def run(self, refresh: bool, trace: list[tuple[str, int]] | None = None) -> dict[str, int]:
+        """Replay one step (a projector-refresh step or not); returns the peak of each phase (and
+        appends every event to ``trace`` if given)."""
+        tape = _Tape(self.weight_bytes() + self.optimizer_state_bytes() + self.batch, trace)
         # the SVD projectors' refresh (APOLLO's random P needs no gradient and is regenerated anyway)
         self._snapshots = 0  # replaced projector tensors kept by the step's rollback snapshots
+        self._norms = 0  # the layer-wise driver's per-weight gradient norms (0-d fp32), kept until used
         self._due = refresh and self.lowrank and self.optim not in ("apollo", "apollo-mini")
         ga = self.cfg.grad_accum
         for micro in [0] if ga == 1 else [0, ga - 1]:  # the middle micro-batches are like the last one
@@ -446,11 +489,13 @@ class _Step:
             return
         m, n = w.shape
         a = self.tokens
+        scratch = self._down_scratch(red=n, rank=m, other=a, g_f32=not self.cast, p_f32=False)
         tape.alloc(a * m * 4)
-        tape.temp(self._down_scratch(red=n, rank=m, other=a, g_f32=not self.cast, p_f32=False))
+        tape.alloc(scratch)
         if self.cast:
-            tape.alloc(out)
+            tape.alloc(out)  # cast before the kernel's scratch is released
             tape.free(a * m * 4)
+        tape.free(scratch)
 
     def _rotary_forward(self, tape: _Tape, size: int, size4: int) -> None:
         """apply_rotary on an input of ``size`` bytes (``size4`` in fp32); leaves the output alive."""
@@ -468,6 +513,20 @@ class _Step:
         tape.free(size4)  # rotated
         if self.cast:
             tape.free(size4)  # x.float()
+
+    def _flash_scratch(self, backward: bool) -> int:
+        """The CPU flash-attention kernel's per-thread fp32 buffer (one thread counted), blocks of qS
+        queries × kvS keys (qS = 32, 64 from 192 tokens, 256 from 768; kvS = 512; at most seq):
+        forward the scores, row max and sum, and the output block; backward the scores and their
+        gradient, and a row sum. 16-bit models add 16-bit copies of the score blocks."""
+        if self.device != "cpu":
+            return 0
+        t, d = self.cfg.seq_len, self.mc.head_dim
+        qs = min(t, 256 if t >= 768 else 64 if t >= 192 else 32)
+        kvs = min(t, 512)
+        if backward:
+            return 4 * (2 * qs * kvs + qs) + (2 * 2 * qs * kvs if self.cast else 0)
+        return 4 * (qs * kvs + 2 * qs + qs * d) + (2 * qs * kvs if self.cast else 0)
 
     def _layer(self, n: int) -> dict[str, _Weight]:
         prefix = f"model.layers.{n}."
@@ -495,6 +554,7 @@ class _Step:
             tape.free(2 * XKV)
         tape.alloc(X)  # attention output (flash: plus the log-sum-exp; its transpose-reshape is a view)
         tape.alloc(self.LSE)
+        tape.temp(self._flash_scratch(backward=False))
         if not keep:
             tape.free(self.LSE)
         tape.alloc(X)  # o_proj
@@ -530,6 +590,8 @@ class _Step:
         X, V, e = self.X, self.V, self.e
         tape.alloc(X)  # embedding output
         for n in range(self.mc.num_layers):
+            if self.cfg.activation_checkpointing:
+                tape.alloc(self._rng_state)  # the checkpoint keeps the CPU RNG state for the recomputation
             self._layer_forward(tape, n, keep=not self.cfg.activation_checkpointing)
         self._norm_forward(tape, keep=True)
         if self.cast:
@@ -547,26 +609,24 @@ class _Step:
         """Whether ``w``'s layer computes R itself in this step's backward (no m×n gradient): a
         QLinear or LowRankGradLinear between refreshes (the optimizer publishes P after a step the
         next one does not refresh)."""
-        layers = self.optim in _PROJECTED_GRAD or (self.optim in _PROJECTED_GRAD_OPTIONAL and self.cfg.lowrank_grad)
+        layers = self.optim in _PROJECTED_GRAD or (
+            # LowRankGradLinear looks its projection up by the weight it saved for backward, which
+            # activation checkpointing's recomputation hands back as another tensor: no R, G instead
+            self.optim in _PROJECTED_GRAD_OPTIONAL and self.cfg.lowrank_grad and not self.cfg.activation_checkpointing
+        )
         return layers and w.proj and not self._due
 
     def _new_grad(self, tape: _Tape, w: _Weight) -> None:
-        """Backward produces the gradient of ``w``. Non-layer-wise it becomes (first micro-batch) or
-        is added in place into p.grad (a QLinear adds straight into its fp32 .grad); layer-wise the
-        hook takes it (see :meth:`_hook`; full-rank parameters add it into their kept gradient)."""
-        g = self.grad_bytes(w)
-        if self._micro == 0:
-            tape.alloc(g)
-        elif self.layerwise:
-            tape.alloc(g)
-            if not self.is_lowrank(w):
-                tape.free(g)
-        elif not (self.quantized and w.proj):
-            tape.temp(g)
+        """Backward produces the gradient of ``w``: it becomes p.grad (first micro-batch), or is a new
+        tensor that the weight's grad-ready point (:meth:`_hook`) adds into what is kept; a QLinear
+        adds straight into its fp32 .grad, when the layer-wise driver has not taken it."""
+        if self._micro > 0 and self.quantized and w.proj and not self.layerwise:
+            return
+        tape.alloc(self.grad_bytes(w))
 
     def _new_projected_grad(self, tape: _Tape, w: _Weight, quantized: bool) -> None:
-        """fastgrad.ops.lowrank_grad: R from dy and x via the T×r' product Z (fp32), kept (in the
-        layer's projected gradient, then the layer-wise buffer) until the step. A QLinear
+        """fastgrad.ops.lowrank_grad: R from dy and x via the T×r' product Z (fp32), delivered to the
+        weight's projected gradient (then its grad-ready hook runs, :meth:`_hook`). A QLinear
         (``quantized``) passes dy and x in fp32 and gets an fp32 R; a LowRankGradLinear passes them
         in the model's dtype and gets R in it (the C++ kernel upcasts 16-bit blocks of them)."""
         m, n = w.shape
@@ -589,45 +649,71 @@ class _Step:
             tape.temp(4 * blk * width if self.device == "cpu" else 0)
             tape.alloc(low)
             tape.free(out32)
-        if self._micro > 0:
-            tape.free(low)  # added into the accumulated one
         tape.free(a * r * 4 + casts)
+        self._hook(tape, w)  # deliver_projected_grad: the grad-ready hooks run before the layer returns
 
     def _hook(self, tape: _Tape, w: _Weight) -> None:
-        """Layer-wise: what the grad-ready hook does with the gradient of a low-rank ``w`` (full-rank
-        parameters keep their gradient until finish_step, as p.grad does otherwise)."""
-        if not (self.layerwise and self.is_lowrank(w)) or self._projected(w):
-            return  # a projected gradient goes into the layer-wise buffer as it is
+        """The gradient of ``w`` for this micro-batch is complete: autograd's AccumulateGrad (a
+        Linear's, a norm's, the embedding's weight) or a fastgrad layer's grad-ready hook (a QLinear's
+        G, inside its backward; a projected R, as the layer delivers it). Non-layer-wise, a later
+        micro-batch's gradient is added into p.grad (or R into the projected gradient) and freed;
+        layer-wise, the driver's hook takes it (fastgrad.optim.layerwise ``_hook``) and, streaming,
+        updates the weight in the last micro-batch (:meth:`_stream`)."""
         g = self.grad_bytes(w)
-        if self.reads_grad or self._due:  # the full gradient is accumulated (refresh from the whole G, or read)
+        low = self.low_bytes(w) if self.is_lowrank(w) else 0
+        delivered = 0  # a delivered R that was added into what is kept: freed when the layer returns
+        if self._projected(w):  # R, delivered by the layer
+            if self._micro > 0:
+                tape.temp(self._mixed_add(w))
+                delivered = low  # added into the accumulated one
+            elif self.layerwise and self._fp32_buffer(w):
+                tape.alloc(self._fp32_buffer(w))  # accumulated (and all-reduced) in fp32
+                delivered = low
+        elif not self.layerwise:
+            if self._micro > 0 and not (self.quantized and w.proj):
+                tape.free(g)  # added into p.grad
+            return
+        elif not self.is_lowrank(w):
+            if self._micro > 0:
+                tape.free(g)  # added into the kept gradient
+        elif self.reads_grad or self._due:  # the full gradient is accumulated (refresh from the whole G, or read)
             if self._micro > 0:
                 tape.free(g)  # added into the buffer
             if self._last:
                 self._project(tape, w, self._due)
                 if not self.reads_grad:
                     tape.free(g)  # the buffer is freed once projected
-            return
-        # between refreshes: project each micro-batch's G, keep R (summed over micro-batches)
-        self._project(tape, w, False)
-        low = self.low_bytes(w)
-        if self._micro > 0:
-            tape.free(low)  # added into the buffer
-        elif self._fp32_buffer(w):
-            tape.alloc(self._fp32_buffer(w))  # accumulated (and all-reduced) in fp32
-            tape.free(low)
-        tape.free(g)
+        else:  # between refreshes: project each micro-batch's G, keep R (summed over micro-batches)
+            self._project(tape, w, False)
+            if self._micro > 0:
+                tape.temp(self._mixed_add(w))
+                tape.free(low)  # added into the buffer
+            elif self._fp32_buffer(w):
+                tape.alloc(self._fp32_buffer(w))  # accumulated (and all-reduced) in fp32
+                tape.free(low)
+            tape.free(g)
+        if self.streaming and self._last:
+            self._stream(tape, w)
+        tape.free(delivered)
+
+    def _mixed_add(self, w: _Weight) -> int:
+        """Bytes of the fp32 copy torch makes of a 16-bit R added into an fp32 buffer (CPU)."""
+        return self._fp32_buffer(w) if self.device == "cpu" else 0
 
     def _fp32_buffer(self, w: _Weight) -> int:
         """Layer-wise with several micro-batches, a 16-bit R is accumulated in an fp32 buffer (bytes;
         0 when it is not)."""
+        if not (self.layerwise and self.is_lowrank(w)):
+            return 0
         if self.cfg.grad_accum > 1 and self.cast and not self.quantized and not self.reads_grad and not self._due:
             return max(w.shape) * self.rank(w) * 4
         return 0
 
     def _node_hook(self, tape: _Tape, w: _Weight) -> None:
         """The hook of a Linear weight after its backward node (autograd's post-accumulate-grad hook);
-        a QLinear runs it inside its backward instead (see :meth:`_linear_backward`)."""
-        if not (self.quantized and w.proj):
+        a QLinear runs it inside its backward, and a projected gradient as it is delivered (see
+        :meth:`_linear_backward`)."""
+        if not (self.quantized and w.proj) and not self._projected(w):
             self._hook(tape, w)
 
     def _project(self, tape: _Tape, w: _Weight, refresh: bool) -> None:
@@ -641,14 +727,15 @@ class _Step:
             tape.alloc(self.regenerated_bytes(w))  # P regenerated from its seed
         g_f32 = self.quantized or not self.cast
         p_f32 = not self.quantized and not self.cast
-        if not g_f32:
-            tape.alloc(max(m, n) * r * 4)  # fp32 result of the blocked kernel
+        scratch = self._down_scratch(red=red, rank=r, other=other, g_f32=g_f32, p_f32=p_f32)
+        if not g_f32:  # the blocked kernel's fp32 result, cast to the gradient's dtype before it returns
+            tape.alloc(max(m, n) * r * 4)
+            tape.alloc(scratch)
+            tape.alloc(low)
+            tape.free(scratch + max(m, n) * r * 4)
         else:
             tape.alloc(low)
-        tape.temp(self._down_scratch(red=red, rank=r, other=other, g_f32=g_f32, p_f32=p_f32))
-        if not g_f32:
-            tape.alloc(low)  # cast to the gradient's dtype
-            tape.free(max(m, n) * r * 4)
+            tape.temp(scratch)
         if self.optim in ("apollo", "apollo-mini"):
             tape.free(self.regenerated_bytes(w))
 
@@ -719,6 +806,7 @@ class _Step:
             tape.free(C4)  # weight.float()
             self._new_grad(tape, w)  # weight.float() backward
             tape.free(C4)
+        self._hook(tape, w)  # AccumulateGrad runs next (autograd gives it priority)
         tape.alloc(2 * X4)  # grad·rsqrt, grad·xf
         tape.temp(R4)
         tape.free(2 * X4)  # grad·xf, grad of xf2
@@ -760,6 +848,7 @@ class _Step:
         self._node_hook(tape, ws["o_proj"])
         qkv = self._qkv()
         tape.alloc(qkv)  # gradients of q, k, v
+        tape.temp(self._flash_scratch(backward=True))
         tape.free(X + qkv + self.LSE + X)  # attention output's gradient, q, k, v, lse, output
         if self.mc.num_heads > self.mc.num_kv_heads:
             tape.alloc(2 * XKV)  # repeat_interleave backward
@@ -797,17 +886,24 @@ class _Step:
         if self.cast:
             tape.alloc(V * e)  # .float() backward
             tape.free(V * 4)
-        self._linear_backward(tape, ws.get("lm_head.weight", ws["model.embed_tokens.weight"]), X)
+        head = ws.get("lm_head.weight")
+        self._linear_backward(tape, head if head is not None else ws["model.embed_tokens.weight"], X)
         tape.free(V * e + X)  # the logits' gradient, the final norm's output
+        if head is not None:  # (a tied head's gradient is accumulated with the embedding's)
+            self._node_hook(tape, head)
         self._norm_backward(tape, ws["model.norm.weight"], residual=False)
         for n in reversed(range(self.mc.num_layers)):
-            if self.cfg.activation_checkpointing:
+            if self.cfg.activation_checkpointing:  # the recomputation runs under fork_rng: a second RNG state
+                tape.alloc(self._rng_state)
                 self._layer_forward(tape, n, keep=True, recompute=True)
+                tape.free(self._rng_state)
             self._layer_backward(tape, n)
+            tape.free(self._rng_state if self.cfg.activation_checkpointing else 0)  # the checkpoint's, at last
             if self.cfg.activation_checkpointing and self.cast:
                 tape.free(X)  # the checkpoint's input (fp32: freed with the first norm's saved input)
         self._new_grad(tape, ws["model.embed_tokens.weight"])
         tape.free(X)  # the embedding output's gradient
+        self._hook(tape, ws["model.embed_tokens.weight"])
 
     # ------------------------------------------------------------------ optimizer step
     def _optimizer_step(self, tape: _Tape) -> None:
@@ -823,6 +919,11 @@ class _Step:
                 prev = w.numel * e
             tape.free(prev)
             return
+        if self.streaming:  # finish_step: every weight was updated in its hook; the norm of the norms
+            tape.temp(self._norms)  # torch.stack of the per-weight norms
+            tape.free(self._norms)
+            self._norms = 0
+            return
         # LowRankOptimizer.step: refresh and project every low-rank gradient (all R held), then update
         lowrank = [w for w in self.weights if self.is_lowrank(w)]
         rest = [w for w in self.weights if not self.is_lowrank(w)]
@@ -835,64 +936,169 @@ class _Step:
                 if self._fp32_buffer(w):
                     tape.alloc(self.low_bytes(w))
                     tape.free(self._fp32_buffer(w))
-        self._prev = 0  # the previous weight's denominator, released when rebound (inline loops)
-        for w in lowrank:
-            self._update(tape, w, lowrank=True)
-        tape.free(self._prev)
-        self._prev = 0
-        for w in rest:
-            self._update(tape, w, lowrank=False)
-        tape.free(self._prev + self._snapshots)
-
-    def _update(self, tape: _Tape, w: _Weight, lowrank: bool) -> None:
-        """The update of one weight (its R, or its full gradient, alive on entry)."""
-        e = self.e
-        m, n = w.shape if len(w.shape) == 2 else (1, w.numel)
-        r = self.rank(w) if lowrank else 0
-        numel = max(m, n) * r if lowrank else w.numel
-        elem = 4 if (lowrank and self.quantized) else e  # moments, R and N: the gradient's dtype
-        low = numel * elem
-        # a full-rank weight's gradient kept by the layer-wise driver is freed with it.low = None
-        kept = not lowrank and self.layerwise and not self.reads_grad
-        if self.eight_bit and numel >= MIN_8BIT_NUMEL:
-            self._update_8bit(tape, w, numel, low, lowrank, kept)
-            return
-        if self.optim == "frugal" and lowrank:
-            tape.temp(m * n * e)  # the residual G − up(R): one m×n buffer
-        if self.optim not in ("fira", "apollo", "apollo-mini") and (lowrank or kept):
-            tape.free(low if lowrank else self.grad_bytes(w))  # it.low = None before the step
-        tape.alloc(low)  # the denominator √V + ε, then N in place
-        if self.optim == "adamw8bit":
-            tape.temp(low)  # √V / √(1−β2^t): a second temporary
-        if self.optim in _DENOM_PER_WEIGHT:
-            denom_left = low  # freed when the weight's step returns
+            for w in lowrank + rest:  # the global norm: each consumed gradient's (fp32), then theirs
+                self._norm(tape, w)
+            tape.temp(self._norms)
+            tape.free(self._norms)
+            self._norms = 0
+        if self.optim in _STEP_ITEMS:
+            for group in (lowrank, rest):  # the param groups: [low-rank, the rest]
+                self._step_items(tape, group)
         else:
+            self._prev = 0  # the previous weight's denominator, released when rebound (inline loops)
+            for w in lowrank:
+                self._update(tape, w, lowrank=True)
             tape.free(self._prev)
-            self._prev, denom_left = low, 0
-        if lowrank:
-            right = m >= n
-            split, other = (n, m) if right else (m, n)
-            mixed = 4 * m * n if (self.cast and self.device == "cpu") else 0
-            if self.optim == "fira":
-                tape.alloc(m * n * e)  # the residual G − α·up(R)
-                tape.temp(self._up_scratch(split, r, other, low, out_f32=not self.cast, p_f32=not self.cast))
-                tape.free(low)
-                tape.temp(mixed)  # vector_norm(residual, dtype=fp32) upcasts it (CPU)
-                tape.temp(3 * mixed)  # W.addcmul_(residual, fp32 coefficients): fp32 copies (CPU)
-                tape.free(m * n * e)
-            elif self.optim in ("apollo", "apollo-mini"):
-                tape.free(low)
-                tape.temp(mixed)  # vector_norm(G, dtype=fp32)
-                tape.temp(3 * mixed)  # W.addcmul_(G, fp32 coefficients)
+            self._prev = 0
+            for w in rest:
+                self._update(tape, w, lowrank=False)
+            tape.free(self._prev)
+        tape.free(self._snapshots)
+        self._snapshots = 0
+
+    def _consumed(self, w: _Weight) -> tuple[int, int]:
+        """(elements, bytes per element) of what the optimizer consumes for ``w``: R (fp32 for a
+        QLinear, else the gradient's dtype) or the full gradient."""
+        if self.is_lowrank(w):
+            return max(w.shape) * self.rank(w), 4 if self.quantized else self.e
+        return w.numel, self.e
+
+    def _norm(self, tape: _Tape, w: _Weight) -> None:
+        """The layer-wise driver's fp32 2-norm of ``w``'s consumed gradient (torch._foreach_norm with
+        dtype=float32: a 0-d result, kept with the others, and on CPU an fp32 copy of a 16-bit input)."""
+        numel, elem = self._consumed(w)
+        tape.alloc(4)
+        self._norms += 4
+        if elem != 4 and self.device == "cpu":
+            tape.temp(numel * 4)
+
+    def _stream(self, tape: _Tape, w: _Weight) -> None:
+        """Layer-wise streaming (LayerwiseOptimizer._stream), in ``w``'s hook of the last micro-batch:
+        the accumulation finalized, its norm (kept until finish_step), the optimizer's update of this
+        weight alone, its buffers (and the projector its refresh replaced) released."""
+        if self._fp32_buffer(w):  # the fp32 accumulation back to the gradient's dtype
+            tape.alloc(self.low_bytes(w))
+            tape.free(self._fp32_buffer(w))
+        self._norm(tape, w)
+        lowrank = self.is_lowrank(w)
+        if self.optim in _STEP_ITEMS:
+            self._step_items(tape, [w])
+        else:  # an inline update loop over one weight; an update that reads G had it kept until now
+            self._prev = 0
+            self._update(tape, w, lowrank=lowrank)
+            tape.free(self._prev + (self.grad_bytes(w) if self.reads_grad else 0))
+            self._prev = 0
+        tape.free(self._snapshots)
+        self._snapshots = 0
+
+    # GaLoreAdamW, QGaLoreAdamW and their 8-bit-moment variants (AdamW8bit too: GaLoreAdamW8bit's
+    # full-rank path), fastgrad.optim: per param group ``_step_items``.
+    def _is_8bit(self, w: _Weight) -> bool:
+        """Whether ``w``'s moments are 8-bit (EightBitMoments: at least min_8bit_size elements)."""
+        return self.eight_bit and self._consumed(w)[0] >= MIN_8BIT_NUMEL
+
+    def _step_items(self, tape: _Tape, items: list[_Weight]) -> None:
+        """``_step_items`` of one param group: the fp32/16-bit-moment items (full-rank: moments by
+        foreach, in place, then each weight's step; low-rank: each one fused op call), then the
+        8-bit-moment items one at a time."""
+        dense = [w for w in items if not self._is_8bit(w)]
+        for w in dense:
+            if not self.is_lowrank(w):
+                self._full_step(tape, w)
+        for w in dense:
+            if self.is_lowrank(w):
+                self._fused_step(tape, w)
+        for w in items:
+            if self._is_8bit(w):
+                self._step_8bit(tape, w)
+
+    def _owned(self, w: _Weight) -> bool:
+        """Whether the consumed gradient is freed by the step (``it.low = None``): R always; a
+        full-rank gradient when the layer-wise driver held it (else p.grad keeps it)."""
+        return self.is_lowrank(w) or (self.layerwise and not self.reads_grad)
+
+    def _full_step(self, tape: _Tape, w: _Weight) -> None:
+        """``_weight_step`` of a full-rank weight with moments in its gradient's dtype: √V + ε (then
+        N in place; AdamW8bit's √V/√(1−β2^t) is a second temporary), W.add_(N)."""
+        numel, elem = self._consumed(w)
+        if self._owned(w):
+            tape.free(numel * elem)  # it.low = None
+        tape.alloc(numel * elem)
+        if self.optim == "adamw8bit":
+            tape.alloc(numel * elem)
+            tape.free(numel * elem)
+        tape.free(numel * elem)
+
+    def _fused_step(self, tape: _Tape, w: _Weight) -> None:
+        """``_fused_step`` of a low-rank weight with fp32/16-bit moments: one galore_adam_step_ op
+        (csrc/cpu/adam_step.cpp; R held by a local until it returns). The moments are updated in
+        place and N goes to an R-sized fp32 scratch; a dense W takes one addmm_ (fp32 W and P) or
+        project_back_blocked (scratch blocks of P and of W); an INT8 W is decoded, updated and
+        re-quantized in place by blocks of whole rows of ≤ 2^18 fp32 elements, with a block of the
+        decoded INT4 P. The CUDA kernels need only N."""
+        numel, elem = self._consumed(w)
+        m, n = w.shape
+        r = self.rank(w)
+        left = m < n
+        tape.alloc(numel * 4)  # N
+        if self.device == "cpu":
             if self.quantized:
-                self._update_int8(tape, w)
-            elif self.optim not in ("apollo", "apollo-mini"):
-                tape.temp(self._up_scratch(split, r, other, low, out_f32=not self.cast, p_f32=not self.cast))
-        tape.free(denom_left)
+                block_rows = min(m, max(1, INT8_STEP_BLOCK // n))
+                cols = block_rows if left else _block_len(n, r, max(P_BLOCK, r * n // P_BLOCK_FRACTION))
+                tape.alloc(block_rows * n * 4)  # the decoded rows
+                tape.alloc(cols * r * 4)  # a block of P
+                tape.free(block_rows * n * 4 + cols * r * 4)
+            else:
+                split, other = (m, n) if left else (n, m)
+                tape.temp(self._up_scratch(split, r, other, 0, out_f32=not self.cast, p_f32=not self.cast))
+        tape.free(numel * 4 + numel * elem)  # N, then R when the step returns
+
+    def _step_8bit(self, tape: _Tape, w: _Weight) -> None:
+        """EightBitMoments._step_8bit, a weight with 8-bit moments: R (or G) in fp32, (M, V) decoded
+        to fp32, updated, the weight's step (``_weight_step``: N, then W, unfused), re-encoded."""
+        e = self.e
+        lowrank = self.is_lowrank(w)
+        numel, elem = self._consumed(w)
+        n_pad = _padded(numel)
+        blocks = n_pad // BLOCK_8BIT
+        owned = self._owned(w)
+        if elem != 4:
+            tape.alloc(numel * 4)  # it.low.float()
+            if owned:
+                tape.free(numel * elem)  # it.low = None
+        tape.alloc(n_pad * 4)  # decode_moments: √V̂ (squared in place to V̂)
+        tape.alloc(blocks * 4)  # M's zeros, −128·scale
+        tape.alloc(n_pad * 4)  # M̂
+        tape.free(blocks * 4)
+        if elem != 4 or owned:
+            tape.free(numel * 4)  # del low, once the moments are updated
+        tape.alloc(numel * 4)  # the denominator, then N
+        if self.optim == "adamw8bit":
+            tape.temp(numel * 4)  # √V / √(1−β2^t)
+        if lowrank and self.quantized:
+            self._update_int8(tape, w)
+        elif lowrank:  # lowrank_project_back_add_(W, N.to(P's dtype), P, side, −η·α)
+            m, n = w.shape
+            split, other = (m, n) if m < n else (n, m)
+            cast = numel * e if e != 4 else 0
+            tape.alloc(cast)
+            tape.temp(self._up_scratch(split, self.rank(w), other, numel, out_f32=not self.cast, p_f32=not self.cast))
+            tape.free(cast)
+        elif e != 4 and self.device == "cpu":
+            tape.temp(2 * numel * 4)  # W.add_(fp32 N) on a 16-bit W: fp32 copies (CPU)
+        tape.free(numel * 4)
+        tape.alloc(n_pad + 8 * blocks)  # encode_moments: V^(1/4) quantized
+        tape.alloc(n_pad * 4)  # √V̂
+        tape.alloc(n_pad + 8 * blocks)  # M / √V̂ quantized
+        tape.free(n_pad * 4)  # √V̂
+        tape.free(2 * n_pad + 12 * blocks)  # the old codes, replaced in the state
+        tape.free(4 * blocks)  # M's unused zeros
+        tape.free(2 * n_pad * 4)  # the decoded M and V
 
     def _update_int8(self, tape: _Tape, w: _Weight) -> None:
-        """QGaLoreAdamW._update_quantized: rows of the INT8 weight de-quantized to fp32, updated and
-        re-quantized, ≤ 2^20 values at a time (each block's tensors live until the next replaces them)."""
+        """QGaLoreAdamW._update_quantized (8-bit moments; the fused op replaces it otherwise): rows of
+        the INT8 weight de-quantized to fp32, updated and re-quantized, ≤ 2^20 values at a time (each
+        block's tensors live until the next replaces them)."""
         m, n = w.shape
         rows = min(m, max(1, UPDATE_BLOCK // max(n, 1)))
         g = fit_group_size(QLINEAR_GROUP, n)
@@ -910,43 +1116,54 @@ class _Step:
             prev_block, prev_codes = block, codes
         tape.free(prev_block + prev_codes)  # the method returns
 
-    def _update_8bit(self, tape: _Tape, w: _Weight, numel: int, low: int, lowrank: bool, kept: bool) -> None:
-        """GaLoreAdamW8bit / AdamW8bit, a weight with 8-bit moments: decode (M, V) to fp32, update,
-        step, re-encode (fastgrad.optim.galore8bit)."""
+    # Fira, APOLLO, FRUGAL: the update loop of a param group, inline.
+    def _update(self, tape: _Tape, w: _Weight, lowrank: bool) -> None:
+        """The update of one weight (its R, or its full gradient, alive on entry)."""
         e = self.e
-        n_pad = _padded(numel)
-        blocks = n_pad // BLOCK_8BIT
-        owned = (low if lowrank else self.grad_bytes(w)) if (lowrank or kept) else 0  # freed with it.low
-        low32 = numel * 4 if low // numel != 4 else 0
-        tape.alloc(low32)  # it.low.float() (the same tensor if already fp32)
-        if low32:
-            tape.free(owned)  # it.low = None
-        tape.temp(blocks * 4)
-        tape.alloc(2 * n_pad * 4)  # decoded M and V (fp32, padded)
-        tape.free(self._prev)  # the previous weight's, released when rebound
-        tape.free(low32 or owned)  # del low, once the moments are updated
-        tape.alloc(numel * 4)  # the denominator, then N
-        if self.optim == "adamw8bit":
-            tape.temp(numel * 4)
-        if lowrank and e != 4:
-            tape.temp(numel * e)  # N cast to P's dtype
-        elif not lowrank and e != 4 and self.device == "cpu":
-            tape.temp(2 * numel * 4)  # W.add_(fp32 N) on a 16-bit W: fp32 copies (CPU)
-        tape.free(numel * 4)
-        tape.alloc(n_pad + 8 * blocks)  # V^(1/4) quantized
-        tape.alloc(n_pad * 4)  # √V̂
-        tape.alloc(n_pad + 8 * blocks)  # M / √V̂ quantized
-        tape.free(2 * n_pad + 12 * blocks)  # the old codes, replaced in the state
-        tape.free(n_pad * 4 + 4 * blocks)  # √V̂, M's unused zeros
-        self._prev = 2 * n_pad * 4
+        m, n = w.shape if len(w.shape) == 2 else (1, w.numel)
+        r = self.rank(w) if lowrank else 0
+        numel = max(m, n) * r if lowrank else w.numel
+        low = numel * e  # moments, R and N: the gradient's dtype
+        # a full-rank weight's gradient kept by the layer-wise driver is freed with it.low = None
+        kept = not lowrank and self.layerwise and not self.reads_grad
+        if self.optim == "frugal" and lowrank:
+            tape.temp(m * n * e)  # the residual G − up(R): one m×n buffer
+        if self.optim not in ("fira", "apollo", "apollo-mini") and (lowrank or kept):
+            tape.free(low if lowrank else self.grad_bytes(w))  # it.low = None before the step
+        tape.alloc(low)  # the denominator √V + ε, then N in place
+        tape.free(self._prev)
+        self._prev = low
+        if lowrank:
+            right = m >= n
+            split, other = (n, m) if right else (m, n)
+            mixed = 4 * m * n if (self.cast and self.device == "cpu") else 0
+            if self.optim == "fira":
+                tape.alloc(m * n * e)  # the residual G − α·up(R)
+                tape.temp(self._up_scratch(split, r, other, low, out_f32=not self.cast, p_f32=not self.cast))
+                tape.free(low)
+                tape.temp(mixed)  # vector_norm(residual, dtype=fp32) upcasts it (CPU)
+                tape.temp(3 * mixed)  # W.addcmul_(residual, fp32 coefficients): fp32 copies (CPU)
+                tape.free(m * n * e)
+            elif self.optim in ("apollo", "apollo-mini"):
+                tape.free(low)
+                tape.temp(mixed)  # vector_norm(G, dtype=fp32)
+                tape.temp(3 * mixed)  # W.addcmul_(G, fp32 coefficients)
+            if self.optim not in ("apollo", "apollo-mini"):
+                tape.temp(self._up_scratch(split, r, other, low, out_f32=not self.cast, p_f32=not self.cast))
 
     # ------------------------------------------------------------------ categories
     def gradient_bytes(self) -> int:
         """Gradients of a refresh step: every full gradient (non-layer-wise; layer-wise with several
         micro-batches, which accumulates them for the refresh; or when the update reads them), else
         the full-rank parameters' and the largest low-rank one (in its hook); plus the projected
-        gradients R that the step holds."""
+        gradients R that the step holds. Streaming: one weight's gradient and R at a time (with
+        several micro-batches every full gradient is accumulated until the last one, and one R)."""
         lows = sum(self.low_bytes(w) for w in self.weights if self.is_lowrank(w))
+        if self.streaming:
+            low = {w.name: self.low_bytes(w) if self.is_lowrank(w) else 0 for w in self.weights}
+            if self.cfg.grad_accum > 1:
+                return sum(self.grad_bytes(w) for w in self.weights) + max(low.values())
+            return max(self.grad_bytes(w) + low[w.name] for w in self.weights)
         if not self.layerwise or self.reads_grad or self.cfg.grad_accum > 1:
             return sum(self.grad_bytes(w) for w in self.weights) + lows
         full = sum(self.grad_bytes(w) for w in self.weights if not self.is_lowrank(w))
@@ -1000,7 +1217,7 @@ def estimate(
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {mc.max_seq_len}")
     step = _Step(cfg, mc, dev)
     phases = step.run(refresh=True)
-    between = max(step.run(refresh=False).values())
+    phases_between = step.run(refresh=False)
     notes = []
     if cfg.layerwise and not step.lowrank:
         notes.append(f"--layerwise has no effect for {cfg.optim} (not a low-rank optimizer): modelled without it")
@@ -1011,11 +1228,19 @@ def estimate(
             f"QGaLoreAdamW keeps the Adam moments of the projected gradients in fp32 ({format_bytes(moments)}); "
             "the Q-GaLore paper's are 8-bit: --optim q-galore8bit"
         )
-    if step.layerwise:
+    if cfg.layerwise_streaming and not step.layerwise:
+        notes.append("--layerwise-streaming has no effect without layer-wise stepping: modelled without it")
+    if step.streaming:
+        notes.append(
+            "layer-wise streaming: each weight is updated in its gradient hook during the last micro-batch's backward "
+            "(the update's temporaries come with the activations still alive) and its R or full gradient is freed "
+            "at once; no gradient clipping, NaN/Inf skips per weight"
+        )
+    elif step.layerwise:
         lows = sum(step.low_bytes(w) for w in lowrank)
         notes.append(
             f"layer-wise, every projected gradient R is kept until finish_step (for the exact global norm and the "
-            f"NaN/Inf policy): {format_bytes(lows)}"
+            f"NaN/Inf policy): {format_bytes(lows)}; --layerwise-streaming frees each one in its hook"
         )
     if model_config is None and cfg.model != "tiny" and mc.vocab_size != 32000:
         notes.append(
@@ -1033,6 +1258,7 @@ def estimate(
         "optim": cfg.optim,
         "rank": cfg.rank if step.lowrank else None,
         "layerwise": step.layerwise,
+        "layerwise_streaming": step.streaming,
         "activation_checkpointing": cfg.activation_checkpointing,
         "batch_size": cfg.batch_size,
         "seq_len": cfg.seq_len,
@@ -1050,8 +1276,9 @@ def estimate(
         activations=step.activation_bytes(),
         peak=phases[peak_phase],
         peak_phase=peak_phase,
-        peak_between_refreshes=between,
+        peak_between_refreshes=max(phases_between.values()),
         phases=dict(phases),
+        phases_between_refreshes=dict(phases_between),
         notes=tuple(notes),
         config=config,
     )
@@ -1192,7 +1419,7 @@ def format_report(b: MemoryBreakdown, notes: tuple[str, ...] = ()) -> str:
     what = [f"llama-{c['model']} ({c['parameters'] / 1e9:.2f}B parameters)", c["optim"]]
     if c["rank"] is not None:
         what[-1] += f" rank {c['rank']}"
-    what += ["layer-wise"] if c["layerwise"] else []
+    what += (["layer-wise (streaming)"] if c.get("layerwise_streaming") else ["layer-wise"]) if c["layerwise"] else []
     what += ["activation checkpointing"] if c["activation_checkpointing"] else []
     accum = f" × {c['grad_accum']} micro-batches" if c["grad_accum"] > 1 else ""
     what += [f"batch {c['batch_size']} × seq {c['seq_len']}{accum}", c["dtype"], f"vocabulary {c['vocab_size']}"]
