@@ -188,9 +188,12 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float | None) 
 
 class _LowRankGradLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):  # noqa: D102
+    def forward(ctx, x, weight, bias, module):  # noqa: D102
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
+        # The projection is looked up through the module: activation checkpointing's recomputation
+        # hands the saved weight back as another tensor object, unknown to the registry.
+        ctx.module = module
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -205,9 +208,9 @@ class _LowRankGradLinearFunction(torch.autograd.Function):
             db = dy2.sum(0)
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, n)
-            if project_weight_grad(weight, dy2, x2, weight.dtype) is None:
+            if project_weight_grad(ctx.module.weight, dy2, x2, weight.dtype) is None:
                 dw = (dy2.t() @ x2.to(dy2.dtype)).to(weight.dtype)  # a refresh step (or no optimizer): G
-        return dx, dw, db
+        return dx, dw, db, None
 
 
 class LowRankGradLinear(nn.Linear):
@@ -233,7 +236,7 @@ class LowRankGradLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mark_accepts_projected_grad(self.weight)  # a deep copy / reloaded model has new Parameters
-        return _LowRankGradLinearFunction.apply(x, self.weight, self.bias)
+        return _LowRankGradLinearFunction.apply(x, self.weight, self.bias, self)
 
 
 def lowrank_grad_model(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS) -> nn.Module:

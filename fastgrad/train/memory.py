@@ -609,11 +609,7 @@ class _Step:
         """Whether ``w``'s layer computes R itself in this step's backward (no m×n gradient): a
         QLinear or LowRankGradLinear between refreshes (the optimizer publishes P after a step the
         next one does not refresh)."""
-        layers = self.optim in _PROJECTED_GRAD or (
-            # LowRankGradLinear looks its projection up by the weight it saved for backward, which
-            # activation checkpointing's recomputation hands back as another tensor: no R, G instead
-            self.optim in _PROJECTED_GRAD_OPTIONAL and self.cfg.lowrank_grad and not self.cfg.activation_checkpointing
-        )
+        layers = self.optim in _PROJECTED_GRAD or (self.optim in _PROJECTED_GRAD_OPTIONAL and self.cfg.lowrank_grad)
         return layers and w.proj and not self._due
 
     def _new_grad(self, tape: _Tape, w: _Weight) -> None:
