@@ -16,8 +16,8 @@
 // a time, bf16/fp16 W staged in fp32 blocks. No m x n temporary.
 // INT8 W: blocks of whole rows (about 2**18 elements, 1 MiB of fp32, as the reference's
 // INT8_STEP_BLOCK_ELEMS) are decoded into an fp32 scratch S, S = decay S + step_scale up(N, P)[rows]
-// by MKL (left: P's rows of the block decoded; right: N[rows] times P decoded in column blocks),
-// and S is quantized by the one CPU quantizer (quant.cpp, cpu::quantize_f32) into the block's
+// by MKL (left: P's rows of the block decoded; right: N[rows] times P decoded in column blocks, or
+// decoded once for all row blocks when P fits one block), and S is quantized by the one CPU quantizer (quant.cpp, cpu::quantize_f32) into the block's
 // codes, scales and zeros, with counter offset + r0 * n. Groups lie within rows, so this is the
 // quantizer of the whole updated matrix.
 #include <ATen/ATen.h>
@@ -246,6 +246,8 @@ void galore_adam_step_int8_cpu(at::Tensor& w_codes, at::Tensor& w_scales, at::Te
   const int64_t col_blk = left ? n : block_len(n, rank, p.block_budget());
   at::Tensor w_scratch = at::empty({block_rows * n}, f32);
   at::Tensor p_scratch = at::empty({(left ? block_rows : col_blk) * rank}, f32);
+  // right, P within one block: decoded once, for every row block (not once per row block)
+  const at::Tensor p_whole = (!left && col_blk >= n) ? p.tile(0, rank, 0, n, p_scratch) : at::Tensor();
   uint8_t* codes = w_codes.data_ptr<uint8_t>();
   float* scales = w_scales.data_ptr<float>();
   float* zeros = w_zeros.data_ptr<float>();
@@ -254,6 +256,8 @@ void galore_adam_step_int8_cpu(at::Tensor& w_codes, at::Tensor& w_scales, at::Te
     at::Tensor s = w.tile(r0, r1, 0, n, w_scratch);  // decoded rows (r1 - r0, n), fp32
     if (left) {  // S = decay S + step_scale P[r0:r1, :] (rows, rank) @ N (rank, n)
       at::addmm_out(s, s, p.tile(r0, r1, 0, rank, p_scratch), dir, /*beta=*/decay, /*alpha=*/step_scale);
+    } else if (p_whole.defined()) {  // S = decay S + step_scale N[r0:r1, :] (rows, rank) @ P (rank, n)
+      at::addmm_out(s, s, dir.slice(0, r0, r1), p_whole, /*beta=*/decay, /*alpha=*/step_scale);
     } else {  // S[:, c0:c1] = decay S[:, c0:c1] + step_scale N[r0:r1, :] (rows, rank) @ P[:, c0:c1] (rank, cols)
       const at::Tensor n_rows = dir.slice(0, r0, r1);
       for (int64_t c0 = 0; c0 < n; c0 += col_blk) {
