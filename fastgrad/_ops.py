@@ -532,7 +532,9 @@ def check_galore_adam_step_int8(
     _check(w_codes.dim() == 2, op, "w_codes", "a 2-d tensor (m×n)", f"a {w_codes.dim()}-d tensor")
     n = check_dequantize(op, w_codes, w_scales, w_zeros, 8, torch.float32, prefix="w_")
     out_shape = backproject_shape(side, r.shape, p_shape)
-    _check((w_codes.shape[0], n) == tuple(out_shape), op, "w_codes", f"of shape {tuple(out_shape)}", tuple(w_codes.shape))
+    _check(
+        (w_codes.shape[0], n) == tuple(out_shape), op, "w_codes", f"of shape {tuple(out_shape)}", tuple(w_codes.shape)
+    )
     _check(w_codes.device == r.device, op, "w_codes", f"on r's device {r.device}", w_codes.device)
     check_adam_moments(op, r, exp_avg, exp_avg_sq, beta1, beta2, eps, denom_scale)
     _check(SEED_RANGE[0] <= seed <= SEED_RANGE[1], op, "seed", "in [0, 2**63)", seed)

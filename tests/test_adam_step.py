@@ -4,10 +4,10 @@ its stochastic rounding of an INT8 weight, and the optimizers' use of it."""
 
 import pytest
 import torch
+from conftest import assert_close_report
 
 from fastgrad import _backends, ops
 from fastgrad import _reference as ref
-from conftest import assert_close_report
 
 pytestmark = pytest.mark.triton
 
@@ -70,8 +70,10 @@ def test_float_weight_step_matches_reference(device, side, p_kind, w_dtype, m_dt
     ref.galore_adam_step_(*want, low, _dense_p(p_arg), side, *HYPER.values())
     got = [t.to(device) for t in (w, first, second)]
     ptrs = [t.data_ptr() for t in got]
-    p_dev = p_arg.to(device) if isinstance(p_arg, torch.Tensor) else ops.QuantizedTensor(
-        *(t.to(device) for t in p_arg[:3]), p_arg.bits
+    p_dev = (
+        p_arg.to(device)
+        if isinstance(p_arg, torch.Tensor)
+        else ops.QuantizedTensor(*(t.to(device) for t in p_arg[:3]), p_arg.bits)
     )
     ops.galore_adam_step_(*got, low.to(device), p_dev, side, **HYPER)
     assert [t.data_ptr() for t in got] == ptrs  # in place

@@ -81,14 +81,42 @@ def _samples(device):
             ),
         ],
         "galore_adam_step_quantized_": [
-            (g.clone(), *_moments(48, 8, device), torch.randn(48, 8, device=device), *q4_right[:3], 4, "right", *_HYPER),
+            (
+                g.clone(),
+                *_moments(48, 8, device),
+                torch.randn(48, 8, device=device),
+                *q4_right[:3],
+                4,
+                "right",
+                *_HYPER,
+            ),
             (g.clone(), *_moments(8, 40, device), torch.randn(8, 40, device=device), *q8_left[:3], 8, "left", *_HYPER),
         ],
         "galore_adam_step_int8_": [
-            (*q8_w[:3], *_moments(48, 8, device), torch.randn(48, 8, device=device), *q4_right[:3], 4, "right",
-             *_HYPER, True, 7, 9),  # fmt: skip
-            (*q8_w[:3], *_moments(8, 40, device), torch.randn(8, 40, device=device), *q8_left[:3], 8, "left",
-             *_HYPER, False, 0, 0),  # fmt: skip
+            (
+                *q8_w[:3],
+                *_moments(48, 8, device),
+                torch.randn(48, 8, device=device),
+                *q4_right[:3],
+                4,
+                "right",
+                *_HYPER,
+                True,
+                7,
+                9,
+            ),  # fmt: skip
+            (
+                *q8_w[:3],
+                *_moments(8, 40, device),
+                torch.randn(8, 40, device=device),
+                *q8_left[:3],
+                8,
+                "left",
+                *_HYPER,
+                False,
+                0,
+                0,
+            ),  # fmt: skip
         ],
         "lowrank_project_back_quantized_add_": [
             (
@@ -174,38 +202,109 @@ def _bad_calls():
                 torch.randn(4, 41), torch.randn(64, 40), q8.codes, q8.scales, q8.zeros, 8, "left", 1.0
             ),
         ),
-        ("galore_adam_step_", "exp_avg", lambda: F.galore_adam_step_(g.clone(), m8[:, :39], v8, low_left, p_left,
-                                                                        "left", *_HYPER)),
-        ("galore_adam_step_", "exp_avg_sq", lambda: F.galore_adam_step_(g.clone(), m8, v8.bfloat16(), low_left,
-                                                                           p_left, "left", *_HYPER)),
-        ("galore_adam_step_", "exp_avg", lambda: F.galore_adam_step_(g.clone(), m8.t().contiguous().t(), v8,
-                                                                        low_left, p_left, "left", *_HYPER)),
-        ("galore_adam_step_", "r", lambda: F.galore_adam_step_(g.clone(), m8, v8, low_left.t().contiguous().t(),
-                                                                  p_left, "left", *_HYPER)),
-        ("galore_adam_step_", "w", lambda: F.galore_adam_step_(g[:, :39].clone(), m8, v8, low_left, p_left,
-                                                                  "left", *_HYPER)),
-        ("galore_adam_step_", "p", lambda: F.galore_adam_step_(g.clone(), m8, v8, low_left, p_left, "right",
-                                                                  *_HYPER)),
-        ("galore_adam_step_", "beta1", lambda: F.galore_adam_step_(g.clone(), m8, v8, low_left, p_left, "left",
-                                                                      1.0, 0.999, 1e-6, 1.0, -0.01, 1.0)),
-        ("galore_adam_step_", "beta2", lambda: F.galore_adam_step_(g.clone(), m8, v8, low_left, p_left, "left",
-                                                                      0.9, -0.1, 1e-6, 1.0, -0.01, 1.0)),
-        ("galore_adam_step_", "eps", lambda: F.galore_adam_step_(g.clone(), m8, v8, low_left, p_left, "left",
-                                                                    0.9, 0.999, float("nan"), 1.0, -0.01, 1.0)),
-        ("galore_adam_step_", "denom_scale", lambda: F.galore_adam_step_(g.clone(), m8, v8, low_left, p_left,
-                                                                            "left", 0.9, 0.999, 1e-6, 0.0, -0.01, 1.0)),
-        ("galore_adam_step_quantized_", "w", lambda: F.galore_adam_step_quantized_(
-            torch.randn(48, 41), m8, v8, low_left, *q8_left[:3], 8, "left", *_HYPER)),
-        ("galore_adam_step_int8_", "w_codes", lambda: F.galore_adam_step_int8_(
-            *ops.quantize_int8(torch.randn(48, 48), 8)[:3], m8, v8, low_left, *q8_left[:3], 8, "left", *_HYPER,
-            True, 0, 0)),
-        ("galore_adam_step_int8_", "w_scales", lambda: F.galore_adam_step_int8_(
-            q8_w.codes, torch.ones(48, 3), torch.ones(48, 3), m8, v8, low_left, *q8_left[:3], 8, "left",
-            *_HYPER, True, 0, 0)),
-        ("galore_adam_step_int8_", "offset", lambda: F.galore_adam_step_int8_(
-            *q8_w[:3], m8, v8, low_left, *q8_left[:3], 8, "left", *_HYPER, True, 0, -1)),
-        ("galore_adam_step_int8_", "bits", lambda: F.galore_adam_step_int8_(
-            *q8_w[:3], m8, v8, low_left, *q8_left[:3], 2, "left", *_HYPER, True, 0, 0)),
+        (
+            "galore_adam_step_",
+            "exp_avg",
+            lambda: F.galore_adam_step_(g.clone(), m8[:, :39], v8, low_left, p_left, "left", *_HYPER),
+        ),
+        (
+            "galore_adam_step_",
+            "exp_avg_sq",
+            lambda: F.galore_adam_step_(g.clone(), m8, v8.bfloat16(), low_left, p_left, "left", *_HYPER),
+        ),
+        (
+            "galore_adam_step_",
+            "exp_avg",
+            lambda: F.galore_adam_step_(g.clone(), m8.t().contiguous().t(), v8, low_left, p_left, "left", *_HYPER),
+        ),
+        (
+            "galore_adam_step_",
+            "r",
+            lambda: F.galore_adam_step_(g.clone(), m8, v8, low_left.t().contiguous().t(), p_left, "left", *_HYPER),
+        ),
+        (
+            "galore_adam_step_",
+            "w",
+            lambda: F.galore_adam_step_(g[:, :39].clone(), m8, v8, low_left, p_left, "left", *_HYPER),
+        ),
+        ("galore_adam_step_", "p", lambda: F.galore_adam_step_(g.clone(), m8, v8, low_left, p_left, "right", *_HYPER)),
+        (
+            "galore_adam_step_",
+            "beta1",
+            lambda: F.galore_adam_step_(g.clone(), m8, v8, low_left, p_left, "left", 1.0, 0.999, 1e-6, 1.0, -0.01, 1.0),
+        ),
+        (
+            "galore_adam_step_",
+            "beta2",
+            lambda: F.galore_adam_step_(g.clone(), m8, v8, low_left, p_left, "left", 0.9, -0.1, 1e-6, 1.0, -0.01, 1.0),
+        ),
+        (
+            "galore_adam_step_",
+            "eps",
+            lambda: F.galore_adam_step_(
+                g.clone(), m8, v8, low_left, p_left, "left", 0.9, 0.999, float("nan"), 1.0, -0.01, 1.0
+            ),
+        ),
+        (
+            "galore_adam_step_",
+            "denom_scale",
+            lambda: F.galore_adam_step_(g.clone(), m8, v8, low_left, p_left, "left", 0.9, 0.999, 1e-6, 0.0, -0.01, 1.0),
+        ),
+        (
+            "galore_adam_step_quantized_",
+            "w",
+            lambda: F.galore_adam_step_quantized_(
+                torch.randn(48, 41), m8, v8, low_left, *q8_left[:3], 8, "left", *_HYPER
+            ),
+        ),
+        (
+            "galore_adam_step_int8_",
+            "w_codes",
+            lambda: F.galore_adam_step_int8_(
+                *ops.quantize_int8(torch.randn(48, 48), 8)[:3],
+                m8,
+                v8,
+                low_left,
+                *q8_left[:3],
+                8,
+                "left",
+                *_HYPER,
+                True,
+                0,
+                0,
+            ),
+        ),
+        (
+            "galore_adam_step_int8_",
+            "w_scales",
+            lambda: F.galore_adam_step_int8_(
+                q8_w.codes,
+                torch.ones(48, 3),
+                torch.ones(48, 3),
+                m8,
+                v8,
+                low_left,
+                *q8_left[:3],
+                8,
+                "left",
+                *_HYPER,
+                True,
+                0,
+                0,
+            ),
+        ),
+        (
+            "galore_adam_step_int8_",
+            "offset",
+            lambda: F.galore_adam_step_int8_(
+                *q8_w[:3], m8, v8, low_left, *q8_left[:3], 8, "left", *_HYPER, True, 0, -1
+            ),
+        ),
+        (
+            "galore_adam_step_int8_",
+            "bits",
+            lambda: F.galore_adam_step_int8_(*q8_w[:3], m8, v8, low_left, *q8_left[:3], 2, "left", *_HYPER, True, 0, 0),
+        ),
         ("quantize_int8", "x", lambda: F.quantize_int8(x.to(torch.float64), 32, False, False, 0, 0)),
         ("quantize_int8", "x", lambda: F.quantize_int8(x.t(), 4, False, False, 0, 0)),  # non-contiguous
         ("quantize_int8", "group_size", lambda: F.quantize_int8(x, 48, False, False, 0, 0)),

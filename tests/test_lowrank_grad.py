@@ -19,7 +19,6 @@ from fastgrad.nn import (
     quantize_model,
 )
 from fastgrad.optim import FiraAdamW, GaLoreAdamW, QGaLoreAdamW, galore_param_groups, layerwise, qgalore_param_groups
-from fastgrad.optim import qgalore as qgalore_module
 from fastgrad.train.memory import measured_memory_events
 
 GAP = 5  # refreshes at steps 0, 5, 10
@@ -323,14 +322,13 @@ def _stack(layer_cls):
 
 
 @pytest.mark.parametrize("kind", ["linear", "lowrank", "qlinear", "qlinear-layerwise"])
-def test_no_weight_sized_tensor_between_refreshes(kind, monkeypatch):
+def test_no_weight_sized_tensor_between_refreshes(kind):
     """Three 1024×1024 weights (4 MiB in fp32) and 8 tokens of activations (32 KiB). A step of
     plain Linear + GaLore allocates 4 MiB gradients (the control: the trace sees them); with
     LowRankGradLinear + GaLore, and with QLinear + Q-GaLore (plain and layer-wise) no allocation in
     forward, backward or the step reaches half a weight's fp32 size: R comes from lowrank_grad, the
-    INT8 update runs a block of rows at a time, and the QLinear matmuls decode Ŵ in blocks of at
-    most 1 MiB (C++ kernels' scratch)."""
-    monkeypatch.setattr(qgalore_module, "UPDATE_BLOCK_ELEMS", DIM * DIM // 8)
+    fused step (galore_adam_step_*) updates W in place and an INT8 W a 1 MiB block of rows at a time,
+    and the QLinear matmuls decode Ŵ in blocks of at most 1 MiB (C++ kernels' scratch)."""
     layer_cls = {"linear": torch.nn.Linear, "lowrank": LowRankGradLinear}.get(kind, QLinear)
     model = _stack(layer_cls)
     weights = [m.weight for m in model]
