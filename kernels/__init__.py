@@ -5,7 +5,8 @@
 One file per op family: ``quant.py`` (quantizers, bf16 stochastic rounding), ``project.py``
 (low-rank projections and the low-rank weight gradient, dense or with a fused-dequantized
 INT4/INT8 projector), ``adam_step.py`` (the fused projected-Adam step of GaLore / Q-GaLore, dense or
-INT8 weight).
+INT8 weight). ``_common.py`` holds the one launch path (config choice, device guard); ``aot.py``
+compiles every launch for GPU targets without a GPU (``python -m fastgrad.kernels.aot``).
 """
 
 from .adam_step import (

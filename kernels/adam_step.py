@@ -40,25 +40,28 @@ Dense W (``_adam_update_dense_kernel``). W tiled in BLOCK_M × BLOCK_N tiles, on
 K = r looped in BLOCK_K steps with ``tl.dot`` into an fp32 accumulator; A = P, B = N (left) or
 A = N, B = P (right), any strides (W may be strided too: it is addressed by its strides). The
 epilogue loads the W tile, W' = decay·W + s·acc, stores it (bf16 with round-to-nearest-even).
-Autotuned on a GPU with ``restore_value`` on W: the tuner's timed runs are undone.
+Tiles: ``project.matmul_configs``, the first that fits the GPU (``_common.launch``).
 
 INT8 W (``_adam_update_int8_kernel``). One program per (block of BLOCK_M rows, group q): the
 groups of a row are independent (each has its own scale and zero), so they are work items of their
 own and no (rows × groups) statistics scratch is needed. The group's g columns are covered by
-cdiv(g, BLOCK_N) chunks aligned to the group (the launcher picks BLOCK_N so that the padding of the
-last chunk is small: on a GPU g = 127 → one 128-wide chunk, g = 176 → three 64-wide chunks, a whole
-row of 11008 → 86 chunks of 128), so each chunk lies in exactly one group and its min/max is a
-plain masked row reduction. BLOCK_M is the largest (≤ 64 on a GPU) that still gives the device
-enough programs; these choices are heuristics, not autotuned (the kernel works in place).
-  Pass 1: for each chunk, decode W with the old scale/zero, W' = decay·W + s·(A B) (the matmul
-over K = r), fold W' into the running per-row min/max. Then scale/zero.
-  Pass 2: recompute W' chunk by chunk (the same instructions on the same data: bitwise the same
-values; the matmul is recomputed rather than stored, so no m×n float ever exists), encode with the
-new scale/zero and the element's Philox counter, store the codes over the old ones (a chunk's old
-codes are read before its new codes are written, and no other program touches them).
-  Finally store the group's new scale and zero (after pass 2, which decodes with the old ones).
+cdiv(g, BLOCK_N) chunks aligned to the group (``int8_chunk`` picks BLOCK_N so that the padding of
+the last chunk is small: on a GPU g = 256 → one 256-wide chunk, g = 127 → one of 128, g = 176 →
+three of 64, a whole row of 11008 → 86 of 128), so each chunk lies in exactly one group and its
+min/max is a plain masked row reduction.
+  One chunk (ONE_CHUNK, the default group of 256): W' = decay·W + s·(A B) (W decoded with the old
+scale/zero, the matmul over K = r) is computed once and stays in registers for its min/max, the
+new scale/zero and the encode.
+  Several chunks: pass 1 folds each chunk's W' into the running per-row min/max, then scale/zero;
+pass 2 recomputes W' chunk by chunk (the same instructions on the same data: bitwise the same
+values; the matmul is recomputed rather than stored, so no m×n float ever exists) and encodes it.
+  Codes are encoded with the new scale/zero and the element's Philox counter and stored over the old
+ones (a chunk's old codes are read before its new codes are written, and no other program touches
+them); finally the group's new scale and zero (after the codes, which decode with the old ones).
 Compiled without FMA contraction so that the decoding is the reference's separate multiply and
-add, and pass 1 and pass 2 compute identical W'.
+add, and pass 1 and pass 2 compute identical W'. ``int8_configs`` lists the (BLOCK_M, BLOCK_K,
+warps, stages) candidates, most rows first; ``_common.launch`` runs the first that fits the GPU
+(no timing: the kernel works in place, and the choice is the same on every rank).
 
 Precision. fp32 math throughout; under the interpreter ``tl.dot`` runs with exact fp32 products
 (``input_precision="ieee"``). On a GPU: for an fp32 or INT8 W the dot inputs are fp32 (N from the
@@ -76,32 +79,21 @@ import triton.language as tl
 
 from fastgrad._ops import check_galore_adam_step, check_galore_adam_step_int8, check_galore_adam_step_quantized
 
-from ._common import INTERPRET, autotune, load_float, out_view, parallel_slots, store_float
-from .project import _INTERPRET_CONFIG, _load_tile
+from ._common import INTERPRET, launch, load_float, out_view, parallel_slots, store_float
+from .project import _load_tile, group_alignment, matmul_configs
 from .quant import _reduce_chunk, _scale_zero, encode_codes
 
 # Knobs (module attributes so that tests can reach every path with small shapes).
 MOMENT_BLOCK = 2**14 if INTERPRET else 1024  # values per program of the moment kernel
 INT8_BLOCK_M_MAX = 16 if INTERPRET else 64  # most rows per program of the INT8 update
-INT8_BLOCK_N_MAX = 64 if INTERPRET else 128  # widest chunk of a group
-BLOCK_K_MAX = 32 if INTERPRET else 64
+INT8_BLOCK_N_MAX = 64 if INTERPRET else 256  # widest chunk of a group (a group this wide: one pass)
+BLOCK_K_MAX = 32  # 64 needs more shared memory or registers than a 99 KB GPU has (fastgrad.kernels.aot)
 _MIN_DOT = 16  # smallest tl.dot dimension on a GPU
 
 _NO_FMA = {"enable_fp_fusion": False}
 
-_DENSE_CONFIGS = [_INTERPRET_CONFIG] + [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in (
-        (64, 64, 32, 4, 3),
-        (128, 64, 32, 4, 3),
-        (64, 128, 32, 4, 3),
-        (128, 128, 32, 8, 3),
-        (128, 128, 64, 8, 3),
-        (64, 64, 64, 4, 4),
-        (256, 64, 32, 8, 3),
-        (64, 256, 32, 8, 3),
-    )
-]
+# The moment kernel is elementwise: one config (4 warps, 8 values per thread at 1024 per program).
+_MOMENT_CONFIGS = [triton.Config({}, num_warps=4, num_stages=1)]
 
 # Dot operand kinds (constexpr DOT).
 _DOT_FP32, _DOT_BF16, _DOT_FP16 = 0, 1, 2
@@ -141,26 +133,26 @@ def _adam_moments_kernel(
 
 @triton.jit
 def _up_tile(
-    a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+    a_ptr, b_ptr, m0, n0, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
     q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
-    QUANT: tl.constexpr, Q_IS_A: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QUANT: tl.constexpr, Q_IS_A: tl.constexpr, Q_ALIGN: tl.constexpr, Q_EVEN: tl.constexpr, DOT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """fp32 tile [offs_m, offs_n] of A B (A: M×K, B: K×N, addressed by strides; zeros outside).
-    A quantized P (QUANT 4/8) is A (Q_IS_A) or B, read as P itself (never transposed here) and
-    decoded in registers by ``project._load_tile``."""
+    """fp32 tile rows [m0, m0+BLOCK_M) × cols [n0, n0+BLOCK_N) of A B (A: M×K, B: K×N, addressed by
+    strides; zeros outside). A quantized P (QUANT 4/8) is A (Q_IS_A) or B, read as P itself (never
+    transposed here) and decoded in registers by ``project._load_tile``; Q_EVEN: the tiles of P
+    start at even columns of P (only the INT8 update's chunks of odd groups do not)."""
     A_QUANT: tl.constexpr = QUANT if Q_IS_A else 0
     B_QUANT: tl.constexpr = 0 if Q_IS_A else QUANT
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         a = _load_tile(
-            a_ptr, offs_m, offs_k, M, K, stride_am, stride_ak,
-            q_scales, q_zeros, q_row_stride, q_gpr, q_gs, A_QUANT, False,
+            a_ptr, m0, k0, M, K, stride_am, stride_ak, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
+            A_QUANT, False, Q_ALIGN, True, BLOCK_M, BLOCK_K,
         )  # fmt: skip
         b = _load_tile(
-            b_ptr, offs_k, offs_n, K, N, stride_bk, stride_bn,
-            q_scales, q_zeros, q_row_stride, q_gpr, q_gs, B_QUANT, False,
+            b_ptr, k0, n0, K, N, stride_bk, stride_bn, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
+            B_QUANT, False, Q_ALIGN, Q_EVEN, BLOCK_K, BLOCK_N,
         )  # fmt: skip
         if DOT == 1:
             acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
@@ -171,25 +163,24 @@ def _up_tile(
     return acc
 
 
-@autotune(_DENSE_CONFIGS, key=["M", "N", "K", "QUANT", "Q_IS_A", "W_BF16", "DOT"], restore_value=["w_ptr"])
 @triton.jit
 def _adam_update_dense_kernel(
     w_ptr, a_ptr, b_ptr, M, N, K, stride_wm, stride_wn, stride_am, stride_ak, stride_bk, stride_bn,
     q_scales, q_zeros, q_row_stride, q_gpr, q_gs, step_scale, decay,
-    QUANT: tl.constexpr, Q_IS_A: tl.constexpr, W_BF16: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QUANT: tl.constexpr, Q_IS_A: tl.constexpr, Q_ALIGN: tl.constexpr, W_BF16: tl.constexpr, DOT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """W[M, N] ← decay·W + step_scale·(A B), one BLOCK_M × BLOCK_N tile of W per program.
     Grid: cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N), consecutive programs share A's row block."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    m0 = (pid // num_n).to(tl.int64) * BLOCK_M
+    n0 = (pid % num_n).to(tl.int64) * BLOCK_N
+    offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
     acc = _up_tile(
-        a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-        q_scales, q_zeros, q_row_stride, q_gpr, q_gs, QUANT, Q_IS_A, DOT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        a_ptr, b_ptr, m0, n0, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, q_scales, q_zeros, q_row_stride,
+        q_gpr, q_gs, QUANT, Q_IS_A, Q_ALIGN, True, DOT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     w_off = offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn
@@ -199,9 +190,9 @@ def _adam_update_dense_kernel(
 
 @triton.jit
 def _int8_updated_chunk(
-    codes_ptr, a_ptr, b_ptr, rows, rmask, col0, c, w_scale, w_zero, M, N, K, group_size,
+    codes_ptr, a_ptr, b_ptr, rows, rmask, m0, col0, c, w_scale, w_zero, M, N, K, group_size,
     stride_am, stride_ak, stride_bk, stride_bn, q_scales, q_zeros, q_row_stride, q_gpr, q_gs, step_scale, decay,
-    QUANT: tl.constexpr, Q_IS_A: tl.constexpr, PRECISION: tl.constexpr,
+    QUANT: tl.constexpr, Q_IS_A: tl.constexpr, Q_ALIGN: tl.constexpr, Q_EVEN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Chunk ``c`` of the group starting at column ``col0``: W' = decay·W + s·(A B) in fp32, with W
@@ -210,8 +201,9 @@ def _int8_updated_chunk(
     in_group = c * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     cols = col0 + in_group
     acc = _up_tile(
-        a_ptr, b_ptr, rows, cols, M, col0 + group_size, K, stride_am, stride_ak, stride_bk, stride_bn,
-        q_scales, q_zeros, q_row_stride, q_gpr, q_gs, QUANT, Q_IS_A, 0, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        a_ptr, b_ptr, m0, col0 + c * BLOCK_N, M, col0 + group_size, K, stride_am, stride_ak, stride_bk, stride_bn,
+        q_scales, q_zeros, q_row_stride, q_gpr, q_gs, QUANT, Q_IS_A, Q_ALIGN, Q_EVEN, 0, PRECISION,
+        BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     mask = rmask[:, None] & (in_group < group_size)[None, :]
     elem = rows[:, None] * N + cols[None, :]
@@ -222,19 +214,24 @@ def _int8_updated_chunk(
 
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _adam_update_int8_kernel(
-    codes_ptr, w_scales_ptr, w_zeros_ptr, a_ptr, b_ptr, M, N, K, group_size, num_groups, num_chunks,
+    codes_ptr, w_scales_ptr, w_zeros_ptr, a_ptr, b_ptr, M, N, K, group_size, num_groups,
     stride_am, stride_ak, stride_bk, stride_bn, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
     step_scale, decay, seed, offset,
-    QUANT: tl.constexpr, Q_IS_A: tl.constexpr, STOCHASTIC: tl.constexpr, PRECISION: tl.constexpr,
+    QUANT: tl.constexpr, Q_IS_A: tl.constexpr, Q_ALIGN: tl.constexpr, Q_EVEN: tl.constexpr, STOCHASTIC: tl.constexpr,
+    PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Group q of rows [pid_m·BLOCK_M, +BLOCK_M) of the INT8 W: pass 1 (W' min/max), scale/zero,
-    pass 2 (W' again, encode, store codes), then the new scales/zeros. Grid: cdiv(M, BLOCK_M) ·
+    """Group q of rows [pid_m·BLOCK_M, +BLOCK_M) of the INT8 W: W' min/max, scale/zero, encode and
+    store the codes, then the new scales/zeros. ONE_CHUNK (the group fits one BLOCK_N chunk): W' is
+    computed once and stays in registers. Otherwise two passes over the chunks: pass 1 folds W'
+    into the min/max, pass 2 recomputes W' (the same instructions on the same data: bitwise the
+    same values) and encodes it, so no m×n float is ever stored. Grid: cdiv(M, BLOCK_M) ·
     num_groups, consecutive programs walk the groups of one row block."""
     pid = tl.program_id(0).to(tl.int64)
     pid_m = pid // num_groups
     q = pid % num_groups
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
     rmask = rows < M
     stat = rows * num_groups + q  # (rows × groups) scales/zeros, contiguous
     old_scale = tl.load(w_scales_ptr + stat, mask=rmask, other=1.0)
@@ -242,22 +239,34 @@ def _adam_update_int8_kernel(
     col0 = q * group_size
     lo = tl.full((BLOCK_M,), float("inf"), tl.float32)
     hi = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    for c in range(0, num_chunks):
+    if ONE_CHUNK:
         x, elem, mask = _int8_updated_chunk(
-            codes_ptr, a_ptr, b_ptr, rows, rmask, col0, c, old_scale, old_zero, M, N, K, group_size,
+            codes_ptr, a_ptr, b_ptr, rows, rmask, m0, col0, 0, old_scale, old_zero, M, N, K, group_size,
             stride_am, stride_ak, stride_bk, stride_bn, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
-            step_scale, decay, QUANT, Q_IS_A, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            step_scale, decay, QUANT, Q_IS_A, Q_ALIGN, Q_EVEN, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         lo, hi = _reduce_chunk(x, mask, lo, hi, False)
-    scale, zero = _scale_zero(lo, hi, rmask, 8, False)
-    for c in range(0, num_chunks):
-        x, elem, mask = _int8_updated_chunk(
-            codes_ptr, a_ptr, b_ptr, rows, rmask, col0, c, old_scale, old_zero, M, N, K, group_size,
-            stride_am, stride_ak, stride_bk, stride_bn, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
-            step_scale, decay, QUANT, Q_IS_A, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-        )  # fmt: skip
+        scale, zero = _scale_zero(lo, hi, rmask, 8, False)
         code = encode_codes(x, elem, scale, zero, seed, offset, 8, STOCHASTIC)
         tl.store(codes_ptr + elem, code.to(tl.uint8), mask=mask)
+    else:
+        num_chunks = tl.cdiv(group_size, BLOCK_N)
+        for c in range(0, num_chunks):
+            x, elem, mask = _int8_updated_chunk(
+                codes_ptr, a_ptr, b_ptr, rows, rmask, m0, col0, c, old_scale, old_zero, M, N, K, group_size,
+                stride_am, stride_ak, stride_bk, stride_bn, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
+                step_scale, decay, QUANT, Q_IS_A, Q_ALIGN, Q_EVEN, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+            lo, hi = _reduce_chunk(x, mask, lo, hi, False)
+        scale, zero = _scale_zero(lo, hi, rmask, 8, False)
+        for c in range(0, num_chunks):
+            x, elem, mask = _int8_updated_chunk(
+                codes_ptr, a_ptr, b_ptr, rows, rmask, m0, col0, c, old_scale, old_zero, M, N, K, group_size,
+                stride_am, stride_ak, stride_bk, stride_bn, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
+                step_scale, decay, QUANT, Q_IS_A, Q_ALIGN, Q_EVEN, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+            code = encode_codes(x, elem, scale, zero, seed, offset, 8, STOCHASTIC)
+            tl.store(codes_ptr + elem, code.to(tl.uint8), mask=mask)
     tl.store(w_scales_ptr + stat, scale, mask=rmask)
     tl.store(w_zeros_ptr + stat, zero, mask=rmask)
 
@@ -273,12 +282,13 @@ def _adam_direction(exp_avg, exp_avg_sq, r, beta1, beta2, eps, denom_scale) -> t
     numel = r.numel()
     if numel == 0:
         return n
-    _adam_moments_kernel[(triton.cdiv(numel, MOMENT_BLOCK),)](
+    args = (
         out_view(r), out_view(exp_avg), out_view(exp_avg_sq), n, numel,
         float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps), float(denom_scale),
-        R_BF16=r.dtype == torch.bfloat16, MOM_BF16=exp_avg.dtype == torch.bfloat16, BLOCK=MOMENT_BLOCK,
-        num_warps=4, **_NO_FMA,
     )  # fmt: skip
+    constexprs = dict(R_BF16=r.dtype == torch.bfloat16, MOM_BF16=exp_avg.dtype == torch.bfloat16, BLOCK=MOMENT_BLOCK)
+    grid = (triton.cdiv(numel, MOMENT_BLOCK),)
+    launch(_adam_moments_kernel, lambda meta: grid, args, constexprs | _NO_FMA, _MOMENT_CONFIGS, r.device)
     return n
 
 
@@ -327,10 +337,13 @@ def _update_dense(w, n, side, p: _P, step_scale, decay) -> None:
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _adam_update_dense_kernel[grid](
-        out_view(w), a, b, M, N, K, *w.stride(), *sa, *sb, *p.qargs(), float(step_scale), float(decay),
-        QUANT=p.bits, Q_IS_A=q_is_a, W_BF16=w.dtype == torch.bfloat16, DOT=dot, PRECISION=_precision(dot == 0),
+    args = (out_view(w), a, b, M, N, K, *w.stride(), *sa, *sb, *p.qargs(), float(step_scale), float(decay))
+    constexprs = dict(
+        QUANT=p.bits, Q_IS_A=q_is_a, Q_ALIGN=group_alignment(p.gs), W_BF16=w.dtype == torch.bfloat16, DOT=dot,
+        PRECISION=_precision(dot == _DOT_FP32), enable_fp_fusion=True,  # FMA contraction: within the tolerance
     )  # fmt: skip
+    configs = matmul_configs(M, N, 1, dot == _DOT_FP32, w.device)
+    launch(_adam_update_dense_kernel, grid, args, constexprs, configs, w.device)
 
 
 def galore_adam_step_triton(w, exp_avg, exp_avg_sq, r, p, side, beta1, beta2, eps, denom_scale, step_scale, decay):
@@ -356,29 +369,38 @@ def _pow2_at_least(x: int, floor: int) -> int:
     return max(floor, triton.next_power_of_2(max(x, 1)))
 
 
-def int8_plan(rows: int, groups: int, group_size: int, rank: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) of the INT8 update.
-
-    BLOCK_N: the widest power of two (16 ≤ BLOCK_N ≤ INT8_BLOCK_N_MAX, at most next_pow2(g)) whose
-    chunks cover a group with at most g/8 padding (16-wide chunks pad a g ≥ 128 by less than 1/8).
-    BLOCK_M: the most rows (≤ INT8_BLOCK_M_MAX) that still give the device enough programs
-    (row blocks × groups ≥ parallel slots). BLOCK_K: r rounded up to a power of two, capped.
-    """
-    block_n = _MIN_DOT
+def int8_chunk(group_size: int) -> int:
+    """BLOCK_N of the INT8 update: the widest power of two (16 ≤ BLOCK_N ≤ INT8_BLOCK_N_MAX, at
+    most next_pow2(g)) whose chunks cover a group with at most g/8 padding (16-wide chunks pad a
+    g ≥ 128 by less than 1/8). A group of at most INT8_BLOCK_N_MAX values is then one chunk."""
     width = min(INT8_BLOCK_N_MAX, _pow2_at_least(group_size, _MIN_DOT))
-    while width >= _MIN_DOT:
+    while width > _MIN_DOT:
         if triton.cdiv(group_size, width) * width - group_size <= group_size / 8:
-            block_n = width
-            break
+            return width
         width //= 2
-    block_m = _MIN_DOT
+    return _MIN_DOT
+
+
+def int8_configs(rows: int, groups: int, block_n: int, rank: int, device: torch.device) -> list[triton.Config]:
+    """Candidate (BLOCK_M, BLOCK_K, warps, stages) of the INT8 update, in order of preference.
+
+    BLOCK_M: the most rows (≤ INT8_BLOCK_M_MAX, a tile of at most 8192 values) that still give the
+    device enough programs (row blocks × groups ≥ parallel slots), then fewer rows. BLOCK_K: r
+    rounded up to a power of two and capped at BLOCK_K_MAX, then half that. Two pipeline stages,
+    then one. ``launch`` takes the first that fits the GPU."""
     slots = parallel_slots(device)
-    for bm in (128, 64, 32, 16):
-        if bm <= INT8_BLOCK_M_MAX and triton.cdiv(rows, bm) * groups >= slots:
-            block_m = bm
-            break
+    sizes = [bm for bm in (64, 32, 16) if bm <= INT8_BLOCK_M_MAX and bm * block_n <= 8192] or [_MIN_DOT]
+    preferred = next((bm for bm in sizes if triton.cdiv(rows, bm) * groups >= slots), sizes[-1])
+    block_ms = [bm for bm in sizes if bm <= preferred]
     block_k = min(BLOCK_K_MAX, _pow2_at_least(rank, _MIN_DOT))
-    return block_m, block_n, block_k
+    block_ks = [bk for bk in (block_k, block_k // 2) if bk >= _MIN_DOT]
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=8 if bm * block_n >= 64 * 64 else 4, num_stages=st)
+        for bm in block_ms
+        for bk in block_ks
+        for st in (2, 1)
+    ]
+    return configs[:1] if INTERPRET else configs
 
 
 def galore_adam_step_int8_triton(
@@ -398,11 +420,20 @@ def galore_adam_step_int8_triton(
         return
     p = _P(codes=p_codes, scales=p_scales, zeros=p_zeros, bits=bits)
     a, sa, b, sb, q_is_a, K = _operands(side, n, p)
-    block_m, block_n, block_k = int8_plan(M, groups, g, K, w_codes.device)
-    warps = 8 if block_m * block_n >= 64 * 64 else 4
-    _adam_update_int8_kernel[(triton.cdiv(M, block_m) * groups,)](
-        w_codes, w_scales, w_zeros, a, b, M, N, K, g, groups, triton.cdiv(g, block_n), *sa, *sb, *p.qargs(),
+    block_n = int8_chunk(g)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * groups,)
+
+    args = (
+        w_codes, w_scales, w_zeros, a, b, M, N, K, g, groups, *sa, *sb, *p.qargs(),
         float(step_scale), float(decay), int(seed), int(offset),
-        QUANT=bits, Q_IS_A=q_is_a, STOCHASTIC=bool(stochastic), PRECISION=_precision(True),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=2, **_NO_FMA,
     )  # fmt: skip
+    constexprs = dict(
+        # A right-side P's tiles start at W's group boundaries: at even columns if g is even.
+        QUANT=bits, Q_IS_A=q_is_a, Q_ALIGN=group_alignment(p.gs), Q_EVEN=q_is_a or g % 2 == 0,
+        STOCHASTIC=bool(stochastic), PRECISION=_precision(True),
+        ONE_CHUNK=g <= block_n, BLOCK_N=block_n, **_NO_FMA,
+    )  # fmt: skip
+    configs = int8_configs(M, groups, block_n, K, w_codes.device)
+    launch(_adam_update_int8_kernel, grid, args, constexprs, configs, w_codes.device)

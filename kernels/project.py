@@ -16,9 +16,11 @@ and the two products of the low-rank weight gradient (dy T×m, x T×n, G = dyᵀ
 are all ``C[M, N] = scale · Σ_k A[M, k] B[k, N]`` with A and B addressed by strides: a transpose is
 a swap of strides, never a copy, and any strided G, R or dense P works. One kernel serves them
 all: ``_lowrank_matmul``. A quantized P is one of A or B (``Q_IS_A``), read either as P or as Pᵀ
-(``Q_TRANS``); its tile is decoded from the codes (INT4: the byte ``j // 2`` and the nibble
-``j % 2``) with the group's scale and zero (group ``i * groups_per_row + j // group_size`` for P's
-element (i, j)), so the dense P is never materialized.
+(``Q_TRANS``); its tile is decoded in registers from the codes with the group's scale and zero
+(group ``i * groups_per_row + j // group_size`` for P's element (i, j)), so the dense P is never
+materialized: an INT4 tile loads each byte once and splits its two nibbles, and when the tile lies
+within one group along j (the usual case: groups of 256, tiles of ≤ 256) the scales and zeros are
+loaded once per row of P in the tile rather than once per element (``_load_tile``).
 
 Tiling. Programs tile C in BLOCK_M × BLOCK_N tiles and loop over K in BLOCK_K steps, accumulating
 in fp32 with ``tl.dot``. The down-projection has a huge K (m or n, 4096..11008+) and a skinny
@@ -26,9 +28,16 @@ output (r rows or columns): the tile grid alone can be smaller than the GPU, so 
 fill the device K is split across a second grid axis (split-K) into an fp32 workspace
 ``(splits, M, N)`` whose partial sums torch adds up (deterministic: no atomics, so two runs give the
 same bits). The split count is capped so that the workspace's write + read stays under 25% of the
-traffic of the streamed operand (``SPLIT_K_TRAFFIC_BUDGET``). Configs with BLOCK_M or BLOCK_N up
-to 256 let one tile cover a whole rank ≤ 256, so G is streamed from memory once. The
-back-projection has K = r: a plain tiled matmul.
+traffic of the streamed operand (``SPLIT_K_TRAFFIC_BUDGET``). Consecutive programs share the tiles
+of the larger operand (``SHARE_B``), so G is read from DRAM about once and its re-reads by the
+other row blocks of the rank come from L2. The back-projection has K = r: a plain tiled matmul.
+
+Configs. No autotuning: ``matmul_configs`` orders candidate tiles by preference (large tiles when
+they still give every SM a program) and ``_common.launch`` runs the first that fits the GPU's
+shared memory without spilling registers. The choice depends only on the shapes, the GPU and the
+compiler, so every rank of a distributed run (and every run) computes with the same tiles and sums
+in the same order; nothing is benchmarked inside a training step. ``python -m
+fastgrad.kernels.aot`` compiles every launch for sm_80/86/89/90/120 and checks the fit.
 
 Precision. Accumulation is fp32 everywhere. Under the interpreter every operand is converted to
 fp32 and ``tl.dot`` runs with ``input_precision="ieee"`` (exact fp32 products, as the reference).
@@ -42,6 +51,8 @@ bf16 with round-to-nearest-even.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -58,7 +69,7 @@ from fastgrad._ops import (
     check_lowrank_project_quantized,
 )
 
-from ._common import INTERPRET, autotune, load_float, out_view, parallel_slots, store_float
+from ._common import INTERPRET, launch, load_float, out_view, parallel_slots, store_float
 
 # Split-K knobs (module attributes so that tests can reach every path with small shapes).
 SPLIT_K_MIN_K = 16 if INTERPRET else 512  # fewest values of K per split
@@ -68,37 +79,81 @@ SPLIT_K_MAX = 32
 SPLIT_K_TRAFFIC_BUDGET = float("inf") if INTERPRET else 0.25
 
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
-_CONFIGS = [_INTERPRET_CONFIG] + [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in (
-        (64, 64, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (128, 128, 64, 8, 3),
-        (128, 128, 32, 4, 4),
-        (256, 64, 32, 8, 3),
-        (64, 256, 32, 8, 3),
-        (32, 64, 128, 4, 4),
-        (64, 32, 128, 4, 4),
-    )
-]
-# Nominal tile used to decide split-K before the autotuner picks the real one.
+
+
+def _tiles(*rows: tuple[int, int, int, int, int]) -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in rows
+    ]
+
+
+# Candidate tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), largest first. 16-bit operands feed
+# the tensor cores directly; fp32 operands run three TF32 products per step (tf32x3), which needs
+# more registers per output: their tiles are smaller. ``launch`` skips any that does not fit the
+# GPU (shared memory, spills); the compile stage (``fastgrad.kernels.aot``) shows which fit where.
+_TILES_16BIT = _tiles(
+    (128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3),
+    (64, 64, 32, 4, 2),
+)  # fmt: skip
+_TILES_FP32 = _tiles(
+    (128, 128, 32, 8, 2), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3), (64, 64, 32, 4, 2),
+    (32, 32, 32, 4, 2),
+)  # fmt: skip
+
+
+def matmul_configs(M: int, N: int, splits: int, fp32: bool, device: torch.device) -> list[triton.Config]:
+    """The candidate tiles of one matmul in order of preference: the largest tiles that still give
+    every SM a program (fewer re-reads of A and B), then the others from the largest down; if no
+    tile fills the device (a small matmul), the smallest first."""
+    if INTERPRET:
+        return [_INTERPRET_CONFIG]
+    tiles = _TILES_FP32 if fp32 else _TILES_16BIT
+    slots = parallel_slots(device) // 4  # one program per SM
+
+    def programs(c):
+        return triton.cdiv(M, c.kwargs["BLOCK_M"]) * triton.cdiv(N, c.kwargs["BLOCK_N"]) * splits
+
+    filling = [c for c in tiles if programs(c) >= slots]
+    if not filling:
+        return sorted(tiles, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+    return filling + [c for c in tiles if c not in filling]
+
+
+# Nominal tile used to decide split-K before the tile is chosen.
 _NOMINAL_TILE = 32 if INTERPRET else 128
 
 
 @triton.jit
 def _load_tile(
-    ptr, rows, cols, n_rows, n_cols, stride_r, stride_c, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
-    QUANT: tl.constexpr, Q_TRANS: tl.constexpr,
+    ptr, row0, col0, n_rows, n_cols, stride_r, stride_c, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
+    QUANT: tl.constexpr, Q_TRANS: tl.constexpr, Q_ALIGN: tl.constexpr, Q_EVEN: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
-    """Operand tile [rows, cols] (int64 index vectors) as fp32; zeros outside (n_rows, n_cols).
+    """Operand tile rows [row0, row0+BR) × cols [col0, col0+BC) (a dense tile in its dtype, a
+    decoded one in fp32); zeros outside (n_rows, n_cols).
 
     QUANT 0: dense, element (a, b) at ptr + a*stride_r + b*stride_c.
-    QUANT 4/8: the operand is P (Q_TRANS False) or Pᵀ (True); P's element (i, j) has code
-    ptr[i*q_row_stride + j] (INT8) or nibble j%2 of ptr[i*q_row_stride + j//2] (INT4) and decodes as
-    code * scales[g] + zeros[g], g = i*q_gpr + j // q_gs.
+    QUANT 4/8: the operand is P (Q_TRANS False: P's row i is the tile row, its column j the tile
+    column) or Pᵀ (True: the other way round). P's element (i, j) has code ptr[i*q_row_stride + j]
+    (INT8) or nibble j%2 of byte ptr[i*q_row_stride + j//2] (INT4, low nibble = even j) and decodes as
+    code * scales[g] + zeros[g] with g = i*q_gpr + j // q_gs.
+
+    Decoding costs: an INT4 tile whose extent along j starts at an even j (Q_EVEN: always in the
+    matmuls, whose tiles start at multiples of their size) loads each byte once and splits it into
+    its two nibbles; otherwise each element loads its byte. When the
+    tile's extent along j divides Q_ALIGN, the largest power of two (≤ 256) dividing the group size
+    q_gs (tiles start at multiples of their extent, so
+    a tile then lies within one group along j), the scales and zeros are loaded once per i (a
+    vector of BR or BC values) instead of once per element: the per-element gather would go
+    through shared memory as 4-byte copies, and at 128×64 tiles needs more shared memory than a
+    consumer GPU has per block. Otherwise (small or odd groups) each element gathers its own.
     """
-    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    rows = row0 + tl.arange(0, BR).to(tl.int64)
+    cols = col0 + tl.arange(0, BC).to(tl.int64)
+    rmask = rows < n_rows
+    cmask = cols < n_cols
+    mask = rmask[:, None] & cmask[None, :]
     if QUANT == 0:
         t = tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
     else:
@@ -110,28 +165,45 @@ def _load_tile(
             j = cols[None, :]
         if QUANT == 8:
             code = tl.load(ptr + i * q_row_stride + j, mask=mask, other=0).to(tl.int32)
-        else:
+        elif not Q_EVEN:
             byte = tl.load(ptr + i * q_row_stride + (j >> 1), mask=mask, other=0).to(tl.int32)
             code = (byte >> ((j & 1) * 4).to(tl.int32)) & 0xF
-        # j < 2**31 (P's row length): 32-bit division is much cheaper than 64-bit on a GPU.
-        g = i * q_gpr + (j.to(tl.int32) // q_gs)
-        s = tl.load(q_scales + g, mask=mask, other=0.0)
-        z = tl.load(q_zeros + g, mask=mask, other=0.0)
-        t = code.to(tl.float32) * s + z
+        elif Q_TRANS:  # j along the tile's rows: bytes [BR/2, BC], nibbles interleaved along rows
+            jb = row0 // 2 + tl.arange(0, BR // 2).to(tl.int64)
+            bmask = (jb * 2 < n_rows)[:, None] & cmask[None, :]
+            byte = tl.load(ptr + cols[None, :] * q_row_stride + jb[:, None], mask=bmask, other=0).to(tl.int32)
+            code = tl.reshape(tl.permute(tl.join(byte & 0xF, byte >> 4), (0, 2, 1)), (BR, BC))
+        else:  # j along the tile's columns: bytes [BR, BC/2]
+            jb = col0 // 2 + tl.arange(0, BC // 2).to(tl.int64)
+            bmask = rmask[:, None] & (jb * 2 < n_cols)[None, :]
+            byte = tl.load(ptr + rows[:, None] * q_row_stride + jb[None, :], mask=bmask, other=0).to(tl.int32)
+            code = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BR, BC))
+        J_EXTENT: tl.constexpr = BR if Q_TRANS else BC
+        if Q_ALIGN % J_EXTENT == 0:  # the tile lies in one group along j: one scale and zero per i
+            if Q_TRANS:
+                g = cols * q_gpr + row0 // q_gs
+                s = tl.load(q_scales + g, mask=cmask, other=0.0)[None, :]
+                z = tl.load(q_zeros + g, mask=cmask, other=0.0)[None, :]
+            else:
+                g = rows * q_gpr + col0 // q_gs
+                s = tl.load(q_scales + g, mask=rmask, other=0.0)[:, None]
+                z = tl.load(q_zeros + g, mask=rmask, other=0.0)[:, None]
+        else:
+            g = i * q_gpr + (j.to(tl.int32) // q_gs)  # j < 2**31: 32-bit division is cheaper
+            s = tl.load(q_scales + g, mask=mask, other=0.0)
+            z = tl.load(q_zeros + g, mask=mask, other=0.0)
+        t = tl.where(mask, code.to(tl.float32) * s + z, 0.0)
     return t
 
 
-# restore_value: with ACCUMULATE the kernel updates C (a weight) in place; the autotuner's timed
-# runs must not apply the update once per run.
-@autotune(_CONFIGS, key=["M", "N", "K", "QUANT", "Q_IS_A", "Q_TRANS", "SPLIT"], restore_value=["c_ptr"])
 @triton.jit
 def _lowrank_matmul_kernel(
     a_ptr, b_ptr, c_ptr, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,
     q_scales, q_zeros, q_row_stride, q_gpr, q_gs, scale, k_per_split,
-    QUANT: tl.constexpr, Q_IS_A: tl.constexpr, Q_TRANS: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, OUT_BF16: tl.constexpr, ACCUMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QUANT: tl.constexpr, Q_IS_A: tl.constexpr, Q_TRANS: tl.constexpr, Q_ALIGN: tl.constexpr, SPLIT: tl.constexpr,
+    SHARE_B: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, OUT_BF16: tl.constexpr,
+    ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """C[M, N] (split s: c_ptr + s*stride_cs) = scale · Σ_{k in split s} A[M, k] B[k, N].
 
@@ -140,14 +212,24 @@ def _lowrank_matmul_kernel(
 
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), splits). Split s covers K values
     [s*k_per_split, (s+1)*k_per_split), k_per_split a multiple of every config's BLOCK_K.
+    Program order: consecutive programs share the tiles of the larger operand (SHARE_B: B's column
+    block, else A's row block), so that operand is read from DRAM about once and re-read from L2
+    (the left down-projection Pᵀ G reads G once, not once per BLOCK_M rows of the rank).
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1).to(tl.int64)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n  # consecutive programs share A's row block (P, in the down-projection)
-    pid_n = pid % num_n
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    if SHARE_B:
+        num_m = tl.cdiv(M, BLOCK_M)
+        pid_n = pid // num_m
+        pid_m = pid % num_m
+    else:
+        num_n = tl.cdiv(N, BLOCK_N)
+        pid_m = pid // num_n
+        pid_n = pid % num_n
+    m0 = pid_m.to(tl.int64) * BLOCK_M
+    n0 = pid_n.to(tl.int64) * BLOCK_N
+    offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     # Tensor-core dtype on a GPU: that of the dense operand (G or R; a dense P has the same one).
@@ -159,14 +241,13 @@ def _lowrank_matmul_kernel(
     A_QUANT: tl.constexpr = QUANT if Q_IS_A else 0
     B_QUANT: tl.constexpr = 0 if Q_IS_A else QUANT
     for k0 in range(k_begin, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         a = _load_tile(
-            a_ptr, offs_m, offs_k, M, k_end, stride_am, stride_ak,
-            q_scales, q_zeros, q_row_stride, q_gpr, q_gs, A_QUANT, Q_TRANS,
+            a_ptr, m0, k0, M, k_end, stride_am, stride_ak, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
+            A_QUANT, Q_TRANS, Q_ALIGN, True, BLOCK_M, BLOCK_K,
         )  # fmt: skip
         b = _load_tile(
-            b_ptr, offs_k, offs_n, k_end, N, stride_bk, stride_bn,
-            q_scales, q_zeros, q_row_stride, q_gpr, q_gs, B_QUANT, Q_TRANS,
+            b_ptr, k0, n0, k_end, N, stride_bk, stride_bn, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
+            B_QUANT, Q_TRANS, Q_ALIGN, True, BLOCK_K, BLOCK_N,
         )  # fmt: skip
         if DOT_FP32:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
@@ -178,6 +259,13 @@ def _lowrank_matmul_kernel(
     if ACCUMULATE:
         result += load_float(c_ptr + c_off, c_mask, OUT_BF16)
     store_float(c_ptr + c_off, result, c_mask, OUT_BF16)
+
+
+def group_alignment(group_size: int) -> int:
+    """Q_ALIGN of a quantized P: the largest power of two (≤ 256, the widest tile) that divides its
+    group size. A constexpr: the hoisting decision of ``_load_tile`` is made at compile time, while
+    every group size with the same alignment shares one compiled kernel."""
+    return math.gcd(group_size, 256)
 
 
 def _split_k(M: int, N: int, K: int, itemsize: int, device: torch.device) -> tuple[int, int]:
@@ -226,14 +314,19 @@ def _matmul(a, sa, b, sb, M, N, K, out, scale, quant=None, accumulate=False):
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)
 
-    _lowrank_matmul_kernel[grid](
-        a, b, target, M, N, K, *sa, *sb, *cs,
-        q_scales, q_zeros, q_row_stride, q_gpr, q_gs, float(scale), k_per_split,
-        QUANT=bits, Q_IS_A=q_is_a, Q_TRANS=q_trans, SPLIT=splits > 1,
-        DOT_FP32=dot_fp32, PRECISION=precision, OUT_BF16=splits == 1 and out.dtype == torch.bfloat16,
-        ACCUMULATE=accumulate and splits == 1,
+    args = (
+        a, b, target, M, N, K, *sa, *sb, *cs, q_scales, q_zeros, q_row_stride, q_gpr, q_gs, float(scale), k_per_split,
+    )  # fmt: skip
+    constexprs = dict(
+        QUANT=bits, Q_IS_A=q_is_a, Q_TRANS=q_trans, Q_ALIGN=group_alignment(q_gs), SPLIT=splits > 1,
+        # Consecutive programs share the tiles of the operand with more elements (a stand-in for
+        # the one read from DRAM: K·N for B against M·K for A).
+        SHARE_B=N > M, DOT_FP32=dot_fp32, PRECISION=precision,
+        OUT_BF16=splits == 1 and out.dtype == torch.bfloat16, ACCUMULATE=accumulate and splits == 1,
         enable_fp_fusion=True,  # FMA in the in-register dequantization of P: within the tolerance
     )  # fmt: skip
+    configs = matmul_configs(M, N, splits, dot_fp32, out.device)
+    launch(_lowrank_matmul_kernel, grid, args, constexprs, configs, out.device)
     if splits > 1:  # fp32 sum of the partials (and of out's old values), then one rounding
         total = target.sum(dim=0)
         out.copy_(total + out.float() if accumulate else total)

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from fastgrad._ops import check_dequantize, check_quantize, check_round_bf16
 
-from ._common import INTERPRET, autotune, out_view, parallel_slots, store_float
+from ._common import INTERPRET, launch, out_view, parallel_slots, store_float
 
 # Tiling knobs (module attributes so that tests can shrink them to reach every code path). On a
 # GPU a program's tile is 4096 values (16 per thread with 8 warps). The interpreter's cost is per
@@ -41,7 +41,9 @@ MAX_BLOCK = 2**14 if INTERPRET else 2048  # most values of one group handled per
 TARGET_TILE = 2**14 if INTERPRET else 4096  # values per program (GROUPS * BLOCK) when groups are small
 ROUND_BLOCK = 2**14 if INTERPRET else 4096  # values per program of round_bf16_stochastic
 
-_WARPS = [triton.Config({}, num_warps=w) for w in (4, 8, 2)]
+# Candidate launch configs, in order of preference (``launch`` takes the first that fits the GPU):
+# the kernels are memory-bound; 4 warps give 32 values per thread of a 4096-value tile.
+_WARPS = [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8, 2)]
 _NO_FMA = {"enable_fp_fusion": False}  # compile option: no multiply-add contraction (see _dequantize_body)
 _TWO_POW_M24 = tl.constexpr(5.9604644775390625e-08)  # 2**-24
 
@@ -62,12 +64,20 @@ def _load_chunk(x_ptr, base, gmask, c, group_size, BLOCK: tl.constexpr):
 
 @triton.jit
 def _reduce_chunk(x, mask, lo, hi, SYMMETRIC: tl.constexpr):
-    """Fold a chunk into the running (min, max), or into the running absmax (``hi``) if symmetric."""
+    """Fold a chunk into the running (min, max), or into the running absmax (``hi``) if symmetric.
+
+    NaN propagates, as in the reference (torch's amin/amax): a group holding a NaN gets NaN
+    statistics (scale 1 and zero NaN, or zero −2^(b−1) if symmetric; its codes are then those of
+    ``encode_codes`` for NaN: 0). The GPU's min/max instructions drop NaN, so it is tracked apart.
+    """
+    nan = tl.max(tl.where(mask & (x != x), 1, 0), axis=1) > 0
     if SYMMETRIC:
         hi = tl.maximum(hi, tl.max(tl.abs(x), axis=1))  # masked lanes hold 0: no effect on absmax
     else:
         lo = tl.minimum(lo, tl.min(tl.where(mask, x, float("inf")), axis=1))
+        lo = tl.where(nan | (lo != lo), float("nan"), lo)
         hi = tl.maximum(hi, tl.max(tl.where(mask, x, float("-inf")), axis=1))
+    hi = tl.where(nan | (hi != hi), float("nan"), hi)
     return lo, hi
 
 
@@ -93,7 +103,7 @@ def encode_codes(x, elem, scale, zero, seed, offset, BITS: tl.constexpr, STOCHAS
     """Codes (int32) of a tile ``x`` (rows, cols) whose row i has ``scale[i]``/``zero[i]``:
     u = (x - zero) / scale (correctly rounded), then RTN floor(u + 0.5) or SR floor(u) + [xi < frac],
     xi the Philox uniform of counter ``offset + elem`` (``elem``: the elements' flat indices),
-    clamped to [0, 2**BITS - 1]. The one encoder of the Triton kernels (also ``adam_step.py``)."""
+    clamped to [0, 2**BITS - 1] (NaN -> 0). The one encoder of the Triton kernels (also ``adam_step.py``)."""
     QMAX: tl.constexpr = (1 << BITS) - 1
     u = tl.math.div_rn(x - zero[:, None], tl.broadcast_to(scale[:, None], x.shape))
     if STOCHASTIC:
@@ -103,6 +113,7 @@ def encode_codes(x, elem, scale, zero, seed, offset, BITS: tl.constexpr, STOCHAS
         code = fl + (xi < (u - fl)).to(tl.float32)
     else:
         code = tl.floor(u + 0.5)
+    code = tl.where(code == code, code, 0.0)  # NaN -> 0, explicitly (max/min NaN rules differ by backend)
     return tl.minimum(tl.maximum(code, 0.0), QMAX).to(tl.int32)
 
 
@@ -188,10 +199,6 @@ def _quantize_body(
                 )  # fmt: skip
 
 
-_QUANT_KEY = ["group_size", "MODE", "ONE_CHUNK", "GROUPS", "BLOCK", "SYMMETRIC", "STOCHASTIC"]
-
-
-@autotune(_WARPS, key=_QUANT_KEY)
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _quantize_int8_kernel(
     x_ptr, codes_ptr, scales_ptr, zeros_ptr, lo_ptr, hi_ptr,
@@ -206,7 +213,6 @@ def _quantize_int8_kernel(
     )  # fmt: skip
 
 
-@autotune(_WARPS, key=_QUANT_KEY)
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _quantize_int4_kernel(
     x_ptr, codes_ptr, scales_ptr, zeros_ptr, lo_ptr, hi_ptr,
@@ -258,10 +264,6 @@ def _dequantize_body(
         store_float(out_ptr + elem, code * scale + zero, mask, OUT_BF16)
 
 
-_DEQUANT_KEY = ["group_size", "GROUPS", "BLOCK", "OUT_BF16"]
-
-
-@autotune(_WARPS, key=_DEQUANT_KEY)
 @triton.jit
 def _dequantize_int8_kernel(
     codes_ptr, scales_ptr, zeros_ptr, out_ptr, num_groups, group_size, num_chunks, chunks_per_split,
@@ -273,7 +275,6 @@ def _dequantize_int8_kernel(
     )  # fmt: skip
 
 
-@autotune(_WARPS, key=_DEQUANT_KEY)
 @triton.jit
 def _dequantize_int4_kernel(
     codes_ptr, scales_ptr, zeros_ptr, out_ptr, num_groups, group_size, num_chunks, chunks_per_split,
@@ -285,7 +286,6 @@ def _dequantize_int4_kernel(
     )  # fmt: skip
 
 
-@autotune(_WARPS, key=[])
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _round_bf16_stochastic_kernel(x_ptr, out_ptr, numel, seed, offset, BLOCK: tl.constexpr):
     """out = bf16 bits of (bits(x) + (randint >> 16)) >> 16: rounds the magnitude up with
@@ -335,22 +335,22 @@ def _quantize(op: str, bits: int, kernel, x, group_size, symmetric, stochastic, 
     plan = _Plan(num_groups, g, x.device)
     common = dict(SYMMETRIC=bool(symmetric), STOCHASTIC=bool(stochastic), GROUPS=plan.groups, BLOCK=plan.block)
     args = (num_groups, g, plan.num_chunks, plan.chunks_per_split, seed, offset)
+
+    def run(grid, lo, hi, mode, one_chunk):
+        kernel_args = (x, codes, scales, zeros, lo, hi, *args)
+        constexprs = dict(MODE=mode, ONE_CHUNK=one_chunk, **common, **_NO_FMA)
+        launch(kernel, lambda meta: grid, kernel_args, constexprs, _WARPS, x.device)
+
     if plan.splits == 1:
-        kernel[(plan.tiles, 1)](
-            x, codes, scales, zeros, scales, zeros, *args, MODE=0, ONE_CHUNK=plan.num_chunks == 1, **common, **_NO_FMA
-        )
+        run((plan.tiles, 1), scales, zeros, 0, plan.num_chunks == 1)
         return codes, scales, zeros
     # Few large groups: partial stats per split, reduce (exact), then encode per split.
     part_lo = torch.empty((num_groups, plan.splits), dtype=torch.float32, device=x.device)
     part_hi = torch.empty_like(part_lo)
-    kernel[(plan.tiles, plan.splits)](
-        x, codes, scales, zeros, part_lo, part_hi, *args, MODE=1, ONE_CHUNK=False, **common, **_NO_FMA
-    )
+    run((plan.tiles, plan.splits), part_lo, part_hi, 1, False)
     lo = part_hi if symmetric else part_lo.amin(dim=1)
     hi = part_hi.amax(dim=1)
-    kernel[(plan.tiles, plan.splits)](
-        x, codes, scales, zeros, lo, hi, *args, MODE=2, ONE_CHUNK=False, **common, **_NO_FMA
-    )
+    run((plan.tiles, plan.splits), lo, hi, 2, False)
     return codes, scales, zeros
 
 
@@ -372,9 +372,10 @@ def _dequantize(op: str, bits: int, kernel, codes, scales, zeros, dtype):
         return out
     g = n // scales.shape[-1]
     plan = _Plan(num_groups, g, codes.device)
-    kernel[(plan.tiles, plan.splits)](
-        codes, scales, zeros, out_view(out), num_groups, g, plan.num_chunks, plan.chunks_per_split,
-        OUT_BF16=dtype == torch.bfloat16, GROUPS=plan.groups, BLOCK=plan.block, **_NO_FMA,
+    launch(
+        kernel, lambda meta: (plan.tiles, plan.splits),
+        (codes, scales, zeros, out_view(out), num_groups, g, plan.num_chunks, plan.chunks_per_split),
+        dict(OUT_BF16=dtype == torch.bfloat16, GROUPS=plan.groups, BLOCK=plan.block, **_NO_FMA), _WARPS, codes.device,
     )  # fmt: skip
     return out
 
@@ -396,5 +397,6 @@ def round_bf16_stochastic_triton(x, seed, offset):
     if x.numel() == 0:
         return out
     grid = (triton.cdiv(x.numel(), ROUND_BLOCK),)
-    _round_bf16_stochastic_kernel[grid](x, out.view(torch.int16), x.numel(), seed, offset, BLOCK=ROUND_BLOCK, **_NO_FMA)
+    args = (x, out.view(torch.int16), x.numel(), seed, offset)
+    launch(_round_bf16_stochastic_kernel, lambda meta: grid, args, dict(BLOCK=ROUND_BLOCK, **_NO_FMA), _WARPS, x.device)
     return out

@@ -166,6 +166,30 @@ def test_quantize_codes_identical(case, symmetric, stochastic, dtype, device, ti
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", QUANT_CASES, ids=_quant_ids)
+def test_quantize_nan_and_inf_as_reference(case, device, tiling):
+    """A NaN in a group gives the reference's NaN statistics (min/max propagate NaN, scale 1) and
+    codes (0 for the NaN), on every tiling path: a group loaded once, in chunks (the NaN in a later
+    chunk than the first) or split over programs (partial statistics reduced by torch). ±Inf too."""
+    bits, shape, group_size, max_block, target_tile, _path = case
+    tiling(max_block, target_tile)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(7)).reshape(-1, shape[-1])
+    x[0, -1] = float("nan")  # the last chunk of the first group
+    x[-1, 0] = float("inf")
+    x = x.reshape(shape).to(device)
+    for symmetric in (False, True):
+        for stochastic in (False, True):
+            op = f"quantize_int{bits}"
+            got = run_op(op, x, group_size, symmetric, stochastic, SEED, OFFSET)
+            want = getattr(ref, op)(x.cpu(), group_size, symmetric, stochastic, SEED, OFFSET)
+            assert_bits_equal(got[0].cpu(), want[0], f"{op} codes")
+            # Affine: the NaN group's zero is NaN. Symmetric: its scale is 1 (NaN absmax).
+            assert want[2].isnan().any() if not symmetric else (want[1] == 1).any(), "the case must hit a NaN group"
+            for name, g, w in (("scales", got[1], want[1]), ("zeros", got[2], want[2])):
+                torch.testing.assert_close(g.cpu(), w, rtol=0, atol=0, equal_nan=True, msg=f"{op} {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize(
     "seed, offset",
@@ -390,6 +414,49 @@ def test_lowrank_grad(side, kind, dtype, device):
     assert rel <= (1e-5 if dtype == torch.float32 else 2 * 2.0**-8), f"{op} {side} {kind}: {rel:.3g}"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_quantized_projection_group_aligned_tiles(side, bits, device):
+    """Groups that are a multiple of the tile extent along P's rows (the usual Q-GaLore case: groups
+    of 256 along rows of r or n values): the kernels load one scale and zero per row of P in a tile
+    instead of one per element. Down- and up-projection, the in-place update, the low-rank gradient
+    and the fused Adam step, against the reference. P's rows hold two groups and the tiles (32 under
+    the interpreter) cover a group in two steps; M and the tokens are not multiples of the tile."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("aligned", side, bits)).encode()))
+    m, n, r, group, tokens = (70, 46, 128, 64, 37) if side == "left" else (70, 128, 10, 64, 37)
+    p_shape = (m, r) if side == "left" else (r, n)
+    r_shape = (r, n) if side == "left" else (m, r)
+    q = getattr(ref, f"quantize_int{bits}")(torch.randn(p_shape, generator=gen) / r**0.5, group, False, True, 3, 0)
+    p_args = (*(t.to(device) for t in q), bits)
+    p_dense = ref.dequantize_projector(*q, bits, torch.float32)
+    g = torch.randn(m, n, generator=gen)
+    rr = torch.randn(r_shape, generator=gen)
+    a, b = (p_dense.t(), g) if side == "left" else (g, p_dense.t())
+    got = run_op("lowrank_project_quantized", g.to(device), *p_args, side)
+    assert_matmul_close(got, ref.lowrank_project_quantized(g, *q, bits, side), a, b, 1.0, torch.float32, "down")
+    a, b = (p_dense, rr) if side == "left" else (rr, p_dense)
+    got = run_op("lowrank_project_back_quantized", rr.to(device), *p_args, side, 0.5)
+    want = ref.lowrank_project_back_quantized(rr, *q, bits, side, 0.5)
+    assert_matmul_close(got, want, a, b, 0.5, torch.float32, "up")
+    w = g.to(device, copy=True)
+    run_op("lowrank_project_back_quantized_add_", w, rr.to(device), *p_args, side, 0.5)
+    assert_matmul_close(w.cpu() - g, want, a, b, 0.5, torch.float32, "up, in place")
+    dy, x = torch.randn(tokens, m, generator=gen), torch.randn(tokens, n, generator=gen)
+    got = run_op("lowrank_grad_quantized", dy.to(device), x.to(device), *p_args, side)
+    want = ref.lowrank_grad_quantized(dy, x, *q, bits, side)
+    rel = ((got.cpu() - want).norm() / want.norm()).item()
+    assert rel <= 1e-5, f"lowrank_grad_quantized: normwise relative error {rel:.3g}"
+    moments = (torch.randn(r_shape, generator=gen), torch.rand(r_shape, generator=gen))
+    args = (g, *moments, rr, *q, bits, side, *ADAM_HYPER, STEP, DECAY)
+    got_args, want_args = _to(args, device), _clone(args)
+    run_op("galore_adam_step_quantized_", *got_args)
+    ref.galore_adam_step_quantized_(*want_args)
+    n_dir = want_args[1] / (ADAM_HYPER[3] * want_args[2].sqrt() + ADAM_HYPER[2])
+    a, b = (p_dense, n_dir) if side == "left" else (n_dir, p_dense)
+    assert_matmul_close(got_args[0].cpu(), want_args[0], a, b, STEP, torch.float32, "adam step")
+
+
 # ---------------------------------------------------------------------------------------------
 # Projected Adam step (galore_adam_step_*): moments, then W ← decay·W + s·up(N, P) in place
 # ---------------------------------------------------------------------------------------------
@@ -577,10 +644,10 @@ def _int8_step_case(side, bits, group, stochastic, step, device, seed=0):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("stochastic", [False, True], ids=["rtn", "sr"])
-@pytest.mark.parametrize("group", [127, -1], ids=["g127", "row"])
+@pytest.mark.parametrize("group", [127, -1, "127-one-pass"], ids=["g127", "row", "g127-one-pass"])
 @pytest.mark.parametrize("bits", [8, 4], ids=["p8", "p4"])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_adam_step_int8_weight(side, bits, group, stochastic, device):
+def test_adam_step_int8_weight(side, bits, group, stochastic, device, monkeypatch):
     """Moments bitwise; the re-quantized W against the reference.
 
     Kernel and reference compute the same fp32 W' = decay·dequant(W) + s·up(N, P) up to the
@@ -593,11 +660,16 @@ def test_adam_step_int8_weight(side, bits, group, stochastic, device):
     """
     from fastgrad.kernels import adam_step
 
+    one_pass = group == "127-one-pass"  # a group within one chunk: W' computed once, kept in registers
+    if one_pass:
+        monkeypatch.setattr(adam_step, "INT8_BLOCK_N_MAX", 128)
+        group = 127
     m, n, _rank = INT8_W_SHAPE
     g = n if group == -1 else group
-    if device == "cpu":  # the interpreter's tiling: several row blocks, several chunks per group
-        block_m, block_n, _ = adam_step.int8_plan(m, n // g, g, _rank, torch.device("cpu"))
-        assert block_m < m and block_n < g
+    if device == "cpu":  # the interpreter's tiling: several row blocks; several chunks per group or one
+        block_n = adam_step.int8_chunk(g)
+        block_m = adam_step.int8_configs(m, n // g, block_n, _rank, torch.device("cpu"))[0].kwargs["BLOCK_M"]
+        assert block_m < m and (block_n >= g if one_pass else block_n < g)
     got, want, (r, exp_avg, exp_avg_sq, p_dense, w_q) = _int8_step_case(side, bits, group, stochastic, STEP, device)
     assert_bits_equal(got[3].cpu(), want[3], "exp_avg")
     assert_bits_equal(got[4].cpu(), want[4], "exp_avg_sq")
