@@ -1,7 +1,10 @@
 """Render bench/results/*.csv as Markdown: the latest row of each case, with speed-ups.
 
 python bench/report.py            # print
-python bench/report.py --readme   # replace the block between the bench markers in README.md
+python bench/report.py --readme   # replace the blocks between the bench and kernels markers in README.md
+
+The kernels block is the compile table of ``python -m fastgrad.kernels.aot --csv
+bench/results/kernels-compile.csv`` (one run per Triton version; each replaces its own rows).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ BASELINE = {
 }
 REFRESH_BASELINE = "svd"  # refresh steps compare to the exact SVD
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+KERNELS_BEGIN, KERNELS_END = "<!-- kernels:begin -->", "<!-- kernels:end -->"
+COMPILE_RESULTS = ROOT / "bench" / "results" / "kernels-compile.csv"
 
 
 def latest_rows(suite: str) -> list[dict]:
@@ -66,6 +71,20 @@ def render(suite: str) -> str:
     return "\n".join(out)
 
 
+def render_compile() -> str:
+    """The per-kernel compile table (registers, spills, shared memory per target and Triton version)."""
+    from fastgrad.kernels.aot import summary
+
+    with COMPILE_RESULTS.open(newline="") as f:
+        return summary(list(csv.DictReader(f)))
+
+
+def replace_block(content: str, begin: str, end: str, text: str) -> str:
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{text}\n{end}{tail}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--readme", action="store_true", help="write the tables into README.md")
@@ -75,10 +94,8 @@ def main() -> None:
         print(text)
         return
     readme = ROOT / "README.md"
-    content = readme.read_text()
-    head, rest = content.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    content = replace_block(readme.read_text(), BEGIN, END, text)
+    readme.write_text(replace_block(content, KERNELS_BEGIN, KERNELS_END, render_compile()))
 
 
 if __name__ == "__main__":
