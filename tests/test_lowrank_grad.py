@@ -150,6 +150,30 @@ def test_qgalore_int8_layers_deliver_projected_gradients(full_gradients_only, mo
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(base_losses), rtol=2e-5, atol=0)
 
 
+def test_qlinear_projected_gradient_takes_bf16_activations_as_they_are(monkeypatch):
+    """bf16 training: QLinear's projected weight gradient multiplies dy and x in bf16 (fp32
+    accumulation inside the op), with no fp32 copies of the T×m and T×n activations, and hands the
+    optimizer an fp32 R (its Adam moments are fp32)."""
+    import fastgrad.nn.lowrank as lowrank_mod
+
+    seen = []
+    real = lowrank_mod.lowrank_grad
+
+    def spy(dy, x, proj, side):
+        seen.append((dy.dtype, x.dtype))
+        return real(dy, x, proj, side)
+
+    monkeypatch.setattr(lowrank_mod, "lowrank_grad", spy)
+    model = quantized().to(torch.bfloat16)
+    opt = qgalore(model)
+    train(model, opt, token_batches(2))  # step 0 refreshes (G); step 1 takes projected gradients
+    n_q = sum(isinstance(m, QLinear) for m in model.modules())
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * n_q
+    weight = next(m.weight for m in model.modules() if isinstance(m, QLinear))
+    model(token_batches(1)[0], token_batches(1)[0]).backward()
+    assert projected_grad(weight).dtype == torch.float32
+
+
 def test_qgalore_layerwise_equals_qgalore():
     batches = token_batches(8)
     plain = quantized()

@@ -147,10 +147,12 @@ def deliver_projected_grad(weight: torch.Tensor, low: torch.Tensor) -> None:
 
 
 def project_weight_grad(
-    weight: torch.Tensor, dy2: torch.Tensor, x2: torch.Tensor, dtype: torch.dtype
+    weight: torch.Tensor, dy2: torch.Tensor, x2: torch.Tensor, dtype: torch.dtype, grad_dtype: torch.dtype | None = None
 ) -> torch.Tensor | None:
     """For layers: if a projection is published for ``weight``, compute R from dy2 (T×m) and x2
-    (T×n) in ``dtype``, deliver it and return it; else return None (the caller forms G)."""
+    (T×n) in ``dtype`` (the matmuls' operand dtype; they accumulate in fp32), deliver it as
+    ``grad_dtype`` (default ``dtype``: R is m×r or r×n, so converting it is cheap, unlike converting
+    dy2 and x2) and return it; else return None (the caller forms G)."""
     route = _PROJECTIONS.get(weight)
     if route is None:
         return None
@@ -158,6 +160,8 @@ def project_weight_grad(
     if isinstance(proj, torch.Tensor) and proj.dtype != dtype:
         proj = proj.to(dtype)
     low = lowrank_grad(dy2.to(dtype), x2.to(dtype), proj, route.side)
+    if grad_dtype is not None and low.dtype != grad_dtype:
+        low = low.to(grad_dtype)
     deliver_projected_grad(weight, low)
     return low
 

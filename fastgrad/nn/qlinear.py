@@ -176,9 +176,11 @@ class QLinear(nn.Module):
     def _accumulate_weight_grad(self, dy2: torch.Tensor, x2: torch.Tensor) -> None:
         """The projected gradient (fp32) when the optimizer has published a projection for the
         weight (:mod:`fastgrad.nn.lowrank`), else weight.grad (fp32 m×n) += dy2ᵀ x2, created on
-        first use; then the weight's grad-ready hooks run."""
+        first use; then the weight's grad-ready hooks run. The projected gradient's matmuls take dy2
+        and x2 in their own dtype (bf16 training: bf16 tensor-core products, fp32 accumulation) and
+        only R (m×r or r×n) is converted to fp32, not the T×m and T×n activations."""
         w = self.weight
-        if project_weight_grad(w, dy2, x2, torch.float32) is not None:
+        if project_weight_grad(w, dy2, x2, torch.promote_types(dy2.dtype, x2.dtype), torch.float32) is not None:
             return
         if w.grad_dtype != torch.float32:  # a deep copy / load resets it to the codes' dtype
             w.grad_dtype = torch.float32
