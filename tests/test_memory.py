@@ -111,9 +111,13 @@ def measured_phase_peaks(mc: LlamaConfig, cfg: TrainConfig, steps: int = 2) -> d
     resident = _storage_bytes([*model.parameters(), *model.buffers(), *(t for b in batches for t in b)])
 
     def run() -> None:
-        for _ in range(steps):
-            torch.empty(MARK, dtype=torch.uint8)  # allocated and freed at once: the marker
-            _train_step(model, optimizer, stepper, cfg, batches, mark=True)
+        # Without oneDNN: on CPUs with AVX512-BF16 or AMX its bf16 GEMMs allocate packing scratch of
+        # their own (tens of KB, depending on the machine), which the model of the step's tensors
+        # does not describe; torch's own CPU GEMM allocates none.
+        with torch.backends.mkldnn.flags(enabled=False):
+            for _ in range(steps):
+                torch.empty(MARK, dtype=torch.uint8)  # allocated and freed at once: the marker
+                _train_step(model, optimizer, stepper, cfg, batches, mark=True)
 
     live, marks, phase = resident, 0, None
     peaks: dict[str, int] = {}
