@@ -47,6 +47,34 @@ def _git_sha() -> str:
         return "unknown"
 
 
+def time_round(
+    fns: dict, times: dict[str, list[float]], device: str = "cpu", iters: dict[str, int] | None = None
+) -> None:
+    """One interleaved round: each provider in turn, appending its seconds per call to ``times[name]``.
+
+    ``iters[name]`` (default 1) back-to-back calls make one sample: a GPU kernel of a few microseconds
+    is then timed over many launches instead of one launch plus a synchronization. On CUDA the
+    sample is bracketed by ``torch.cuda.synchronize`` (what ran before is not counted; the work
+    itself is, to completion).
+    """
+    for name, fn in fns.items():
+        n = iters.get(name, 1) if iters else 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times[name].append((time.perf_counter() - start) / n)
+
+
+def quantiles(samples: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) of timing samples, as the CSV rows record them."""
+    data = sorted(samples)
+    return statistics.median(data), data[int(0.2 * (len(data) - 1))], data[int(0.8 * (len(data) - 1))]
+
+
 def synchronized(fn, device: str):
     """Time GPU work to completion, not just its launch."""
     if device != "cuda":
@@ -77,18 +105,14 @@ def compare(benchmark):
         times: dict[str, list[float]] = {name: [] for name in fns}
 
         def one_round():
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+            time_round(fns, times)  # fns synchronize themselves (synchronized)
 
         benchmark.group = f"{op} {shape} {dtype} {device}"
         benchmark.extra_info.update(providers=list(fns))
         benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0)
         medians = {}
         for name, samples in times.items():
-            data = sorted(samples)
-            median = statistics.median(data)
+            median, p20, p80 = quantiles(samples)
             medians[name] = median
             _append_row(
                 suite,
@@ -105,8 +129,8 @@ def compare(benchmark):
                     "dtype": str(dtype).replace("torch.", ""),
                     "provider": name,
                     "median_ms": f"{median * 1e3:.4f}",
-                    "p20_ms": f"{data[int(0.2 * (len(data) - 1))] * 1e3:.4f}",
-                    "p80_ms": f"{data[int(0.8 * (len(data) - 1))] * 1e3:.4f}",
+                    "p20_ms": f"{p20 * 1e3:.4f}",
+                    "p80_ms": f"{p80 * 1e3:.4f}",
                     "gbps": f"{bytes_moved / median / 1e9:.2f}" if bytes_moved else "",
                     "tflops": f"{flops / median / 1e12:.4f}" if flops else "",
                     "note": note,
