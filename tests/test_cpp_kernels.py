@@ -1,11 +1,12 @@
-"""The C++ CPU kernels of fastgrad._C: csrc/cpu/quant.cpp, csrc/cpu/project.cpp, csrc/cpu/adam_step.cpp.
+"""The C++ CPU kernels of fastgrad._C: csrc/cpu/quant.cpp, csrc/cpu/project.cpp, csrc/cpu/adam_step.cpp,
+csrc/cpu/round_bf16.cpp.
 
 What is specific to them (the backend-agnostic numerics live in test_quant.py / test_project.py):
 they are the kernels that serve the CPU; quantizer codes, scales and zeros and dequantized values
 are bitwise identical to fastgrad/_reference.py for shapes that exercise their vector tails,
 parallel chunks, Philox buffers and GEMM blocks; results do not depend on the thread count; the
 projections stay within a rigorous fp32 error bound of the reference; and their own TORCH_CHECKs
-name the op and the argument.
+name the op and the argument (round_bf16_stochastic's: word for word the Python contract's).
 """
 
 import re
@@ -63,7 +64,7 @@ def _dequantize_ref(bits, *args):
     return (ref.dequantize_int8 if bits == 8 else ref.dequantize_int4)(*args)
 
 
-@pytest.mark.parametrize("op", QUANT_OPS + PROJECT_OPS)
+@pytest.mark.parametrize("op", QUANT_OPS + PROJECT_OPS + ["round_bf16_stochastic"])
 def test_cpp_kernel_serves_cpu(op):
     assert _backends.SERVED_BY[op]["cpu"] == "cpp"
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastgrad::{op}", "CPU")
@@ -390,6 +391,42 @@ BAD_CALLS = [
 def test_bad_arguments_name_op_and_argument(op, arg, call):
     with pytest.raises(RuntimeError, match=re.escape(f"fastgrad.{op}: argument '{arg}' must be")):
         call()
+
+
+# round_bf16_stochastic: the C++ kernel's message is byte for byte the Python contract's
+# (fastgrad/_ops.py::check_round_bf16, which the fake and reference kernels run): both come from
+# check_round_bf16 (csrc/common/checks.h and fastgrad/_ops.py). Offsets at the edge: the counters
+# offset + i of the 32 elements must stay below 2**63.
+_xr = torch.randn(4, 8)
+ROUND_BF16_BAD_ARGS = [
+    ("x", (_xr.half(), 0, 0)),
+    ("x", (_xr.double(), 0, 0)),
+    ("x", (_xr.t(), 0, 0)),
+    ("seed", (_xr, -1, 0)),
+    ("seed", (_xr, -(2**63), 0)),
+    ("offset", (_xr, 0, -5)),
+    ("offset", (_xr, 0, 2**63 - 32)),  # offset + numel == 2**63
+    ("offset", (_xr, 0, 2**63 - 1)),
+]
+
+
+@pytest.mark.parametrize(
+    ("arg", "args"), ROUND_BF16_BAD_ARGS, ids=[f"{a}-{i}" for i, (a, _) in enumerate(ROUND_BF16_BAD_ARGS)]
+)
+def test_round_bf16_bad_arguments_match_python_contract(arg, args):
+    from fastgrad._ops import check_round_bf16
+
+    with pytest.raises(RuntimeError) as python:
+        check_round_bf16("round_bf16_stochastic", *args)
+    assert str(python.value).startswith(f"fastgrad.round_bf16_stochastic: argument '{arg}' must be ")
+    with pytest.raises(RuntimeError) as cpp:
+        F.round_bf16_stochastic(*args)  # a CPU tensor: the C++ kernel (test_cpp_kernel_serves_cpu)
+    assert str(cpp.value) == str(python.value)
+
+
+def test_round_bf16_takes_the_last_offset():
+    x = torch.randn(4, 8)
+    _assert_bitwise(F.round_bf16_stochastic(x, 3, 2**63 - 33), ref.round_bf16_stochastic(x, 3, 2**63 - 33), "bf16")
 
 
 # lowrank_grad: T large enough for tn_matmul_f32 to run several blocks of tokens with bf16/fp16

@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <utility>
 
@@ -42,19 +43,16 @@ constexpr int64_t kInt8StepBlockElems = int64_t{1} << 18;
 // contiguous, on R's device; and of the hyper-parameters (fastgrad/_ops.py::check_adam_moments).
 void check_moments(const char* op, const at::Tensor& r, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                    double beta1, double beta2, double eps, double denom_scale) {
-  FG_CHECK_ARG(r.is_contiguous(), op, "r", "contiguous, got a non-contiguous tensor");
-  for (const auto& [name, t] :
-       {std::pair<const char*, const at::Tensor&>{"exp_avg", exp_avg}, {"exp_avg_sq", exp_avg_sq}}) {
-    FG_CHECK_ARG(is_float_type(t.scalar_type()), op, name, "float32, bfloat16 or float16, got ", t.scalar_type());
+  check_contiguous(op, "r", r);
+  const std::initializer_list<std::pair<const char*, const at::Tensor&>> moments{{"exp_avg", exp_avg},
+                                                                                 {"exp_avg_sq", exp_avg_sq}};
+  for (const auto& [name, t] : moments) {
+    check_float_dtype(op, name, t.scalar_type());
     FG_CHECK_ARG(t.sizes() == r.sizes(), op, name, "of r's shape ", r.sizes(), ", got ", t.sizes());
-    FG_CHECK_ARG(t.is_contiguous(), op, name, "contiguous, got a non-contiguous tensor");
+    check_contiguous(op, name, t);
   }
-  FG_CHECK_ARG(exp_avg_sq.scalar_type() == exp_avg.scalar_type(), op, "exp_avg_sq", "of exp_avg's dtype ",
-               exp_avg.scalar_type(), ", got ", exp_avg_sq.scalar_type());
-  for (const auto& [name, t] :
-       {std::pair<const char*, const at::Tensor&>{"exp_avg", exp_avg}, {"exp_avg_sq", exp_avg_sq}}) {
-    FG_CHECK_ARG(t.device() == r.device(), op, name, "on r's device ", r.device(), ", got ", t.device());
-  }
+  check_same_dtype(op, "exp_avg_sq", exp_avg_sq.scalar_type(), "exp_avg", exp_avg.scalar_type());
+  for (const auto& [name, t] : moments) check_same_device(op, name, t.device(), "r", r.device());
   const double inf = std::numeric_limits<double>::infinity();
   FG_CHECK_ARG(0.0 <= beta1 && beta1 < 1.0, op, "beta1", "in [0, 1), got ", beta1);
   FG_CHECK_ARG(0.0 <= beta2 && beta2 < 1.0, op, "beta2", "in [0, 1), got ", beta2);
@@ -187,26 +185,12 @@ void galore_adam_step_quantized_cpu(at::Tensor& w, at::Tensor& exp_avg, at::Tens
 // as a Projector, whose tile() decodes a block of its rows.
 Projector int8_weight(const char* op, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
                       const at::Tensor& r, int64_t m, int64_t n) {
-  FG_CHECK_ARG(codes.dim() == 2, op, "w_codes", "a 2-d tensor (m×n), got a ", codes.dim(), "-d tensor");
-  FG_CHECK_ARG(codes.scalar_type() == at::kByte, op, "w_codes", "uint8, got ", codes.scalar_type());
-  FG_CHECK_ARG(codes.is_contiguous(), op, "w_codes", "contiguous, got a non-contiguous tensor");
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"w_scales", scales}, {"w_zeros", zeros}}) {
-    FG_CHECK_ARG(t.scalar_type() == at::kFloat, op, name, "float32, got ", t.scalar_type());
-    FG_CHECK_ARG(t.is_contiguous(), op, name, "contiguous, got a non-contiguous tensor");
-  }
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"w_scales", scales}, {"w_zeros", zeros}}) {
-    FG_CHECK_ARG(t.device() == codes.device(), op, name, "on w_codes's device ", codes.device(), ", got ",
-                 t.device());
-  }
-  FG_CHECK_ARG(scales.dim() == 2 && scales.size(0) == codes.size(0), op, "w_scales", "of shape (", codes.size(0),
-               ", groups), got ", scales.sizes());
-  FG_CHECK_ARG(zeros.sizes() == scales.sizes(), op, "w_zeros", "of shape ", scales.sizes(), ", got ", zeros.sizes());
+  check_2d(op, "w_codes", codes, " (m×n)");
+  check_quantized(op, "w_", codes, scales, zeros, /*bits=*/8, /*matrix=*/true);
   const int64_t groups = scales.size(1);
-  FG_CHECK_ARG(groups > 0 && codes.size(1) % groups == 0, op, "w_scales", "with a last dimension that divides ",
-               codes.size(1), ", got ", groups);
   FG_CHECK_ARG(codes.size(0) == m && codes.size(1) == n, op, "w_codes", "of shape (", m, ", ", n, "), got ",
                codes.sizes());
-  FG_CHECK_ARG(codes.device() == r.device(), op, "w_codes", "on r's device ", r.device(), ", got ", codes.device());
+  check_same_device(op, "w_codes", codes.device(), "r", r.device());
   Projector w;
   w.bits = 8;
   w.rows = m;
@@ -231,10 +215,7 @@ void galore_adam_step_int8_cpu(at::Tensor& w_codes, at::Tensor& w_scales, at::Te
   const int64_t m = left ? p.rows : r.size(0), n = left ? r.size(1) : p.cols;
   const Projector w = int8_weight(op, w_codes, w_scales, w_zeros, r, m, n);
   check_moments(op, r, exp_avg, exp_avg_sq, beta1, beta2, eps, denom_scale);
-  FG_CHECK_ARG(seed >= 0, op, "seed", "in [0, 2**63), got ", seed);
-  FG_CHECK_ARG(offset >= 0, op, "offset", "non-negative, got ", offset);
-  FG_CHECK_ARG(offset <= std::numeric_limits<int64_t>::max() - w_codes.numel(), op, "offset",
-               "such that offset + numel < 2**63, got ", offset);
+  check_seed_offset(op, seed, offset, w_codes.numel());
 
   const at::Tensor dir = adam_direction(exp_avg, exp_avg_sq, r, beta1, beta2, eps, denom_scale);
   if (m == 0 || n == 0) return;

@@ -106,14 +106,13 @@ at::Tensor lowrank_grad_impl(const at::Tensor& dy, const at::Tensor& x, const Pr
 bool check_grad(const char* op, const at::Tensor& dy, const at::Tensor& x, int64_t p_rows, int64_t p_cols,
                 const at::Device& p_device, c10::string_view side_sv) {
   const bool left = check_side(op, std::string(side_sv));
-  FG_CHECK_ARG(is_float_type(dy.scalar_type()), op, "dy", "float32, bfloat16 or float16, got ", dy.scalar_type());
-  FG_CHECK_ARG(dy.dim() == 2, op, "dy", "a 2-d tensor (tokens×m), got a ", dy.dim(), "-d tensor");
-  FG_CHECK_ARG(x.dim() == 2, op, "x", "a 2-d tensor (tokens×n), got a ", x.dim(), "-d tensor");
-  FG_CHECK_ARG(x.scalar_type() == dy.scalar_type(), op, "x", "of dy's dtype ", dy.scalar_type(), ", got ",
-               x.scalar_type());
-  FG_CHECK_ARG(x.device() == dy.device(), op, "x", "on dy's device ", dy.device(), ", got ", x.device());
+  check_float_dtype(op, "dy", dy.scalar_type());
+  check_2d(op, "dy", dy, " (tokens×m)");
+  check_2d(op, "x", x, " (tokens×n)");
+  check_same_dtype(op, "x", x.scalar_type(), "dy", dy.scalar_type());
+  check_same_device(op, "x", x.device(), "dy", dy.device());
   FG_CHECK_ARG(x.size(0) == dy.size(0), op, "x", "with dy's ", dy.size(0), " rows (tokens), got ", x.sizes());
-  FG_CHECK_ARG(p_device == dy.device(), op, "p", "on dy's device ", dy.device(), ", got ", p_device);
+  check_same_device(op, "p", p_device, "dy", dy.device());
   if (left) {
     FG_CHECK_ARG(p_rows == dy.size(1), op, "p", "of shape (", dy.size(1), ", r) for side='left' with dy of shape ",
                  dy.sizes(), ", got (", p_rows, ", ", p_cols, ")");
@@ -128,13 +127,12 @@ bool check_grad(const char* op, const at::Tensor& dy, const at::Tensor& x, int64
 // -> left (r, n), right (m, r) of g's dtype.
 at::Tensor lowrank_project_cpu(const at::Tensor& g, const at::Tensor& p, c10::string_view side_sv) {
   const char* op = "lowrank_project";
-  FG_CHECK_ARG(p.dim() == 2, op, "p", "a 2-d tensor, got a ", p.dim(), "-d tensor");
+  check_2d(op, "p", p);
   const bool left = check_side(op, std::string(side_sv));
-  FG_CHECK_ARG(is_float_type(g.scalar_type()), op, "g", "float32, bfloat16 or float16, got ", g.scalar_type());
-  FG_CHECK_ARG(g.dim() == 2, op, "g", "a 2-d tensor (m×n), got a ", g.dim(), "-d tensor");
-  FG_CHECK_ARG(p.device() == g.device(), op, "p", "on g's device ", g.device(), ", got ", p.device());
-  FG_CHECK_ARG(p.scalar_type() == g.scalar_type(), op, "p", "of g's dtype ", g.scalar_type(), ", got ",
-               p.scalar_type());
+  check_float_dtype(op, "g", g.scalar_type());
+  check_2d(op, "g", g, " (m×n)");
+  check_same_device(op, "p", p.device(), "g", g.device());
+  check_same_dtype(op, "p", p.scalar_type(), "g", g.scalar_type());
   if (left) {
     FG_CHECK_ARG(p.size(0) == g.size(0), op, "p", "of shape (", g.size(0), ", r) for side='left' with g of shape ",
                  g.sizes(), ", got ", p.sizes());
@@ -185,9 +183,9 @@ at::Tensor lowrank_project_quantized_cpu(const at::Tensor& g, const at::Tensor& 
   const char* op = "lowrank_project_quantized";
   const Projector p = quantized_projector(op, p_codes, p_scales, p_zeros, bits);
   const bool left = check_side(op, std::string(side_sv));
-  FG_CHECK_ARG(is_float_type(g.scalar_type()), op, "g", "float32, bfloat16 or float16, got ", g.scalar_type());
-  FG_CHECK_ARG(g.dim() == 2, op, "g", "a 2-d tensor (m×n), got a ", g.dim(), "-d tensor");
-  FG_CHECK_ARG(p_codes.device() == g.device(), op, "p", "on g's device ", g.device(), ", got ", p_codes.device());
+  check_float_dtype(op, "g", g.scalar_type());
+  check_2d(op, "g", g, " (m×n)");
+  check_same_device(op, "p", p_codes.device(), "g", g.device());
   if (left) {
     FG_CHECK_ARG(p.rows == g.size(0), op, "p", "of shape (", g.size(0), ", r) for side='left' with g of shape ",
                  g.sizes(), ", got (", p.rows, ", ", p.cols, ")");
@@ -225,10 +223,9 @@ void lowrank_project_back_quantized_add_cpu(at::Tensor& w, const at::Tensor& r, 
 // dy (T, m), x (T, n); p: left (m, r), right (r, n) of dy's dtype -> left (r, n), right (m, r).
 at::Tensor lowrank_grad_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& p, c10::string_view side_sv) {
   const char* op = "lowrank_grad";
-  FG_CHECK_ARG(p.dim() == 2, op, "p", "a 2-d tensor, got a ", p.dim(), "-d tensor");
+  check_2d(op, "p", p);
   const bool left = check_grad(op, dy, x, p.size(0), p.size(1), p.device(), side_sv);
-  FG_CHECK_ARG(p.scalar_type() == dy.scalar_type(), op, "p", "of dy's dtype ", dy.scalar_type(), ", got ",
-               p.scalar_type());
+  check_same_dtype(op, "p", p.scalar_type(), "dy", dy.scalar_type());
   return lowrank_grad_impl(dy, x, dense_projector(p), left);
 }
 

@@ -8,8 +8,8 @@
 
 #include <algorithm>
 #include <string>
-#include <utility>
 
+#include "../common/checks.h"
 #include "quant_common.h"
 
 namespace fastgrad {
@@ -23,13 +23,6 @@ inline constexpr int64_t kPBlockElems = int64_t{1} << 18;
 inline constexpr int64_t kPBlockFraction = 8;
 inline constexpr int64_t kGBlockElems = int64_t{1} << 20;
 inline constexpr int64_t kMinBlock = 64;
-
-inline bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
-
-inline bool check_side(const char* op, const std::string& side) {
-  FG_CHECK_ARG(side == "left" || side == "right", op, "side", "'left' or 'right', got '", side, "'");
-  return side == "left";
-}
 
 // Length of a block along a dimension of size `total` whose slices hold `width` elements each:
 // at most `budget` elements per block, a multiple of kMinBlock, at least kMinBlock.
@@ -79,34 +72,17 @@ inline Projector dense_projector(const at::Tensor& p) {
   return proj;
 }
 
-// Validates a quantized projector: p_codes (rows, cols * bits / 8) uint8, p_scales/p_zeros
-// (rows, groups) fp32, all contiguous.
+// Validates a quantized projector (fastgrad/_ops.py::check_quantized_p): p_codes
+// (rows, cols * bits / 8) uint8, p_scales/p_zeros (rows, groups) fp32, all contiguous.
 inline Projector quantized_projector(const char* op, const at::Tensor& codes, const at::Tensor& scales,
                                      const at::Tensor& zeros, int64_t bits) {
   FG_CHECK_ARG(bits == 4 || bits == 8, op, "bits", "4 or 8, got ", bits);
-  FG_CHECK_ARG(codes.dim() == 2, op, "p_codes", "a 2-d tensor, got a ", codes.dim(), "-d tensor");
-  FG_CHECK_ARG(codes.scalar_type() == at::kByte, op, "p_codes", "uint8, got ", codes.scalar_type());
-  FG_CHECK_ARG(codes.is_contiguous(), op, "p_codes", "contiguous, got a non-contiguous tensor");
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"p_scales", scales}, {"p_zeros", zeros}}) {
-    FG_CHECK_ARG(t.scalar_type() == at::kFloat, op, name, "float32, got ", t.scalar_type());
-    FG_CHECK_ARG(t.is_contiguous(), op, name, "contiguous, got a non-contiguous tensor");
-    FG_CHECK_ARG(t.device() == codes.device(), op, name, "on p_codes's device ", codes.device(), ", got ",
-                 t.device());
-  }
-  FG_CHECK_ARG(scales.dim() == 2 && scales.size(0) == codes.size(0), op, "p_scales", "of shape (", codes.size(0),
-               ", groups), got ", scales.sizes());
-  FG_CHECK_ARG(zeros.sizes() == scales.sizes(), op, "p_zeros", "of shape ", scales.sizes(), ", got ", zeros.sizes());
+  check_2d(op, "p_codes", codes);
   Projector p;
   p.bits = static_cast<int>(bits);
   p.rows = codes.size(0);
-  p.cols = codes.size(1) * (8 / bits);
+  p.cols = check_quantized(op, "p_", codes, scales, zeros, bits, /*matrix=*/true);
   p.groups = scales.size(1);
-  FG_CHECK_ARG(p.groups > 0 && p.cols % p.groups == 0, op, "p_scales", "with a last dimension that divides ", p.cols,
-               ", got ", p.groups);
-  if (bits == 4) {
-    FG_CHECK_ARG((p.cols / p.groups) % 2 == 0, op, "p_scales", "such that groups are even (", p.cols,
-                 " values per row), got ", p.groups);
-  }
   p.codes = codes.const_data_ptr<uint8_t>();
   p.scales = scales.const_data_ptr<float>();
   p.zeros = zeros.const_data_ptr<float>();
@@ -116,13 +92,12 @@ inline Projector quantized_projector(const char* op, const at::Tensor& codes, co
 // Checks of the up projection with a dense P. r: left (rank, n), right (m, rank); p: left (m, rank),
 // right (rank, n) of r's dtype. Returns whether the side is "left".
 inline bool check_back_dense(const char* op, const at::Tensor& r, const at::Tensor& p, c10::string_view side_sv) {
-  FG_CHECK_ARG(p.dim() == 2, op, "p", "a 2-d tensor, got a ", p.dim(), "-d tensor");
+  check_2d(op, "p", p);
   const bool left = check_side(op, std::string(side_sv));
-  FG_CHECK_ARG(is_float_type(r.scalar_type()), op, "r", "float32, bfloat16 or float16, got ", r.scalar_type());
-  FG_CHECK_ARG(r.dim() == 2, op, "r", "a 2-d tensor, got a ", r.dim(), "-d tensor");
-  FG_CHECK_ARG(p.device() == r.device(), op, "p", "on r's device ", r.device(), ", got ", p.device());
-  FG_CHECK_ARG(p.scalar_type() == r.scalar_type(), op, "p", "of r's dtype ", r.scalar_type(), ", got ",
-               p.scalar_type());
+  check_float_dtype(op, "r", r.scalar_type());
+  check_2d(op, "r", r);
+  check_same_device(op, "p", p.device(), "r", r.device());
+  check_same_dtype(op, "p", p.scalar_type(), "r", r.scalar_type());
   if (left) {
     FG_CHECK_ARG(p.size(1) == r.size(0), op, "p", "of shape (m, ", r.size(0), ") for side='left' with r of shape ",
                  r.sizes(), ", got ", p.sizes());
@@ -135,19 +110,19 @@ inline bool check_back_dense(const char* op, const at::Tensor& r, const at::Tens
 
 // w, the in-place target of an _add_ op: a float tensor of shape (m, n) on r's device.
 inline void check_accumulator(const char* op, const at::Tensor& w, const at::Tensor& r, int64_t m, int64_t n) {
-  FG_CHECK_ARG(is_float_type(w.scalar_type()), op, "w", "float32, bfloat16 or float16, got ", w.scalar_type());
+  check_float_dtype(op, "w", w.scalar_type());
   FG_CHECK_ARG(w.dim() == 2 && w.size(0) == m && w.size(1) == n, op, "w", "of shape (", m, ", ", n, "), got ",
                w.sizes());
-  FG_CHECK_ARG(w.device() == r.device(), op, "w", "on r's device ", r.device(), ", got ", w.device());
+  check_same_device(op, "w", w.device(), "r", r.device());
 }
 
 // Checks of the up projection with a quantized P; returns whether the side is "left".
 inline bool check_back_quantized(const char* op, const at::Tensor& r, const at::Tensor& p_codes, const Projector& p,
                                  c10::string_view side_sv) {
   const bool left = check_side(op, std::string(side_sv));
-  FG_CHECK_ARG(is_float_type(r.scalar_type()), op, "r", "float32, bfloat16 or float16, got ", r.scalar_type());
-  FG_CHECK_ARG(r.dim() == 2, op, "r", "a 2-d tensor, got a ", r.dim(), "-d tensor");
-  FG_CHECK_ARG(p_codes.device() == r.device(), op, "p", "on r's device ", r.device(), ", got ", p_codes.device());
+  check_float_dtype(op, "r", r.scalar_type());
+  check_2d(op, "r", r);
+  check_same_device(op, "p", p_codes.device(), "r", r.device());
   if (left) {
     FG_CHECK_ARG(p.cols == r.size(0), op, "p", "of shape (m, ", r.size(0), ") for side='left' with r of shape ",
                  r.sizes(), ", got (", p.rows, ", ", p.cols, ")");

@@ -20,8 +20,8 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
-#include <utility>
 
+#include "../common/checks.h"
 #include "../common/philox.h"
 #include "quant_common.h"
 
@@ -287,22 +287,10 @@ void quantize_kernel(const scalar_t* x, int64_t numel, int64_t g, int bits, bool
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const char* op, int bits, const at::Tensor& x,
                                                             int64_t group_size, bool symmetric, bool stochastic,
                                                             int64_t seed, int64_t offset) {
+  const int64_t g = check_quantize(op, bits, x, group_size, seed, offset);
   const auto dt = x.scalar_type();
-  FG_CHECK_ARG(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op, "x", "float32, bfloat16 or float16, got ",
-               dt);
-  FG_CHECK_ARG(x.dim() >= 1, op, "x", "a tensor with at least 1 dimension, got a ", x.dim(), "-d tensor");
-  FG_CHECK_ARG(x.is_contiguous(), op, "x", "contiguous, got a non-contiguous tensor");
   const int64_t n = x.size(-1);
-  FG_CHECK_ARG(group_size == -1 || group_size > 0, op, "group_size", "positive or -1 (one group per row), got ",
-               group_size);
-  const int64_t g = group_size == -1 ? n : group_size;
-  FG_CHECK_ARG(g > 0 && n % g == 0, op, "group_size", "a divisor of the last dimension ", n, ", got ", group_size);
-  if (bits == 4) FG_CHECK_ARG(g % 2 == 0, op, "group_size", "even for INT4 (two codes per byte), got ", g);
-  FG_CHECK_ARG(seed >= 0, op, "seed", "in [0, 2**63), got ", seed);
-  FG_CHECK_ARG(offset >= 0, op, "offset", "non-negative, got ", offset);
   const int64_t numel = x.numel();
-  FG_CHECK_ARG(offset <= std::numeric_limits<int64_t>::max() - numel, op, "offset",
-               "such that offset + numel < 2**63, got ", offset);
 
   auto code_shape = x.sizes().vec();
   code_shape.back() = n * bits / 8;
@@ -363,28 +351,8 @@ void dequantize_kernel(const uint8_t* codes, const float* scales, const float* z
 // codes: (*, n * bits / 8) uint8, scales/zeros: (*, groups) fp32 -> (*, n) of `dtype`.
 at::Tensor dequantize_cpu(const char* op, int bits, const at::Tensor& codes, const at::Tensor& scales,
                           const at::Tensor& zeros, at::ScalarType dtype) {
-  FG_CHECK_ARG(codes.scalar_type() == at::kByte, op, "codes", "uint8, got ", codes.scalar_type());
-  FG_CHECK_ARG(codes.dim() >= 1, op, "codes", "a tensor with at least 1 dimension, got a ", codes.dim(), "-d tensor");
-  FG_CHECK_ARG(codes.is_contiguous(), op, "codes", "contiguous, got a non-contiguous tensor");
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"scales", scales}, {"zeros", zeros}}) {
-    FG_CHECK_ARG(t.scalar_type() == at::kFloat, op, name, "float32, got ", t.scalar_type());
-    FG_CHECK_ARG(t.is_contiguous(), op, name, "contiguous, got a non-contiguous tensor");
-    FG_CHECK_ARG(t.device() == codes.device(), op, name, "on codes's device ", codes.device(), ", got ", t.device());
-  }
-  const auto lead = codes.sizes().slice(0, codes.dim() - 1);
-  FG_CHECK_ARG(scales.dim() == codes.dim() && scales.sizes().slice(0, scales.dim() - 1) == lead, op, "scales",
-               "of shape (*", lead, ", groups), got ", scales.sizes());
-  FG_CHECK_ARG(zeros.sizes() == scales.sizes(), op, "zeros", "of shape ", scales.sizes(), ", got ", zeros.sizes());
-  const int64_t n = codes.size(-1) * (8 / bits);
+  const int64_t n = check_dequantize(op, bits, codes, scales, zeros, dtype);
   const int64_t groups = scales.size(-1);
-  FG_CHECK_ARG(groups > 0 && n % groups == 0, op, "scales", "with a last dimension that divides ", n, ", got ",
-               groups);
-  if (bits == 4) {
-    FG_CHECK_ARG((n / groups) % 2 == 0, op, "scales", "such that groups are even (", n, " values per row), got ",
-                 groups);
-  }
-  FG_CHECK_ARG(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op, "dtype",
-               "float32, bfloat16 or float16, got ", dtype);
 
   auto out_shape = codes.sizes().vec();
   out_shape.back() = n;

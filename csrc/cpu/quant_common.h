@@ -1,14 +1,13 @@
 // Helpers shared by the CPU quantizer kernels (quant.cpp), the fused quantized-projector kernels
-// (project.cpp) and the fused Adam steps (adam_step.cpp): the argument-check macro, fp32 <->
-// bf16/fp16 conversion, the group-wise affine decode x = code * scale + zero of
-// fastgrad/_reference.py::dequantize, and the entry point of the one CPU quantizer (quant.cpp).
+// (project.cpp) and the fused Adam steps (adam_step.cpp): fp32 <-> bf16/fp16 conversion, the
+// group-wise affine decode x = code * scale + zero of fastgrad/_reference.py::dequantize, and the
+// entry point of the one CPU quantizer (quant.cpp). The argument checks: csrc/common/checks.h.
 //
 // The loops are written for gcc's auto-vectorizer (-O3 -mavx2 -fno-trapping-math, see setup.py):
 // __restrict pointers, no calls, selects instead of branches. -ffp-contract=off keeps code * scale
 // and + zero two correctly rounded fp32 operations, exactly as the reference computes them.
 #pragma once
 #include <c10/util/BFloat16.h>
-#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -19,11 +18,6 @@
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
-
-// The error of a bad argument, worded like fastgrad/_ops.py::_fail:
-// "fastgrad.<op>: argument '<arg>' must be <expected>, got <got>".
-#define FG_CHECK_ARG(cond, op, arg, ...) \
-  TORCH_CHECK(cond, "fastgrad.", op, ": argument '", arg, "' must be ", __VA_ARGS__)
 
 namespace fastgrad {
 namespace cpu {

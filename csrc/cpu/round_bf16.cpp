@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "../common/checks.h"
 #include "../common/philox.h"
 
 namespace fastgrad {
@@ -15,11 +16,7 @@ namespace {
 // pattern and truncates the low half, so the magnitude rounds up with probability equal to the
 // discarded fraction; NaN is passed through.
 at::Tensor round_bf16_stochastic_cpu(const at::Tensor& x, int64_t seed, int64_t offset) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "fastgrad.round_bf16_stochastic: argument 'x' must be float32, got ",
-              x.scalar_type());
-  TORCH_CHECK(x.is_contiguous(), "fastgrad.round_bf16_stochastic: argument 'x' must be contiguous");
-  TORCH_CHECK(seed >= 0 && offset >= 0,
-              "fastgrad.round_bf16_stochastic: arguments 'seed' and 'offset' must be non-negative");
+  check_round_bf16("round_bf16_stochastic", x, seed, offset);
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
   const float* src = x.data_ptr<float>();
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());

@@ -36,20 +36,18 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
-#include <utility>
 
+#include "../common/checks.h"
 #include "../common/philox.h"
 #include "../common/quant_math.h"
 
 namespace fastgrad {
 namespace {
 
-#define FG_CHECK_ARG(cond, op, arg, ...) \
-  TORCH_CHECK(cond, "fastgrad.", op, ": argument '", arg, "' must be ", __VA_ARGS__)
-
 constexpr int kThreads = 256;  // block size of every kernel
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxStageBytes = 96 * 1024;  // largest group the block kernel keeps in shared memory
+constexpr int kMaxCachedDevices = 64;  // per-device caches below; a device index beyond: no caching
 
 // ---------------------------------------------------------------------------------------------
 // Element types
@@ -117,26 +115,26 @@ constexpr int items_for() {
 }
 
 int sm_count(int device) {
-  static std::atomic<int> cache[64] = {};
-  if (device >= 0 && device < 64) {
+  static std::atomic<int> cache[kMaxCachedDevices] = {};
+  if (device >= 0 && device < kMaxCachedDevices) {
     int v = cache[device].load(std::memory_order_relaxed);
     if (v > 0) return v;
   }
   int v = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
   v = std::max(v, 1);
-  if (device >= 0 && device < 64) cache[device].store(v, std::memory_order_relaxed);
+  if (device >= 0 && device < kMaxCachedDevices) cache[device].store(v, std::memory_order_relaxed);
   return v;
 }
 
 // Shared memory a block of the quantizer may use for its stage (opt-in above 48 KB).
 int64_t max_stage_bytes(int device) {
-  static std::atomic<int> cache[64] = {};
-  int v = device >= 0 && device < 64 ? cache[device].load(std::memory_order_relaxed) : 0;
+  static std::atomic<int> cache[kMaxCachedDevices] = {};
+  int v = device >= 0 && device < kMaxCachedDevices ? cache[device].load(std::memory_order_relaxed) : 0;
   if (v == 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     v = std::max(v, 48 * 1024);
-    if (device >= 0 && device < 64) cache[device].store(v, std::memory_order_relaxed);
+    if (device >= 0 && device < kMaxCachedDevices) cache[device].store(v, std::memory_order_relaxed);
   }
   // Leave room for the block's static shared memory.
   return std::min<int64_t>(kMaxStageBytes, v - 1024);
@@ -361,37 +359,54 @@ __global__ void __launch_bounds__(kThreads) quantize_block_kernel(const QuantArg
   }
 }
 
-// Launches one of the two kernels for the pack width `vec` (runtime) of input T.
+// Lets quantize_block_kernel<T, BITS, VEC> take `smem` bytes of dynamic shared memory on `device`
+// (the current device), which a launch above 48 KB needs. cudaFuncSetAttribute is a driver call and
+// the limit it sets stays with the kernel on that device, so it runs once per instantiation and
+// device, not per launch: it sets the largest stage quantize_groups ever asks for there
+// (max_stage_bytes), and `set` records it. Thread-safe: racing first launches both set the same
+// value (harmless); one that reads the recorded value (acquire) sees the call that preceded its
+// store (release). A device index past the table sets it on every such launch.
 template <typename T, int BITS, int VEC>
-void launch_quantize(bool warp_kernel, const QuantArgs& a, int64_t blocks, size_t smem, cudaStream_t stream) {
+void allow_block_smem(int device, size_t smem) {
+  static std::atomic<int64_t> set[kMaxCachedDevices] = {};  // bytes allowed, per device; 0: default
+  const bool cached = device >= 0 && device < kMaxCachedDevices;
+  const int64_t need = static_cast<int64_t>(smem);
+  if (cached && need <= set[device].load(std::memory_order_acquire)) return;
+  const int64_t bytes = std::max(need, max_stage_bytes(device));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(quantize_block_kernel<T, BITS, VEC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+  if (cached) set[device].store(bytes, std::memory_order_release);
+}
+
+// Launches one of the two kernels for the pack width `vec` (runtime) of input T on `device`.
+template <typename T, int BITS, int VEC>
+void launch_quantize(bool warp_kernel, const QuantArgs& a, int64_t blocks, size_t smem, int device,
+                     cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(blocks));
   if (warp_kernel) {
     constexpr int kItems = items_for<typename In<T>::S, VEC>();
     quantize_warp_kernel<T, BITS, VEC, kItems><<<grid, kThreads, 0, stream>>>(a);
   } else {
-    if (smem > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(quantize_block_kernel<T, BITS, VEC>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    }
+    if (smem > 48 * 1024) allow_block_smem<T, BITS, VEC>(device, smem);
     quantize_block_kernel<T, BITS, VEC><<<grid, kThreads, smem, stream>>>(a);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int BITS>
-void launch_quantize_vec(int vec, bool warp_kernel, const QuantArgs& a, int64_t blocks, size_t smem,
+void launch_quantize_vec(int vec, bool warp_kernel, const QuantArgs& a, int64_t blocks, size_t smem, int device,
                          cudaStream_t stream) {
   constexpr bool kWide = sizeof(typename In<T>::S) == 2;  // 16-bit inputs: 8 values per 16 bytes
   switch (vec) {
     case 1:
-      if constexpr (BITS == 8) return launch_quantize<T, BITS, 1>(warp_kernel, a, blocks, smem, stream);
+      if constexpr (BITS == 8) return launch_quantize<T, BITS, 1>(warp_kernel, a, blocks, smem, device, stream);
       break;
     case 2:
-      return launch_quantize<T, BITS, 2>(warp_kernel, a, blocks, smem, stream);
+      return launch_quantize<T, BITS, 2>(warp_kernel, a, blocks, smem, device, stream);
     case 4:
-      return launch_quantize<T, BITS, 4>(warp_kernel, a, blocks, smem, stream);
+      return launch_quantize<T, BITS, 4>(warp_kernel, a, blocks, smem, device, stream);
     case 8:
-      if constexpr (kWide) return launch_quantize<T, BITS, 8>(warp_kernel, a, blocks, smem, stream);
+      if constexpr (kWide) return launch_quantize<T, BITS, 8>(warp_kernel, a, blocks, smem, device, stream);
       break;
   }
   TORCH_INTERNAL_ASSERT(false, "fastgrad quantize_cuda: no kernel for pack width ", vec);
@@ -437,9 +452,9 @@ void quantize_groups(int bits, const at::Tensor& x, int64_t groups, int64_t g, b
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto launch = [&](bool warp_kernel, int64_t blocks, size_t smem) {
     if (bits == 8) {
-      launch_quantize_vec<T, 8>(vec, warp_kernel, a, blocks, smem, stream);
+      launch_quantize_vec<T, 8>(vec, warp_kernel, a, blocks, smem, device, stream);
     } else {
-      launch_quantize_vec<T, 4>(vec, warp_kernel, a, blocks, smem, stream);
+      launch_quantize_vec<T, 4>(vec, warp_kernel, a, blocks, smem, device, stream);
     }
   };
   const int64_t max_blocks = static_cast<int64_t>(sms) * (2048 / kThreads) * 8;  // then grid-stride
@@ -477,23 +492,10 @@ void quantize_groups(int bits, const at::Tensor& x, int64_t groups, int64_t g, b
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const char* op, int bits, const at::Tensor& x,
                                                              int64_t group_size, bool symmetric, bool stochastic,
                                                              int64_t seed, int64_t offset) {
-  FG_CHECK_ARG(x.is_cuda(), op, "x", "a CUDA tensor, got a tensor on ", x.device());
+  const int64_t g = check_quantize(op, bits, x, group_size, seed, offset, at::kCUDA);
   const auto dt = x.scalar_type();
-  FG_CHECK_ARG(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op, "x",
-               "float32, bfloat16 or float16, got ", dt);
-  FG_CHECK_ARG(x.dim() >= 1, op, "x", "a tensor with at least 1 dimension, got a ", x.dim(), "-d tensor");
-  FG_CHECK_ARG(x.is_contiguous(), op, "x", "contiguous, got a non-contiguous tensor");
   const int64_t n = x.size(-1);
-  FG_CHECK_ARG(group_size == -1 || group_size > 0, op, "group_size", "positive or -1 (one group per row), got ",
-               group_size);
-  const int64_t g = group_size == -1 ? n : group_size;
-  FG_CHECK_ARG(g > 0 && n % g == 0, op, "group_size", "a divisor of the last dimension ", n, ", got ", group_size);
-  if (bits == 4) FG_CHECK_ARG(g % 2 == 0, op, "group_size", "even for INT4 (two codes per byte), got ", g);
-  FG_CHECK_ARG(seed >= 0, op, "seed", "in [0, 2**63), got ", seed);
-  FG_CHECK_ARG(offset >= 0, op, "offset", "non-negative, got ", offset);
   const int64_t numel = x.numel();
-  FG_CHECK_ARG(offset <= std::numeric_limits<int64_t>::max() - numel, op, "offset",
-               "such that offset + numel < 2**63, got ", offset);
 
   const c10::cuda::CUDAGuard guard(x.device());
   auto code_shape = x.sizes().vec();
@@ -643,29 +645,8 @@ void dequantize_groups(int bits, const at::Tensor& codes, const at::Tensor& scal
 // codes: (*, n * bits / 8) uint8, scales/zeros: (*, groups) fp32, all CUDA -> (*, n) of `dtype`.
 at::Tensor dequantize_cuda(const char* op, int bits, const at::Tensor& codes, const at::Tensor& scales,
                            const at::Tensor& zeros, at::ScalarType dtype) {
-  FG_CHECK_ARG(codes.is_cuda(), op, "codes", "a CUDA tensor, got a tensor on ", codes.device());
-  FG_CHECK_ARG(codes.scalar_type() == at::kByte, op, "codes", "uint8, got ", codes.scalar_type());
-  FG_CHECK_ARG(codes.dim() >= 1, op, "codes", "a tensor with at least 1 dimension, got a ", codes.dim(), "-d tensor");
-  FG_CHECK_ARG(codes.is_contiguous(), op, "codes", "contiguous, got a non-contiguous tensor");
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"scales", scales}, {"zeros", zeros}}) {
-    FG_CHECK_ARG(t.scalar_type() == at::kFloat, op, name, "float32, got ", t.scalar_type());
-    FG_CHECK_ARG(t.is_contiguous(), op, name, "contiguous, got a non-contiguous tensor");
-    FG_CHECK_ARG(t.device() == codes.device(), op, name, "on codes's device ", codes.device(), ", got ", t.device());
-  }
-  const auto lead = codes.sizes().slice(0, codes.dim() - 1);
-  FG_CHECK_ARG(scales.dim() == codes.dim() && scales.sizes().slice(0, scales.dim() - 1) == lead, op, "scales",
-               "of shape (*", lead, ", groups), got ", scales.sizes());
-  FG_CHECK_ARG(zeros.sizes() == scales.sizes(), op, "zeros", "of shape ", scales.sizes(), ", got ", zeros.sizes());
-  const int64_t n = codes.size(-1) * (8 / bits);
+  const int64_t n = check_dequantize(op, bits, codes, scales, zeros, dtype, at::kCUDA);
   const int64_t groups = scales.size(-1);
-  FG_CHECK_ARG(groups > 0 && n % groups == 0, op, "scales", "with a last dimension that divides ", n, ", got ",
-               groups);
-  if (bits == 4) {
-    FG_CHECK_ARG((n / groups) % 2 == 0, op, "scales", "such that groups are even (", n, " values per row), got ",
-                 groups);
-  }
-  FG_CHECK_ARG(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op, "dtype",
-               "float32, bfloat16 or float16, got ", dtype);
 
   const c10::cuda::CUDAGuard guard(codes.device());
   auto out_shape = codes.sizes().vec();
@@ -724,15 +705,8 @@ __global__ void __launch_bounds__(kThreads) round_bf16_kernel(const float* __res
 
 // x: (*) float32, contiguous, CUDA -> (*) bfloat16.
 at::Tensor round_bf16_stochastic_cuda(const at::Tensor& x, int64_t seed, int64_t offset) {
-  const char* op = "round_bf16_stochastic";
-  FG_CHECK_ARG(x.is_cuda(), op, "x", "a CUDA tensor, got a tensor on ", x.device());
-  FG_CHECK_ARG(x.scalar_type() == at::kFloat, op, "x", "float32, got ", x.scalar_type());
-  FG_CHECK_ARG(x.is_contiguous(), op, "x", "contiguous, got a non-contiguous tensor");
-  FG_CHECK_ARG(seed >= 0, op, "seed", "in [0, 2**63), got ", seed);
-  FG_CHECK_ARG(offset >= 0, op, "offset", "non-negative, got ", offset);
+  check_round_bf16("round_bf16_stochastic", x, seed, offset, at::kCUDA);
   const int64_t numel = x.numel();
-  FG_CHECK_ARG(offset <= std::numeric_limits<int64_t>::max() - numel, op, "offset",
-               "such that offset + numel < 2**63, got ", offset);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
   if (numel == 0) return out;
