@@ -85,7 +85,8 @@ def _resources(compiled, target: Target) -> Resources:
 # (kernel, target, specialization) -> chosen config. Filled once per process; the choice depends on
 # the target and the compiler only, so every rank and every run chooses the same config.
 _CHOSEN: dict[tuple, triton.Config] = {}
-# Filled in compile-only mode: every launch's choice and the resources of each candidate tried.
+# Filled in compile-only mode: every launch's choice and the resources of each candidate tried
+# (kernel, its tensor arguments' dtypes, constexprs, chosen config, [(config, Resources)]).
 LAUNCH_LOG: list[dict] = []
 
 
@@ -167,9 +168,11 @@ def _choose(kernel, grid, args, constexprs, configs, target: Target) -> triton.C
             stacklevel=3,
         )
     if _COMPILE_ONLY is not None:
+        dtypes = [str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor)]
         LAUNCH_LOG.append(
-            {"kernel": kernel.fn.__name__, "constexprs": dict(constexprs), "chosen": chosen, "tried": tried}
-        )
+            {"kernel": kernel.fn.__name__, "dtypes": dtypes, "constexprs": dict(constexprs), "chosen": chosen,
+             "tried": tried}
+        )  # fmt: skip
     return chosen
 
 

@@ -76,7 +76,7 @@ class _CompileOnlyDriver:
 def compile_only(target: Target) -> Iterator[list[dict]]:
     """Within the block every Triton launch of fastgrad compiles for ``target`` and chooses its
     config as on that GPU, then returns without running. Yields the launch log (a list of
-    ``{"kernel", "constexprs", "chosen", "tried"}`` dicts, one per new specialization)."""
+    ``{"kernel", "dtypes", "constexprs", "chosen", "tried"}`` dicts, one per new specialization)."""
     driver.set_active(_CompileOnlyDriver(target))  # no GPU here: there is no default driver to keep
     _common._COMPILE_ONLY = target
     _common.LAUNCH_LOG.clear()
@@ -273,7 +273,8 @@ def compile_target(target: Target, select: str | None = None, calls=None) -> lis
                 rows.append(_row(target, label.split()[0], label, None, None, _error_text(e)))
                 continue
             for entry in log[start:]:
-                spec = " ".join(f"{k}={v}" for k, v in entry["constexprs"].items() if not k.startswith("enable"))
+                constexprs = (f"{k}={v}" for k, v in entry["constexprs"].items() if not k.startswith("enable"))
+                spec = " ".join(["(" + ",".join(entry["dtypes"]) + ")", *constexprs])
                 res = dict((str(c), r) for c, r in entry["tried"])[str(entry["chosen"])]
                 rows.append(_row(target, entry["kernel"], spec, entry["chosen"], res, None))
     return rows
