@@ -105,3 +105,20 @@ def test_config_over_the_shared_memory_of_a_gpu_is_pruned_for_that_gpu_only():
         big = tried[str(configs[0])]
         assert 101376 < big.shared <= 232448, big  # the premise: fits sm_90, not sm_89
     assert chosen == {"sm_89": configs[1], "sm_90": configs[0]}
+
+
+def test_readme_compile_table_is_the_results_file():
+    """The README's compile table is rendered from bench/results/kernels-compile.csv (bench/report.py
+    --readme), covers both Triton versions and every target, and records no failure."""
+    import csv
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    with (root / "bench" / "results" / "kernels-compile.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    readme = (root / "README.md").read_text()
+    block = readme.split("<!-- kernels:begin -->\n", 1)[1].split("\n<!-- kernels:end -->", 1)[0]
+    assert block == aot.summary(rows)
+    assert {r["target"] for r in rows} == set(aot.TARGETS)
+    assert len({r["triton"] for r in rows}) >= 2
+    assert all(r["ok"] == "True" for r in rows)
