@@ -429,9 +429,12 @@ def galore_adam_step_int8_triton(
         w_codes, w_scales, w_zeros, a, b, M, N, K, g, groups, *sa, *sb, *p.qargs(),
         float(step_scale), float(decay), int(seed), int(offset),
     )  # fmt: skip
+    # A right-side P's tiles start at W's group boundaries q·g + c·BLOCK_N, not at multiples of
+    # BLOCK_N unless g is one: only then may a tile take one scale per row of P (Q_ALIGN), and only
+    # an even g starts them at even columns (Q_EVEN).
+    aligned = q_is_a or g % block_n == 0 or groups == 1
     constexprs = dict(
-        # A right-side P's tiles start at W's group boundaries: at even columns if g is even.
-        QUANT=bits, Q_IS_A=q_is_a, Q_ALIGN=group_alignment(p.gs), Q_EVEN=q_is_a or g % 2 == 0,
+        QUANT=bits, Q_IS_A=q_is_a, Q_ALIGN=group_alignment(p.gs) if aligned else 1, Q_EVEN=q_is_a or g % 2 == 0,
         STOCHASTIC=bool(stochastic), PRECISION=_precision(True),
         ONE_CHUNK=g <= block_n, BLOCK_N=block_n, **_NO_FMA,
     )  # fmt: skip

@@ -706,6 +706,33 @@ def test_adam_step_int8_weight(side, bits, group, stochastic, device, monkeypatc
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_adam_step_int8_weight_groups_unaligned_with_the_projector_groups(device):
+    """W's groups of 120 are covered by chunks of 64 starting at q·120 (not multiples of 64), while a
+    right-side INT8 P has groups of 320 along the same columns: a chunk such as [304, 368) spans two
+    of P's groups, so it must not take one P scale per row (the decoding of a tile aligned to its
+    own width). Against the reference: W' within a quantization step, nearly all codes equal."""
+    m, n, rank, w_group, p_group = 20, 960, 12, 120, 320
+    gen = torch.Generator().manual_seed(5)
+    p_q = ref.quantize_int8(torch.randn(rank, n, generator=gen) / rank**0.5, p_group, False, True, 11, 0)
+    r, exp_avg, exp_avg_sq = (
+        torch.randn(m, rank, generator=gen),
+        torch.randn(m, rank, generator=gen),
+        torch.rand(m, rank, generator=gen),
+    )
+    w_q = ref.quantize_int8(torch.randn(m, n, generator=gen), w_group, False, True, 21, 0)
+    args = (*w_q, exp_avg, exp_avg_sq, r, *p_q, 8, "right", *ADAM_HYPER, STEP, DECAY, True, 3, 0)
+    got = _to(args, device)
+    run_op("galore_adam_step_int8_", *got)
+    want = _clone(args)
+    ref.galore_adam_step_int8_(*want)
+    got_w = ref.dequantize_int8(*(t.cpu() for t in got[:3]), torch.float32)
+    want_w = ref.dequantize_int8(*want[:3], torch.float32)
+    step = torch.maximum(got[1].cpu(), want[1]).repeat_interleave(w_group, dim=1)
+    assert ((got_w - want_w).abs() <= 1.01 * step + 1e-5).all(), (got_w - want_w).abs().max()
+    assert (got[0].cpu() == want[0]).float().mean() >= 0.999
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_adam_step_int8_weight_zero_step_is_exact(side, device):
     """step_scale = 0 and decay = 1: W' is the decoded W, the same fp32 values on both sides, so
