@@ -1447,20 +1447,15 @@ def _profiled_peak(model: torch.nn.Module, batch: list[torch.Tensor], step: Call
     steps are profiled, so the optimizer state the first creates (and every tensor the second
     replaces) is counted on allocation and on release; the live total starts from what is resident
     before them (weights, buffers, the token batch) and a marker allocation starts the measured step."""
-    seen, live = set(), 0
-    for t in [*model.parameters(), *model.buffers(), *batch]:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            live += storage.nbytes()
+    from fastgrad.train.memory import measured_memory_events, storage_bytes
+
+    live = storage_bytes([*model.parameters(), *model.buffers(), *batch])
 
     def run() -> None:
         with coordinate_svd():
             step()  # k = 0: refresh (not measured)
         torch.empty(MEMORY_MARK, dtype=torch.uint8)  # allocated and freed at once: the marker
         step()  # k = 1: between refreshes
-
-    from fastgrad.train.memory import measured_memory_events
 
     peak, measuring = 0, False
     for nbytes in measured_memory_events(run):

@@ -25,7 +25,7 @@ import torch
 from fastgrad.models import LlamaForCausalLM, get_config
 from fastgrad.nn import lowrank_grad_model, quantize_model
 from fastgrad.optim import GaLoreAdamW, QGaLoreAdamW, galore_param_groups, layerwise, qgalore_param_groups
-from fastgrad.train.memory import live_peak, measured_memory_events
+from fastgrad.train.memory import live_peak, measured_memory_events, storage_bytes
 
 RESULTS = Path(__file__).parent / "results" / "memory.csv"
 RANK = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}
@@ -35,13 +35,7 @@ CONFIGS = ("galore-layerwise", "galore-layerwise+lowrank-grad", "q-galore-layerw
 def _resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
-    seen, total = set(), 0
-    for t in tensors:
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
+    return storage_bytes(tensors)
 
 
 def _profile(fn) -> tuple[int, int]:

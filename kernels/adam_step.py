@@ -387,20 +387,19 @@ def int8_configs(rows: int, groups: int, block_n: int, rank: int, device: torch.
     BLOCK_M: the most rows (≤ INT8_BLOCK_M_MAX, a tile of at most 8192 values) that still give the
     device enough programs (row blocks × groups ≥ parallel slots), then fewer rows. BLOCK_K: r
     rounded up to a power of two and capped at BLOCK_K_MAX, then half that. Two pipeline stages,
-    then one. ``launch`` takes the first that fits the GPU."""
+    then one. ``launch`` takes the first that fits the GPU (under the interpreter: the first)."""
     slots = parallel_slots(device)
     sizes = [bm for bm in (64, 32, 16) if bm <= INT8_BLOCK_M_MAX and bm * block_n <= 8192] or [_MIN_DOT]
     preferred = next((bm for bm in sizes if triton.cdiv(rows, bm) * groups >= slots), sizes[-1])
     block_ms = [bm for bm in sizes if bm <= preferred]
     block_k = min(BLOCK_K_MAX, _pow2_at_least(rank, _MIN_DOT))
     block_ks = [bk for bk in (block_k, block_k // 2) if bk >= _MIN_DOT]
-    configs = [
+    return [
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=8 if bm * block_n >= 64 * 64 else 4, num_stages=st)
         for bm in block_ms
         for bk in block_ks
         for st in (2, 1)
     ]
-    return configs[:1] if INTERPRET else configs
 
 
 def galore_adam_step_int8_triton(

@@ -134,9 +134,11 @@ def _quantized(rows: int, cols: int, bits: int, group: int) -> tuple[torch.Tenso
 
 
 def _proj_group(cols: int) -> int | None:
-    """The INT4/INT8 projector group Q-GaLore uses: the largest even divisor of the row ≤ 256
-    (None for an odd row, which Q-GaLore does not quantize)."""
-    return next((g for g in range(min(256, cols), 1, -1) if cols % g == 0 and g % 2 == 0), None)
+    """The INT4/INT8 projector group Q-GaLore uses along a P row of ``cols`` values (its default
+    ``proj_group_size``), or None for an odd row, which Q-GaLore does not quantize."""
+    from fastgrad.optim.qgalore import QGALORE_DEFAULTS, proj_group_size
+
+    return None if cols % 2 else proj_group_size(cols, QGALORE_DEFAULTS["proj_group_size"])
 
 
 def workloads() -> Iterator[tuple[str, Callable[[], object]]]:

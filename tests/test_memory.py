@@ -11,7 +11,7 @@ from fastgrad.cli import main
 from fastgrad.models import LlamaConfig, LlamaForCausalLM, get_config
 from fastgrad.optim import layerwise
 from fastgrad.train.config import TrainConfig
-from fastgrad.train.memory import MODELLED_OPTIMIZERS, anchors_for, estimate, measured_memory_events
+from fastgrad.train.memory import MODELLED_OPTIMIZERS, anchors_for, estimate, measured_memory_events, storage_bytes
 from fastgrad.train.optimizers import OPTIMIZERS, build_optimizer, state_bytes
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -36,16 +36,6 @@ MODELS = {
         vocab_size=512, hidden_size=512, intermediate_size=1024, num_layers=2, num_heads=4, max_seq_len=64
     ),
 }
-
-
-def _storage_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
 
 
 def _config(optim: str, **kw) -> TrainConfig:
@@ -108,7 +98,7 @@ def measured_phase_peaks(mc: LlamaConfig, cfg: TrainConfig, steps: int = 2) -> d
         (torch.randint(0, mc.vocab_size, shape, generator=gen), torch.randint(0, mc.vocab_size, shape, generator=gen))
         for _ in range(cfg.grad_accum)
     ]
-    resident = _storage_bytes([*model.parameters(), *model.buffers(), *(t for b in batches for t in b)])
+    resident = storage_bytes([*model.parameters(), *model.buffers(), *(t for b in batches for t in b)])
 
     def run() -> None:
         # Without oneDNN: on CPUs with AVX512-BF16 or AMX its bf16 GEMMs allocate packing scratch of
@@ -318,7 +308,7 @@ def test_weights_and_optimizer_states_are_exact(optim, dtype):
     ids = torch.randint(0, mc.vocab_size, (2, 16))
     _train_step(model, optimizer, stepper, cfg, [(ids, ids)])
     b = estimate(cfg, model_config=mc, device="cpu")
-    assert b.weights == _storage_bytes([*model.parameters(), *model.buffers()])
+    assert b.weights == storage_bytes([*model.parameters(), *model.buffers()])
     assert b.optimizer_states == state_bytes(optimizer)
 
 

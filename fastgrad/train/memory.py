@@ -1468,6 +1468,18 @@ def measured_memory_events(fn: Callable[[], object]) -> list[int]:
     return [e.nbytes() for e in events]
 
 
+def storage_bytes(tensors: Iterable) -> int:
+    """Bytes of the storages behind ``tensors`` (torch tensors), each storage counted once (views
+    share one): what a set of tensors keeps resident."""
+    seen, total = set(), 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
 def live_peak(events: Iterable[int]) -> int:
     """The largest running total of ``events``: the peak of bytes live above the start (≥ 0)."""
     return max(itertools.accumulate(events, initial=0))
