@@ -24,6 +24,12 @@ def _extensions():
     # -fno-trapping-math -fno-math-errno (torch's own flags): let gcc if-convert and vectorize loops with
     # float compares/floor (results unchanged; only FP exception flags become unobservable).
     cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno"]
+    link = []
+    if platform.system() == "Linux":
+        # at::parallel_for is a header template over OpenMP: without -fopenmp it compiles to a serial
+        # loop. The extension then links the libgomp torch itself loads (same soname), one runtime.
+        cxx += ["-fopenmp"]
+        link += ["-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64"):
         # AVX2 is on every x86-64 CPU since 2013; the kernels' inner loops are written to vectorize.
         cxx += ["-mavx2", "-mf16c"]
@@ -35,10 +41,13 @@ def _extensions():
         # C++20: the standard torch 2.13 builds extensions with (its headers warn under C++17).
         nvcc = ["-O3", "-std=c++20", "-fmad=false", "-lineinfo", "-DFASTGRAD_WITH_CUDA"]
         ext = CUDAExtension(
-            "fastgrad._C", sources, extra_compile_args={"cxx": cxx + ["-DFASTGRAD_WITH_CUDA"], "nvcc": nvcc}
+            "fastgrad._C",
+            sources,
+            extra_compile_args={"cxx": cxx + ["-DFASTGRAD_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=link,
         )
     else:
-        ext = CppExtension("fastgrad._C", sources, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("fastgrad._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -4,8 +4,9 @@
 
 Providers: ``reference`` (fastgrad/_reference.py, the spec, Philox in torch ops), ``torch-eager``
 (what a user writes by hand: ``torch.rand_like`` noise, as Q-GaLore does), ``copy`` (a device
-copy of the input: the bandwidth ceiling for these memory-bound ops), and the kernel that
-serves the op on the device (``cpp``, ``triton`` or ``cuda``, as ``python -m fastgrad.env`` says).
+copy of the input: the bandwidth ceiling for these memory-bound ops; timed interleaved with the
+stochastic quantizers, so their ratio to it comes from one run), and the kernel that serves the
+op on the device (``cpp``, ``triton`` or ``cuda``, as ``python -m fastgrad.env`` says).
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ def _quant_bytes(numel: int, bits: int, in_bytes: int) -> int:
 def test_quantize_stochastic(compare, device, bits, dtype):
     op = f"quantize_int{bits}"
     x = torch.randn(SHAPE, device=device).to(dtype)
+    copied = torch.empty_like(x)
     providers = {
         "torch-eager": lambda: eager_quantize(x, bits, GROUP, True),
         _backends.SERVED_BY[op][device]: lambda: getattr(torch.ops.fastgrad, op)(x, GROUP, False, True, 1, 0),
+        # The bandwidth ceiling, interleaved with the kernel: a copy of the same tensor.
+        "copy": lambda: copied.copy_(x),
     }
     rounds = 10
     if device == "cpu" and dtype == torch.float32:  # the spec, timed once per bit width as the baseline

@@ -6,9 +6,13 @@ Every compiled kernel (C++ CPU, Triton, CUDA C++) must reproduce these functions
 Conventions shared by all kernels
 ---------------------------------
 Random stream
-    Philox4x32-10 (Salmon et al., SC'11; the generator of ``tl.randint``), keyed by the 64-bit
-    ``seed`` (low word k0, high word k1); element ``i`` of a tensor (row-major flat index) uses the
-    counter ``offset + i`` (low word c0, high word c1, c2 = c3 = 0) and takes output word 0.
+    Philox4x32-10 (Salmon et al., SC'11; the generator of ``tl.randint4x``), keyed by the 64-bit
+    ``seed`` (low word k0, high word k1). Element ``i`` of a tensor (row-major flat index) has the
+    stream position ``p = offset + i`` and draws word ``p mod 4`` of the Philox block at counter
+    ``p div 4`` (low word c0, high word c1, c2 = c3 = 0): one Philox evaluation feeds four
+    consecutive positions. Element ``i``'s word depends only on ``(seed, offset + i)``, so a caller
+    that advances ``offset`` by a tensor's size never reuses a word, and a slice quantized at
+    ``offset + k`` reproduces the whole tensor's codes from element ``k`` on.
     A uniform in [0, 1) is ``(word >> 8) * 2**-24``: 24 random bits, exactly representable in fp32.
 
 Group-wise affine quantization (bits b in {4, 8}, qmax = 2**b - 1)
@@ -53,7 +57,7 @@ Projected Adam step (``galore_adam_step_*``: one GaLore / Q-GaLore weight update
     1 − lr·wd (decoupled decay before the update), or decay 1 − lr·wd with step_scale ·(1 − lr·wd)
     (decay of the updated weight, galore-torch). The INT8-weight form decodes W = code·scale + zero,
     applies the same update and re-quantizes the result (asymmetric, W's group size, stochastic
-    rounding with the element counter offset + i·n + j): bitwise the quantizer's codes of the
+    rounding with the stream position offset + i·n + j): bitwise the quantizer's codes of the
     updated fp32 weight.
 """
 
@@ -70,10 +74,10 @@ PHILOX_ROUNDS = 10
 _MASK32 = 0xFFFFFFFF
 
 
-def philox_uint32(seed: int, counters: torch.Tensor) -> torch.Tensor:
-    """Philox4x32-10 output word 0 for each 64-bit counter.
+def philox_block(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """The four Philox4x32-10 output words of each 64-bit counter.
 
-    counters: int64 tensor of any shape. Returns int64 values in [0, 2**32).
+    counters: int64 tensor (*). Returns int64 (*, 4), values in [0, 2**32), words 0..3 in order.
     Products of two 32-bit words are formed in int64; they may wrap past 2**63, but the low
     64 bits stay exact, and only those are read back.
     """
@@ -91,16 +95,23 @@ def philox_uint32(seed: int, counters: torch.Tensor) -> torch.Tensor:
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0 = (k0 + PHILOX_W0) & _MASK32
         k1 = (k1 + PHILOX_W1) & _MASK32
-    return c0
+    return torch.stack((c0, c1, c2, c3), dim=-1)
+
+
+def philox_uint32(seed: int, positions: torch.Tensor) -> torch.Tensor:
+    """The random word of each stream position p (int64 tensor, any shape): word p mod 4 of the
+    Philox block at counter p div 4. Returns int64 values in [0, 2**32)."""
+    words = philox_block(seed, positions >> 2)
+    return torch.gather(words, -1, (positions & 3).unsqueeze(-1)).squeeze(-1)
 
 
 def philox_uniform(seed: int, offset: int, shape: tuple[int, ...], device) -> torch.Tensor:
-    """fp32 uniforms in [0, 1), one per element of ``shape`` (row-major counters offset + i)."""
+    """fp32 uniforms in [0, 1), one per element of ``shape`` (row-major positions offset + i)."""
     numel = 1
     for s in shape:
         numel *= s
-    counters = torch.arange(numel, dtype=torch.int64, device=device) + offset
-    words = philox_uint32(seed, counters)
+    positions = torch.arange(numel, dtype=torch.int64, device=device) + offset
+    words = philox_uint32(seed, positions)
     return ((words >> 8).to(torch.float32) * 2.0**-24).reshape(shape)
 
 
@@ -186,8 +197,8 @@ def dequantize_int4(packed, scales, zeros, dtype):
 
 def round_bf16_stochastic(x: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
     """fp32 (any shape) -> bf16 with stochastic rounding (see the module docstring)."""
-    counters = torch.arange(x.numel(), dtype=torch.int64, device=x.device) + offset
-    noise = (philox_uint32(seed, counters) >> 16).reshape(x.shape)
+    positions = torch.arange(x.numel(), dtype=torch.int64, device=x.device) + offset
+    noise = (philox_uint32(seed, positions) >> 16).reshape(x.shape)
     bits = x.contiguous().view(torch.int32).to(torch.int64) & _MASK32
     rounded = ((bits + noise) & 0xFFFF0000).to(torch.uint32).view(torch.int32).view(torch.float32)
     rounded = torch.where(torch.isnan(x), x, rounded)

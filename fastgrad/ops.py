@@ -87,7 +87,7 @@ def quantize_int8(
         group_size: values per group along the last dimension (must divide ``n``); None: per row.
         symmetric: scale = absmax/127 and zero = -128·scale (codes 1..255), else min/max affine.
         stochastic: stochastic rounding (unbiased) instead of round-to-nearest.
-        seed, offset: the Philox key and the counter of element 0 (stochastic only).
+        seed, offset: the Philox key and the stream position of element 0 (stochastic only).
     """
     codes, scales, zeros = torch.ops.fastgrad.quantize_int8(
         x, _group_arg(group_size), symmetric, stochastic, seed, offset
@@ -238,7 +238,7 @@ def galore_adam_step_(
     the m×n weight: a float tensor, or an INT8 :class:`QuantizedTensor` (asymmetric, groups along
     rows, as :class:`fastgrad.nn.QLinear` keeps it) whose codes, scales and zeros are decoded,
     updated in fp32 and re-quantized in place (``stochastic`` rounding from the Philox stream at
-    ``(seed, offset)``, counter offset + i·n + j for element (i, j)). ``p`` is dense (R's dtype) or
+    ``(seed, offset)``, stream position offset + i·n + j for element (i, j)). ``p`` is dense (R's dtype) or
     an INT4/INT8 :class:`QuantizedTensor`, decoded inside the matmul. The moments keep their dtype;
     the math is fp32. No m×n temporary is formed by the compiled kernels: the update goes straight
     into W (in a block of rows at a time for an INT8 weight). Bias correction, learning rate, α and

@@ -12,7 +12,7 @@ step"):
 INT8 W: W = code·scale + zero with groups of g = n / groups consecutive values along each row (any
 g: odd, not a power of two, the whole row); W' = decay·W + s·up in fp32 is re-quantized asymmetric
 8-bit with the same g, scale = (max − min)/255 (correctly rounded, 0 → 1), zero = min, and RTN or
-stochastic rounding with the Philox counter offset + i·n + j of element (i, j). The encoder and
+stochastic rounding with the stream position offset + i·n + j of element (i, j). The encoder and
 the group statistics are those of ``quant.py`` (``encode_codes``, ``_reduce_chunk``,
 ``_scale_zero``): the same fp32 W' gives the reference quantizer's codes bit for bit.
 
@@ -55,7 +55,7 @@ new scale/zero and the encode.
   Several chunks: pass 1 folds each chunk's W' into the running per-row min/max, then scale/zero;
 pass 2 recomputes W' chunk by chunk (the same instructions on the same data: bitwise the same
 values; the matmul is recomputed rather than stored, so no m×n float ever exists) and encodes it.
-  Codes are encoded with the new scale/zero and the element's Philox counter and stored over the old
+  Codes are encoded with the new scale/zero and the element's stream position and stored over the old
 ones (a chunk's old codes are read before its new codes are written, and no other program touches
 them); finally the group's new scale and zero (after the codes, which decode with the old ones).
 Compiled without FMA contraction so that the decoding is the reference's separate multiply and
@@ -81,7 +81,7 @@ from fastgrad._ops import check_galore_adam_step, check_galore_adam_step_int8, c
 
 from ._common import INTERPRET, launch, load_float, out_view, parallel_slots, store_float
 from .project import _load_tile, group_alignment, matmul_configs
-from .quant import _reduce_chunk, _scale_zero, encode_codes
+from .quant import _reduce_chunk, _scale_zero, block_words_aligned, encode_codes
 
 # Knobs (module attributes so that tests can reach every path with small shapes).
 MOMENT_BLOCK = 2**14 if INTERPRET else 1024  # values per program of the moment kernel
@@ -197,7 +197,7 @@ def _int8_updated_chunk(
 ):  # fmt: skip
     """Chunk ``c`` of the group starting at column ``col0``: W' = decay·W + s·(A B) in fp32, with W
     decoded from its codes and the group's old (w_scale, w_zero) per row. Returns W', the
-    elements' flat indices (row·N + column: address of the codes and the Philox counter) and mask."""
+    elements' flat indices (row·N + column: address of the codes and stream position) and mask."""
     in_group = c * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     cols = col0 + in_group
     acc = _up_tile(
@@ -218,7 +218,7 @@ def _adam_update_int8_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
     step_scale, decay, seed, offset,
     QUANT: tl.constexpr, Q_IS_A: tl.constexpr, Q_ALIGN: tl.constexpr, Q_EVEN: tl.constexpr, STOCHASTIC: tl.constexpr,
-    PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    BLOCK_WORDS: tl.constexpr, PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Group q of rows [pid_m·BLOCK_M, +BLOCK_M) of the INT8 W: W' min/max, scale/zero, encode and
@@ -247,7 +247,7 @@ def _adam_update_int8_kernel(
         )  # fmt: skip
         lo, hi = _reduce_chunk(x, mask, lo, hi, False)
         scale, zero = _scale_zero(lo, hi, rmask, 8, False)
-        code = encode_codes(x, elem, scale, zero, seed, offset, 8, STOCHASTIC)
+        code = encode_codes(x, elem, scale, zero, seed, offset, 8, STOCHASTIC, BLOCK_WORDS)
         tl.store(codes_ptr + elem, code.to(tl.uint8), mask=mask)
     else:
         num_chunks = tl.cdiv(group_size, BLOCK_N)
@@ -265,7 +265,7 @@ def _adam_update_int8_kernel(
                 stride_am, stride_ak, stride_bk, stride_bn, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
                 step_scale, decay, QUANT, Q_IS_A, Q_ALIGN, Q_EVEN, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
-            code = encode_codes(x, elem, scale, zero, seed, offset, 8, STOCHASTIC)
+            code = encode_codes(x, elem, scale, zero, seed, offset, 8, STOCHASTIC, BLOCK_WORDS)
             tl.store(codes_ptr + elem, code.to(tl.uint8), mask=mask)
     tl.store(w_scales_ptr + stat, scale, mask=rmask)
     tl.store(w_zeros_ptr + stat, zero, mask=rmask)
@@ -434,7 +434,9 @@ def galore_adam_step_int8_triton(
     aligned = q_is_a or g % block_n == 0 or groups == 1
     constexprs = dict(
         QUANT=bits, Q_IS_A=q_is_a, Q_ALIGN=group_alignment(p.gs) if aligned else 1, Q_EVEN=q_is_a or g % 2 == 0,
-        STOCHASTIC=bool(stochastic), PRECISION=_precision(True),
+        # Tile rows start at row·n + q·g + c·BLOCK_N (g divides n).
+        STOCHASTIC=bool(stochastic), BLOCK_WORDS=bool(stochastic) and block_words_aligned(offset, g, block_n),
+        PRECISION=_precision(True),
         ONE_CHUNK=g <= block_n, BLOCK_N=block_n, **_NO_FMA,
     )  # fmt: skip
     configs = int8_configs(M, groups, block_n, K, w_codes.device)

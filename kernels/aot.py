@@ -141,6 +141,11 @@ def _proj_group(cols: int) -> int | None:
     return None if cols % 2 else proj_group_size(cols, QGALORE_DEFAULTS["proj_group_size"])
 
 
+# (stochastic, offset): round to nearest; stochastic with four words per Philox evaluation (offset
+# a multiple of 4: BLOCK_WORDS); stochastic with one evaluation per word (any other offset).
+_ROUNDINGS = ((False, 0), (True, 0), (True, 1))
+
+
 def workloads() -> Iterator[tuple[str, Callable[[], object]]]:
     """(label, call) pairs: one call of a public launcher each."""
     from . import TRITON_KERNELS as K
@@ -153,10 +158,12 @@ def workloads() -> Iterator[tuple[str, Callable[[], object]]]:
         for shape, group in (((4096, 4096), 256), ((4096, 11008), -1), ((1 << 22,), -1), ((512, 96), 32)):
             for dtype in FLOATS:
                 for symmetric in (False, True):
-                    for stochastic in (False, True):
+                    for stochastic, offset in _ROUNDINGS if not symmetric else _ROUNDINGS[:2]:
                         yield (
-                            f"quantize_int{bits} {shape} g={group} {dtype} sym={symmetric} sr={stochastic}",
-                            functools.partial(quantize, _meta(*shape, dtype=dtype), group, symmetric, stochastic, 1, 0),
+                            f"quantize_int{bits} {shape} g={group} {dtype} sym={symmetric} sr={stochastic} offset={offset}",
+                            functools.partial(
+                                quantize, _meta(*shape, dtype=dtype), group, symmetric, stochastic, 1, offset
+                            ),
                         )
             g = shape[-1] if group == -1 else group
             codes, scales, zeros = _quantized(int(torch.Size(shape[:-1]).numel()), shape[-1], bits, g)
@@ -165,7 +172,11 @@ def workloads() -> Iterator[tuple[str, Callable[[], object]]]:
                     f"dequantize_int{bits} {shape} g={g} -> {dtype}",
                     functools.partial(dequantize, codes, scales, zeros, dtype),
                 )
-    yield "round_bf16_stochastic", functools.partial(K["round_bf16_stochastic"], _meta(4096, 4096), 1, 0)
+    for offset in (0, 1):
+        yield (
+            f"round_bf16_stochastic offset={offset}",
+            functools.partial(K["round_bf16_stochastic"], _meta(4096, 4096), 1, offset),
+        )
 
     for name, m, n, r in SHAPES:
         for side in ("left", "right"):
@@ -228,11 +239,12 @@ def workloads() -> Iterator[tuple[str, Callable[[], object]]]:
                 rr, mm, vv = _meta(*r_shape), _meta(*r_shape), _meta(*r_shape)
                 for bits in p_bits:
                     q = _quantized(*p_shape, bits, _proj_group(p_shape[1]))
-                    for stochastic in (True, False):
+                    for stochastic, offset in _ROUNDINGS if w_group == 256 else _ROUNDINGS[:2]:
                         yield (
-                            f"galore_adam_step_int8_ {name} {side} W g={w_group} int{bits} P sr={stochastic}",
+                            f"galore_adam_step_int8_ {name} {side} W g={w_group} int{bits} P sr={stochastic}"
+                            f" offset={offset}",
                             functools.partial(
-                                K["galore_adam_step_int8_"], *wq, mm, vv, rr, *q, bits, side, *adam, stochastic, 1, 0
+                                K["galore_adam_step_int8_"], *wq, mm, vv, rr, *q, bits, side, *adam, stochastic, 1, offset
                             ),
                         )
 

@@ -19,9 +19,12 @@ per row, say), each group's chunks are split over a second grid axis: a first la
 partial min/max per split, torch reduces them (tiny, and exact: min/max do not round), and a
 second launch encodes each split's chunks with the group's scale. All offsets are 64-bit.
 
-Random stream. Element ``i`` (row-major flat index) uses ``tl.randint(seed, offset + i)``: Philox
-4x32-10 keyed by the 64-bit seed, counter ``offset + i`` split into low/high words, output word 0;
-the uniform is ``(r >> 8) * 2**-24``, exactly as ``_reference.philox_uniform``.
+Random stream. Element ``i`` (row-major flat index) has the stream position ``p = offset + i`` and
+draws word ``p % 4`` of ``tl.randint4x(seed, p // 4)`` (Philox4x32-10 keyed by the 64-bit seed, the
+64-bit counter split into low/high words); the uniform is ``(word >> 8) * 2**-24``, exactly as
+``_reference.philox_uniform``. When every row of a tile is a run of positions starting at a multiple
+of 4 (``BLOCK_WORDS``: the offset, the group size and the tile width are multiples of 4, the usual
+case), one Philox evaluation feeds four elements; otherwise each element evaluates its block.
 """
 
 from __future__ import annotations
@@ -99,15 +102,40 @@ def _scale_zero(lo, hi, gmask, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
 
 
 @triton.jit
-def encode_codes(x, elem, scale, zero, seed, offset, BITS: tl.constexpr, STOCHASTIC: tl.constexpr):
+def stream_words(seed, pos, BLOCK_WORDS: tl.constexpr):
+    """The uint32 random word of each stream position of ``pos`` (int64, (rows, cols)): word
+    ``pos % 4`` of the Philox block at counter ``pos // 4``. BLOCK_WORDS: each row of ``pos`` is a
+    run of consecutive positions starting at a multiple of 4 (cols % 4 == 0), so one evaluation
+    serves four elements; otherwise every element evaluates its block and keeps its word. Why it
+    matters: a Philox block is about 100 integer operations (10 rounds of two wide multiplies and
+    xors), so one per element makes a quantizer compute-bound on a GPU, one per four does not; the
+    price is a register shuffle of the joined words (8 KB of shared memory on sm_89)."""
+    if BLOCK_WORDS:
+        ROWS: tl.constexpr = pos.shape[0]
+        COLS: tl.constexpr = pos.shape[1]
+        counter = tl.max(tl.reshape(pos >> 2, (ROWS, COLS // 4, 4)), axis=2)  # the 4 share it
+        w0, w1, w2, w3 = tl.randint4x(seed, counter)
+        # join(join(w0, w2), join(w1, w3)) is (rows, cols/4, 2, 2) holding w0 w1 w2 w3 in row-major order.
+        return tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (ROWS, COLS))
+    else:
+        w0, w1, w2, w3 = tl.randint4x(seed, pos >> 2)
+        k = pos & 3
+        return tl.where(k < 2, tl.where(k == 0, w0, w1), tl.where(k == 2, w2, w3))
+
+
+@triton.jit
+def encode_codes(
+    x, elem, scale, zero, seed, offset, BITS: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK_WORDS: tl.constexpr
+):
     """Codes (int32) of a tile ``x`` (rows, cols) whose row i has ``scale[i]``/``zero[i]``:
     u = (x - zero) / scale (correctly rounded), then RTN floor(u + 0.5) or SR floor(u) + [xi < frac],
-    xi the Philox uniform of counter ``offset + elem`` (``elem``: the elements' flat indices),
-    clamped to [0, 2**BITS - 1] (NaN -> 0). The one encoder of the Triton kernels (also ``adam_step.py``)."""
+    xi the uniform of stream position ``offset + elem`` (``elem``: the elements' flat indices;
+    BLOCK_WORDS as in ``stream_words``), clamped to [0, 2**BITS - 1] (NaN -> 0). The one encoder
+    of the Triton kernels (also ``adam_step.py``)."""
     QMAX: tl.constexpr = (1 << BITS) - 1
     u = tl.math.div_rn(x - zero[:, None], tl.broadcast_to(scale[:, None], x.shape))
     if STOCHASTIC:
-        r = tl.randint(seed, offset + elem)  # uint32, Philox word 0 of counter offset + flat index
+        r = stream_words(seed, offset + elem, BLOCK_WORDS)
         xi = (r >> 8).to(tl.float32) * _TWO_POW_M24
         fl = tl.floor(u)
         code = fl + (xi < (u - fl)).to(tl.float32)
@@ -120,10 +148,11 @@ def encode_codes(x, elem, scale, zero, seed, offset, BITS: tl.constexpr, STOCHAS
 @triton.jit
 def _encode_store(
     codes_ptr, x, elem, mask, base, gmask, c, scale, zero, group_size, seed, offset,
-    BITS: tl.constexpr, STOCHASTIC: tl.constexpr, GROUPS: tl.constexpr, BLOCK: tl.constexpr,
+    BITS: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK_WORDS: tl.constexpr, GROUPS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Encode one chunk (u = (x - zero) / scale, then RTN or SR, clamp) and store its codes."""
-    code = encode_codes(x, elem, scale, zero, seed, offset, BITS, STOCHASTIC)
+    code = encode_codes(x, elem, scale, zero, seed, offset, BITS, STOCHASTIC, BLOCK_WORDS)
     if BITS == 8:
         tl.store(codes_ptr + elem, code.to(tl.uint8), mask=mask)
     else:
@@ -139,7 +168,7 @@ def _encode_store(
 def _quantize_body(
     x_ptr, codes_ptr, scales_ptr, zeros_ptr, lo_ptr, hi_ptr,
     num_groups, group_size, num_chunks, chunks_per_split, seed, offset,
-    BITS: tl.constexpr, SYMMETRIC: tl.constexpr, STOCHASTIC: tl.constexpr,
+    BITS: tl.constexpr, SYMMETRIC: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK_WORDS: tl.constexpr,
     MODE: tl.constexpr, ONE_CHUNK: tl.constexpr, GROUPS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Quantize the GROUPS groups of tile ``program_id(0)``, chunks of split ``program_id(1)``.
@@ -172,7 +201,7 @@ def _quantize_body(
         tl.store(zeros_ptr + grp, zero, mask=gmask)
         _encode_store(
             codes_ptr, x, elem, mask, base, gmask, c_begin, scale, zero, group_size, seed, offset,
-            BITS, STOCHASTIC, GROUPS, BLOCK,
+            BITS, STOCHASTIC, BLOCK_WORDS, GROUPS, BLOCK,
         )  # fmt: skip
     else:
         if MODE != 2:
@@ -195,7 +224,7 @@ def _quantize_body(
                 x, elem, mask = _load_chunk(x_ptr, base, gmask, c, group_size, BLOCK)
                 _encode_store(
                     codes_ptr, x, elem, mask, base, gmask, c, scale, zero, group_size, seed, offset,
-                    BITS, STOCHASTIC, GROUPS, BLOCK,
+                    BITS, STOCHASTIC, BLOCK_WORDS, GROUPS, BLOCK,
                 )  # fmt: skip
 
 
@@ -203,13 +232,13 @@ def _quantize_body(
 def _quantize_int8_kernel(
     x_ptr, codes_ptr, scales_ptr, zeros_ptr, lo_ptr, hi_ptr,
     num_groups, group_size, num_chunks, chunks_per_split, seed, offset,
-    SYMMETRIC: tl.constexpr, STOCHASTIC: tl.constexpr,
+    SYMMETRIC: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK_WORDS: tl.constexpr,
     MODE: tl.constexpr, ONE_CHUNK: tl.constexpr, GROUPS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     _quantize_body(
         x_ptr, codes_ptr, scales_ptr, zeros_ptr, lo_ptr, hi_ptr,
         num_groups, group_size, num_chunks, chunks_per_split, seed, offset,
-        8, SYMMETRIC, STOCHASTIC, MODE, ONE_CHUNK, GROUPS, BLOCK,
+        8, SYMMETRIC, STOCHASTIC, BLOCK_WORDS, MODE, ONE_CHUNK, GROUPS, BLOCK,
     )  # fmt: skip
 
 
@@ -217,13 +246,13 @@ def _quantize_int8_kernel(
 def _quantize_int4_kernel(
     x_ptr, codes_ptr, scales_ptr, zeros_ptr, lo_ptr, hi_ptr,
     num_groups, group_size, num_chunks, chunks_per_split, seed, offset,
-    SYMMETRIC: tl.constexpr, STOCHASTIC: tl.constexpr,
+    SYMMETRIC: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK_WORDS: tl.constexpr,
     MODE: tl.constexpr, ONE_CHUNK: tl.constexpr, GROUPS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     _quantize_body(
         x_ptr, codes_ptr, scales_ptr, zeros_ptr, lo_ptr, hi_ptr,
         num_groups, group_size, num_chunks, chunks_per_split, seed, offset,
-        4, SYMMETRIC, STOCHASTIC, MODE, ONE_CHUNK, GROUPS, BLOCK,
+        4, SYMMETRIC, STOCHASTIC, BLOCK_WORDS, MODE, ONE_CHUNK, GROUPS, BLOCK,
     )  # fmt: skip
 
 
@@ -287,15 +316,17 @@ def _dequantize_int4_kernel(
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
-def _round_bf16_stochastic_kernel(x_ptr, out_ptr, numel, seed, offset, BLOCK: tl.constexpr):
-    """out = bf16 bits of (bits(x) + (randint >> 16)) >> 16: rounds the magnitude up with
-    probability equal to the discarded fraction. NaN stays NaN (quiet, sign kept): adding noise to
-    a NaN could carry into an Inf pattern, so NaN is truncated instead, with the quiet bit set."""
+def _round_bf16_stochastic_kernel(x_ptr, out_ptr, numel, seed, offset, BLOCK_WORDS: tl.constexpr, BLOCK: tl.constexpr):
+    """out = bf16 bits of (bits(x) + (word >> 16)) >> 16, word that of stream position offset + i:
+    rounds the magnitude up with probability equal to the discarded fraction. NaN stays NaN (quiet,
+    sign kept): adding noise to a NaN could carry into an Inf pattern, so NaN is truncated instead,
+    with the quiet bit set."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = idx < numel
     x = tl.load(x_ptr + idx, mask=mask, other=0.0)
     bits = x.to(tl.uint32, bitcast=True)
-    noise = tl.randint(seed, offset + idx) >> 16
+    words = tl.reshape(stream_words(seed, tl.reshape(offset + idx, (1, BLOCK)), BLOCK_WORDS), (BLOCK,))
+    noise = words >> 16
     rounded = (bits + noise) >> 16  # non-NaN bits + noise < 2**32: no wrap
     out = tl.where(x != x, (bits >> 16) | 0x40, rounded)
     tl.store(out_ptr + idx, out.to(tl.int16), mask=mask)
@@ -304,6 +335,12 @@ def _round_bf16_stochastic_kernel(x_ptr, out_ptr, numel, seed, offset, BLOCK: tl
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
+
+
+def block_words_aligned(offset: int, *run_starts: int) -> bool:
+    """Whether tiles whose rows start at multiples of every ``run_starts`` value, plus ``offset``,
+    start at stream positions that are multiples of 4, so ``stream_words`` may take BLOCK_WORDS."""
+    return all(v % 4 == 0 for v in (offset, *run_starts))
 
 
 class _Plan:
@@ -333,7 +370,11 @@ def _quantize(op: str, bits: int, kernel, x, group_size, symmetric, stochastic, 
     if num_groups == 0:
         return codes, scales, zeros
     plan = _Plan(num_groups, g, x.device)
-    common = dict(SYMMETRIC=bool(symmetric), STOCHASTIC=bool(stochastic), GROUPS=plan.groups, BLOCK=plan.block)
+    block_words = bool(stochastic) and block_words_aligned(offset, g, plan.block)
+    common = dict(
+        SYMMETRIC=bool(symmetric), STOCHASTIC=bool(stochastic), BLOCK_WORDS=block_words,
+        GROUPS=plan.groups, BLOCK=plan.block,
+    )  # fmt: skip
     args = (num_groups, g, plan.num_chunks, plan.chunks_per_split, seed, offset)
 
     def run(grid, lo, hi, mode, one_chunk):
@@ -398,5 +439,6 @@ def round_bf16_stochastic_triton(x, seed, offset):
         return out
     grid = (triton.cdiv(x.numel(), ROUND_BLOCK),)
     args = (x, out.view(torch.int16), x.numel(), seed, offset)
-    launch(_round_bf16_stochastic_kernel, lambda meta: grid, args, dict(BLOCK=ROUND_BLOCK, **_NO_FMA), _WARPS, x.device)
+    constexprs = dict(BLOCK_WORDS=block_words_aligned(offset, ROUND_BLOCK), BLOCK=ROUND_BLOCK, **_NO_FMA)
+    launch(_round_bf16_stochastic_kernel, lambda meta: grid, args, constexprs, _WARPS, x.device)
     return out

@@ -12,7 +12,8 @@
 //     OUT: codes (GROUPS*G*BITS/8 bytes, INT4 packed), scales (GROUPS fp32), zeros (GROUPS fp32),
 //          dequantized fp32 (GROUPS*G), dequantized bf16 bits (GROUPS*G uint16).
 //   harness round SEED OFFSET IN OUT     IN: fp32 values -> OUT: bf16 bit patterns (uint16)
-//   harness philox SEED OFFSET N OUT     OUT: N uint32 words of counters OFFSET + i
+//   harness philox SEED OFFSET N OUT     OUT: N uint32 words of stream positions OFFSET + i, drawn
+//                                        by philox_run in runs of 8 (as the CUDA kernels draw packs)
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -164,7 +165,11 @@ int philox(char** argv) {
   const uint64_t seed = arg_u64(argv[0]), offset = arg_u64(argv[1]);
   const int64_t n = arg_i64(argv[2]);
   std::vector<uint32_t> out(n);
-  for (int64_t i = 0; i < n; ++i) out[i] = fastgrad::philox_uint32(seed, offset + static_cast<uint64_t>(i));
+  for (int64_t i = 0; i < n; i += 8) {
+    uint32_t run[8];
+    fastgrad::philox_run(seed, offset + static_cast<uint64_t>(i), run);
+    for (int64_t e = 0; e < 8 && i + e < n; ++e) out[i + e] = run[e];
+  }
   FILE* f = std::fopen(argv[3], "wb");
   if (!f) return 2;
   write_all(f, out.data(), out.size() * 4);

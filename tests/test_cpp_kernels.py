@@ -9,7 +9,10 @@ projections stay within a rigorous fp32 error bound of the reference; and their 
 name the op and the argument (round_bf16_stochastic's: word for word the Python contract's).
 """
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -90,9 +93,9 @@ def test_quantize_bitwise_identical_to_reference(bits, dtype, symmetric, stochas
     gen = torch.Generator().manual_seed(sum(shape))
     x = (torch.randn(shape, generator=gen) * torch.logspace(-2, 2, shape[-1])).to(dtype)
     group = groups[bits]
-    # Offsets: zero; one that makes the 64-bit counter carry into its high word mid-tensor (and
-    # mid-vector); one far past 2**32; seeds that use both key words.
-    for seed, offset in ((0, 0), (1234, 2**32 - 7), (2**63 - 1, 2**40 + 12345)):
+    # Offsets: zero; one whose 64-bit counter (position // 4) carries into its high word mid-tensor
+    # and mid-vector (position 2**34); one far past it; seeds that use both key words.
+    for seed, offset in ((0, 0), (1234, 2**34 - 7), (2**63 - 1, 2**40 + 12345)):
         got = _quantize(bits, x, group, symmetric, stochastic, seed, offset)
         want = _quantize_ref(bits, x, group, symmetric, stochastic, seed, offset)
         for a, b, name in zip(got, want, ("codes", "scales", "zeros"), strict=True):
@@ -178,7 +181,7 @@ def test_results_do_not_depend_on_thread_count():
             torch.set_num_threads(threads)
             run = []
             for x, bits, group in cases:
-                q = _quantize(bits, x, group, False, True, 77, 2**33 + 1)
+                q = _quantize(bits, x, group, False, True, 77, 2**35 + 1)
                 run.append((q, _dequantize(bits, *q, torch.bfloat16)))
             results.append(run)
     finally:
@@ -637,7 +640,7 @@ def _quantized_p(side, m, n, r, bits, group, gen):
     return (ref.pack_int4(codes) if bits == 4 else codes), scales, zeros
 
 
-def _int8_step_pair(m, n, r, group, bits, side, p_group, step, decay, stochastic, seed=17, offset=2**32 - 99):
+def _int8_step_pair(m, n, r, group, bits, side, p_group, step, decay, stochastic, seed=17, offset=2**34 - 99):
     """The INT8-weight step by the C++ kernel and by the reference from the same state."""
     gen = torch.Generator().manual_seed(m * n + r + bits)
     left = side == "left"
@@ -703,8 +706,8 @@ def test_int8_weight_pure_decay_bitwise_identical_to_reference(
 ):
     """step_scale = 0: the update is decay·W in one fp32 multiplication on both sides (MKL's
     C = beta·C with alpha = 0; the reference's W·decay + 0·up), so codes, scales and zeros are
-    bitwise the reference's: the W decode, the row blocks, the quantizer and its Philox counters
-    offset + i·n + j (an offset whose low word carries mid-tensor) are exactly the reference's."""
+    bitwise the reference's: the W decode, the row blocks, the quantizer and its stream positions
+    offset + i·n + j (counters whose low word carries mid-tensor) are exactly the reference's."""
     _, got, want = _int8_step_pair(m, n, r, group, bits, side, p_group, step, decay, stochastic)
     for a, b, name in zip(got, want, ("codes", "scales", "zeros", "exp_avg", "exp_avg_sq"), strict=True):
         _assert_bitwise(a, b, name)
@@ -845,3 +848,42 @@ ADAM_BAD_CALLS = [
 def test_adam_step_bad_arguments_name_op_and_argument(op, arg, call):
     with pytest.raises(RuntimeError, match=re.escape(f"fastgrad.{op}: argument '{arg}' must be")):
         call()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="setup.py adds -fopenmp on Linux only")
+def test_kernels_are_built_with_openmp():
+    """at::parallel_for is a header template over OpenMP: an extension compiled without -fopenmp
+    gets a serial loop (every C++ kernel on one core) while every thread-count test still passes.
+    Built with it, the extension imports libgomp's parallel-region entry point."""
+    import fastgrad._C
+
+    with open(fastgrad._C.__file__, "rb") as f:
+        assert b"GOMP_parallel" in f.read(), "fastgrad._C was compiled without -fopenmp: at::parallel_for is serial"
+
+
+_STREAM_SCRIPT = """
+import torch, fastgrad
+from fastgrad import _reference as ref
+x = torch.randn(7, 300, generator=torch.Generator().manual_seed(3))
+for offset in (0, 1, 2, 3, 2**34 - 130, 2**34 - 129):
+    for bits in (8, 4):
+        got = getattr(torch.ops.fastgrad, f"quantize_int{bits}")(x, 60, False, True, 2**40 + 1, offset)
+        want = getattr(ref, f"quantize_int{bits}")(x, 60, False, True, 2**40 + 1, offset)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (bits, offset)
+    got = torch.ops.fastgrad.round_bf16_stochastic(x, 9, offset).view(torch.int16)
+    assert torch.equal(got, ref.round_bf16_stochastic(x, 9, offset).view(torch.int16)), offset
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("no_avx512", ["", "1"])
+def test_philox_paths_give_the_reference_stream(no_avx512):
+    """The bulk Philox generator (csrc/cpu/philox_cpu.h) picks AVX-512 at run time where the CPU
+    has it; FASTGRAD_NO_AVX512=1 forces the AVX2 path. Both give the reference's words (stochastic
+    codes and bf16 rounding, offsets aligned to a Philox block or not, counters carrying into their
+    high word), in a fresh process since the choice is made once."""
+    env = {k: v for k, v in os.environ.items() if k != "FASTGRAD_NO_AVX512"}
+    if no_avx512:
+        env["FASTGRAD_NO_AVX512"] = no_avx512
+    done = subprocess.run([sys.executable, "-c", _STREAM_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

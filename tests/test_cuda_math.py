@@ -144,7 +144,7 @@ def _cpu_cpp_kernels() -> bool:
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_quantize_math_matches_reference(harness, tmp_path, bits, dtype):
     quant_ref = ref.quantize_int8 if bits == 8 else ref.quantize_int4
-    seeds = [(1234, 99), (2**63 - 1, 2**40 + 2**32 - 7), (0xDEADBEEF12345, 2**32 - 100)]
+    seeds = [(1234, 99), (2**63 - 1, 2**40 + 2**34 - 7), (0xDEADBEEF12345, 2**34 - 100)]
     for case, (x, gs, tpg, vecs, splits) in enumerate(_cases()):
         xd = x.to(dtype)
         g = gs[bits]
@@ -178,7 +178,7 @@ def test_round_bf16_math_matches_reference(harness, tmp_path):
     x[8:13] = nan_bits.to(torch.int32).view(torch.float32)
     inp, out = tmp_path / "in.bin", tmp_path / "out.bin"
     x.numpy().tofile(inp)
-    for seed, offset in ((5, 0), (2**63 - 1, 2**32 - 2000), (0xABCDEF, 2**62)):
+    for seed, offset in ((5, 0), (2**63 - 1, 2**34 - 2000), (0xABCDEF, 2**62)):
         _run(harness, "round", seed, offset, inp, out)
         got = torch.from_file(str(out), size=x.numel(), dtype=torch.bfloat16)
         _assert_bits_equal_nan(got, ref.round_bf16_stochastic(x, seed, offset), f"round_bf16 seed={seed}")
@@ -192,7 +192,9 @@ def test_round_bf16_math_matches_reference(harness, tmp_path):
 
 def test_philox_words_match_reference(harness, tmp_path):
     out = tmp_path / "philox.bin"
-    for seed, offset in ((0, 0), (1234, 99), (2**63 - 1, 2**32 - 3), (0x0123456789ABCDEF, 2**63 - 600)):
+    # Offsets that are multiples of 4 take philox_run's block path, the others its per-word path.
+    cases = ((0, 0), (1234, 99), (5, 2**34 - 4 * 40), (2**63 - 1, 2**32 - 3), (0x0123456789ABCDEF, 2**63 - 600))
+    for seed, offset in cases:
         _run(harness, "philox", seed, offset, 512, out)
         got = torch.from_file(str(out), size=512, dtype=torch.int32).to(torch.int64) & 0xFFFFFFFF
         want = ref.philox_uint32(seed, torch.arange(512, dtype=torch.int64) + offset)

@@ -108,7 +108,7 @@ def test_offset_addresses_the_stream_by_element(device):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_offsets_beyond_32_bits(device, bits):
     x = torch.randn(4, 64, device=device)
-    offset = 2**32 - 100  # the counters cross the 32-bit boundary inside the tensor
+    offset = 2**34 - 100  # the counters (positions / 4) cross the 32-bit boundary inside the tensor
     q = ops.quantize(x, bits, 32, stochastic=True, seed=2**40 + 5, offset=offset)
     codes, _, _ = _quantize_ref(x, bits, 32, False, True, 2**40 + 5, offset)
     assert torch.equal(q.codes.cpu(), codes)
@@ -158,9 +158,9 @@ def test_stochastic_rounding_carries_updates_below_half_a_step(device):
 
 def test_round_bf16_stochastic_matches_reference_and_is_unbiased(device):
     x = (torch.randn(5, 4097) * 1e3).to(device)
-    out = ops.round_bf16_stochastic(x, 21, 2**33 + 1)
+    out = ops.round_bf16_stochastic(x, 21, 2**35 + 1)
     assert out.dtype == torch.bfloat16 and out.shape == x.shape
-    assert torch.equal(out.cpu().view(torch.int16), ref.round_bf16_stochastic(x.cpu(), 21, 2**33 + 1).view(torch.int16))
+    assert torch.equal(out.cpu().view(torch.int16), ref.round_bf16_stochastic(x.cpu(), 21, 2**35 + 1).view(torch.int16))
     # Each result is one of the two bf16 neighbours of x: x truncated toward zero, or the next
     # bf16 away from zero.
     bits = x.cpu().view(torch.int32).to(torch.int64) & 0xFFFFFFFF

@@ -195,8 +195,8 @@ def test_quantize_nan_and_inf_as_reference(case, device, tiling):
     "seed, offset",
     [
         (2**63 - 1, 0),  # seed high word set
-        (7, 2**32 + 12345),  # counter high word set
-        (2**32 + 5, 2**32 - 100),  # counters cross a 2**32 boundary inside the tensor (carry)
+        (7, 2**34 + 12345),  # counter high word set
+        (2**32 + 5, 2**34 - 100),  # counters cross a 2**32 boundary inside the tensor (carry)
         (99, 2**62 + 3),
     ],
 )
@@ -248,7 +248,7 @@ def test_bad_input_raises_before_launch(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "shape, seed, offset",
-    [((1000,), 0, 0), ((3, 5, 70), 2**63 - 1, 2**32 - 500), ((64, 33), 42, 2**40 + 1)],
+    [((1000,), 0, 0), ((3, 5, 70), 2**63 - 1, 2**34 - 500), ((64, 33), 42, 2**40 + 1)],
 )
 def test_round_bf16_stochastic_identical(shape, seed, offset, device):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 10
@@ -619,7 +619,7 @@ def test_adam_step_zero_step_is_exact(device):
 # a chunk of any power-of-two tiling of the row) and of the whole row (254: four chunks of 64).
 # n is even so that a right-side P (r×n) can be INT4.
 INT8_W_SHAPE = (40, 254, 12)
-INT8_SEED_OFFSET = (2**40 + 7, 2**33 + 5)  # high words of the Philox key and counter set
+INT8_SEED_OFFSET = (2**40 + 7, 2**35 + 5)  # high words of the Philox key and counter set
 INT8_P_GROUPS = {("left", 8): 3, ("left", 4): 6, ("right", 8): 127, ("right", 4): -1}
 
 
@@ -742,13 +742,65 @@ def test_adam_step_int8_weight_zero_step_is_exact(side, device):
     r, exp_avg, exp_avg_sq, p_args, _ = _adam_inputs(side, "int8", m, n, rank, torch.float32, torch.float32, gen,
                                                      INT8_P_GROUPS[(side, 8)])  # fmt: skip
     w_q = ref.quantize_int8(torch.randn(m, n, generator=gen), 127, False, True, 2, 0)
-    args = (*w_q, exp_avg, exp_avg_sq, r, *p_args, side, *ADAM_HYPER, 0.0, 1.0, True, 77, 2**32 - 1000)
+    args = (*w_q, exp_avg, exp_avg_sq, r, *p_args, side, *ADAM_HYPER, 0.0, 1.0, True, 77, 2**34 - 1000)
     got = _to(args, device)
     run_op("galore_adam_step_int8_", *got)
     want = _clone(args)
     ref.galore_adam_step_int8_(*want)
     for i, name in enumerate(("codes", "scales", "zeros", "exp_avg", "exp_avg_sq")):
         assert_bits_equal(got[i].cpu(), want[i], f"int8 step, zero step: {name}")
+
+
+@pytest.fixture
+def block_words_spy(monkeypatch):
+    """Records the BLOCK_WORDS constexpr of every quantizer / round_bf16 / INT8-step launch."""
+    from fastgrad.kernels import adam_step, quant
+
+    seen: list[tuple[str, bool]] = []
+    for module in (quant, adam_step):
+        real = module.launch
+
+        def spy(kernel, grid, args, constexprs, *rest, _real=real):
+            if "BLOCK_WORDS" in constexprs:
+                seen.append((kernel.fn.__name__, constexprs["BLOCK_WORDS"]))
+            return _real(kernel, grid, args, constexprs, *rest)
+
+        monkeypatch.setattr(module, "launch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [0, 2**34 - 400, 2**34 - 403])
+def test_stochastic_rounding_draws_four_words_per_philox_when_aligned(device, offset, block_words_spy):
+    """Stream positions that start tile rows at multiples of 4 (offset, group size, tile width and
+    row length all multiples of 4) take BLOCK_WORDS, one Philox evaluation per four elements; any
+    other offset takes one evaluation per element. Both give the reference's codes bitwise."""
+    aligned = offset % 4 == 0
+    gen = torch.Generator().manual_seed(offset % 1000)
+    x = torch.randn(24, 256, generator=gen)
+    for bits in (8, 4):
+        got = run_op(f"quantize_int{bits}", x.to(device), 64, False, True, 5, offset)
+        want = getattr(ref, f"quantize_int{bits}")(x, 64, False, True, 5, offset)
+        for a, b, name in zip(got, want, ("codes", "scales", "zeros"), strict=True):
+            assert_bits_equal(a.cpu(), b, f"INT{bits} SR {name}")
+    got = run_op("round_bf16_stochastic", x.to(device), 5, offset)
+    assert_bits_equal(got.cpu(), ref.round_bf16_stochastic(x, 5, offset), "round_bf16_stochastic")
+    # The INT8-weight step with a zero step: the quantizer's codes of the decoded W, bitwise.
+    m, n, rank = 24, 256, 8
+    r, exp_avg, exp_avg_sq, p_args, _ = _adam_inputs("right", "int8", m, n, rank, torch.float32, torch.float32, gen, 64)
+    w_q = ref.quantize_int8(torch.randn(m, n, generator=gen), 128, False, True, 2, 0)
+    args = (*w_q, exp_avg, exp_avg_sq, r, *p_args, "right", *ADAM_HYPER, 0.0, 1.0, True, 77, offset)
+    got = _to(args, device)
+    run_op("galore_adam_step_int8_", *got)
+    want = _clone(args)
+    ref.galore_adam_step_int8_(*want)
+    for i, name in enumerate(("codes", "scales", "zeros")):
+        assert_bits_equal(got[i].cpu(), want[i], f"int8 step, zero step: {name}")
+    kernels = {name for name, _ in block_words_spy}
+    assert kernels == {
+        "_quantize_int8_kernel", "_quantize_int4_kernel", "_round_bf16_stochastic_kernel", "_adam_update_int8_kernel"
+    }  # fmt: skip
+    assert all(flag == aligned for _, flag in block_words_spy), block_words_spy
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -784,7 +836,7 @@ def test_adam_step_bad_input_raises_before_launch(device):
 def test_quantize_more_than_2_31_elements():
     rows, cols = 2**21 + 3, 1024  # numel = 2**31 + 3072
     x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda")
-    seed, offset = 2**40 + 9, 2**33 + 5
+    seed, offset = 2**40 + 9, 2**35 + 5
     for bits in (8, 4):
         codes, scales, zeros = run_op(f"quantize_int{bits}", x, 128, False, True, seed, offset)
         for start in (rows - 4, 2**21 - 2):  # rows whose flat indices are past 2**31

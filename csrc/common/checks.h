@@ -73,8 +73,8 @@ inline bool check_side(const char* op, const std::string& side) {
   return side == "left";
 }
 
-// The Philox stream of stochastic rounding: seed in [0, 2**63), and counters offset + i for the
-// numel elements that stay below 2**63 (no wrap-around into another element's counter).
+// The Philox stream of stochastic rounding: seed in [0, 2**63), and stream positions offset + i for the
+// numel elements that stay below 2**63 (no wrap-around into another element's position).
 inline void check_seed_offset(const char* op, int64_t seed, int64_t offset, int64_t numel) {
   FG_CHECK_ARG(seed >= 0, op, "seed", "in [0, 2**63), got ", seed);
   FG_CHECK_ARG(offset >= 0, op, "offset", "non-negative, got ", offset);

@@ -5,14 +5,14 @@
 //   asymmetric: scale = (max - min) / qmax,   zero = min
 //   symmetric:  scale = absmax / (qmax / 2),  zero = -2**(bits-1) * scale
 //   scale <= 0 or NaN -> 1;  u = (x - zero) / scale  (correctly rounded fp32 division)
-//   RTN: floor(u + 0.5);  SR: floor(u) + (xi < u - floor(u)),  xi = Philox uniform of offset + i
+//   RTN: floor(u + 0.5);  SR: floor(u) + (xi < u - floor(u)),  xi = uniform of stream position offset + i
 //   code = clamp(., 0, qmax) (NaN -> 0, as torch's float -> uint8 conversion gives)
 //
 // Work split: at::parallel_for over groups (a group is g consecutive elements of the flat
 // tensor, since g divides the last dimension). Within a group, elements go through fixed-size
-// chunks: one pass for min/max, one to encode. Philox words come from a per-thread buffer refilled
-// kChunk counters at a time (16 lanes at once, AVX2); every element's counter is absolute
-// (offset + flat index), so nothing depends on how groups are split among threads.
+// chunks: one pass for min/max, one to encode. Philox words come from a per-thread window of the
+// stream (philox_cpu.h: four words per evaluation, 16 counters at once); every element's stream
+// position is absolute (offset + flat index), so nothing depends on how groups are split among threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,7 +22,7 @@
 #include <tuple>
 
 #include "../common/checks.h"
-#include "../common/philox.h"
+#include "philox_cpu.h"
 #include "quant_common.h"
 
 #if defined(__AVX2__)
@@ -34,101 +34,40 @@ namespace {
 
 using cpu::kChunk;
 
-// out[i] = uniform in [0, 1) of counter first + i, i < kChunk (== fastgrad::philox_uniform).
-// Philox dominates stochastic rounding, so it runs on 16 counters at once. With AVX2: explicit
-// intrinsics (32x32->64 products with vpmuludq on the even and odd lanes, then blends), about 2x
-// faster than what gcc makes of the portable loop, which is kept for other targets: there the
-// rounds run on local lane arrays with the high half written as a widening multiply, a form gcc
-// vectorizes. Both produce exactly the words of philox_uint32.
+// Lane l of lo/hi/nan takes elements l, l + 8, ... of v: (kv,), kv % 8 == 0. Running minimum
+// `a < lo ? a : lo` and maximum `a > hi ? a : hi` (symmetric: of |a|; lo is then unused), and
+// whether a NaN was seen. The lane split fixes which of -0/+0 wins a tie, the same on every path.
+inline void minmax_lanes(const float* __restrict v, int64_t kv, bool symmetric, float lo[8], float hi[8],
+                         int32_t nan[8]) {
 #if defined(__AVX2__)
-inline void mul_hi_lo(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(a, m);                        // lanes 0,2,4,6 as 64-bit
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);  // lanes 1,3,5,7
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-}
-
-void philox_uniforms(uint64_t seed, uint64_t first, float* __restrict out) {
-  constexpr int V = 2;  // independent 8-lane vectors per step, for instruction-level parallelism
-  static_assert(kChunk % (8 * V) == 0, "kChunk must be a multiple of 16");
-  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0);
-  const __m256i m1 = _mm256_set1_epi64x(kPhiloxM1);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-  const __m256 to_unit = _mm256_set1_ps(1.0f / 16777216.0f);
-  for (int64_t b = 0; b < kChunk; b += 8 * V) {
-    __m256i c0[V], c1[V], c2[V], c3[V];
-    for (int v = 0; v < V; ++v) {
-      const uint64_t ctr = first + static_cast<uint64_t>(b + 8 * v);
-      const __m256i lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(ctr)));
-      c0[v] = _mm256_add_epi32(lo, lane);
-      // Carry into the high word where the low word wrapped (unsigned c0 < lo): adds 1 as -(-1).
-      const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(lo, sign), _mm256_xor_si256(c0[v], sign));
-      c1[v] = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(ctr >> 32))), wrapped);
-      c2[v] = _mm256_setzero_si256();
-      c3[v] = _mm256_setzero_si256();
-    }
-    uint32_t k0 = static_cast<uint32_t>(seed);
-    uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
-      const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0));
-      const __m256i key1 = _mm256_set1_epi32(static_cast<int>(k1));
-      for (int v = 0; v < V; ++v) {
-        __m256i hi0, lo0, hi1, lo1;
-        mul_hi_lo(c0[v], m0, hi0, lo0);
-        mul_hi_lo(c2[v], m1, hi1, lo1);
-        const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[v]), key0);
-        const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[v]), key1);
-        c1[v] = lo1;
-        c3[v] = lo0;
-        c0[v] = n0;
-        c2[v] = n2;
-      }
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
-    }
-    for (int v = 0; v < V; ++v) {
-      // (word >> 8) < 2**24: exact in int32 and in fp32.
-      const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(c0[v], 8)), to_unit);
-      _mm256_storeu_ps(out + b + 8 * v, u);
+  // min_ps(a, lo) is exactly `a < lo ? a : lo` (and max_ps likewise): the same selects, 8 at once.
+  __m256 vlo = _mm256_loadu_ps(lo), vhi = _mm256_loadu_ps(hi);
+  __m256 vnan = _mm256_setzero_ps();
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t i = 0; i < kv; i += 8) {
+    const __m256 x = _mm256_loadu_ps(v + i);
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    if (symmetric) {
+      vhi = _mm256_max_ps(_mm256_and_ps(x, abs_mask), vhi);
+    } else {
+      vlo = _mm256_min_ps(x, vlo);
+      vhi = _mm256_max_ps(x, vhi);
     }
   }
-}
+  _mm256_storeu_ps(lo, vlo);
+  _mm256_storeu_ps(hi, vhi);
+  nan[0] |= static_cast<int32_t>(_mm256_movemask_ps(vnan) != 0);
 #else
-void philox_uniforms(uint64_t seed, uint64_t first, float* __restrict out) {
-  constexpr int L = 16;
-  static_assert(kChunk % L == 0, "kChunk must be a multiple of the Philox lane count");
-  for (int64_t b = 0; b < kChunk; b += L) {
-    uint32_t c0[L], c1[L], c2[L], c3[L];
-    for (int l = 0; l < L; ++l) {
-      const uint64_t ctr = first + static_cast<uint64_t>(b + l);
-      c0[l] = static_cast<uint32_t>(ctr);
-      c1[l] = static_cast<uint32_t>(ctr >> 32);
-      c2[l] = 0;
-      c3[l] = 0;
-    }
-    uint32_t k0 = static_cast<uint32_t>(seed);
-    uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
-      for (int l = 0; l < L; ++l) {
-        const uint32_t hi0 = static_cast<uint32_t>((static_cast<uint64_t>(kPhiloxM0) * c0[l]) >> 32);
-        const uint32_t hi1 = static_cast<uint32_t>((static_cast<uint64_t>(kPhiloxM1) * c2[l]) >> 32);
-        const uint32_t lo0 = kPhiloxM0 * c0[l];
-        const uint32_t lo1 = kPhiloxM1 * c2[l];
-        c0[l] = hi1 ^ c1[l] ^ k0;
-        c2[l] = hi0 ^ c3[l] ^ k1;
-        c1[l] = lo1;
-        c3[l] = lo0;
-      }
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
-    }
-    for (int l = 0; l < L; ++l) {
-      out[b + l] = static_cast<float>(static_cast<int32_t>(c0[l] >> 8)) * (1.0f / 16777216.0f);
+  for (int64_t i = 0; i < kv; i += 8) {
+    for (int l = 0; l < 8; ++l) {
+      const float a = symmetric ? std::fabs(v[i + l]) : v[i + l];
+      lo[l] = a < lo[l] ? a : lo[l];
+      hi[l] = a > hi[l] ? a : hi[l];
+      nan[l] |= static_cast<int32_t>(a != a);
     }
   }
-}
 #endif
+}
 
 // scale and zero of one group x: (g,) (see the file comment). buf: kChunk fp32 scratch.
 template <typename scalar_t>
@@ -153,34 +92,12 @@ void group_params(const scalar_t* x, int64_t g, int bits, bool symmetric, float*
       v = buf;
     }
     const int64_t kv = k - k % L;
-    if (symmetric) {
-      for (int64_t i = 0; i < kv; i += L) {
-        for (int l = 0; l < L; ++l) {
-          const float a = std::fabs(v[i + l]);
-          hi[l] = a > hi[l] ? a : hi[l];
-          nan[l] |= static_cast<int32_t>(v[i + l] != v[i + l]);
-        }
-      }
-      for (int64_t i = kv; i < k; ++i) {
-        const float a = std::fabs(v[i]);
-        hi[0] = a > hi[0] ? a : hi[0];
-        nan[0] |= static_cast<int32_t>(v[i] != v[i]);
-      }
-    } else {
-      for (int64_t i = 0; i < kv; i += L) {
-        for (int l = 0; l < L; ++l) {
-          const float a = v[i + l];
-          lo[l] = a < lo[l] ? a : lo[l];
-          hi[l] = a > hi[l] ? a : hi[l];
-          nan[l] |= static_cast<int32_t>(a != a);
-        }
-      }
-      for (int64_t i = kv; i < k; ++i) {
-        const float a = v[i];
-        lo[0] = a < lo[0] ? a : lo[0];
-        hi[0] = a > hi[0] ? a : hi[0];
-        nan[0] |= static_cast<int32_t>(a != a);
-      }
+    minmax_lanes(v, kv, symmetric, lo, hi, nan);
+    for (int64_t i = kv; i < k; ++i) {  // the tail goes to lane 0
+      const float a = symmetric ? std::fabs(v[i]) : v[i];
+      lo[0] = a < lo[0] ? a : lo[0];
+      hi[0] = a > hi[0] ? a : hi[0];
+      nan[0] |= static_cast<int32_t>(a != a);
     }
   }
   float mn = lo[0], mx = hi[0];
@@ -209,16 +126,18 @@ void group_params(const scalar_t* x, int64_t g, int bits, bool symmetric, float*
   *zero_out = zero;
 }
 
-// codes[i] for x: (k,) fp32 in one group; xi: (k,) uniforms (stochastic only).
+// codes[i] for x: (k,) fp32 in one group; words: (k,) the elements' Philox words (stochastic only).
 template <bool kStochastic>
-void encode(const float* __restrict x, const float* __restrict xi, int64_t k, float scale, float zero, float qmax,
-            uint8_t* __restrict codes) {
+void encode(const float* __restrict x, const uint32_t* __restrict words, int64_t k, float scale, float zero,
+            float qmax, uint8_t* __restrict codes) {
   for (int64_t i = 0; i < k; ++i) {
     const float u = (x[i] - zero) / scale;
     float c;
     if constexpr (kStochastic) {
+      // word_to_uniform, written so gcc vectorizes it: word >> 8 < 2**24 is exact in int32 and fp32.
+      const float xi = static_cast<float>(static_cast<int32_t>(words[i] >> 8)) * (1.0f / 16777216.0f);
       const float fl = std::floor(u);
-      c = fl + (xi[i] < (u - fl) ? 1.0f : 0.0f);
+      c = fl + (xi < (u - fl) ? 1.0f : 0.0f);
     } else {
       c = std::floor(u + 0.5f);
     }
@@ -238,9 +157,8 @@ void quantize_kernel(const scalar_t* x, int64_t numel, int64_t g, int bits, bool
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / g);
   at::parallel_for(0, groups, grain, [&](int64_t gb, int64_t ge) {
     alignas(64) float xbuf[kChunk];
-    alignas(64) float xi[kChunk];
     alignas(64) uint8_t cbuf[kChunk];
-    int64_t xi_begin = 0, xi_end = 0;  // flat element range whose uniforms are in xi
+    cpu::PhiloxWindow<kChunk> stream;
     for (int64_t grp = gb; grp < ge; ++grp) {
       const int64_t base = grp * g;
       float scale, zero;
@@ -249,15 +167,7 @@ void quantize_kernel(const scalar_t* x, int64_t numel, int64_t g, int bits, bool
       zeros[grp] = zero;
       for (int64_t s = 0; s < g;) {
         const int64_t e0 = base + s;
-        int64_t k = std::min(kChunk, g - s);
-        if (stochastic) {
-          if (e0 >= xi_end) {
-            philox_uniforms(seed, offset + static_cast<uint64_t>(e0), xi);
-            xi_begin = e0;
-            xi_end = e0 + kChunk;
-          }
-          k = std::min(k, xi_end - e0);
-        }
+        const int64_t k = std::min(kChunk, g - s);
         const float* v;
         if constexpr (std::is_same_v<scalar_t, float>) {
           v = x + e0;
@@ -265,10 +175,10 @@ void quantize_kernel(const scalar_t* x, int64_t numel, int64_t g, int bits, bool
           cpu::load_f32(x + e0, k, xbuf);
           v = xbuf;
         }
-        // INT4: groups are even and chunks/refills start at even elements, so k and e0 are even.
+        // INT4: groups are even and chunks start at even elements, so k and e0 are even.
         uint8_t* dst = bits == 8 ? codes + e0 : cbuf;
         if (stochastic) {
-          encode<true>(v, xi + (e0 - xi_begin), k, scale, zero, qmax, dst);
+          encode<true>(v, stream.at(seed, offset + static_cast<uint64_t>(e0), k), k, scale, zero, qmax, dst);
         } else {
           encode<false>(v, nullptr, k, scale, zero, qmax, dst);
         }

@@ -3,11 +3,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
+#include <algorithm>
 #include <cstring>
 
 #include "../common/checks.h"
-#include "../common/philox.h"
+#include "philox_cpu.h"
+#include "quant_common.h"
 
 namespace fastgrad {
 namespace {
@@ -23,14 +24,19 @@ at::Tensor round_bf16_stochastic_cpu(const at::Tensor& x, int64_t seed, int64_t 
   const uint64_t key = static_cast<uint64_t>(seed);
   const uint64_t base = static_cast<uint64_t>(offset);
   at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      uint32_t bits;
-      std::memcpy(&bits, src + i, sizeof(bits));
-      const uint32_t noise = philox_uint32(key, base + static_cast<uint64_t>(i)) >> 16;
-      // A NaN keeps its sign and becomes quiet: truncating a payload held in the low 16 bits
-      // alone would otherwise turn it into an infinity.
-      dst[i] = std::isnan(src[i]) ? static_cast<uint16_t>((bits >> 16) | 0x0040u)
-                                  : static_cast<uint16_t>((bits + noise) >> 16);
+    cpu::PhiloxWindow<cpu::kChunk> stream;
+    for (int64_t c = begin; c < end; c += cpu::kChunk) {
+      const int64_t k = std::min(cpu::kChunk, end - c);
+      const uint32_t* words = stream.at(key, base + static_cast<uint64_t>(c), k);
+      for (int64_t i = 0; i < k; ++i) {
+        uint32_t bits;
+        std::memcpy(&bits, src + c + i, sizeof(bits));
+        const uint32_t noise = words[i] >> 16;
+        // A NaN keeps its sign and becomes quiet: truncating a payload held in the low 16 bits
+        // alone would otherwise turn it into an infinity.
+        const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+        dst[c + i] = nan ? static_cast<uint16_t>((bits >> 16) | 0x0040u) : static_cast<uint16_t>((bits + noise) >> 16);
+      }
     }
   });
   return out;

@@ -2,8 +2,9 @@
 // Math: fastgrad/_reference.py (quantize / dequantize / pack_int4 / round_bf16_stochastic); the
 // per-element functions are csrc/common/quant_math.h, shared with the host harness of
 // tests/test_cuda_math.py. Codes, scales and zeros are bitwise those of the reference and of the
-// CPU kernels (csrc/cpu/quant.cpp) for every dtype, group size and (seed, offset): Philox word 0
-// of counter offset + flat index, correctly rounded fp32 division, no FMA contraction.
+// CPU kernels (csrc/cpu/quant.cpp) for every dtype, group size and (seed, offset): the Philox word
+// of stream position offset + flat index (csrc/common/philox.h), correctly rounded fp32 division,
+// no FMA contraction.
 //
 // Layout: a contiguous x of shape (*, n) with groups of g consecutive values of the last dimension
 // is, in memory, `groups = numel / g` groups of g contiguous values; group q starts at flat index
@@ -172,7 +173,7 @@ struct QuantArgs {
 
 // Encodes one pack of VEC values starting at flat index e0 and stores its codes.
 //   u = (x - zero) / scale (IEEE division); RTN floor(u + 0.5) | SR floor(u) + (xi < u - floor(u)),
-//   xi = (philox(seed, offset + flat index) >> 8) * 2**-24; clamp to [0, qmax] (NaN -> 0);
+//   xi = word_to_uniform(word of stream position offset + flat index); clamp to [0, qmax] (NaN -> 0);
 //   INT4: codes 2j, 2j+1 -> low, high nibble of one byte.
 template <typename T, int BITS, int VEC>
 __device__ __forceinline__ void encode_pack(const QuantArgs& a, const Pack<typename In<T>::S, VEC>& xp, int64_t e0,
@@ -180,10 +181,12 @@ __device__ __forceinline__ void encode_pack(const QuantArgs& a, const Pack<typen
   constexpr int kCodeBytes = VEC * BITS / 8;  // >= 1: INT4 packs hold an even number of values
   static_assert(kCodeBytes >= 1, "INT4 needs VEC >= 2");
   const float qmax = static_cast<float>((1 << BITS) - 1);
+  uint32_t words[VEC] = {};
+  if (a.stochastic) philox_run(a.seed, a.offset + static_cast<uint64_t>(e0), words);
   uint32_t code[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
-    const float xi = a.stochastic ? philox_uniform(a.seed, a.offset + static_cast<uint64_t>(e0 + e)) : 0.0f;
+    const float xi = a.stochastic ? word_to_uniform(words[e]) : 0.0f;
     code[e] = qmath::encode(In<T>::f32(xp.v[e]), af, qmax, a.stochastic, xi);
   }
   Pack<uint8_t, kCodeBytes> out;
@@ -678,7 +681,7 @@ at::Tensor dequantize_int4_cuda(const at::Tensor& codes, const at::Tensor& scale
 // fp32 -> bf16 stochastic rounding
 // ---------------------------------------------------------------------------------------------
 
-// out[i] = bf16 bits of (bits(x[i]) + (philox(seed, offset + i) >> 16)) >> 16; NaN -> its top half
+// out[i] = bf16 bits of (bits(x[i]) + (word(offset + i) >> 16)) >> 16; NaN -> its top half
 // with the quiet bit set (qmath::round_bf16_sr). x: (numel,) fp32, out: (numel,) bf16 bits.
 // `aligned`: x 16-byte aligned, so packs of 4 values go as one 16-byte load and one 8-byte store;
 // the tail (or everything, when not aligned) one value at a time. Grid-stride loops.
@@ -691,11 +694,10 @@ __global__ void __launch_bounds__(kThreads) round_bf16_kernel(const float* __res
   for (int64_t q = tid; q < quads; q += stride) {
     const Pack<float, 4> v = *reinterpret_cast<const Pack<float, 4>*>(x + 4 * q);
     Pack<uint16_t, 4> r;
+    uint32_t words[4];
+    philox_run(seed, offset + static_cast<uint64_t>(4 * q), words);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const uint64_t i = static_cast<uint64_t>(4 * q + e);
-      r.v[e] = qmath::round_bf16_sr(v.v[e], philox_uint32(seed, offset + i));
-    }
+    for (int e = 0; e < 4; ++e) r.v[e] = qmath::round_bf16_sr(v.v[e], words[e]);
     *reinterpret_cast<Pack<uint16_t, 4>*>(out + 4 * q) = r;
   }
   for (int64_t i = 4 * quads + tid; i < numel; i += stride) {

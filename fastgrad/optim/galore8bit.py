@@ -54,7 +54,7 @@ def encode_moments(
 ) -> tuple[QuantizedTensor, QuantizedTensor]:
     """Adam moments (M, V), fp32, contiguous, numel a multiple of ``block_size`` (both overwritten)
     -> (M codes, V codes): y = V^(1/4) asymmetric per block, then r = M/ŷ² clamped to ±``bound``
-    symmetric per block; stochastic rounding with Philox counters [offset, offset + 2·numel)."""
+    symmetric per block; stochastic rounding with Philox stream positions [offset, offset + 2·numel)."""
     n = first.numel()
     y = second.sqrt_().sqrt_()
     qv = quantize_int8(y, block_size, stochastic=True, seed=seed, offset=offset)
@@ -133,7 +133,7 @@ class EightBitMoments:
     def _encode(self, group: dict[str, Any], it: ParamStep, first: torch.Tensor, second: torch.Tensor) -> None:
         """Store the fp32 (M, V) of n_pad elements (both overwritten) as codes, after step t ≥ 1."""
         st = it.state
-        offset = (st["step"] - 1) * 2 * first.numel()  # counters never reused: resume and reruns are exact
+        offset = (st["step"] - 1) * 2 * first.numel()  # positions never reused: resume and reruns are exact
         qm, qv = encode_moments(first, second, self.block_size, moment_bound(group["betas"]), st[QSEED], offset)
         st[M_CODES], st[M_SCALES] = qm.codes, qm.scales
         st[V_CODES], st[V_SCALES], st[V_ZEROS] = qv.codes, qv.scales, qv.zeros
