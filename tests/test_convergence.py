@@ -196,14 +196,13 @@ def expected_state_bytes(name: str, opt: torch.optim.Optimizer) -> int:
       apollo(-mini) Σ_lr [2·D·r'·4 + 4 (limiter)] + Σ_full 2·numel·4   (random P: not stored)
       frugal       galore's with r' = max(1, round(density·d))
       q-galore     Σ_lr [2·D·r'·4 + r'·d/2 (INT4 codes) + 8·r'·d/g (fp32 scales, zeros per group g)
-                   + 4·d (last first singular vector) + 4·Q (cosine queue) + 1 (pending bool)]
+                   + 4·d (last first singular vector) + 4·Q (cosine queue)]
                    + Σ_full 2·numel·4
       *8bit        per moment tensor of n elements: 2·n_pad + 12·blocks if n ≥ min_8bit_size, else
                    8·n; galore8bit adds P = r'·d·4 per low-rank weight, q-galore8bit q-galore's
                    projector terms
       frugal-block Σ 2·numel·4 over the window's tensors (block_active) and the other group
-    The only state-dependent term is Q-GaLore's pending bool (1 byte while a growth of T decided
-    at the last refresh waits for the next refresh candidate)."""
+    (Q-GaLore's pending growth of T is a host bool: no tensor bytes.)"""
     if name == "adamw":
         return sum(8 * p.numel() + 4 for g in opt.param_groups for p in g["params"])
     total = 0
@@ -239,10 +238,9 @@ def expected_state_bytes(name: str, opt: torch.optim.Optimizer) -> int:
             elif name in ("q-galore", "q-galore8bit"):
                 row = n if m >= n else r  # P is r'×n (right) or m×r' (left); INT4 groups run along its rows
                 g = proj_group_size(row, group["proj_group_size"])
-                pending = 1 if "proj_pending" in opt.state[p] else 0
                 if name == "q-galore8bit":
                     moments = _moment_bytes_8bit(big * r, opt.block_size, opt.min_8bit_size)
-                total += moments + r * d // 2 + 8 * r * d // g + 4 * d + 4 * group["queue_size"] + pending
+                total += moments + r * d // 2 + 8 * r * d // g + 4 * d + 4 * group["queue_size"]
             else:
                 raise ValueError(name)
     return total

@@ -863,14 +863,16 @@ def test_streaming_checkpoints_are_interchangeable():
 
 
 def test_streaming_peak_memory_holds_no_projected_gradients():
-    """Four 1024×1024 low-rank weights at rank 256 (1 MiB projected gradients R), tiny activations,
-    no refresh. Without streaming the driver holds every R at the end of backward (4 MiB) and the
-    step's peak has them all alive at once (with the last weight's 4 MiB G: 8 MiB); with streaming
+    """Eight 1024×1024 low-rank weights at rank 256 (1 MiB projected gradients R), tiny activations,
+    no refresh. Without streaming the driver holds every R at the end of backward (8 MiB) and the
+    step's peak has them all alive at once (with the last weight's 4 MiB G: 12 MiB); with streaming
     it holds nothing and at most one R is alive beyond backward's own tensors, so the peak is lower
-    by (number of weights − 1) R's minus the update's temporaries, which now run during backward
-    (measured: 96 KiB; a non-fused update would make one D×r' N = M/(√V+ε), one R): we require 2 R's
-    (more than the largest R). Same training."""
-    dim, layers, rank = 1024, 4, 256
+    by (number of weights − 1) R's minus the update's transients, which now come during backward:
+    its temporaries (measured: 96 KiB; a non-fused update would make one D×r' N = M/(√V+ε), one R)
+    and the copy of the weight and moments that the on-device NaN/Inf skip restores from (4 + 2 MiB:
+    with four weights it would outweigh the saving). We require 2 R's (more than the largest R).
+    Same training."""
+    dim, layers, rank = 1024, 8, 256
 
     def make(streaming):
         torch.manual_seed(0)

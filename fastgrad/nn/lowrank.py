@@ -170,8 +170,9 @@ def project_weight_grad(
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over the ordinary *and* projected gradients of
     ``parameters``: the 2-norm of all of them (what the optimizer will consume), and, when
-    ``max_norm`` is given, all scaled by ``min(1, max_norm / (norm + 1e-6))``. Returns the norm
-    (NaN/Inf if any gradient is non-finite; nothing is scaled then)."""
+    ``max_norm`` is given, all scaled by ``min(1, max_norm / (norm + 1e-6))``. Returns the norm, a
+    0-d fp32 tensor on the first gradient's device (NaN/Inf if any gradient is non-finite; nothing
+    is scaled then). No host synchronisation: the norm and the factor stay on the device."""
     grads = []
     for p in parameters:
         if p.grad is not None:
@@ -181,12 +182,21 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float | None) 
             grads.append(low)
     if not grads:
         return torch.tensor(0.0)
+    device = grads[0].device
     norms = torch._foreach_norm(grads, 2.0)
-    total = torch.linalg.vector_norm(torch.stack([n.float().cpu() for n in norms]), 2.0)
-    if max_norm is not None and torch.isfinite(total):
-        coef = float(max_norm) / (float(total) + 1e-6)
-        if coef < 1.0:
-            torch._foreach_mul_(grads, coef)
+    total = torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms]), 2.0)
+    if max_norm is not None:
+        # The factor in float64 (the arithmetic of Python floats), then fp32; 1 where the norm is not finite.
+        coef = (float(max_norm) / (total.double() + 1e-6)).clamp_(max=1.0)
+        coef = torch.where(torch.isfinite(total), coef, 1.0).float()
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        for dev, group in by_device.items():
+            # GradScaler's unscale op: g·coef in fp32 for every gradient dtype, with the factor read on
+            # the device (a _foreach_mul_ by a device tensor would round it to a 16-bit gradient's dtype).
+            found_inf = torch.zeros(1, device=dev)  # not used: the norm says it
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, coef.to(dev).reshape(1))
     return total
 
 

@@ -7,7 +7,11 @@
 * per step: refresh the subspace when due (``k % update_proj_gap == 0``, k the 0-based step),
   project every gradient through :func:`fastgrad.ops.lowrank_project`, then decide for all
   parameters at once whether their projected gradient is finite (one host synchronisation per
-  step, plus one per refresh), and hand the finite ones to the subclass's ``_update_group``;
+  step, whatever the devices, plus one per refreshed parameter), and hand the finite ones to the
+  subclass's ``_update_group``. ``step(grads_finite=True)`` is for a caller that has already
+  established that every gradient is finite (``fastgrad pretrain`` reads the total gradient norm
+  once per step): no check and no host synchronisation then, refreshes included (a finite G
+  projects to a finite R: |R_ij| ≤ ‖G‖·‖P_j‖);
 * non-finite gradients: ``nonfinite="skip"`` leaves that parameter's weight and state (projector
   included) exactly as they were and counts the step in ``nonfinite_steps``; ``"raise"`` raises
   ``FloatingPointError`` before any weight, moment or projector of the step is changed;
@@ -125,17 +129,24 @@ def name_key(name: str) -> int:
 
 
 def _finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
-    """Whether each tensor is all-finite, with one host synchronisation per device."""
-    flags: list[bool] = [True] * len(tensors)
+    """Whether each tensor is all-finite, with one host synchronisation (none for no tensors):
+    the flags of every device are gathered on the first tensor's device and read at once."""
+    if not tensors:
+        return []
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(i)
+    first = tensors[0].device
+    order: list[int] = []
+    parts: list[torch.Tensor] = []
     for idx in by_device.values():
         # max |x| propagates NaN and never overflows, unlike a sum or a 2-norm.
         norms = torch._foreach_norm([tensors[i] for i in idx], math.inf)
-        ok = torch.isfinite(torch.stack([n.float() for n in norms])).tolist()
-        for i, f in zip(idx, ok, strict=True):
-            flags[i] = f
+        parts.append(torch.isfinite(torch.stack([n.float() for n in norms])).to(first))
+        order += idx
+    flags: list[bool] = [True] * len(tensors)
+    for i, ok in zip(order, torch.cat(parts).tolist(), strict=True):
+        flags[i] = ok
     return flags
 
 
@@ -248,8 +259,13 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
-    def step(self, closure=None):
-        """One optimisation step; returns the closure's loss if a closure is given."""
+    def step(self, closure=None, *, grads_finite: bool = False):
+        """One optimisation step; returns the closure's loss if a closure is given.
+
+        ``grads_finite=True``: the caller guarantees that every gradient (``p.grad`` and projected)
+        is finite, e.g. from a finite total norm (``fastgrad.nn.clip_grad_norm_``), so the step does
+        not check (nor synchronise with the device); a non-finite gradient would then reach the
+        weights. Default: the NaN/Inf policy of the module docstring, one host synchronisation."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -264,9 +280,9 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
                     continue
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                item = self._prepare(group, p, proj, low=low)
+                item = self._prepare(group, p, proj, low=low, grads_finite=grads_finite)
                 (items if item.low is not None else bad).append(item)
-        flags = _finite_flags([it.low for it in items])
+        flags = [True] * len(items) if grads_finite else _finite_flags([it.low for it in items])
         bad += [it for it, ok in zip(items, flags, strict=True) if not ok]
         items = [it for it, ok in zip(items, flags, strict=True) if ok]
         if bad:
@@ -318,12 +334,15 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         proj: Projector | None,
         grad: torch.Tensor | None = None,
         low: torch.Tensor | None = None,
+        *,
+        grads_finite: bool = False,
     ) -> ParamStep:
         """Refresh the subspace if due and project the gradient; ``low`` stays None if G is non-finite.
 
         ``grad`` defaults to ``p.grad`` (the layer-wise driver passes an accumulated gradient).
         ``low``: a projected gradient computed by the layer (only between refreshes), added to
-        the projection of ``grad`` if there is one too.
+        the projection of ``grad`` if there is one too. ``grads_finite``: G is known to be finite
+        (see :meth:`step`): a refresh does not check it.
         """
         state = self.state[p]
         item = ParamStep(group, p, state, self._index_of(p))
@@ -343,7 +362,7 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         if not proj.has_basis(state) or self._refresh_due(group, state):
             # Refresh steps read G once more (and synchronise): an SVD of a non-finite G would fail.
             # max|G| (a reduction, NaN-propagating) rather than isfinite(G).all(), which makes m×n temporaries.
-            if not _finite_flags([grad])[0]:
+            if not grads_finite and not _finite_flags([grad])[0]:
                 return item
             if group["state_transfer"] and self.moment_keys and self.moment_keys[0] in state:
                 item.proj_old = proj.matrix(state, grad)
@@ -412,6 +431,12 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         grad = item.param.grad
         # Only shape, dtype and device of the gradient matter (they are the parameter's).
         return self._projector(item.group).matrix(item.state, item.param if grad is None else grad)
+
+    def _update_writes(self, item: ParamStep) -> list[torch.Tensor]:
+        """The tensors outside ``self.state`` that the update of ``item`` writes in place: its weight
+        (subclasses add others, e.g. a quantized layer's scales). The streaming layer-wise driver
+        copies these and the state's tensors to undo an update on the device."""
+        return [item.param]
 
     def _rollback(self, item: ParamStep) -> None:
         if item.snapshot is not None:

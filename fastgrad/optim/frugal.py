@@ -132,11 +132,11 @@ class Frugal(LowRankOptimizer):
     def _with_rank(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
         return group if group["rank"] is not None else {**group, "rank": self.rank_of(group, p)}
 
-    def _prepare(self, group, p, proj, grad=None, low=None) -> ParamStep:
+    def _prepare(self, group, p, proj, grad=None, low=None, **kw) -> ParamStep:
         # The base class reads group["rank"] only when it sets up a new parameter's projector.
         if proj is None or self.state[p] or group["rank"] is not None:
-            return super()._prepare(group, p, proj, grad, low)
-        item = super()._prepare(self._with_rank(group, p), p, proj, grad, low)
+            return super()._prepare(group, p, proj, grad, low, **kw)
+        item = super()._prepare(self._with_rank(group, p), p, proj, grad, low, **kw)
         item.group = group
         return item
 

@@ -70,6 +70,10 @@ What happens (and why):
   non-finite G) skips the whole step for all parameters: no weight, moment or projector changes
   (refreshes done in hooks are rolled back), counted in ``optimizer.nonfinite_steps``; with the
   optimizer's ``nonfinite="raise"`` a FloatingPointError is raised instead, after the same rollback.
+* **Host synchronisation**: one per step, in :meth:`finish_step` (the norm; ``fetch`` reads the
+  caller's values, e.g. the loss, in the same one), streaming included; refresh steps add one per
+  refreshed parameter (the finiteness of G before its refresh, besides the SVD's or QR's own), and
+  ``nonfinite="raise"`` one more on a non-finite step (to name the parameters).
 * **LR schedule**: :meth:`set_lr` sets the lr of every param group, read once per optimizer step
   by the updates in :meth:`finish_step`; every parameter's step counter advances once per step
   (the references ran one scheduler per parameter per micro-batch: half speed, §2.8).
@@ -107,7 +111,14 @@ What happens (and why):
     last backward pass (``fastgrad.train`` sets it at the start of each step);
   - :meth:`zero_grad` in the middle of the last backward pass cannot undo the updates already made:
     it warns (RuntimeWarning) and drops only the rest;
-  - one host synchronisation per parameter (its finiteness decides whether it is updated).
+  - no host synchronisation per parameter: each update is applied without knowing on the host
+    whether its gradient was finite, and every tensor it writes (weight, state, a quantized layer's
+    scales and zeros) is copied before and put back on the device with ``torch.where`` when it was
+    not (a transient copy of one parameter's weight and state at a time, and about twice the
+    update's memory traffic for the weight); the flags are read with the norm in
+    :meth:`finish_step`, which then restores the skipped parameters' host-side state (step counts)
+    and counts the step. With ``nonfinite="raise"`` each flag is read in its hook instead (one host
+    synchronisation per parameter), so that the error comes before backward reaches the others.
 
   Use it when the held projected (and full-rank) gradients decide whether a step fits, and
   clipping is not needed (GaLore and Q-GaLore's recipes do not clip); it works with activation
@@ -161,12 +172,15 @@ class StepStats:
     clip_coef: the factor the gradients were multiplied by (1.0: no clipping happened).
     skipped:   True when a non-finite gradient made the step change nothing (streaming: True only
                when every parameter was skipped; a partly skipped step has a non-finite grad_norm).
+    fetched:   the values of :meth:`LayerwiseOptimizer.finish_step`'s ``fetch`` tensor, read in the
+               same host synchronisation as the norm.
     """
 
     step: int
     grad_norm: float
     clip_coef: float
     skipped: bool
+    fetched: tuple[float, ...] = ()
 
 
 @dataclass(eq=False)
@@ -189,6 +203,25 @@ class _Slot:
 
 def _is_16bit(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
+
+
+def _read(parts: list[torch.Tensor]) -> list[float]:
+    """The values of 0-d/1-d tensors, in order, with one host synchronisation (none for no parts):
+    gathered as float64 on the first part's device and read with a single ``tolist()``."""
+    if not parts:
+        return []
+    device = parts[0].device
+    return torch.cat([t.reshape(-1).to(device, torch.float64) for t in parts]).tolist()
+
+
+@dataclass(eq=False)
+class _Masked:
+    """Streaming: an update applied before its gradient's finiteness was read on the host."""
+
+    param: torch.Tensor
+    finite: torch.Tensor  # 0-d bool on the device
+    host: dict[str, Any]  # the state's non-tensor entries before the update
+    keys: set[str]  # the state's keys before the update
 
 
 class LayerwiseOptimizer:
@@ -243,8 +276,10 @@ class LayerwiseOptimizer:
         self._micro = 0  # backward passes completed in the current optimizer step
         self._queued_for: Any = None  # graph task whose end-of-backward callback is queued
         # Streaming, within the current step: (parameter index, its consumed gradient's 2-norm, a
-        # 0-d fp32 tensor on its device) per parameter, and how many were updated / skipped.
+        # 0-d fp32 tensor on its device) per parameter, the updates whose finiteness is not read
+        # yet, and how many were updated / skipped (the pending ones count as updated until read).
         self._norms: list[tuple[int, torch.Tensor]] = []
+        self._masked: list[_Masked] = []
         self._updated = 0
         self._skipped = 0
         self._handles = []
@@ -336,6 +371,7 @@ class LayerwiseOptimizer:
         back; they keep their update (a RuntimeWarning says how many) and only the others' gradients
         are dropped. The driver's step count does not advance."""
         opt = self.optimizer
+        self._resolve_masked(_read(self._masked_flags()))
         updated, skipped = self._updated, self._skipped
         for slot in self._slots.values():
             if slot.done:
@@ -499,37 +535,89 @@ class LayerwiseOptimizer:
     # ------------------------------------------------------------------ streaming
     def _stream(self, slot: _Slot) -> None:
         """Streaming: update ``slot``'s parameter now (its accumulation is complete) through the
-        optimizer's own update, or skip it if its consumed gradient is non-finite; free its buffers."""
+        optimizer's own update, or skip it if its consumed gradient is non-finite; free its buffers.
+        The skip is decided on the device (:meth:`_update_masked`), except when a refresh already
+        found G non-finite (on the host) and under ``nonfinite="raise"``."""
         opt = self.optimizer
         item = self._finalize(slot)  # waits for the all-reduce; None if a refresh met a non-finite G
         slot.done = True
-        low = None if item is None else item.low
-        if low is None:
-            norm = torch.full((), math.nan, dtype=torch.float32, device=slot.param.device)
-            finite = False
-        else:
-            norm = torch._foreach_norm([low], 2, dtype=torch.float32)[0]
-            # One host sync per parameter. An overflowing norm of finite entries is not a skip
-            # (it is reported as Inf): max|x| decides then, as in LowRankOptimizer.step.
-            finite = bool(torch.isfinite(norm)) or _finite_flags([low])[0]
-        self._norms.append((opt._index_of(slot.param), norm))
-        del low
-        if not finite:
-            if slot.item is not None:
-                opt._rollback(slot.item)
-            self._release(slot)
-            self._skipped += 1
-            if opt.nonfinite == "raise":
-                self._abort(slot)
+        index = opt._index_of(slot.param)
+        if item is None:
+            self._norms.append((index, torch.full((), math.nan, dtype=torch.float32, device=slot.param.device)))
+            self._skip_streamed(slot)
             return
+        self._norms.append((index, torch._foreach_norm([item.low], 2, dtype=torch.float32)[0]))
+        # max|x| decides, not the 2-norm: an overflowing norm of finite entries is not a skip (it is
+        # reported as Inf), as in LowRankOptimizer.step.
+        finite = torch.isfinite(torch._foreach_norm([item.low], math.inf)[0])
+        if opt.nonfinite != "raise":
+            self._update_masked(slot, item, finite)
+        elif bool(finite):  # raise: read now (one host sync per parameter), to stop before backward goes on
+            self._update(slot, item)
+        else:
+            self._skip_streamed(slot)
+
+    def _skip_streamed(self, slot: _Slot) -> None:
+        """Streaming: leave ``slot``'s parameter as it was (undo its refresh); raise if the policy says so."""
+        if slot.item is not None:
+            self.optimizer._rollback(slot.item)
+        self._release(slot)
+        self._skipped += 1
+        if self.optimizer.nonfinite == "raise":
+            self._abort(slot)
+
+    def _update(self, slot: _Slot, item: ParamStep) -> None:
+        """Streaming: the optimizer's update of ``slot``'s parameter; frees its buffers."""
         if slot.grad is not None:  # update_reads_grad: the accumulated full gradient
             slot.param.grad = slot.grad
         self._updated += 1
         try:
-            opt._update_group(slot.group, [item])
+            self.optimizer._update_group(slot.group, [item])
         finally:
             slot.param.grad = None
             self._release(slot)
+
+    def _update_masked(self, slot: _Slot, item: ParamStep, finite: torch.Tensor) -> None:
+        """Streaming: :meth:`_update`, kept only where ``finite`` (a 0-d device bool, not read here)
+        holds. Every tensor the update writes (the weight and what :meth:`_update_writes` adds, the
+        state's tensors but the projector's, which only a refresh writes) is copied first and put
+        back on the device when the gradient was not finite; the host-side state is restored by
+        :meth:`_resolve_masked` once ``finite`` is read with the step's norm."""
+        state = item.state
+        projector = slot.proj.refresh_keys if slot.proj is not None else ()
+        outside = self.optimizer._update_writes(item)
+        saved_outside = [t.clone() for t in outside]
+        saved_state = {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor) and k not in projector}
+        host = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+        masked = _Masked(slot.param, finite, host, set(state))
+        self._update(slot, item)
+        for t, old in zip(outside, saved_outside, strict=True):
+            torch.where(finite, t, old, out=t)
+        for key, old in saved_state.items():  # in place, also into a tensor the update replaced
+            torch.where(finite, state[key], old, out=state[key])
+        self._masked.append(masked)
+
+    def _masked_flags(self) -> list[torch.Tensor]:
+        """The finiteness flags of the pending masked updates, stacked (for :func:`_read`)."""
+        if not self._masked:
+            return []
+        device = self._masked[0].finite.device
+        return [torch.stack([m.finite.to(device) for m in self._masked])]
+
+    def _resolve_masked(self, flags: list[float]) -> None:
+        """Given the masked updates' flags (read on the host), restore the host-side state (step
+        counts, keys the update added) of those whose gradient was not finite and count them as
+        skipped; their tensors were put back already."""
+        for m, ok in zip(self._masked, flags, strict=True):
+            if ok:
+                continue
+            state = self.optimizer.state[m.param]
+            for key in [k for k in state if k not in m.keys]:
+                del state[key]
+            state.update(m.host)
+            self._updated -= 1
+            self._skipped += 1
+        self._masked = []
 
     @staticmethod
     def _release(slot: _Slot) -> None:
@@ -559,30 +647,39 @@ class LayerwiseOptimizer:
             f"{pending} with a pending accumulation and those not reached by backward yet are not updated"
         )
 
-    def _finish_streaming(self) -> StepStats:
+    def _finish_streaming(self, fetch: torch.Tensor | None) -> StepStats:
         opt = self.optimizer
         # A parameter without a gradient in the last micro-batch was not closed by a hook: now.
         for slot in sorted((s for s in self._slots.values() if not s.done), key=lambda s: opt._index_of(s.param)):
             self._stream(slot)
         self.steps += 1
         self._norms.sort(key=lambda t: t[0])
-        norm = self._norm_of_norms([n for _, n in self._norms])
+        # One host synchronisation: the norm, every masked update's finiteness and ``fetch``.
+        squares = self._squares([n for _, n in self._norms])
+        flags_end = len(squares) + len(self._masked)
+        values = _read(squares + self._masked_flags() + ([fetch] if fetch is not None else []))
+        norm = math.sqrt(sum(values[: len(squares)]))
+        self._resolve_masked(values[len(squares) : flags_end])
+        fetched = tuple(values[flags_end:])
         count, skipped = len(self._slots), self._skipped
         if skipped:
             opt.nonfinite_steps += 1
         self._reset()
         opt._publish_grad_projections()
-        return StepStats(self.steps, norm, 1.0, count > 0 and skipped == count)
+        return StepStats(self.steps, norm, 1.0, count > 0 and skipped == count, fetched)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def finish_step(self) -> StepStats:
+    def finish_step(self, fetch: torch.Tensor | None = None) -> StepStats:
         """Complete the optimizer step: global norm, clipping, NaN/Inf policy, every parameter's update.
 
         Must follow exactly ``grad_accum_steps`` backward passes since the previous call.
-        Streaming: the parameters were updated in their hooks; this publishes the next step's
-        projections, advances the step count, and returns the norm of the consumed gradients
-        (from per-parameter norms kept on the device: one host synchronisation) with clip_coef 1.
+        Streaming: the parameters were updated in their hooks; this reads which gradients were
+        finite (restoring the host-side state of the skipped parameters), publishes the next step's
+        projections, advances the step count, and returns the norm of the consumed gradients with
+        clip_coef 1. Either way the norm (and streaming's flags) are read with one host
+        synchronisation, in which ``fetch`` (a 0-d or 1-d tensor, e.g. the step's loss) is read
+        too: its values are ``StepStats.fetched``.
         """
         if self._micro != self.grad_accum_steps:
             raise RuntimeError(
@@ -590,16 +687,20 @@ class LayerwiseOptimizer:
                 f"grad_accum_steps={self.grad_accum_steps} (call zero_grad() to drop a partial step)"
             )
         if self.streaming:
-            return self._finish_streaming()
+            return self._finish_streaming(fetch)
         opt = self.optimizer
         slots = sorted(self._slots.values(), key=lambda s: opt._index_of(s.param))
         items = [self._finalize(s) for s in slots]
         good = [it for it in items if it is not None]
         # A refresh that met a non-finite gradient left no projected gradient: the norm is NaN then.
-        norm = self._global_norm([it.low for it in good]) if len(good) == len(items) else math.nan
+        complete = len(good) == len(items)
+        squares = self._squares(self._norms_of([it.low for it in good])) if complete else []
+        values = _read(squares + ([fetch] if fetch is not None else []))
+        norm = math.sqrt(sum(values[: len(squares)])) if complete else math.nan
+        fetched = tuple(values[len(squares) :])
         self.steps += 1
         if not math.isfinite(norm):
-            return self._skip(slots, items, norm)
+            return self._skip(slots, items, norm, fetched)
         coef = 1.0
         if self.max_grad_norm is not None:
             coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
@@ -621,12 +722,16 @@ class LayerwiseOptimizer:
                 s.param.grad = None
             self._reset()
             opt._publish_grad_projections()
-        return StepStats(self.steps, norm, coef, False)
+        return StepStats(self.steps, norm, coef, False, fetched)
 
-    def _skip(self, slots: list[_Slot], items: list[ParamStep | None], norm: float) -> StepStats:
+    def _skip(
+        self, slots: list[_Slot], items: list[ParamStep | None], norm: float, fetched: tuple[float, ...]
+    ) -> StepStats:
         opt = self.optimizer
-        finite = iter(_finite_flags([it.low for it in items if it is not None]))
-        bad = [s for s, it in zip(slots, items, strict=True) if it is None or not next(finite)]
+        bad: list[_Slot] = []
+        if opt.nonfinite == "raise":  # a second host synchronisation, only to name the parameters
+            finite = iter(_finite_flags([it.low for it in items if it is not None]))
+            bad = [s for s, it in zip(slots, items, strict=True) if it is None or not next(finite)]
         for s in slots:
             if s.item is not None:
                 opt._rollback(s.item)
@@ -639,35 +744,31 @@ class LayerwiseOptimizer:
                 f"layerwise {type(opt).__name__}: non-finite gradient in parameter(s) {where}; "
                 "no weight, moment or projector was changed"
             )
-        return StepStats(self.steps, norm, 1.0, True)
+        return StepStats(self.steps, norm, 1.0, True, fetched)
 
     @staticmethod
-    def _global_norm(tensors: list[torch.Tensor]) -> float:
-        """sqrt(Σ ‖t‖²) in fp32, one host synchronisation per device; NaN/Inf if any entry is."""
-        if not tensors:
-            return 0.0
+    def _norms_of(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The fp32 2-norm of each tensor (0-d, on its device; NaN/Inf if any entry is)."""
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for t in tensors:
             by_device.setdefault(t.device, []).append(t)
-        norms = [n for ts in by_device.values() for n in torch._foreach_norm(ts, 2, dtype=torch.float32)]
-        return LayerwiseOptimizer._norm_of_norms(norms)
+        return [n for ts in by_device.values() for n in torch._foreach_norm(ts, 2, dtype=torch.float32)]
 
     @staticmethod
-    def _norm_of_norms(norms: list[torch.Tensor]) -> float:
-        """sqrt(Σ n²) of 0-d fp32 norms, one host synchronisation per device."""
+    def _squares(norms: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Σ n² of 0-d fp32 norms, per device (0-d fp32 there), without a host synchronisation: the
+        caller reads them (:func:`_read`) and takes the global norm as sqrt of their sum."""
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for n in norms:
             by_device.setdefault(n.device, []).append(n)
-        total = 0.0
-        for ns in by_device.values():
-            total += float(torch.linalg.vector_norm(torch.stack(ns)).square())
-        return math.sqrt(total)
+        return [torch.linalg.vector_norm(torch.stack(ns)).square() for ns in by_device.values()]
 
     def _reset(self) -> None:
         self._slots = {}
         self._micro = 0
         self._queued_for = None
         self._norms = []
+        self._masked = []
         self._updated = self._skipped = 0
 
     # ------------------------------------------------------------------ checkpoints

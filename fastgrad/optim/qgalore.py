@@ -103,10 +103,9 @@ class QuantizedSVDProjector(Projector):
 
     State (tensors and ints): ``proj_codes`` uint8 (r'·d/2), ``proj_scales``/``proj_zeros`` fp32,
     ``proj_past`` fp32 first singular vector, ``proj_queue`` fp32 (queue_size,) with
-    ``proj_queue_len`` valid entries at its end, ``proj_pending`` 0-d bool (a growth of T decided at
-    the last refresh, resolved on the host at the next refresh candidate, see
-    :meth:`QGaLoreAdamW._refresh_due`), ``proj_svd_count``, ``proj_step``; ``proj_gap`` (current T)
-    is kept by the optimizer.
+    ``proj_queue_len`` valid entries at its end, ``proj_pending`` bool (a growth of T decided at
+    the last refresh, applied at the next refresh candidate, see :meth:`QGaLoreAdamW._refresh_due`),
+    ``proj_svd_count``, ``proj_step``; ``proj_gap`` (current T) is kept by the optimizer.
     """
 
     name = "svd"
@@ -154,7 +153,8 @@ class QuantizedSVDProjector(Projector):
             state["proj_queue"] = queue
             state["proj_queue_len"] = n = min(state["proj_queue_len"] + 1, self.queue_size)
             if n == self.queue_size:
-                state["proj_pending"] = queue.mean() >= self.cos_threshold  # stays on the device
+                # Read here, at a refresh (its SVD synchronises anyway), not at the later steps that use it.
+                state["proj_pending"] = bool(queue.mean() >= self.cos_threshold)
         elif "proj_queue" not in state:
             state["proj_queue"] = torch.zeros(self.queue_size, dtype=torch.float32, device=grad.device)
         state["proj_past"] = vec
@@ -214,10 +214,11 @@ class QGaLoreAdamW(LowRankOptimizer):
     (QG-3) and the quantizer's range always includes the group (no QG-2 clipping); weight
     scales/zeros stay fp32 (no QG-5 drift); SR draws from a counter-based Philox stream keyed on
     (seed, offset) in fp32 (reproducible, no QG-6 bf16 resolution loss); float parameters are
-    updated (QG-8); the cosine/queue test runs on the device and its outcome is read on the host
-    only at the next step that could be a refresh under either the old or the grown T (one sync
-    per refresh, where the SVD is anyway), giving the same schedule as q-galore-torch's eager
-    ``.item()``. Adam states are fp32 (not bnb 8-bit).
+    updated (QG-8); the cosine/queue test runs on the device and its outcome is read on the host at
+    the refresh (one sync per refreshed weight once the queue is full, where the SVD synchronises
+    anyway) and applied at the next step that could be a refresh under either the old or the grown
+    T, giving the same schedule as q-galore-torch's eager ``.item()``: steps between refreshes do
+    not synchronise. Adam states are fp32 (not bnb 8-bit).
 
     NaN/Inf: as :class:`~fastgrad.optim.base.LowRankOptimizer`: a non-finite gradient skips that
     parameter (codes, scales, zeros, moments, projector, queue, T, SR offset unchanged) or raises.
@@ -227,7 +228,7 @@ class QGaLoreAdamW(LowRankOptimizer):
     Optimizer-state bytes, per low-rank weight m×n (d = min, D = max, r' = min(r, d), g the
     projector group along P's rows (≤ ``proj_group_size``), Q = queue_size):
         moments 2·D·r'·4  +  INT4 projector r'·d/2 + 8·r'·d/g  +  past vector 4·(n or m: the
-        length of P's first row/column)  +  queue 4·Q (+ 1 byte while a decision is pending)
+        length of P's first row/column)  +  queue 4·Q
     plus 2·numel·4 per full-rank (AdamW) parameter. :meth:`state_bytes` sums the actual tensors.
     Transient per step: on refresh steps the fp32 gradient m×n (the layer's ``weight.grad``);
     between refreshes only R (the layer computes it, :mod:`fastgrad.nn.lowrank`); and during a
@@ -290,15 +291,15 @@ class QGaLoreAdamW(LowRankOptimizer):
     def _refresh_due(self, group: dict[str, Any], state: dict[str, Any]) -> bool:
         """k % T == 0 with the parameter's own T; resolves a pending growth of T first.
 
-        A growth decided at the last refresh (a device bool) only matters at a step that is a
-        multiple of the old or of the grown T, so it is read (one host sync) only there."""
+        A growth decided at the last refresh (a host bool) is applied at the first step that is a
+        multiple of the old or of the grown T: the schedule of applying it at the refresh."""
         gap = state.setdefault("proj_gap", group["update_proj_gap"])
         k = state["step"]
         pending = state.get("proj_pending")
         if pending is not None:
             grown = max(1, int(gap * group["gamma_proj"]))
             if k % gap == 0 or k % grown == 0:
-                if bool(pending):
+                if pending:
                     gap = state["proj_gap"] = grown
                 del state["proj_pending"]
         return k % gap == 0
@@ -363,6 +364,13 @@ class QGaLoreAdamW(LowRankOptimizer):
             st["sr_offset"] += it.param.numel()
         it.proj = it.proj_old = None
 
+    def _update_writes(self, it: ParamStep) -> list[torch.Tensor]:
+        """An INT8 weight's update rewrites its layer's scales and zeros too."""
+        if it.param.dtype == torch.uint8:
+            layer = self._layer_of(it)
+            return [it.param, layer.scales, layer.zeros]
+        return [it.param]
+
     def _layer_of(self, it: ParamStep) -> QLinear:
         layer = qlinear_of(it.param)
         if layer is None:
@@ -421,7 +429,7 @@ class QGaLoreAdamW(LowRankOptimizer):
     ) -> None:
         """The INT8 weight's update, a block of rows at a time: dequantize the rows to fp32, apply
         the update, re-quantize them (SR) into the layer's codes/scales/zeros in place. Groups lie
-        within rows and the SR stream's counter of element (i, j) is offset + i·n + j, so the result
+        within rows and the SR stream position of element (i, j) is offset + i·n + j, so the result
         is bit for bit that of updating the whole matrix at once, without an m×n temporary."""
         st = it.state
         self._sr_stream(group, it)

@@ -6,6 +6,13 @@ optimizer states are saved bit for bit, so a resumed run reproduces the uninterr
 losses on CPU. A step whose gradient norm is NaN/Inf is skipped (weights and optimizer state
 untouched) and counted; many in a row stop the run after saving the last good state.
 
+One host synchronisation per optimizer step: the step's loss, gradient norm and stop request stay
+on the device until one read, after backward (non-layer-wise: after clipping on the device, and the
+optimizer is told the gradients are finite instead of checking them again; layer-wise: inside
+``finish_step``, which reads the loop's values with its norm). Batches reach a CUDA device through
+pinned memory, without waiting for the queue. Evaluation, checkpoints and projector refreshes
+(the finiteness of G, an SVD) synchronise on their own steps.
+
 Data parallelism: the same command under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment)
 trains with DDP, ``gloo`` on CPU and ``nccl`` on CUDA (rank r on ``cuda:LOCAL_RANK``).
 
@@ -63,7 +70,7 @@ from tqdm import tqdm
 from fastgrad.data import prepare_data
 from fastgrad.models import LlamaForCausalLM, get_config
 from fastgrad.nn.lowrank import accepts_projected_grad, clip_grad_norm_, projected_grad
-from fastgrad.optim import layerwise
+from fastgrad.optim import LowRankOptimizer, layerwise
 from fastgrad.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from fastgrad.train.config import TrainConfig
 from fastgrad.train.optimizers import build_optimizer, state_bytes
@@ -148,6 +155,14 @@ def _average_gradients(params: list[torch.Tensor], world_size: int) -> None:
     for work, g in zip(works, grads, strict=True):
         work.wait()
         g.div_(world_size)
+
+
+def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch on ``device``; to CUDA through pinned memory, asynchronously (a copy from pageable
+    memory waits for the device's queue to drain)."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
 
 
 class InterruptAtStepBoundary(contextlib.AbstractContextManager):
@@ -345,6 +360,9 @@ def _train(
     # gradient of a low-rank-gradient layer, which fastgrad's clip_grad_norm_ also covers).
     params = [p for p in model.parameters() if p.requires_grad or accepts_projected_grad(p)]
     clip = cfg.grad_clip if cfg.grad_clip > 0 else None
+    # A finite total norm means every gradient the optimizer reads is finite: fastgrad's optimizers
+    # are told so and skip their own check (a host synchronisation); torch's AdamW does not check.
+    step_kwargs = {"grads_finite": True} if isinstance(optimizer, LowRankOptimizer) else {}
     step, consecutive_bad, train_loss, val_loss = start_step, 0, float("nan"), float("nan")
     started = time.perf_counter()
 
@@ -371,33 +389,40 @@ def _train(
             for group in optimizer.param_groups:  # the layer-wise driver shares these groups
                 group["lr"] = lr
             step_start = time.perf_counter()
-            loss_sum = 0.0
+            # Σ of the micro-batch losses on the device, in float64 (as Python floats would add them).
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for micro in range(cfg.grad_accum):
                 inputs, labels = batches.get(step, micro)
                 last = micro == cfg.grad_accum - 1
                 with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
-                    loss = forward(inputs.to(device), labels.to(device), shift_labels=False) / cfg.grad_accum
+                    inputs, labels = _to_device(inputs, device), _to_device(labels, device)
+                    loss = forward(inputs, labels, shift_labels=False) / cfg.grad_accum
                     loss.backward()
-                loss_sum += loss.item()
+                loss_sum += loss.detach()
             stop = interrupt.requested
+            # [Σ loss, stop request], read once below with the gradient norm.
+            agreed = torch.stack([loss_sum, torch.full((), float(stop), dtype=torch.float64, device=device)])
             if env.enabled:
                 if ddp is not None:
                     _average_gradients([p for _, p in outside_ddp], env.world_size)
                 # One all-reduce per step: the mean loss for the metrics and the stop request.
-                agreed = torch.tensor([loss_sum, float(stop)], dtype=torch.float64, device=device)
                 torch.distributed.all_reduce(agreed)
-                loss_sum, stop = agreed[0].item() / env.world_size, agreed[1].item() > 0
             if cfg.layerwise:
                 # The driver skips a non-finite step for every parameter (streaming: for the non-finite
-                # ones; the step's norm is then NaN/Inf and it counts as non-finite here).
-                stats = stepper.finish_step()
-                grad_norm, ok = stats.grad_norm, not stats.skipped and math.isfinite(stats.grad_norm)
+                # ones; the step's norm is then NaN/Inf and it counts as non-finite here). It reads
+                # `agreed` with its norm.
+                stats = stepper.finish_step(fetch=agreed)
+                (loss_sum, stopped), grad_norm = stats.fetched, stats.grad_norm
+                ok = not stats.skipped and math.isfinite(grad_norm)
             else:
-                grad_norm = clip_grad_norm_(params, clip).item()
+                norm = clip_grad_norm_(params, clip)  # clips on the device
+                loss_sum, stopped, grad_norm = torch.cat([agreed, norm.double().reshape(1).to(device)]).tolist()
                 ok = math.isfinite(grad_norm) and math.isfinite(loss_sum)
                 if ok:
-                    optimizer.step()
+                    optimizer.step(**step_kwargs)
                 optimizer.zero_grad(set_to_none=True)
+            if env.enabled:
+                loss_sum, stop = loss_sum / env.world_size, stopped > 0
             if ok:
                 consecutive_bad = 0
             else:

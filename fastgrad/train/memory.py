@@ -977,6 +977,8 @@ class _Step:
             tape.free(self._fp32_buffer(w))
         self._norm(tape, w)
         lowrank = self.is_lowrank(w)
+        copy = self.skip_copy_bytes(w)
+        tape.alloc(copy)
         if self.optim in _STEP_ITEMS:
             self._step_items(tape, [w])
         else:  # an inline update loop over one weight; an update that reads G had it kept until now
@@ -984,8 +986,22 @@ class _Step:
             self._update(tape, w, lowrank=lowrank)
             tape.free(self._prev + (self.grad_bytes(w) if self.reads_grad else 0))
             self._prev = 0
+        tape.free(copy)
         tape.free(self._snapshots)
         self._snapshots = 0
+
+    def skip_copy_bytes(self, w: _Weight) -> int:
+        """Streaming's on-device NaN/Inf skip (LayerwiseOptimizer._update_masked): the copy of what
+        ``w``'s update writes, alive during the update: the weight (a QLinear's codes, scales and
+        zeros) and its optimizer state but the projector's (which only a refresh writes)."""
+        weight = self.qlinear_bytes(w) if (self.quantized and w.proj) else w.numel * self.e
+        state = self.state_bytes(w)
+        if self.is_lowrank(w):
+            state -= self.proj_bytes(w)
+            if self.quantized:  # proj_past and the cosine queue belong to the projector too
+                m, n = w.shape
+                state -= 4 * (m if m < n else n) + 4 * QUEUE_SIZE
+        return weight + state
 
     # GaLoreAdamW, QGaLoreAdamW and their 8-bit-moment variants (AdamW8bit too: GaLoreAdamW8bit's
     # full-rank path), fastgrad.optim: per param group ``_step_items``.
@@ -1230,7 +1246,8 @@ def estimate(
         notes.append(
             "layer-wise streaming: each weight is updated in its gradient hook during the last micro-batch's backward "
             "(the update's temporaries come with the activations still alive) and its R or full gradient is freed "
-            "at once; no gradient clipping, NaN/Inf skips per weight"
+            "at once; no gradient clipping, NaN/Inf skips per weight (decided on the device: a copy of what the "
+            "update writes, weight and state, is alive during it)"
         )
     elif step.layerwise:
         lows = sum(step.low_bytes(w) for w in lowrank)
