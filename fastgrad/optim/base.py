@@ -150,6 +150,45 @@ def _finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
     return flags
 
 
+@dataclass(frozen=True)
+class AdamScalars:
+    """The scalars of Adam step t: W ← W − step_size·N with N = M / (√V / v_divisor + eps).
+    ``denom_scale`` = 1/v_divisor is the form :func:`fastgrad.ops.galore_adam_step_` takes."""
+
+    step_size: float
+    v_divisor: float
+    eps: float
+
+    @property
+    def denom_scale(self) -> float:
+        return 1.0 / self.v_divisor
+
+
+def adam_scalars(group: dict[str, Any], step: int, policy: str) -> AdamScalars:
+    """Where each Adam variant puts its bias corrections, for step t = ``step`` (1-based) of a param
+    group with ``lr``, ``betas``, ``eps`` (bc1 = 1 − β1^t, bc2 = 1 − β2^t):
+
+    - ``"hf"`` (GaLore, Fira, APOLLO: the HF-legacy AdamW): η = lr·√bc2/bc1, N = M/(√V + ε);
+      ``group["correct_bias"]`` False: η = lr.
+    - ``"torch"`` (torch.optim.AdamW, FRUGAL): η = lr/bc1, N = M/(√V/√bc2 + ε).
+    - ``"bnb"`` (bitsandbytes, Q-GaLore's reference): η = lr·√bc2/bc1, N = M/(√V + ε·√bc2).
+
+    The one place these are computed; every optimizer applies them in its own (tested, bitwise)
+    operation order."""
+    lr, eps = group["lr"], group["eps"]
+    beta1, beta2 = group["betas"]
+    bc1, bc2 = 1.0 - beta1**step, 1.0 - beta2**step
+    if policy == "hf":
+        if not group.get("correct_bias", True):
+            return AdamScalars(lr, 1.0, eps)
+        return AdamScalars(lr * math.sqrt(bc2) / bc1, 1.0, eps)
+    if policy == "torch":
+        return AdamScalars(lr / bc1, math.sqrt(bc2), eps)
+    if policy == "bnb":
+        return AdamScalars(lr * math.sqrt(bc2) / bc1, 1.0, eps * math.sqrt(bc2))
+    raise ValueError(f"adam_scalars: policy must be 'hf', 'torch' or 'bnb', got {policy!r}")
+
+
 def check_adam_hyperparameters(name: str, lr: float, betas: tuple[float, float], eps: float) -> None:
     """The constructor checks every Adam-based optimizer here shares."""
     if lr < 0.0:

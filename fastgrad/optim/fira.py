@@ -8,7 +8,6 @@ norm ratio ``‖N_c‖ / (‖R_c‖ + 1e-8)`` (:func:`channel_ratio`) and the no
 
 from __future__ import annotations
 
-import math
 from abc import abstractmethod
 from collections.abc import Iterable
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 
 from fastgrad.ops import lowrank_project_back_add_
-from fastgrad.optim.base import LowRankOptimizer, ParamStep, check_adam_hyperparameters
+from fastgrad.optim.base import LowRankOptimizer, ParamStep, adam_scalars, check_adam_hyperparameters
 from fastgrad.optim.projectors import RIGHT
 
 __all__ = ["FiraAdamW", "ScaledLowRankAdam", "channel_ratio", "norm_growth_limiter"]
@@ -102,7 +101,6 @@ class ScaledLowRankAdam(LowRankOptimizer):
             )
 
     def _update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
-        beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         params = [it.param for it in items]
         if wd != 0.0 and not self.faithful:
@@ -111,9 +109,7 @@ class ScaledLowRankAdam(LowRankOptimizer):
         for it, first, second in zip(items, firsts, seconds, strict=True):
             it.state["step"] += 1
             step = it.state["step"]
-            step_size = lr
-            if group["correct_bias"]:
-                step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+            step_size = adam_scalars(group, step, "hf").step_size
             denom = second.sqrt().add_(eps)
             normed = torch.div(first, denom, out=denom)
             if it.lowrank:

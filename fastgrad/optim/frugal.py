@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from fastgrad.ops import lowrank_project_back_add_
-from fastgrad.optim.base import LowRankOptimizer, ParamStep, check_adam_hyperparameters
+from fastgrad.optim.base import LowRankOptimizer, ParamStep, adam_scalars, check_adam_hyperparameters
 from fastgrad.optim.projectors import RIGHT, resolve_side
 
 __all__ = ["Frugal"]
@@ -147,8 +146,7 @@ class Frugal(LowRankOptimizer):
 
     # ------------------------------------------------------------------ update
     def _update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
-        beta1, beta2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        lr, wd = group["lr"], group["weight_decay"]
         lowrank = "rank" in group
         step_key = "adam_step" if lowrank else "step"
         for it in items:
@@ -173,15 +171,13 @@ class Frugal(LowRankOptimizer):
                 self._state_free_update(group, it, p_mat, lr)  # reads R: before it is freed
             it.low = None
             st[step_key] += 1
-            t = st[step_key]
-            bias1 = 1.0 - beta1**t
-            bias2_sqrt = math.sqrt(1.0 - beta2**t)
-            denom = second.sqrt().div_(bias2_sqrt).add_(eps)
+            scalars = adam_scalars(group, st[step_key], "torch")
+            denom = second.sqrt().div_(scalars.v_divisor).add_(scalars.eps)
             if lowrank:
                 normed = torch.div(first, denom, out=denom)
-                lowrank_project_back_add_(it.param, normed, p_mat, it.side, -lr / bias1)
+                lowrank_project_back_add_(it.param, normed, p_mat, it.side, -scalars.step_size)
             else:
-                it.param.addcdiv_(first, denom, value=-lr / bias1)
+                it.param.addcdiv_(first, denom, value=-scalars.step_size)
             it.proj = it.proj_old = None
 
     def _state_free_update(self, group: dict[str, Any], it: ParamStep, p_mat: torch.Tensor, lr: float) -> None:

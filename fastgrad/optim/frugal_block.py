@@ -3,13 +3,12 @@ whole weight tensors, signSGD on all the others (Zaitsev et al., arXiv 2411.0783
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from fastgrad.optim.base import LowRankOptimizer, ParamStep, check_adam_hyperparameters
+from fastgrad.optim.base import LowRankOptimizer, ParamStep, adam_scalars, check_adam_hyperparameters
 from fastgrad.optim.frugal import INACTIVE_RULES
 from fastgrad.optim.projectors import mix_seed
 
@@ -158,8 +157,7 @@ class FrugalBlock(LowRankOptimizer):
         """torch.optim.AdamW on the full gradients ``item.low``: decay first, bias-corrected."""
         if not items:
             return
-        beta1, beta2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        lr, wd = group["lr"], group["weight_decay"]
         if wd != 0.0:
             torch._foreach_mul_([it.param for it in items], 1.0 - lr * wd)
         firsts, seconds = self._update_moments(group, items)
@@ -167,7 +165,7 @@ class FrugalBlock(LowRankOptimizer):
             st = it.state
             st["step"] += 1
             st["adam_step"] = st.get("adam_step", 0) + 1
-            t = st["adam_step"]
-            denom = second.sqrt().div_(math.sqrt(1.0 - beta2**t)).add_(eps)
-            it.param.addcdiv_(first, denom, value=-lr / (1.0 - beta1**t))
+            scalars = adam_scalars(group, st["adam_step"], "torch")
+            denom = second.sqrt().div_(scalars.v_divisor).add_(scalars.eps)
+            it.param.addcdiv_(first, denom, value=-scalars.step_size)
             it.low = None

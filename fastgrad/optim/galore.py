@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from fastgrad.ops import galore_adam_step_, lowrank_project_back_add_
-from fastgrad.optim.base import LowRankOptimizer, ParamStep, check_adam_hyperparameters
+from fastgrad.optim.base import LowRankOptimizer, ParamStep, adam_scalars, check_adam_hyperparameters
 
 __all__ = ["GaLoreAdamW"]
 
@@ -125,13 +124,6 @@ class GaLoreAdamW(LowRankOptimizer):
             if self._fuses(it):
                 self._fused_step(group, it)
 
-    def _step_size(self, group: dict[str, Any], step: int) -> float:
-        """η_t = lr·√(1−β2^t)/(1−β1^t) (lr if not correct_bias)."""
-        beta1, beta2 = group["betas"]
-        if group["correct_bias"]:
-            return group["lr"] * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-        return group["lr"]
-
     def _fused_step(self, group: dict[str, Any], it: ParamStep) -> None:
         """t ← t + 1, then one :func:`fastgrad.ops.galore_adam_step_` call: the moments from R,
         N = M/(√V + ε), W ← decay·W − η_t·α·up(N, P) with the decay of the mode (torch-style: W
@@ -141,7 +133,7 @@ class GaLoreAdamW(LowRankOptimizer):
         it.state["step"] += 1
         lr, wd = group["lr"], group["weight_decay"]
         decay = 1.0 - lr * wd
-        step_scale = -self._step_size(group, it.state["step"]) * group["scale"]
+        step_scale = -adam_scalars(group, it.state["step"], "hf").step_size * group["scale"]
         if self.faithful:
             step_scale *= decay
         p_mat = self.proj_matrix(it)
@@ -159,7 +151,7 @@ class GaLoreAdamW(LowRankOptimizer):
         """(η_t, N) of step t = ``step`` from the updated moments M, V: N = M / (√V + ε),
         η_t = lr·√(1−β2^t)/(1−β1^t) (lr if not correct_bias). M and V are not modified."""
         denom = second.sqrt().add_(group["eps"])
-        return self._step_size(group, step), torch.div(first, denom, out=denom)
+        return adam_scalars(group, step, "hf").step_size, torch.div(first, denom, out=denom)
 
     def _weight_step(self, group: dict[str, Any], it: ParamStep, first: torch.Tensor, second: torch.Tensor) -> None:
         """One weight's step once its moments are updated: t ← t + 1, then W ← W − η_t·α·up(N, P)

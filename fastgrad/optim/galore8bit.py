@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from fastgrad.ops import QuantizedTensor, dequantize_int8, quantize_int8
-from fastgrad.optim.base import ParamStep, name_key, transfer_moments
+from fastgrad.optim.base import ParamStep, adam_scalars, name_key, transfer_moments
 from fastgrad.optim.galore import GaLoreAdamW
 from fastgrad.optim.projectors import Projector, effective_rank, lowrank_shape, mix_seed, resolve_side
 
@@ -364,7 +364,6 @@ class AdamW8bit(GaLoreAdamW8bit):
     def _direction(
         self, group: dict[str, Any], step: int, first: torch.Tensor, second: torch.Tensor
     ) -> tuple[float, torch.Tensor]:
-        beta1, beta2 = group["betas"]
-        step_size = group["lr"] / (1.0 - beta1**step)
-        denom = (second.sqrt() / math.sqrt(1.0 - beta2**step)).add_(group["eps"])
-        return step_size, torch.div(first, denom, out=denom)
+        scalars = adam_scalars(group, step, "torch")
+        denom = (second.sqrt() / scalars.v_divisor).add_(scalars.eps)
+        return scalars.step_size, torch.div(first, denom, out=denom)

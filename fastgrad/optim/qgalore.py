@@ -33,7 +33,6 @@ the INT4 projector, in place in its own dtype.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -50,7 +49,7 @@ from fastgrad.ops import (
     quantize_int4,
     quantize_int8,
 )
-from fastgrad.optim.base import LowRankOptimizer, ParamStep, check_adam_hyperparameters
+from fastgrad.optim.base import LowRankOptimizer, ParamStep, adam_scalars, check_adam_hyperparameters
 from fastgrad.optim.galore8bit import EightBitMoments
 from fastgrad.optim.projectors import (
     LEFT,
@@ -329,11 +328,8 @@ class QGaLoreAdamW(LowRankOptimizer):
         """(η, denom_scale, ε') of step t = ``step`` with N = M/(denom_scale·√V + ε'):
         torch AdamW: η = lr/(1−β1^t), N = M/(√V/√(1−β2^t) + ε);
         faithful (bnb): η = lr·√(1−β2^t)/(1−β1^t), N = M/(√V + ε·√(1−β2^t))."""
-        beta1, beta2 = group["betas"]
-        bc1, bc2 = 1.0 - beta1**step, 1.0 - beta2**step
-        if self.faithful:
-            return group["lr"] * math.sqrt(bc2) / bc1, 1.0, group["eps"] * math.sqrt(bc2)
-        return group["lr"] / bc1, 1.0 / math.sqrt(bc2), group["eps"]
+        scalars = adam_scalars(group, step, "bnb" if self.faithful else "torch")
+        return scalars.step_size, scalars.denom_scale, scalars.eps
 
     def _fused_step(self, group: dict[str, Any], it: ParamStep) -> None:
         """t ← t + 1, then one :func:`fastgrad.ops.galore_adam_step_` call on the weight: the moments
