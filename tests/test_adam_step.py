@@ -87,6 +87,47 @@ def test_float_weight_step_matches_reference(device, side, p_kind, w_dtype, m_dt
         assert_close_report(update, want_update, 1e-4, "update")
 
 
+def _bf16_spacing(x: torch.Tensor) -> torch.Tensor:
+    """The distance between adjacent bf16 values around each |x| (8 significant bits)."""
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float32), torch.frexp(x.float().abs()).exponent - 8)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("p_kind", ["dense", "int4"])
+def test_bf16_weight_step_is_the_reference_to_one_rounding(device, side, p_kind):
+    """A bf16 W: the kernel and the reference form the same fp32 value up to the order of the r
+    products of up(N, P) (~r·2^-24 relative), then round once to bf16, so each element is the
+    reference's or its bf16 neighbour. The step is large (update ~0.5 against |W| ~1: about a
+    hundred bf16 spacings) and the decay visible (5%: a few spacings), so this bound rejects an
+    update wrong by half or a dropped decay, which the 4e-3 relative check of |W| cannot; both
+    are checked as negative controls."""
+    m, n, r = SHAPES[1]
+    hyper = dict(HYPER, step_scale=-0.5, decay=0.95)
+    low, first, second, p_arg = _operands(side, m, n, r, p_kind, m_dtype=torch.float32)
+    w = torch.randn(m, n, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+
+    def reference(**change):
+        out = [t.clone() for t in (w, first, second)]
+        ref.galore_adam_step_(*out, low, _dense_p(p_arg), side, *dict(hyper, **change).values())
+        return out[0].float()
+
+    got = [t.to(device, copy=True) for t in (w, first, second)]  # the op works in place
+    p_dev = p_arg.to(device) if isinstance(p_arg, torch.Tensor) else ops.QuantizedTensor(
+        *(t.to(device) for t in p_arg[:3]), p_arg.bits
+    )  # fmt: skip
+    ops.galore_adam_step_(*got, low.to(device), p_dev, side, **hyper)
+    w_new = got[0].cpu().float()
+    want = reference()
+
+    def within_one_rounding(expected: torch.Tensor) -> torch.Tensor:
+        return ((w_new - expected).abs() <= _bf16_spacing(expected)).all()
+
+    assert within_one_rounding(want), f"max |Δ| {(w_new - want).abs().max():.3g}"
+    assert (w_new == want).float().mean() > 0.9  # a neighbour is the exception, not the rule
+    assert not within_one_rounding(reference(step_scale=hyper["step_scale"] / 2)), "half the update passes"
+    assert not within_one_rounding(reference(decay=1.0)), "a dropped decay passes"
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize(("m", "n", "r", "group"), [(70, 254, 8, 127), (33, 130, 6, -1), (300, 64, 4, 32)])
