@@ -30,6 +30,9 @@ __all__ = ["EightBitMoments", "GaLoreAdamW8bit", "AdamW8bit", "moment_bound", "e
 
 _SR_SALT = 0x3842_4954_4D4F  # separates the moments' rounding stream from the projector's seed
 _TINY = torch.finfo(torch.float32).tiny
+BLOCK_SIZE = 256  # default values per quantization block of a moment
+MIN_8BIT_SIZE = 4096  # default: moments of fewer elements stay fp32
+
 # State keys of the 8-bit layout (a tensor below min_8bit_size keeps fp32 "exp_avg"/"exp_avg_sq").
 M_CODES, M_SCALES = "exp_avg_codes", "exp_avg_scales"
 V_CODES, V_SCALES, V_ZEROS = "exp_avg_sq_codes", "exp_avg_sq_scales", "exp_avg_sq_zeros"
@@ -311,8 +314,8 @@ class GaLoreAdamW8bit(EightBitMoments, GaLoreAdamW):
         weight_decay: float = 0.0,
         correct_bias: bool = True,
         *,
-        block_size: int = 256,
-        min_8bit_size: int = 4096,
+        block_size: int = BLOCK_SIZE,
+        min_8bit_size: int = MIN_8BIT_SIZE,
         faithful: bool = False,
         nonfinite: str = "skip",
     ) -> None:
@@ -342,8 +345,8 @@ class AdamW8bit(GaLoreAdamW8bit):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         *,
-        block_size: int = 256,
-        min_8bit_size: int = 4096,
+        block_size: int = BLOCK_SIZE,
+        min_8bit_size: int = MIN_8BIT_SIZE,
         nonfinite: str = "skip",
     ) -> None:
         super().__init__(

@@ -96,7 +96,10 @@ from dataclasses import dataclass, field
 
 from fastgrad.models.llama import LlamaConfig, get_config
 from fastgrad.nn.qlinear import fit_group_size
+from fastgrad.optim.galore8bit import BLOCK_SIZE, MIN_8BIT_SIZE
+from fastgrad.optim.qgalore import QGALORE_DEFAULTS, UPDATE_BLOCK_ELEMS, proj_group_size
 from fastgrad.train.config import TrainConfig
+from fastgrad.train.optimizers import QLINEAR_GROUP_SIZE
 
 __all__ = [
     "MemoryBreakdown",
@@ -136,17 +139,15 @@ _PROJECTED_GRAD_OPTIONAL = {"galore", "galore8bit"}
 # others (Fira, APOLLO, FRUGAL) update inline in their loop: the previous weight's denominator lives
 # until rebound.
 _STEP_ITEMS = {"galore", "galore8bit", "q-galore", "q-galore8bit", "adamw8bit"}
-BLOCK_8BIT = 256  # 8-bit moments (GaLoreAdamW8bit, AdamW8bit): blocks of 256 values
-MIN_8BIT_NUMEL = 4096  # moments of fewer elements stay dense
-QLINEAR_GROUP = 256  # quantize_model(model, group_size=256) in fastgrad.train.optimizers
-PROJ_GROUP = 256  # Q-GaLore's INT4 projector group (proj_group_size)
-QUEUE_SIZE = 5  # Q-GaLore's cosine queue
+BLOCK_8BIT = BLOCK_SIZE  # 8-bit moments (GaLoreAdamW8bit, AdamW8bit): values per block
+MIN_8BIT_NUMEL = MIN_8BIT_SIZE  # moments of fewer elements stay dense
+QUEUE_SIZE = QGALORE_DEFAULTS["queue_size"]  # Q-GaLore's cosine queue
 CPU_RNG_STATE = 5056  # bytes of torch.get_rng_state() (the CPU generator's state)
 SVD_SCRATCH = 14_400  # bytes: the small LAPACK buffers torch allocates besides U, S, Vh and the input copy
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 P_BLOCK, G_BLOCK = 1 << 18, 1 << 20  # fp32 elements of the C++ kernels' scratch blocks (csrc/cpu/project.cpp)
 P_BLOCK_FRACTION = 8  # ... a block of P holds up to max(P_BLOCK, P's elements / 8)
-UPDATE_BLOCK = 1 << 20  # QGaLoreAdamW8bit's unfused INT8 update: this many elements (whole rows) at a time
+UPDATE_BLOCK = UPDATE_BLOCK_ELEMS  # QGaLoreAdamW8bit's unfused INT8 update: elements (whole rows) at a time
 INT8_STEP_BLOCK = 1 << 18  # the fused step decodes an INT8 weight this many fp32 elements (whole rows) at a time
 
 
@@ -236,14 +237,6 @@ def _rank_of(optim: str, rank: int | None, shape: tuple[int, int]) -> int:
     if optim == "apollo-mini":
         rank = 1 if rank is None else rank
     return min(rank or 1, m, n)
-
-
-def _int4_group(row: int, group_size: int = PROJ_GROUP) -> int:
-    """fastgrad.optim.qgalore.proj_group_size: the largest even divisor of ``row`` ≤ group_size."""
-    g = min(group_size, row)
-    while g > 1 and (row % g or g % 2):
-        g -= 1
-    return max(g, 1)
 
 
 def _padded(n: int) -> int:
@@ -355,7 +348,7 @@ class _Step:
         if self.quantized:  # packed INT4 + fp32 scales/zeros per group along P's rows
             left = m < n
             rows, row = (m, r) if left else (r, n)
-            g = _int4_group(row)
+            g = proj_group_size(row, QGALORE_DEFAULTS["proj_group_size"])
             return rows * row // 2 + 8 * rows * (row // g)
         return r * d * self.e
 
@@ -379,7 +372,7 @@ class _Step:
     def qlinear_bytes(self, w: _Weight) -> int:
         """INT8 codes plus fp32 scales and zeros per group (fit_group_size(256, in_features))."""
         m, n = w.shape
-        g = fit_group_size(QLINEAR_GROUP, n)
+        g = fit_group_size(QLINEAR_GROUP_SIZE, n)
         return m * n + 8 * m * (n // g)
 
     def weight_bytes(self) -> int:
@@ -1113,7 +1106,7 @@ class _Step:
         block's tensors live until the next replaces them)."""
         m, n = w.shape
         rows = min(m, max(1, UPDATE_BLOCK // max(n, 1)))
-        g = fit_group_size(QLINEAR_GROUP, n)
+        g = fit_group_size(QLINEAR_GROUP_SIZE, n)
         r = self.rank(w)
         prev_block = prev_codes = 0  # the previous block's tensors, released when rebound
         for r0 in range(0, m, rows):

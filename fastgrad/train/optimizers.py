@@ -8,6 +8,8 @@ import torch
 
 from fastgrad.train.config import TrainConfig
 
+QLINEAR_GROUP_SIZE = 256  # Q-GaLore's INT8 weights: groups of 256 values along each row
+
 
 def _adamw(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -87,7 +89,7 @@ def _qgalore(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     from fastgrad.nn import quantize_model
     from fastgrad.optim import QGaLoreAdamW, QGaLoreAdamW8bit, qgalore_param_groups
 
-    quantize_model(model, group_size=256)
+    quantize_model(model, group_size=QLINEAR_GROUP_SIZE)
     groups = qgalore_param_groups(
         model, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale, seed=cfg.seed
     )
