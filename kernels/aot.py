@@ -136,7 +136,8 @@ def _quantized(rows: int, cols: int, bits: int, group: int) -> tuple[torch.Tenso
 def _proj_group(cols: int) -> int | None:
     """The INT4/INT8 projector group Q-GaLore uses along a P row of ``cols`` values (its default
     ``proj_group_size``), or None for an odd row, which Q-GaLore does not quantize."""
-    from fastgrad.optim.qgalore import QGALORE_DEFAULTS, proj_group_size
+    from fastgrad.optim.projectors import proj_group_size
+    from fastgrad.optim.qgalore import QGALORE_DEFAULTS
 
     return None if cols % 2 else proj_group_size(cols, QGALORE_DEFAULTS["proj_group_size"])
 
@@ -160,7 +161,8 @@ def workloads() -> Iterator[tuple[str, Callable[[], object]]]:
                 for symmetric in (False, True):
                     for stochastic, offset in _ROUNDINGS if not symmetric else _ROUNDINGS[:2]:
                         yield (
-                            f"quantize_int{bits} {shape} g={group} {dtype} sym={symmetric} sr={stochastic} offset={offset}",
+                            f"quantize_int{bits} {shape} g={group} {dtype} sym={symmetric} sr={stochastic}"
+                            f" offset={offset}",
                             functools.partial(
                                 quantize, _meta(*shape, dtype=dtype), group, symmetric, stochastic, 1, offset
                             ),
@@ -244,8 +246,19 @@ def workloads() -> Iterator[tuple[str, Callable[[], object]]]:
                             f"galore_adam_step_int8_ {name} {side} W g={w_group} int{bits} P sr={stochastic}"
                             f" offset={offset}",
                             functools.partial(
-                                K["galore_adam_step_int8_"], *wq, mm, vv, rr, *q, bits, side, *adam, stochastic, 1, offset
-                            ),
+                                K["galore_adam_step_int8_"],
+                                *wq,
+                                mm,
+                                vv,
+                                rr,
+                                *q,
+                                bits,
+                                side,
+                                *adam,
+                                stochastic,
+                                1,
+                                offset,
+                            ),  # fmt: skip
                         )
 
 

@@ -92,7 +92,7 @@ from fastgrad.optim import (
     qgalore_param_groups,
     target_linear_weights,
 )
-from fastgrad.optim.qgalore import proj_group_size
+from fastgrad.optim.projectors import proj_group_size
 from fastgrad.train.optimizers import state_bytes
 
 TEXT_CHARS = 600_000

@@ -19,7 +19,7 @@ from fastgrad.optim import (
     layerwise,
     qgalore_param_groups,
 )
-from fastgrad.optim.qgalore import proj_group_size
+from fastgrad.optim.projectors import proj_group_size
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -4,8 +4,9 @@ words 0..3 in order, exactly ``_reference.philox_block``; and ``kernels/quant.py
 turns them into the words of stream positions (word p % 4 of block p // 4) on both of its paths.
 Every stochastic-rounding kernel of ``kernels/`` draws through them, so a Triton release that
 changes the layout (older releases used other arithmetic for 64-bit counters) would change the
-codes on the GPU while every other backend keeps the reference's. CI runs this under the interpreter with each Triton it supports (the one
-installed for the tests and the one of the GPU machines, see .ci/run); on a GPU it runs compiled.
+codes on the GPU while every other backend keeps the reference's. CI runs this under the
+interpreter with each Triton it supports (the one installed for the tests and the one of the GPU
+machines, see .ci/run); on a GPU it runs compiled.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import torch
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
+from fastgrad.kernels.quant import stream_words  # noqa: E402
 
 from fastgrad import _backends  # noqa: E402
 from fastgrad import _reference as ref  # noqa: E402
-from fastgrad.kernels.quant import stream_words  # noqa: E402
 
 _INTERPRET = _backends.triton_interpret()
 DEVICES = (["cpu"] if _INTERPRET else []) + (["cuda"] if torch.cuda.is_available() else [])

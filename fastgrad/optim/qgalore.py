@@ -34,10 +34,9 @@ the INT4 projector, in place in its own dtype.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastgrad.nn.qlinear import QLinear, qlinear_of
@@ -46,22 +45,20 @@ from fastgrad.ops import (
     dequantize_int8,
     galore_adam_step_,
     lowrank_project_back_add_,
-    quantize_int4,
     quantize_int8,
 )
 from fastgrad.optim.base import LowRankOptimizer, ParamStep, adam_scalars, check_adam_hyperparameters
 from fastgrad.optim.galore8bit import EightBitMoments
 from fastgrad.optim.projectors import (
-    LEFT,
-    Projector,
-    ProjState,
+    QuantizedSVDProjector,
     effective_rank,
     mix_seed,
+    proj_group_size,
     proj_shape,
     resolve_side,
 )
 
-__all__ = ["QGaLoreAdamW", "QGaLoreAdamW8bit", "QuantizedSVDProjector", "qgalore_param_groups"]
+__all__ = ["QGaLoreAdamW", "QGaLoreAdamW8bit", "qgalore_param_groups"]
 
 # Q-GaLore keys of a rank group, with their defaults (run_pretrain.py / projector class).
 QGALORE_DEFAULTS: dict[str, Any] = {
@@ -82,100 +79,6 @@ def _row_slice(p: torch.Tensor | QuantizedTensor, rows: slice) -> torch.Tensor |
     if isinstance(p, QuantizedTensor):
         return QuantizedTensor(p.codes[rows], p.scales[rows], p.zeros[rows], p.bits)
     return p[rows]
-
-
-def proj_group_size(row: int, group_size: int) -> int:
-    """INT4 group along a P row of length ``row``: the largest even divisor of ``row`` ≤ ``group_size``."""
-    if row % 2:
-        raise ValueError(
-            f"QGaLoreAdamW: the INT4 projector packs two codes per byte, so its rows need an even length; "
-            f"got {row} (choose an even rank for left-projected (wide) weights)"
-        )
-    g = min(group_size, row)
-    while row % g or g % 2:
-        g -= 1
-    return g
-
-
-class QuantizedSVDProjector(Projector):
-    """SVD projector that stores P as packed INT4 and tracks Q-GaLore's adaptive interval.
-
-    State (tensors and ints): ``proj_codes`` uint8 (r'·d/2), ``proj_scales``/``proj_zeros`` fp32,
-    ``proj_past`` fp32 first singular vector, ``proj_queue`` fp32 (queue_size,) with
-    ``proj_queue_len`` valid entries at its end, ``proj_pending`` bool (a growth of T decided at
-    the last refresh, applied at the next refresh candidate, see :meth:`QGaLoreAdamW._refresh_due`),
-    ``proj_svd_count``, ``proj_step``; ``proj_gap`` (current T) is kept by the optimizer.
-    """
-
-    name = "svd"
-    refresh_keys: ClassVar[tuple[str, ...]] = (
-        "proj_codes",
-        "proj_scales",
-        "proj_zeros",
-        "proj_step",
-        "proj_past",
-        "proj_queue",
-        "proj_queue_len",
-        "proj_pending",
-        "proj_svd_count",
-    )
-    stores_matrix = True
-
-    def __init__(
-        self, group_size: int, cos_threshold: float, gamma_proj: float, queue_size: int, signed_cos: bool
-    ) -> None:
-        self.group_size = group_size
-        self.cos_threshold = cos_threshold
-        self.gamma_proj = gamma_proj
-        self.queue_size = queue_size
-        self.signed_cos = signed_cos
-
-    def init_state(self, state: ProjState, shape: torch.Size, rank: int, side: int, seed: int) -> None:
-        super().init_state(state, shape, rank, side, seed)
-        row = proj_shape(shape, side, state["proj_rank"])[1]
-        proj_group_size(row, self.group_size)  # validate early, with a clear message
-        state["proj_svd_count"] = 0
-        state["proj_queue_len"] = 0
-
-    def refresh(self, state: ProjState, grad: torch.Tensor, step: int) -> None:
-        u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
-        r = state["proj_rank"]
-        left = state["proj_side"] == LEFT
-        basis = (u[:, :r] if left else vh[:r]).contiguous()
-        vec = (basis[:, 0] if left else basis[0]).clone()
-        past = state.get("proj_past")
-        if past is not None:
-            cos = F.cosine_similarity(past, vec, dim=0)
-            if not self.signed_cos:
-                cos = cos.abs()
-            queue = torch.cat((state["proj_queue"][1:], cos.reshape(1)))  # new tensor: snapshots stay valid
-            state["proj_queue"] = queue
-            state["proj_queue_len"] = n = min(state["proj_queue_len"] + 1, self.queue_size)
-            if n == self.queue_size:
-                # Read here, at a refresh (its SVD synchronises anyway), not at the later steps that use it.
-                state["proj_pending"] = bool(queue.mean() >= self.cos_threshold)
-        elif "proj_queue" not in state:
-            state["proj_queue"] = torch.zeros(self.queue_size, dtype=torch.float32, device=grad.device)
-        state["proj_past"] = vec
-        q = quantize_int4(basis, proj_group_size(basis.shape[1], self.group_size))
-        state["proj_codes"], state["proj_scales"], state["proj_zeros"] = q.codes, q.scales, q.zeros
-        state["proj_svd_count"] += 1
-        state["proj_step"] = step
-        return None
-
-    def matrix(self, state: ProjState, grad: torch.Tensor) -> QuantizedTensor:
-        return QuantizedTensor(state["proj_codes"], state["proj_scales"], state["proj_zeros"], 4)
-
-    def stored_shapes(self, shape: torch.Size, side: int, rank: int) -> dict[str, tuple[int, ...]]:
-        rows, row = proj_shape(shape, side, rank)
-        groups = row // proj_group_size(row, self.group_size)
-        return {
-            "proj_codes": (rows, row // 2),
-            "proj_scales": (rows, groups),
-            "proj_zeros": (rows, groups),
-            "proj_past": (rows if side == LEFT else row,),
-            "proj_queue": (self.queue_size,),
-        }
 
 
 class QGaLoreAdamW(LowRankOptimizer):
@@ -279,7 +182,7 @@ class QGaLoreAdamW(LowRankOptimizer):
             side = resolve_side(group["proj_side"], p.shape)
             proj_group_size(proj_shape(p.shape, side, effective_rank(group["rank"], p.shape))[1], 2)
 
-    def _projector(self, group: dict[str, Any]) -> Projector:
+    def _projector(self, group: dict[str, Any]) -> QuantizedSVDProjector:
         opts = (group["proj_group_size"], group["cos_threshold"], group["gamma_proj"], group["queue_size"])
         key = ("qsvd", *opts, self.faithful)
         proj = self._projector_cache.get(key)

@@ -97,7 +97,8 @@ from dataclasses import dataclass, field
 from fastgrad.models.llama import LlamaConfig, get_config
 from fastgrad.nn.qlinear import fit_group_size
 from fastgrad.optim.galore8bit import BLOCK_SIZE, MIN_8BIT_SIZE
-from fastgrad.optim.qgalore import QGALORE_DEFAULTS, UPDATE_BLOCK_ELEMS, proj_group_size
+from fastgrad.optim.projectors import proj_group_size
+from fastgrad.optim.qgalore import QGALORE_DEFAULTS, UPDATE_BLOCK_ELEMS
 from fastgrad.train.config import TrainConfig
 from fastgrad.train.optimizers import QLINEAR_GROUP_SIZE
 
