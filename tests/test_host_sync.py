@@ -285,7 +285,7 @@ def test_qgalore_growth_of_the_interval_is_read_at_a_refresh(counter):
     for step in (1, 3, 5, 6, 7):
         assert counter.syncs[step] == [], f"step {step}: {counter.syncs[step]}"
     assert counter.syncs[0] == counter.syncs[2] == []
-    assert len(counter.syncs[4]) == 1 and "qgalore.py" in counter.syncs[4][0], counter.syncs[4]
+    assert len(counter.syncs[4]) == 1 and "projectors.py" in counter.syncs[4][0], counter.syncs[4]
 
 
 @pytest.mark.gpu

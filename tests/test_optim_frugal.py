@@ -104,7 +104,7 @@ def test_update_matches_formulas(rule, inactive_scale):
 def test_random_projector_draws_new_subspace_and_rank_options():
     w = torch.nn.Parameter(torch.randn(16, 8))
     opt = Frugal([{"params": [w], "rank": 3, "projector": "random", "update_proj_gap": 2}], lr=1e-2)
-    proj = opt._projector(opt.param_groups[0])
+    proj = opt.projector(opt.param_groups[0])
     mats = []
     for _ in range(3):
         w.grad = torch.randn(16, 8)

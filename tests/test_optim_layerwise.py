@@ -169,11 +169,11 @@ def test_optimizer_reading_the_full_gradient_gets_it():
         update_reads_grad = True
         seen: list = []
 
-        def _update_group(self, group, items):
+        def update_group(self, group, items):
             for it in items:
                 assert it.param.grad is not None and it.param.grad.shape == it.param.shape
                 self.seen.append(it.param)
-            super()._update_group(group, items)
+            super().update_group(group, items)
 
     start = tiny_model()
     model, ordinary = copy.deepcopy(start), copy.deepcopy(start)
@@ -239,9 +239,9 @@ def test_lr_schedule_runs_at_optimizer_step_speed():
     log = []
 
     class LrSpy(GaLoreAdamW):
-        def _update_group(self, group, items):
+        def update_group(self, group, items):
             log.extend((it.param, group["lr"], it.state["step"]) for it in items)
-            super()._update_group(group, items)
+            super().update_group(group, items)
 
     def schedule(k):
         return 1e-3 * (k + 1) if k < 3 else 3e-3 * 0.5 ** (k - 2)
@@ -643,9 +643,9 @@ def test_streaming_updates_during_backward():
     log = []
 
     class LrSpy(GaLoreAdamW):
-        def _update_group(self, group, items):
+        def update_group(self, group, items):
             log.extend((it.param, group["lr"]) for it in items)
-            super()._update_group(group, items)
+            super().update_group(group, items)
 
     model = tiny_model()
     lw = layerwise(model, lambda m: galore(m, cls=LrSpy), grad_accum_steps=2, streaming=True)
@@ -672,11 +672,11 @@ def test_streaming_with_an_optimizer_reading_the_full_gradient():
     seen = []
 
     class FiraSpy(FiraAdamW):
-        def _update_group(self, group, items):
+        def update_group(self, group, items):
             for it in items:
                 assert it.param.grad is not None and it.param.grad.shape == it.param.shape
                 seen.append(it.param)
-            super()._update_group(group, items)
+            super().update_group(group, items)
 
     def fira(model):
         return FiraSpy(galore_param_groups(model, rank=RANK, update_proj_gap=GAP), lr=3e-3, weight_decay=0.1)
@@ -711,8 +711,8 @@ def test_streaming_with_activation_checkpointing(setup, accum):
 
     class Spy:
         def __init__(self, opt):
-            self.update_group = opt._update_group
-            opt._update_group = self
+            self.update_group = opt.update_group
+            opt.update_group = self
 
         def __call__(self, group, items):
             events.extend(("update", layer_of[it.param]) for it in items if it.param in layer_of)

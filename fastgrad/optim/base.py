@@ -8,7 +8,7 @@
   project every gradient through :func:`fastgrad.ops.lowrank_project`, then decide for all
   parameters at once whether their projected gradient is finite (one host synchronisation per
   step, whatever the devices, plus one per refreshed parameter), and hand the finite ones to the
-  subclass's ``_update_group``. ``step(grads_finite=True)`` is for a caller that has already
+  subclass's ``update_group``. ``step(grads_finite=True)`` is for a caller that has already
   established that every gradient is finite (``fastgrad pretrain`` reads the total gradient norm
   once per step): no check and no host synchronisation then, refreshes included (a finite G
   projects to a finite R: |R_ij| ≤ ‖G‖·‖P_j‖);
@@ -24,7 +24,17 @@
   QLinear) and the next step is not a refresh; ``step`` then uses (and clears) the R the layer
   accumulated instead of projecting ``p.grad`` (both are added if both exist).
 
-Subclasses implement ``_update_group(group, items)``. For a non-finite check the low-rank gradient is
+The driver protocol. :meth:`LowRankOptimizer.step` is one driver of the update; the layer-wise one
+(:mod:`fastgrad.optim.layerwise`) runs the same pieces per parameter, in gradient hooks, through
+these public methods (and only these): :meth:`~LowRankOptimizer.projector` (a group's projector),
+:meth:`~LowRankOptimizer.index_of` (a parameter's stable position), :meth:`~LowRankOptimizer.prepare`
+(refresh if due, then R), :meth:`~LowRankOptimizer.refresh_due`, :meth:`~LowRankOptimizer.update_group`
+(the update rule), :meth:`~LowRankOptimizer.update_writes` (the tensors outside the state an update
+writes), :meth:`~LowRankOptimizer.rollback` (undo a refresh), :meth:`~LowRankOptimizer.publish_grad_projections`
+and :func:`finite_flags`. Subclasses override ``update_group`` (and, where their rule needs it,
+``prepare``, ``refresh_due``, ``projector``, ``update_writes``).
+
+Subclasses implement ``update_group(group, items)``. For a non-finite check the low-rank gradient is
 enough: a NaN or Inf in G reaches every entry of R = down(G) that it touches (NaN·x = NaN, Inf·0 =
 NaN), so the full gradient is only read again on refresh steps (where the SVD would fail on it).
 """
@@ -128,7 +138,7 @@ def name_key(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") >> 1
 
 
-def _finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
+def finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
     """Whether each tensor is all-finite, with one host synchronisation (none for no tensors):
     the flags of every device are gathered on the first tensor's device and read at once."""
     if not tensors:
@@ -204,7 +214,7 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
 
     #: state keys of the moments, with the shape of the low-rank (or full) gradient
     moment_keys: tuple[str, ...] = ()
-    #: whether ``_update_group`` reads the full gradient ``item.param.grad`` besides ``item.low``
+    #: whether ``update_group`` reads the full gradient ``item.param.grad`` besides ``item.low``
     #: (e.g. a residual or channel scaling of G). The layer-wise driver then keeps every full
     #: gradient until the update instead of only the projected one.
     update_reads_grad: bool = False
@@ -219,7 +229,7 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         self._projector_cache: dict[tuple, Projector] = {}
         self._param_index: dict[torch.Tensor, int] | None = None
         super().__init__(params, defaults)
-        self._publish_grad_projections()  # withdraws any projection a previous optimizer left
+        self.publish_grad_projections()  # withdraws any projection a previous optimizer left
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -271,7 +281,7 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
                     f"{tuple(p.shape)} (put it in a group without 'rank')"
                 )
 
-    def _projector(self, group: dict[str, Any]) -> Projector:
+    def projector(self, group: dict[str, Any]) -> Projector:
         options = {k: group[k] for k in PROJECTOR_OPTIONS[group["projector"]]}
         key = (group["projector"], *sorted(options.items()))
         proj = self._projector_cache.get(key)
@@ -279,7 +289,7 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
             proj = self._projector_cache[key] = make_projector(group["projector"], **options)
         return proj
 
-    def _index_of(self, p: torch.Tensor) -> int:
+    def index_of(self, p: torch.Tensor) -> int:
         """Position of ``p`` among all parameters (the per-parameter seed is derived from it)."""
         if self._param_index is None:
             params = (q for g in self.param_groups for q in g["params"])
@@ -312,38 +322,38 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         items: list[ParamStep] = []
         bad: list[ParamStep] = []
         for group in self.param_groups:
-            proj = self._projector(group) if "rank" in group else None
+            proj = self.projector(group) if "rank" in group else None
             for p in group["params"]:
                 low = projected_grad(p) if proj is not None else None
                 if p.grad is None and low is None:
                     continue
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                item = self._prepare(group, p, proj, low=low, grads_finite=grads_finite)
+                item = self.prepare(group, p, proj, low=low, grads_finite=grads_finite)
                 (items if item.low is not None else bad).append(item)
-        flags = [True] * len(items) if grads_finite else _finite_flags([it.low for it in items])
+        flags = [True] * len(items) if grads_finite else finite_flags([it.low for it in items])
         bad += [it for it, ok in zip(items, flags, strict=True) if not ok]
         items = [it for it, ok in zip(items, flags, strict=True) if ok]
         if bad:
             self.nonfinite_steps += 1
             if self.nonfinite == "raise":
                 for item in items + bad:
-                    self._rollback(item)
+                    self.rollback(item)
                 where = ", ".join(f"#{it.index} {tuple(it.param.shape)}" for it in bad)
                 raise FloatingPointError(
                     f"{type(self).__name__}: non-finite gradient in parameter(s) {where}; "
                     "no weight, moment or projector was changed"
                 )
             for item in bad:
-                self._rollback(item)
+                self.rollback(item)
         for item in items + bad:  # consumed (a skipped step drops them, as the loop drops p.grad)
             pop_projected_grad(item.param)
         by_group: dict[int, list[ParamStep]] = {}
         for item in items:
             by_group.setdefault(id(item.group), []).append(item)
         for group_items in by_group.values():
-            self._update_group(group_items[0].group, group_items)
-        self._publish_grad_projections()
+            self.update_group(group_items[0].group, group_items)
+        self.publish_grad_projections()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -351,22 +361,22 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         super().zero_grad(set_to_none)
         zero_projected_grads(p for g in self.param_groups for p in g["params"])
 
-    def _publish_grad_projections(self) -> None:
+    def publish_grad_projections(self) -> None:
         """Tell low-rank-gradient layers the projection of each weight's next gradient: the current
         P when the next step will not refresh it, else nothing (the refresh needs the whole G). An
         optimizer whose update reads G (``update_reads_grad``) withdraws every projection."""
         for group in self.param_groups:
-            proj = self._projector(group) if "rank" in group and not self.update_reads_grad else None
+            proj = self.projector(group) if "rank" in group and not self.update_reads_grad else None
             for p in group["params"]:
                 if not accepts_projected_grad(p):
                     continue
                 state = self.state[p]
-                if proj is not None and state and proj.has_basis(state) and not self._refresh_due(group, state):
+                if proj is not None and state and proj.has_basis(state) and not self.refresh_due(group, state):
                     set_grad_projection(p, GradProjection(proj.matrix(state, p), SIDE_NAMES[state["proj_side"]]))
                 else:
                     set_grad_projection(p, None)
 
-    def _prepare(
+    def prepare(
         self,
         group: dict[str, Any],
         p: torch.Tensor,
@@ -384,7 +394,7 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         (see :meth:`step`): a refresh does not check it.
         """
         state = self.state[p]
-        item = ParamStep(group, p, state, self._index_of(p))
+        item = ParamStep(group, p, state, self.index_of(p))
         grad = p.grad if grad is None else grad
         if low is not None:
             return self._prepare_projected(item, proj, grad, low)
@@ -398,10 +408,10 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
             return item
         item.lowrank = True
         low = None
-        if not proj.has_basis(state) or self._refresh_due(group, state):
+        if not proj.has_basis(state) or self.refresh_due(group, state):
             # Refresh steps read G once more (and synchronise): an SVD of a non-finite G would fail.
             # max|G| (a reduction, NaN-propagating) rather than isfinite(G).all(), which makes m×n temporaries.
-            if not grads_finite and not _finite_flags([grad])[0]:
+            if not grads_finite and not finite_flags([grad])[0]:
                 return item
             if group["state_transfer"] and self.moment_keys and self.moment_keys[0] in state:
                 item.proj_old = proj.matrix(state, grad)
@@ -417,7 +427,7 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         self, item: ParamStep, proj: Projector, grad: torch.Tensor | None, low: torch.Tensor
     ) -> ParamStep:
         state = item.state
-        if not state or not proj.has_basis(state) or self._refresh_due(item.group, state):
+        if not state or not proj.has_basis(state) or self.refresh_due(item.group, state):
             raise RuntimeError(
                 f"{type(self).__name__}: parameter #{item.index} {tuple(item.param.shape)} has a projected gradient "
                 "but its subspace is refreshed at this step, which needs the full gradient (was the projection "
@@ -430,7 +440,7 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
             item.proj = p_mat
         return item
 
-    def _refresh_due(self, group: dict[str, Any], state: dict[str, Any]) -> bool:
+    def refresh_due(self, group: dict[str, Any], state: dict[str, Any]) -> bool:
         """Whether a parameter that has a basis refreshes it at this step (k % update_proj_gap == 0).
 
         Subclasses with a per-parameter interval (Q-GaLore's adaptive T) override this."""
@@ -469,23 +479,23 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
             return item.proj
         grad = item.param.grad
         # Only shape, dtype and device of the gradient matter (they are the parameter's).
-        return self._projector(item.group).matrix(item.state, item.param if grad is None else grad)
+        return self.projector(item.group).matrix(item.state, item.param if grad is None else grad)
 
-    def _update_writes(self, item: ParamStep) -> list[torch.Tensor]:
+    def update_writes(self, item: ParamStep) -> list[torch.Tensor]:
         """The tensors outside ``self.state`` that the update of ``item`` writes in place: its weight
         (subclasses add others, e.g. a quantized layer's scales). The streaming layer-wise driver
         copies these and the state's tensors to undo an update on the device."""
         return [item.param]
 
-    def _rollback(self, item: ParamStep) -> None:
+    def rollback(self, item: ParamStep) -> None:
         if item.snapshot is not None:
-            keys = self._projector(item.group).refresh_keys
+            keys = self.projector(item.group).refresh_keys
             Projector.restore(item.state, item.snapshot, keys)
             item.snapshot = None
         item.low = item.proj = item.proj_old = None
 
     @abstractmethod
-    def _update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
+    def update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
         """Apply the update rule to the finite ``items`` of ``group`` (all from one step)."""
 
     # ------------------------------------------------------------------ memory
@@ -525,7 +535,7 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
                         self.state[p][key] = value.to(p.device)
         self.nonfinite_steps = int(state_dict.get("nonfinite_steps", 0))
         self._param_index = None
-        self._publish_grad_projections()
+        self.publish_grad_projections()
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
         name = f"{type(self).__name__}.load_state_dict"
@@ -564,7 +574,7 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
                     f"side {side} ({SIDE_NAMES[side]}) and rank {rank}: a different model or rank?"
                 )
             low_shape = lowrank_shape(p.shape, side, rank)
-            expected.update(self._projector(group).stored_shapes(p.shape, side, rank))
+            expected.update(self.projector(group).stored_shapes(p.shape, side, rank))
         else:
             low_shape = tuple(p.shape)
         expected.update({k: low_shape for k in self.moment_keys})

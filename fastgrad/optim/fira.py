@@ -100,7 +100,7 @@ class ScaledLowRankAdam(LowRankOptimizer):
                 f"{type(self).__name__}: state_transfer=True is not the reference's behaviour; use faithful=False"
             )
 
-    def _update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
+    def update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         params = [it.param for it in items]
         if wd != 0.0 and not self.faithful:

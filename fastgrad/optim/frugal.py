@@ -131,11 +131,11 @@ class Frugal(LowRankOptimizer):
     def _with_rank(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
         return group if group["rank"] is not None else {**group, "rank": self.rank_of(group, p)}
 
-    def _prepare(self, group, p, proj, grad=None, low=None, **kw) -> ParamStep:
+    def prepare(self, group, p, proj, grad=None, low=None, **kw) -> ParamStep:
         # The base class reads group["rank"] only when it sets up a new parameter's projector.
         if proj is None or self.state[p] or group["rank"] is not None:
-            return super()._prepare(group, p, proj, grad, low, **kw)
-        item = super()._prepare(self._with_rank(group, p), p, proj, grad, low, **kw)
+            return super().prepare(group, p, proj, grad, low, **kw)
+        item = super().prepare(self._with_rank(group, p), p, proj, grad, low, **kw)
         item.group = group
         return item
 
@@ -145,7 +145,7 @@ class Frugal(LowRankOptimizer):
         super()._check_param_state(name, gi, idx, group, p, st)
 
     # ------------------------------------------------------------------ update
-    def _update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
+    def update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
         lr, wd = group["lr"], group["weight_decay"]
         lowrank = "rank" in group
         step_key = "adam_step" if lowrank else "step"

@@ -132,7 +132,7 @@ class FrugalBlock(LowRankOptimizer):
                 self.state[p].pop(key, None)
 
     # ------------------------------------------------------------------ update
-    def _update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
+    def update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
         if "density" not in group:
             self._adamw(group, items)
             return

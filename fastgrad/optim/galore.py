@@ -102,7 +102,7 @@ class GaLoreAdamW(LowRankOptimizer):
         """Whether ``it``'s whole step (moments, back-projection, decay) is one fused op call."""
         return it.lowrank
 
-    def _update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
+    def update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
         lr, wd = group["lr"], group["weight_decay"]
         params = [it.param for it in items if not self._fuses(it)]  # the fused op decays its own weight
         if wd != 0.0 and not self.faithful and params:

@@ -166,7 +166,7 @@ class EightBitMoments:
         return tuple(lowrank_shape(p.shape, side, effective_rank(group["rank"], p.shape)))
 
     # ------------------------------------------------------------------ step
-    def _prepare(
+    def prepare(
         self, group: dict[str, Any], p: torch.Tensor, proj: Projector | None, grad: torch.Tensor | None = None, **kw
     ) -> ParamStep:
         # The base class keeps P_old for state transfer only when it finds fp32 "exp_avg".
@@ -176,14 +176,14 @@ class EightBitMoments:
             and group["state_transfer"]
             and M_CODES in state
             and proj.has_basis(state)
-            and self._refresh_due(group, state)
+            and self.refresh_due(group, state)
         ):
             old = proj.matrix(state, p.grad if grad is None else grad)
-            item = super()._prepare(group, p, proj, grad, **kw)
+            item = super().prepare(group, p, proj, grad, **kw)
             if item.snapshot is not None:  # refreshed (not dropped for a non-finite gradient)
                 item.proj_old = old
             return item
-        return super()._prepare(group, p, proj, grad, **kw)
+        return super().prepare(group, p, proj, grad, **kw)
 
     def _step_items(self, group: dict[str, Any], items: list[ParamStep]) -> None:
         """fp32-moment items through the optimizer's own path; 8-bit ones one weight at a time:

@@ -41,7 +41,7 @@ What happens (and why):
   then each steps in its hook of the last micro-batch).
 
   - low-rank parameter, no refresh due: each micro-batch's G_i is projected with the current P
-    (``fastgrad.ops.lowrank_project``, through ``LowRankOptimizer._prepare`` on the first one) and
+    (``fastgrad.ops.lowrank_project``, through ``LowRankOptimizer.prepare`` on the first one) and
     added into a D×r' buffer (fp32 when the gradient is 16-bit), then G_i is freed. Since
     down(·, P) is linear, Σ down(G_i, P) = down(Σ G_i, P).
   - low-rank parameter, refresh due (k % update_proj_gap == 0, or no basis yet): the new subspace
@@ -153,7 +153,7 @@ from torch import nn
 
 from fastgrad.nn.lowrank import accepts_projected_grad, pop_projected_grad, register_grad_ready_hook
 from fastgrad.ops import lowrank_project
-from fastgrad.optim.base import LowRankOptimizer, ParamStep, _finite_flags
+from fastgrad.optim.base import LowRankOptimizer, ParamStep, finite_flags
 from fastgrad.optim.projectors import Projector, lowrank_shape
 
 __all__ = ["layerwise", "LayerwiseOptimizer", "StepStats"]
@@ -378,13 +378,13 @@ class LayerwiseOptimizer:
                 continue
             self._wait(slot)
             if slot.item is not None:
-                opt._rollback(slot.item)
+                opt.rollback(slot.item)
             pop_projected_grad(slot.param)
         self._reset()
         if updated or skipped:
             if skipped:
                 opt.nonfinite_steps += 1
-            opt._publish_grad_projections()  # the updated parameters' next projections
+            opt.publish_grad_projections()  # the updated parameters' next projections
         if updated:
             warnings.warn(
                 f"layerwise (streaming): zero_grad() in the middle of a step cannot undo the updates of the {updated} "
@@ -443,12 +443,12 @@ class LayerwiseOptimizer:
         the layer): choose low-rank or full accumulation."""
         opt = self.optimizer
         group = self._group_of[p]
-        proj = opt._projector(group) if "rank" in group else None
+        proj = opt.projector(group) if "rank" in group else None
         state = opt.state[p]
         lowrank_acc = False
         if proj is not None and not self._reads_grad:
             # The optimizer's own rule (Q-GaLore's interval T adapts per weight).
-            due = not state or not proj.has_basis(state) or opt._refresh_due(group, state)
+            due = not state or not proj.has_basis(state) or opt.refresh_due(group, state)
             lowrank_acc = not due or proj.name in _GRAD_FREE_REFRESH
         if low is not None and not lowrank_acc:
             raise RuntimeError(
@@ -461,7 +461,7 @@ class LayerwiseOptimizer:
             return slot
         # Projects G (after refreshing a gradient-free projector when due), initialising the state;
         # a projected gradient from the layer is taken as it is.
-        item = opt._prepare(group, p, proj, grad=g, low=low)
+        item = opt.prepare(group, p, proj, grad=g, low=low)
         slot.item = item
         if item.low is None:  # a due refresh met a non-finite gradient
             slot.bad = True
@@ -501,7 +501,7 @@ class LayerwiseOptimizer:
             if refresh:  # the refresh needs the global gradient now
                 self._wait(slot)
         if refresh:  # the full accumulated gradient: refresh P from it (if due), project, free it
-            item = self.optimizer._prepare(slot.group, slot.param, slot.proj, grad=slot.buf)
+            item = self.optimizer.prepare(slot.group, slot.param, slot.proj, grad=slot.buf)
             slot.item = item
             if self._reads_grad:
                 slot.grad = slot.buf
@@ -526,7 +526,7 @@ class LayerwiseOptimizer:
         if slot.lowrank_acc:
             slot.item.low = slot.buf.to(slot.dtype)
         elif slot.proj is None:
-            slot.item = self.optimizer._prepare(slot.group, slot.param, None, grad=slot.buf)
+            slot.item = self.optimizer.prepare(slot.group, slot.param, None, grad=slot.buf)
             if self._reads_grad:
                 slot.grad = slot.buf
         slot.buf = None
@@ -541,7 +541,7 @@ class LayerwiseOptimizer:
         opt = self.optimizer
         item = self._finalize(slot)  # waits for the all-reduce; None if a refresh met a non-finite G
         slot.done = True
-        index = opt._index_of(slot.param)
+        index = opt.index_of(slot.param)
         if item is None:
             self._norms.append((index, torch.full((), math.nan, dtype=torch.float32, device=slot.param.device)))
             self._skip_streamed(slot)
@@ -560,7 +560,7 @@ class LayerwiseOptimizer:
     def _skip_streamed(self, slot: _Slot) -> None:
         """Streaming: leave ``slot``'s parameter as it was (undo its refresh); raise if the policy says so."""
         if slot.item is not None:
-            self.optimizer._rollback(slot.item)
+            self.optimizer.rollback(slot.item)
         self._release(slot)
         self._skipped += 1
         if self.optimizer.nonfinite == "raise":
@@ -572,20 +572,20 @@ class LayerwiseOptimizer:
             slot.param.grad = slot.grad
         self._updated += 1
         try:
-            self.optimizer._update_group(slot.group, [item])
+            self.optimizer.update_group(slot.group, [item])
         finally:
             slot.param.grad = None
             self._release(slot)
 
     def _update_masked(self, slot: _Slot, item: ParamStep, finite: torch.Tensor) -> None:
         """Streaming: :meth:`_update`, kept only where ``finite`` (a 0-d device bool, not read here)
-        holds. Every tensor the update writes (the weight and what :meth:`_update_writes` adds, the
+        holds. Every tensor the update writes (the weight and what :meth:`update_writes` adds, the
         state's tensors but the projector's, which only a refresh writes) is copied first and put
         back on the device when the gradient was not finite; the host-side state is restored by
         :meth:`_resolve_masked` once ``finite`` is read with the step's norm."""
         state = item.state
         projector = slot.proj.refresh_keys if slot.proj is not None else ()
-        outside = self.optimizer._update_writes(item)
+        outside = self.optimizer.update_writes(item)
         saved_outside = [t.clone() for t in outside]
         saved_state = {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor) and k not in projector}
         host = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
@@ -633,16 +633,16 @@ class LayerwiseOptimizer:
             pending += 1
             self._wait(slot)
             if slot.item is not None:
-                opt._rollback(slot.item)
+                opt.rollback(slot.item)
             pop_projected_grad(slot.param)
         updated = self._updated
         self.steps += 1
         opt.nonfinite_steps += 1
         self._reset()
-        opt._publish_grad_projections()
+        opt.publish_grad_projections()
         raise FloatingPointError(
             f"layerwise {type(opt).__name__} (streaming): non-finite gradient in parameter "
-            f"#{opt._index_of(bad.param)} {tuple(bad.param.shape)}, which was not changed; streaming is not "
+            f"#{opt.index_of(bad.param)} {tuple(bad.param.shape)}, which was not changed; streaming is not "
             f"all-or-nothing: the {updated} parameter(s) updated earlier in this step keep their update, the "
             f"{pending} with a pending accumulation and those not reached by backward yet are not updated"
         )
@@ -650,7 +650,7 @@ class LayerwiseOptimizer:
     def _finish_streaming(self, fetch: torch.Tensor | None) -> StepStats:
         opt = self.optimizer
         # A parameter without a gradient in the last micro-batch was not closed by a hook: now.
-        for slot in sorted((s for s in self._slots.values() if not s.done), key=lambda s: opt._index_of(s.param)):
+        for slot in sorted((s for s in self._slots.values() if not s.done), key=lambda s: opt.index_of(s.param)):
             self._stream(slot)
         self.steps += 1
         self._norms.sort(key=lambda t: t[0])
@@ -665,7 +665,7 @@ class LayerwiseOptimizer:
         if skipped:
             opt.nonfinite_steps += 1
         self._reset()
-        opt._publish_grad_projections()
+        opt.publish_grad_projections()
         return StepStats(self.steps, norm, 1.0, count > 0 and skipped == count, fetched)
 
     # ------------------------------------------------------------------ the step
@@ -689,7 +689,7 @@ class LayerwiseOptimizer:
         if self.streaming:
             return self._finish_streaming(fetch)
         opt = self.optimizer
-        slots = sorted(self._slots.values(), key=lambda s: opt._index_of(s.param))
+        slots = sorted(self._slots.values(), key=lambda s: opt.index_of(s.param))
         items = [self._finalize(s) for s in slots]
         good = [it for it in items if it is not None]
         # A refresh that met a non-finite gradient left no projected gradient: the norm is NaN then.
@@ -716,12 +716,12 @@ class LayerwiseOptimizer:
             by_group.setdefault(id(it.group), []).append(it)
         try:
             for group_items in by_group.values():
-                opt._update_group(group_items[0].group, group_items)
+                opt.update_group(group_items[0].group, group_items)
         finally:
             for s in slots:
                 s.param.grad = None
             self._reset()
-            opt._publish_grad_projections()
+            opt.publish_grad_projections()
         return StepStats(self.steps, norm, coef, False, fetched)
 
     def _skip(
@@ -730,16 +730,16 @@ class LayerwiseOptimizer:
         opt = self.optimizer
         bad: list[_Slot] = []
         if opt.nonfinite == "raise":  # a second host synchronisation, only to name the parameters
-            finite = iter(_finite_flags([it.low for it in items if it is not None]))
+            finite = iter(finite_flags([it.low for it in items if it is not None]))
             bad = [s for s, it in zip(slots, items, strict=True) if it is None or not next(finite)]
         for s in slots:
             if s.item is not None:
-                opt._rollback(s.item)
+                opt.rollback(s.item)
         self._reset()
-        opt._publish_grad_projections()
+        opt.publish_grad_projections()
         opt.nonfinite_steps += 1
         if opt.nonfinite == "raise":
-            where = ", ".join(f"#{opt._index_of(s.param)} {tuple(s.param.shape)}" for s in bad) or "(norm overflow)"
+            where = ", ".join(f"#{opt.index_of(s.param)} {tuple(s.param.shape)}" for s in bad) or "(norm overflow)"
             raise FloatingPointError(
                 f"layerwise {type(opt).__name__}: non-finite gradient in parameter(s) {where}; "
                 "no weight, moment or projector was changed"

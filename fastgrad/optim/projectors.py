@@ -361,7 +361,7 @@ class QuantizedSVDProjector(Projector):
     State (tensors and ints): ``proj_codes`` uint8 (r'·d/2), ``proj_scales``/``proj_zeros`` fp32,
     ``proj_past`` fp32 first singular vector, ``proj_queue`` fp32 (queue_size,) with
     ``proj_queue_len`` valid entries at its end, ``proj_pending`` bool (a growth of T decided at
-    the last refresh, applied at the next refresh candidate, see :meth:`QGaLoreAdamW._refresh_due`),
+    the last refresh, applied at the next refresh candidate, see :meth:`QGaLoreAdamW.refresh_due`),
     ``proj_svd_count``, ``proj_step``; ``proj_gap`` (current T) is kept by the optimizer.
     """
 

@@ -182,7 +182,7 @@ class QGaLoreAdamW(LowRankOptimizer):
             side = resolve_side(group["proj_side"], p.shape)
             proj_group_size(proj_shape(p.shape, side, effective_rank(group["rank"], p.shape))[1], 2)
 
-    def _projector(self, group: dict[str, Any]) -> QuantizedSVDProjector:
+    def projector(self, group: dict[str, Any]) -> QuantizedSVDProjector:
         opts = (group["proj_group_size"], group["cos_threshold"], group["gamma_proj"], group["queue_size"])
         key = ("qsvd", *opts, self.faithful)
         proj = self._projector_cache.get(key)
@@ -190,7 +190,7 @@ class QGaLoreAdamW(LowRankOptimizer):
             proj = self._projector_cache[key] = QuantizedSVDProjector(*opts, signed_cos=self.faithful)
         return proj
 
-    def _refresh_due(self, group: dict[str, Any], state: dict[str, Any]) -> bool:
+    def refresh_due(self, group: dict[str, Any], state: dict[str, Any]) -> bool:
         """k % T == 0 with the parameter's own T; resolves a pending growth of T first.
 
         A growth decided at the last refresh (a host bool) is applied at the first step that is a
@@ -207,7 +207,7 @@ class QGaLoreAdamW(LowRankOptimizer):
         return k % gap == 0
 
     # ------------------------------------------------------------------ update
-    def _update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
+    def update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
         self._step_items(group, items)
 
     def _fuses(self, it: ParamStep) -> bool:
@@ -263,7 +263,7 @@ class QGaLoreAdamW(LowRankOptimizer):
             st["sr_offset"] += it.param.numel()
         it.proj = it.proj_old = None
 
-    def _update_writes(self, it: ParamStep) -> list[torch.Tensor]:
+    def update_writes(self, it: ParamStep) -> list[torch.Tensor]:
         """An INT8 weight's update rewrites its layer's scales and zeros too."""
         if it.param.dtype == torch.uint8:
             layer = self._layer_of(it)

@@ -707,7 +707,7 @@ class _Step:
             self._hook(tape, w)
 
     def _project(self, tape: _Tape, w: _Weight, refresh: bool) -> None:
-        """LowRankOptimizer._prepare: refresh the projector if due, then R = down(G, P) (kept)."""
+        """LowRankOptimizer.prepare: refresh the projector if due, then R = down(G, P) (kept)."""
         if refresh:
             self._refresh(tape, w)
         m, n = w.shape
