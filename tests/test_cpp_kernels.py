@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from kernel_common import bits_of, special_values
 
 from fastgrad import _backends
 from fastgrad import _reference as ref
@@ -32,18 +33,9 @@ QUANT_OPS = ["quantize_int8", "dequantize_int8", "quantize_int4", "dequantize_in
 PROJECT_OPS = ["lowrank_project", "lowrank_project_back", "lowrank_project_quantized", "lowrank_project_back_quantized"]
 
 
-def _bits_of(t: torch.Tensor) -> torch.Tensor:
-    """Raw bit patterns, so that equality means bitwise identity (-0.0 != 0.0, NaN payloads compared)."""
-    if t.dtype == torch.float32:
-        return t.view(torch.int32)
-    if t.dtype in (torch.bfloat16, torch.float16):
-        return t.view(torch.int16)
-    return t
-
-
 def _assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    diff = _bits_of(actual) != _bits_of(expected)
+    diff = bits_of(actual) != bits_of(expected)
     if diff.any():
         idx = tuple(diff.nonzero()[0].tolist())
         raise AssertionError(
@@ -118,19 +110,7 @@ def test_largest_offset_is_accepted_and_exact():
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_special_values_match_reference(bits, symmetric):
-    nan, inf = float("nan"), float("inf")
-    x = torch.randn(12, 64, generator=torch.Generator().manual_seed(3))
-    x[0, 3] = nan
-    x[1] = 0.0
-    x[2] = 5.0
-    x[3, 7] = inf
-    x[4, 9] = -inf
-    x[5, :2] = torch.tensor([inf, -inf])
-    x[6] = 3e38 * torch.sign(x[6])  # max - min overflows to inf
-    x[7] *= 1e-40  # subnormal
-    x[8] = x[8].abs() + 1  # single-sign groups
-    x[9] = -x[9].abs()
-    x[10, 5], x[10, 6] = nan, inf
+    x = special_values()
     for dtype in FLOATS:
         xd = x.to(dtype)
         for stochastic in (False, True):

@@ -23,6 +23,7 @@ import sys
 
 import pytest
 import torch
+from kernel_common import assert_bits_equal_nan, bits_of, special_values
 
 import fastgrad  # noqa: F401  (FASTGRAD_CUDA_BACKEND is read here: set by the parent for the checks)
 from fastgrad import _backends
@@ -37,22 +38,6 @@ REFERENCE_MAX_NUMEL = 1 << 18  # above: the C++ CPU kernels (bitwise the referen
 # ---------------------------------------------------------------------------------------------
 # Helpers (run in the child process)
 # ---------------------------------------------------------------------------------------------
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
-
-
-def _assert_bits_equal_nan(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """Bitwise equality, except that a NaN only has to meet a NaN (its bits are left open)."""
-    actual, expected = actual.cpu(), expected.cpu()
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    nan_a, nan_e = torch.isnan(actual.float()), torch.isnan(expected.float())
-    assert torch.equal(nan_a, nan_e), f"{what}: NaN positions differ"
-    diff = (_bits(actual) != _bits(expected)) & ~nan_a
-    if diff.any():
-        idx = tuple(diff.nonzero()[0].tolist())
-        raise AssertionError(f"{what}: {int(diff.sum())} differ, first at {idx}: {actual[idx]} vs {expected[idx]}")
 
 
 def _quantize(bits, *args):
@@ -86,7 +71,7 @@ def _check_quantize(x, bits, group_size, symmetric, stochastic, seed, offset, wh
     torch.testing.assert_close(got[2].cpu(), want[2], rtol=0, atol=0, equal_nan=True, msg=f"{what}: zeros")
     for out_dtype in FLOATS:
         deq = _dequantize(bits, *got, out_dtype)
-        _assert_bits_equal_nan(deq, _oracle_dequantize(bits, *want, out_dtype), f"{what}: dequantize {out_dtype}")
+        assert_bits_equal_nan(deq, _oracle_dequantize(bits, *want, out_dtype), f"{what}: dequantize {out_dtype}")
     return got
 
 
@@ -167,19 +152,7 @@ def check_misaligned_and_offsets():
 
 
 def check_special_values():
-    nan, inf = float("nan"), float("inf")
-    x = torch.randn(12, 64, generator=torch.Generator().manual_seed(3))
-    x[0, 3] = nan
-    x[1] = 0.0
-    x[2] = 5.0
-    x[3, 7] = inf
-    x[4, 9] = -inf
-    x[5, :2] = torch.tensor([inf, -inf])
-    x[6] = 3e38 * torch.sign(x[6])  # max - min overflows to inf
-    x[7] *= 1e-40  # subnormal: no flush to zero
-    x[8] = x[8].abs() + 1
-    x[9] = -x[9].abs()
-    x[10, 5], x[10, 6] = nan, inf
+    x = special_values()
     for dtype in FLOATS:
         for bits in (8, 4):
             for symmetric in (False, True):
@@ -204,7 +177,7 @@ def check_dequantize_arbitrary_storage():
                 for out_dtype in FLOATS:
                     got = _dequantize(bits, c, scales.cuda(), zeros.cuda(), out_dtype)
                     want = (ref.dequantize_int8 if bits == 8 else ref.dequantize_int4)(codes, scales, zeros, out_dtype)
-                    _assert_bits_equal_nan(
+                    assert_bits_equal_nan(
                         got, want, f"dequantize INT{bits} {shape} {out_dtype} misaligned={misaligned}"
                     )
 
@@ -222,9 +195,9 @@ def check_round_bf16():
             for seed, offset in ((5, 0), (2**63 - 1, 2**34 - 2000), (0xABCDEF, 2**63 - 1 - n)):
                 got = F.round_bf16_stochastic(xc, seed, offset)
                 assert got.is_cuda and got.dtype == torch.bfloat16
-                _assert_bits_equal_nan(got, ref.round_bf16_stochastic(x, seed, offset), f"round_bf16 n={n}")
+                assert_bits_equal_nan(got, ref.round_bf16_stochastic(x, seed, offset), f"round_bf16 n={n}")
                 if _backends.SERVED_BY["round_bf16_stochastic"]["cpu"] == "cpp":  # NaN bits too
-                    assert torch.equal(_bits(got.cpu()), _bits(F.round_bf16_stochastic(x, seed, offset)))
+                    assert torch.equal(bits_of(got.cpu()), bits_of(F.round_bf16_stochastic(x, seed, offset)))
     y = torch.randn(7, 33, device="cuda")  # any shape; counters follow the row-major flat index
     assert torch.equal(F.round_bf16_stochastic(y, 1, 2).cpu(), ref.round_bf16_stochastic(y.cpu(), 1, 2))
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_common import assert_bits_equal_nan, bits_of, special_values
 
 from fastgrad import _backends
 from fastgrad import _reference as ref
@@ -46,40 +47,6 @@ def _run(exe: Path, *args) -> None:
     assert proc.returncode == 0, f"harness {args[0]} exited with {proc.returncode}: {proc.stderr}"
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
-
-
-def _assert_bits_equal_nan(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """Bitwise equality, except that a NaN only has to meet a NaN (the contract leaves its bits open)."""
-    nan_a, nan_e = torch.isnan(actual.float()), torch.isnan(expected.float())
-    assert torch.equal(nan_a, nan_e), f"{what}: NaN positions differ"
-    diff = (_bits(actual) != _bits(expected)) & ~nan_a
-    if diff.any():
-        idx = tuple(diff.nonzero()[0].tolist())
-        raise AssertionError(f"{what}: {int(diff.sum())} differ, first at {idx}: {actual[idx]} vs {expected[idx]}")
-
-
-def _special_values() -> torch.Tensor:
-    """(12, 64): NaN, +-Inf, zeros, constants, overflowing ranges, subnormals, single-sign rows."""
-    nan, inf = float("nan"), float("inf")
-    x = torch.randn(12, 64, generator=torch.Generator().manual_seed(3))
-    x[0, 3] = nan
-    x[1] = 0.0
-    x[1, ::3] = -0.0
-    x[2] = 5.0
-    x[3, 7] = inf
-    x[4, 9] = -inf
-    x[5, :2] = torch.tensor([inf, -inf])
-    x[6] = 3e38 * torch.sign(x[6])
-    x[7] *= 1e-40
-    x[8] = x[8].abs() + 1
-    x[9] = -x[9].abs()
-    x[10, 5], x[10, 6] = nan, inf
-    x[11, 40] = -nan
-    return x
-
-
 def _spread(shape, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     rows = shape[0]
@@ -101,7 +68,7 @@ def _ties() -> torch.Tensor:
 # planner picks (sub-warp teams of the warp kernel; the 256-thread block kernel, whole or in slices).
 def _cases():
     return [
-        (_special_values(), {8: 32, 4: 32}, 4, {8: 4, 4: 4}, 1),
+        (special_values(), {8: 32, 4: 32}, 4, {8: 4, 4: 4}, 1),
         (_spread((7, 270), 1), {8: 27, 4: 30}, 8, {8: 1, 4: 2}, 1),
         (_spread((2, 1030), 2), {8: 1030, 4: 1030}, 256, {8: 2, 4: 2}, 3),
         (_spread((9, 40), 3), {8: 1, 4: 2}, 1, {8: 1, 4: 2}, 1),
@@ -159,15 +126,15 @@ def test_quantize_math_matches_reference(harness, tmp_path, bits, dtype):
                 torch.testing.assert_close(got[1], scales, rtol=0, atol=0, equal_nan=True, msg=f"{what}: scales")
                 torch.testing.assert_close(got[2], zeros, rtol=0, atol=0, equal_nan=True, msg=f"{what}: zeros")
                 unpacked = ref.unpack_int4(codes) if bits == 4 else codes
-                _assert_bits_equal_nan(got[3], ref.dequantize(unpacked, scales, zeros, torch.float32), f"{what}: deq")
+                assert_bits_equal_nan(got[3], ref.dequantize(unpacked, scales, zeros, torch.float32), f"{what}: deq")
                 want_bf16 = ref.dequantize(unpacked, scales, zeros, torch.bfloat16)
-                _assert_bits_equal_nan(got[4], want_bf16, f"{what}: deq bf16")
+                assert_bits_equal_nan(got[4], want_bf16, f"{what}: deq bf16")
                 # bf16 NaN is written 0xFFFF, as the C++ CPU kernels write it: then all bits agree.
-                assert bool((_bits(got[4])[torch.isnan(got[4].float())] == -1).all()), f"{what}: bf16 NaN bits"
+                assert bool((bits_of(got[4])[torch.isnan(got[4].float())] == -1).all()), f"{what}: bf16 NaN bits"
                 if _cpu_cpp_kernels():
                     deq_op = torch.ops.fastgrad.dequantize_int8 if bits == 8 else torch.ops.fastgrad.dequantize_int4
                     cpu = deq_op(codes, scales, zeros, torch.bfloat16)
-                    assert torch.equal(_bits(got[4]), _bits(cpu)), f"{what}: bf16 bits vs the CPU kernel"
+                    assert torch.equal(bits_of(got[4]), bits_of(cpu)), f"{what}: bf16 bits vs the CPU kernel"
 
 
 def test_round_bf16_math_matches_reference(harness, tmp_path):
@@ -181,13 +148,13 @@ def test_round_bf16_math_matches_reference(harness, tmp_path):
     for seed, offset in ((5, 0), (2**63 - 1, 2**34 - 2000), (0xABCDEF, 2**62)):
         _run(harness, "round", seed, offset, inp, out)
         got = torch.from_file(str(out), size=x.numel(), dtype=torch.bfloat16)
-        _assert_bits_equal_nan(got, ref.round_bf16_stochastic(x, seed, offset), f"round_bf16 seed={seed}")
+        assert_bits_equal_nan(got, ref.round_bf16_stochastic(x, seed, offset), f"round_bf16 seed={seed}")
         # NaN keeps its sign and becomes quiet: top half of the fp32 pattern with bit 6 set.
         want_nan = ((nan_bits >> 16) | 0x40).to(torch.int32).to(torch.int16)
-        assert torch.equal(_bits(got[8:13]), want_nan)
+        assert torch.equal(bits_of(got[8:13]), want_nan)
         if _cpu_cpp_kernels():
             cpu = torch.ops.fastgrad.round_bf16_stochastic(x, seed, offset)
-            assert torch.equal(_bits(got), _bits(cpu)), "round_bf16: bits vs the CPU kernel"
+            assert torch.equal(bits_of(got), bits_of(cpu)), "round_bf16: bits vs the CPU kernel"
 
 
 def test_philox_words_match_reference(harness, tmp_path):
