@@ -34,6 +34,19 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def step_op_counts(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: list[torch.Tensor]) -> list[Counter]:
+    """One optimizer step per batch (the batch is its own target); the ops each ``opt.step()`` sent
+    to the dispatcher, by name (the forward and backward are not counted)."""
+    counts = []
+    for ids in batches:
+        opt.zero_grad()
+        model(ids, ids).backward()
+        with OpCounter() as counter:
+            opt.step()
+        counts.append(counter.calls)
+    return counts
+
+
 def train(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: list[torch.Tensor]) -> list[float]:
     """One optimizer step per batch (the batch is its own target); returns the losses."""
     losses = []

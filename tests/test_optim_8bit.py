@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from optim_common import N_LOWRANK, OpCounter, assert_same_state, state_tensors, tiny_model, token_batches, train
+from optim_common import N_LOWRANK, assert_same_state, state_tensors, step_op_counts, tiny_model, token_batches, train
 
 from fastgrad.ops import dequantize_int8, quantize_int8
 from fastgrad.optim import AdamW8bit, GaLoreAdamW, GaLoreAdamW8bit, galore_param_groups, layerwise
@@ -368,16 +368,12 @@ def test_step_runs_through_fastgrad_ops():
     model = tiny_model()
     opt = make_galore8(model, gap=2)
     n8 = N_LOWRANK + N_FULL_8BIT
-    for step, ids in enumerate(token_batches(3)):
-        opt.zero_grad()
-        model(ids, ids).backward()
-        with OpCounter() as counter:
-            opt.step()
-        assert counter.calls["fastgrad.quantize_int8"] == 2 * n8
-        assert counter.calls["fastgrad.dequantize_int8"] == (3 if step else 1) * n8
-        assert counter.calls["fastgrad.lowrank_project"] == N_LOWRANK
-        assert counter.calls["fastgrad.lowrank_project_back_add_"] == N_LOWRANK
-        assert counter.calls["fastgrad.galore_adam_step_"] == 0  # 8-bit moments: decoded around the step
+    for step, calls in enumerate(step_op_counts(model, opt, token_batches(3))):
+        assert calls["fastgrad.quantize_int8"] == 2 * n8
+        assert calls["fastgrad.dequantize_int8"] == (3 if step else 1) * n8
+        assert calls["fastgrad.lowrank_project"] == N_LOWRANK
+        assert calls["fastgrad.lowrank_project_back_add_"] == N_LOWRANK
+        assert calls["fastgrad.galore_adam_step_"] == 0  # 8-bit moments: decoded around the step
 
 
 def test_small_tensors_keep_fp32_moments():

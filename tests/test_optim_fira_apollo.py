@@ -13,9 +13,9 @@ from conftest import assert_close_report
 from optim_common import (
     CONFIG,
     N_LOWRANK,
-    OpCounter,
     assert_same_state,
     state_tensors,
+    step_op_counts,
     tiny_model,
     token_batches,
     train,
@@ -372,13 +372,9 @@ class NoHostSync(TorchDispatchMode):
 def test_step_runs_through_fastgrad_ops(flavour):
     model = tiny_model()
     opt = FACTORIES[flavour](model, gap=2)
-    for ids in token_batches(3):  # steps 0 (refresh), 1, 2 (refresh)
-        opt.zero_grad()
-        model(ids, ids).backward()
-        with OpCounter() as counter:
-            opt.step()
-        assert counter.calls["fastgrad.lowrank_project"] == N_LOWRANK
-        back = counter.calls["fastgrad.lowrank_project_back_add_"] + counter.calls["fastgrad.lowrank_project_back"]
+    for calls in step_op_counts(model, opt, token_batches(3)):  # steps 0 (refresh), 1, 2 (refresh)
+        assert calls["fastgrad.lowrank_project"] == N_LOWRANK
+        back = calls["fastgrad.lowrank_project_back_add_"] + calls["fastgrad.lowrank_project_back"]
         # Fira: −α·up(R) into the residual buffer and α·up(N) into W; APOLLO has no up-projection
         assert back == (2 * N_LOWRANK if flavour == "fira" else 0)
 
