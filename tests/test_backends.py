@@ -48,11 +48,14 @@ def test_compiled_kernels_serve_every_op_on_cpu():
 
 
 def test_cuda_backend_choice_is_explicit(monkeypatch):
-    monkeypatch.setenv("FASTGRAD_CUDA_BACKEND", "cuda")
-    assert _backends._cuda_backend_choice("quantize_int8") == "cuda"
-    monkeypatch.setenv("FASTGRAD_CUDA_BACKEND", "triton")
+    # A measured preference (what bench/gpu_acceptance.py writes) for one op; the others have none.
+    monkeypatch.setattr(_backends, "CUDA_PREFERENCE", {"quantize_int8": "cuda"})
+    monkeypatch.setenv("FASTGRAD_CUDA_BACKEND", "triton")  # the environment overrides the table
     assert _backends._cuda_backend_choice("quantize_int8") == "triton"
+    monkeypatch.setenv("FASTGRAD_CUDA_BACKEND", "cuda")
+    assert _backends._cuda_backend_choice("dequantize_int8") == "cuda"
     monkeypatch.delenv("FASTGRAD_CUDA_BACKEND")
-    assert _backends._cuda_backend_choice("quantize_int8") == _backends.CUDA_PREFERENCE.get("quantize_int8", "triton")
+    assert _backends._cuda_backend_choice("quantize_int8") == "cuda"  # the table
+    assert _backends._cuda_backend_choice("dequantize_int8") == "triton"  # no entry: Triton
     if torch.cuda.is_available():
         assert _backends.SERVED_BY["quantize_int8"]["cuda"] in ("triton", "cuda")
