@@ -185,6 +185,14 @@ def _validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{_CONFIG_FLAGS[name]} must be a positive integer, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
         raise ValueError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.device is not None and cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {cfg.device}: this torch ({torch.__version__}) sees no CUDA device; "
+                "install a CUDA build of torch on a GPU machine, or use --device cpu"
+            )
     if cfg.layerwise and cfg.optim not in LAYERWISE:
         raise ValueError(f"--layerwise works with --optim {', '.join(sorted(LAYERWISE))}, not {cfg.optim}")
     streaming_error = cfg.layerwise_streaming_error()
@@ -219,12 +227,18 @@ def _check_memory_cap(cfg: TrainConfig) -> None:
 
 
 def pretrain(args: argparse.Namespace) -> int:
+    from fastgrad.train.checkpoint import checkpoint_step
     from fastgrad.train.loop import is_main_process, train
     from fastgrad.train.plot import plot_losses
 
     cfg, run_dir, resume = _prepare_run(args)
     _validate(cfg)
     main_process = is_main_process()  # under torchrun, rank 0 alone prints and writes
+    if resume and (checkpoint_step(run_dir) or 0) >= cfg.steps:
+        # Nothing left to train: leave the finished run's summary, metrics and plot as they are.
+        if main_process:
+            print(f"run {run_dir} already finished its {cfg.steps} steps: nothing to resume, no file changed")
+        return 0
     if main_process:
         print(f"run directory: {run_dir}", flush=True)
     try:

@@ -110,6 +110,27 @@ def test_resume_with_a_different_config_is_refused(tmp_path, text_file, capsys):
     assert main(["pretrain", "--resume", str(tmp_path / "nothing-here")]) == 2
 
 
+def test_resuming_a_finished_run_changes_no_file(tmp_path, text_file, capsys):
+    """A run that completed its steps has nothing to resume: it says so and its summary, metrics,
+    plot and checkpoint stay as they were (the loop would otherwise rewrite them with NaN)."""
+    assert _run(tmp_path, text_file, "--optim", "adamw", "--steps", "2", "--name", "done") == 0
+    run = tmp_path / "done"
+    files = sorted(p for p in run.rglob("*") if p.is_file())
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(run), "--no-progress"]) == 0
+    assert "already finished its 2 steps" in capsys.readouterr().out
+    assert sorted(p for p in run.rglob("*") if p.is_file()) == files
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == before
+
+
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, text_file, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _run(tmp_path, text_file, "--device", "cuda", "--name", "gpu") == 2
+    assert "--device cuda: this torch" in capsys.readouterr().err
+    assert not (tmp_path / "gpu").exists()
+
+
 @pytest.mark.parametrize("optim", ["adamw", "galore", "q-galore", "fira", "apollo", "apollo-mini", "frugal"])
 def test_every_optimizer_trains(tmp_path, text_file, untrained_val_loss, optim):
     assert _run(tmp_path, text_file, "--optim", optim, "--rank", "8", "--steps", "4", "--name", optim) == 0

@@ -53,6 +53,12 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The optimizer step of ``run_dir``'s checkpoint (None without one), from trainer.json alone."""
+    path = find_checkpoint(run_dir)
+    return None if path is None else int(json.loads((path / "trainer.json").read_text())["step"])
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict:
     """Restore model and optimizer in place; return the trainer state (step, counters)."""
     missing, unexpected = load_model(_unwrap(model), str(path / "model.safetensors"), strict=False)
