@@ -239,8 +239,6 @@ def pretrain(args: argparse.Namespace) -> int:
         if main_process:
             print(f"run {run_dir} already finished its {cfg.steps} steps: nothing to resume, no file changed")
         return 0
-    if main_process:
-        print(f"run directory: {run_dir}", flush=True)
     try:
         result = train(cfg, run_dir, resume=resume, show_progress=not args.no_progress)
     except KeyboardInterrupt:
@@ -265,7 +263,7 @@ def pretrain(args: argparse.Namespace) -> int:
         ("peak memory", f"{result.peak_memory_bytes / 2**20:,.0f} MiB"),
         ("optimizer state", f"{result.optimizer_state_bytes / 2**20:,.2f} MiB"),
         ("skipped NaN/Inf steps", f"{result.nonfinite_steps}"),
-        ("outputs", f"{run_dir}/ (config.json, metrics.jsonl, checkpoint/, loss.png)"),
+        ("outputs", f"{run_dir}/ (config.json, metrics.jsonl, summary.json, checkpoint/, loss.png)"),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))

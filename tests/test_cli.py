@@ -124,6 +124,20 @@ def test_resuming_a_finished_run_changes_no_file(tmp_path, text_file, capsys):
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == before
 
 
+def test_progress_output_names_only_what_exists(tmp_path, text_file, capsys):
+    """The "run directory" line comes once the directory exists (bad --data prints none), the
+    progress bar has no validation column before the first evaluation (no val=nan), and the
+    closing outputs line lists summary.json."""
+    assert _run(tmp_path, text_file, "--data", str(tmp_path / "missing.txt"), "--name", "bad") == 2
+    assert "run directory" not in capsys.readouterr().out
+    args = ["pretrain", "--out", str(tmp_path), "--data", str(text_file), *SMALL, "--optim", "adamw"]
+    assert main([*args, "--steps", "4", "--name", "ok"]) == 0  # with the progress bar (eval at step 3)
+    captured = capsys.readouterr()
+    assert f"run directory: {tmp_path / 'ok'}" in captured.out
+    assert "val=nan" not in captured.err and "val=" in captured.err
+    assert "summary.json" in captured.out.splitlines()[-1]
+
+
 def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, text_file, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _run(tmp_path, text_file, "--device", "cuda", "--name", "gpu") == 2

@@ -316,7 +316,9 @@ def _train(
             (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
         _rank0_first(env, create_run_dir, others=False)
-    else:
+    if env.is_main:  # only now: bad input (data, model, options) has left no directory to report
+        print(f"run directory: {run_dir}", flush=True)
+    if resume:
         checkpoint = find_checkpoint(run_dir)  # every rank loads it
         if checkpoint is None:
             raise ValueError(f"--resume {run_dir}: no checkpoint found in it")
@@ -364,6 +366,7 @@ def _train(
     # are told so and skip their own check (a host synchronisation); torch's AdamW does not check.
     step_kwargs = {"grads_finite": True} if isinstance(optimizer, LowRankOptimizer) else {}
     step, consecutive_bad, train_loss, val_loss = start_step, 0, float("nan"), float("nan")
+    evaluated = False
     started = time.perf_counter()
 
     def checkpoint_now() -> None:
@@ -452,12 +455,11 @@ def _train(
                 record["val_loss"] = val_loss
             if env.is_main:
                 _append_metrics(metrics, record)
-            bar.set_postfix(
-                loss=f"{loss_sum:.3f}",
-                val=f"{val_loss:.3f}",
-                tok_s=f"{tok_per_s:,.0f}",
-                mem=f"{_peak_memory(device) / 2**30:.2f}G",
-            )
+            shown = {"loss": f"{loss_sum:.3f}"}
+            if "val_loss" in record or evaluated:  # no validation column before the first evaluation
+                shown["val"] = f"{val_loss:.3f}"
+                evaluated = True
+            bar.set_postfix(**shown, tok_s=f"{tok_per_s:,.0f}", mem=f"{_peak_memory(device) / 2**30:.2f}G")
             bar.update(1)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 checkpoint_now()
