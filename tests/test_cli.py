@@ -138,6 +138,26 @@ def test_progress_output_names_only_what_exists(tmp_path, text_file, capsys):
     assert "summary.json" in captured.out.splitlines()[-1]
 
 
+@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.pt", "trainer.json"])
+def test_resume_from_a_damaged_checkpoint_names_the_file(tmp_path, text_file, capsys, damaged):
+    """A checkpoint file cut short (a full disk, an interrupted copy) ends --resume with one line
+    naming the file and what is wrong, not a SafetensorError or unpickling traceback; no file of
+    the run changes."""
+    assert _run(tmp_path, text_file, "--optim", "adamw", "--steps", "4", "--save-every", "2", "--name", "r") == 0
+    run = tmp_path / "r"
+    # A 4-step run whose checkpoint says step 2, then one of its files cut in half.
+    trainer = json.loads((run / "checkpoint/trainer.json").read_text())
+    (run / "checkpoint/trainer.json").write_text(json.dumps({**trainer, "step": 2}))
+    target = run / "checkpoint" / damaged
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint file {target} is damaged or incomplete" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, text_file, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _run(tmp_path, text_file, "--device", "cuda", "--name", "gpu") == 2

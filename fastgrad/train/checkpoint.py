@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 CHECKPOINT = "checkpoint"
@@ -53,20 +55,42 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+# What reading a truncated or overwritten checkpoint file raises (safetensors' header check, torch's
+# zip reader, the unpickler, the JSON parser).
+_DAMAGED = (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, json.JSONDecodeError, UnicodeDecodeError)
+
+
+def _read(file: Path, load):
+    """``load()``, or a ValueError naming ``file`` when it is damaged (a full disk, a copy cut short)."""
+    try:
+        return load()
+    except _DAMAGED as e:
+        raise ValueError(
+            f"checkpoint file {file} is damaged or incomplete ({type(e).__name__}: {e}); this run cannot be "
+            "resumed from it (fastgrad keeps one checkpoint per run: start a new run, or restore the file)"
+        ) from e
+
+
 def checkpoint_step(run_dir: Path) -> int | None:
     """The optimizer step of ``run_dir``'s checkpoint (None without one), from trainer.json alone."""
     path = find_checkpoint(run_dir)
-    return None if path is None else int(json.loads((path / "trainer.json").read_text())["step"])
+    if path is None:
+        return None
+    trainer = path / "trainer.json"
+    return int(_read(trainer, lambda: json.loads(trainer.read_text()))["step"])
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict:
     """Restore model and optimizer in place; return the trainer state (step, counters)."""
-    missing, unexpected = load_model(_unwrap(model), str(path / "model.safetensors"), strict=False)
+    weights = path / "model.safetensors"
+    _read(weights, lambda: safe_open(str(weights), "pt").keys())  # the header and the file's length agree
+    missing, unexpected = load_model(_unwrap(model), str(weights), strict=False)
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {path} does not match the model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
-    state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(state)
-    return json.loads((path / "trainer.json").read_text())
+    states = path / "optimizer.pt"
+    optimizer.load_state_dict(_read(states, lambda: torch.load(states, weights_only=True, map_location="cpu")))
+    trainer = path / "trainer.json"
+    return _read(trainer, lambda: json.loads(trainer.read_text()))
