@@ -4,7 +4,9 @@ python bench/report.py            # print
 python bench/report.py --readme   # replace the blocks between the bench and kernels markers in README.md
 
 The kernels block is the compile table of ``python -m fastgrad.kernels.aot --csv
-bench/results/kernels-compile.csv`` (one run per Triton version; each replaces its own rows).
+bench/results/kernels-compile.csv`` (one run per Triton version; each replaces its own rows). The
+compare-table block is bench/results/compare-tiny.json, the compare.json of
+``fastgrad compare --optims adamw,galore,q-galore`` (README, "Comparing optimizers").
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ REFRESH_BASELINE = "svd"  # refresh steps compare to the exact SVD
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 KERNELS_BEGIN, KERNELS_END = "<!-- kernels:begin -->", "<!-- kernels:end -->"
 COMPILE_RESULTS = ROOT / "bench" / "results" / "kernels-compile.csv"
+COMPARE_BEGIN, COMPARE_END = "<!-- compare-table:begin -->", "<!-- compare-table:end -->"
+COMPARE_RESULTS = ROOT / "bench" / "results" / "compare-tiny.json"
 
 
 def latest_rows(suite: str) -> list[dict]:
@@ -79,6 +83,15 @@ def render_compile() -> str:
         return summary(list(csv.DictReader(f)))
 
 
+def render_compare() -> str:
+    """The README's optimizer comparison: ``fastgrad compare``'s own table of its committed results."""
+    import json
+
+    from fastgrad.cli import compare_table
+
+    return compare_table(json.loads(COMPARE_RESULTS.read_text()))
+
+
 def replace_block(content: str, begin: str, end: str, text: str) -> str:
     head, rest = content.split(begin, 1)
     _, tail = rest.split(end, 1)
@@ -95,7 +108,8 @@ def main() -> None:
         return
     readme = ROOT / "README.md"
     content = replace_block(readme.read_text(), BEGIN, END, text)
-    readme.write_text(replace_block(content, KERNELS_BEGIN, KERNELS_END, render_compile()))
+    content = replace_block(content, KERNELS_BEGIN, KERNELS_END, render_compile())
+    readme.write_text(replace_block(content, COMPARE_BEGIN, COMPARE_END, render_compare()))
 
 
 if __name__ == "__main__":

@@ -315,6 +315,22 @@ def _as_flags(explicit: dict) -> list[str]:
     return flags
 
 
+def compare_table(rows: list[dict]) -> str:
+    """The Markdown table of ``fastgrad compare``'s runs (its compare.json rows); bench/report.py
+    renders the README's comparison from a committed compare.json with it."""
+    table = [
+        "| optimizer | final val loss | val perplexity | tokens/s | peak memory (MiB) | optimizer state (MiB) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        table.append(
+            f"| {r['optimizer']} | {r['val_loss']:.4f} | {math.exp(r['val_loss']):.1f} | "
+            f"{r['tokens'] / r['seconds']:,.0f} | {r['peak_memory_bytes'] / 2**20:,.0f} | "
+            f"{r['optimizer_state_bytes'] / 2**20:,.2f} |"
+        )
+    return "\n".join(table)
+
+
 def compare(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -342,17 +358,7 @@ def compare(args: argparse.Namespace) -> int:
             raise ValueError(f"the {optim} run failed; its output is above and its files are in {out_dir / optim}")
         summary = json.loads((out_dir / optim / "summary.json").read_text())
         rows.append({"optimizer": optim, **summary})
-    table = [
-        "| optimizer | final val loss | val perplexity | tokens/s | peak memory (MiB) | optimizer state (MiB) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        table.append(
-            f"| {r['optimizer']} | {r['val_loss']:.4f} | {math.exp(r['val_loss']):.1f} | "
-            f"{r['tokens'] / r['seconds']:,.0f} | {r['peak_memory_bytes'] / 2**20:,.0f} | "
-            f"{r['optimizer_state_bytes'] / 2**20:,.2f} |"
-        )
-    text = "\n".join(table)
+    text = compare_table(rows)
     (out_dir / "compare.md").write_text(text + "\n")
     (out_dir / "compare.json").write_text(json.dumps(rows, indent=1))
     plot_losses({o: out_dir / o / "metrics.jsonl" for o in optims}, out_dir / "compare.png", f"llama-{cfg.model}")

@@ -305,3 +305,16 @@ def test_tokens_dtype_and_activation_checkpointing(tmp_path, text_file):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["tokens"] == 3 * 4 * 32 * 2
     assert all(0 < r["loss"] < 20 for r in rows)
+
+
+def test_readme_compare_table_is_the_results_file():
+    """The README's optimizer comparison is `fastgrad compare`'s own table of the committed
+    bench/results/compare-tiny.json (bench/report.py --readme writes it), not numbers copied by hand."""
+    from fastgrad.cli import compare_table
+
+    root = Path(__file__).parent.parent
+    rows = json.loads((root / "bench" / "results" / "compare-tiny.json").read_text())
+    readme = (root / "README.md").read_text()
+    block = readme.split("<!-- compare-table:begin -->\n", 1)[1].split("\n<!-- compare-table:end -->", 1)[0]
+    assert block == compare_table(rows)
+    assert [r["optimizer"] for r in rows] == ["adamw", "galore", "q-galore"]
