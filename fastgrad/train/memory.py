@@ -353,6 +353,11 @@ class _Step:
             return rows * row // 2 + 8 * rows * (row // g)
         return r * d * self.e
 
+    def qgalore_refresh_extra_bytes(self, w: _Weight) -> int:
+        """What a Q-GaLore refresh keeps besides P: P's first singular vector (proj_past, min(m, n)
+        fp32) and the cosine queue; 0 for the other optimizers."""
+        return 4 * min(w.shape) + 4 * QUEUE_SIZE if self.quantized else 0
+
     def state_bytes(self, w: _Weight) -> int:
         """What the optimizer's state holds for ``w`` after a step (the tensors only)."""
         if self.optim == "adamw":
@@ -364,11 +369,7 @@ class _Step:
         total = _moments_bytes(low_numel, elem, self.eight_bit) + self.proj_bytes(w)
         if self.optim in ("fira", "apollo", "apollo-mini"):
             total += 4  # the norm-growth limiter's remembered norm (0-d fp32)
-        if self.quantized:
-            m, n = w.shape
-            total += 4 * (m if m < n else n)  # proj_past: P's first singular vector
-            total += 4 * QUEUE_SIZE  # the cosine queue
-        return total
+        return total + self.qgalore_refresh_extra_bytes(w)
 
     def qlinear_bytes(self, w: _Weight) -> int:
         """INT8 codes plus fp32 scales and zeros per group (fit_group_size(256, in_features))."""
@@ -406,10 +407,11 @@ class _Step:
         tape.temp(4 * m * n + SVD_SCRATCH)  # LAPACK's copy of the input and small buffers
         if self.quantized:
             tape.alloc(r * d * 4)  # the basis, contiguous fp32
-            tape.alloc(4 * d + 4 * QUEUE_SIZE)  # its first vector, the cosine queue (new tensors)
+            extra = self.qgalore_refresh_extra_bytes(w)
+            tape.alloc(extra)  # its first vector, the cosine queue (new tensors)
             tape.alloc(proj)  # quantize_int4: codes, scales, zeros
             tape.free(r * d * 4)
-            replaced = proj + 4 * d + 4 * QUEUE_SIZE
+            replaced = proj + extra
         else:
             tape.alloc(2 * proj)
             tape.free(proj)  # the strided copy
@@ -991,10 +993,7 @@ class _Step:
         weight = self.qlinear_bytes(w) if (self.quantized and w.proj) else w.numel * self.e
         state = self.state_bytes(w)
         if self.is_lowrank(w):
-            state -= self.proj_bytes(w)
-            if self.quantized:  # proj_past and the cosine queue belong to the projector too
-                m, n = w.shape
-                state -= 4 * (m if m < n else n) + 4 * QUEUE_SIZE
+            state -= self.proj_bytes(w) + self.qgalore_refresh_extra_bytes(w)
         return weight + state
 
     # GaLoreAdamW, QGaLoreAdamW and their 8-bit-moment variants (AdamW8bit too: GaLoreAdamW8bit's
