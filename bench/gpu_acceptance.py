@@ -1447,7 +1447,7 @@ def _profiled_peak(model: torch.nn.Module, batch: list[torch.Tensor], step: Call
     steps are profiled, so the optimizer state the first creates (and every tensor the second
     replaces) is counted on allocation and on release; the live total starts from what is resident
     before them (weights, buffers, the token batch) and a marker allocation starts the measured step."""
-    from fastgrad.train.memory import measured_memory_events, storage_bytes
+    from fastgrad.train.profiling import measured_memory_events, storage_bytes
 
     live = storage_bytes([*model.parameters(), *model.buffers(), *batch])
 

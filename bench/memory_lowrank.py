@@ -25,7 +25,7 @@ import torch
 from fastgrad.models import LlamaForCausalLM, get_config
 from fastgrad.nn import lowrank_grad_model, quantize_model
 from fastgrad.optim import GaLoreAdamW, QGaLoreAdamW, galore_param_groups, layerwise, qgalore_param_groups
-from fastgrad.train.memory import live_peak, measured_memory_events, storage_bytes
+from fastgrad.train.profiling import live_peak, measured_memory_events, storage_bytes
 
 RESULTS = Path(__file__).parent / "results" / "memory.csv"
 RANK = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}

@@ -33,7 +33,8 @@ def extension_disabled() -> bool:
 
 
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """TRITON_INTERPRET as Triton reads it (``triton.knobs.runtime.interpret``), without importing Triton."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
 
 
 def _load_extension() -> None:

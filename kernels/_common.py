@@ -11,10 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgrad._backends import triton_interpret
-
-# Read once at import, like Triton itself (``@triton.jit`` picks the interpreter at decoration time).
-INTERPRET: bool = triton_interpret()
+# Triton's own reading of TRITON_INTERPRET, taken once at import as ``@triton.jit`` does at decoration.
+INTERPRET: bool = triton.knobs.runtime.interpret
 
 
 @dataclass(frozen=True)
@@ -183,16 +181,17 @@ def out_view(out: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def f32_to_bf16_bits(x):
-    """fp32 -> bf16 bit pattern (int16), round-to-nearest-even, NaN kept (quiet, sign kept).
+    """fp32 -> bf16 bit pattern (int16), round-to-nearest-even; NaN -> 0xFFFF, the rule of every
+    fastgrad kernel (csrc/common/quant_math.h::float_to_bf16_rne, and torch's CPU conversion that
+    the reference uses).
 
     Done in integer arithmetic because the interpreter's fp32 -> bf16 cast truncates (and ignores
     ``fp_downcast_rounding``); on a GPU this costs a few integer ops per element in a memory-bound
-    kernel and gives the same bits as ``cvt.rn.bf16.f32`` and ``torch.Tensor.to(torch.bfloat16)``.
+    kernel and gives the bits of ``cvt.rn.bf16.f32`` for every non-NaN value.
     """
     bits = x.to(tl.uint32, bitcast=True)
     rne = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    nan = (bits >> 16) | 0x40
-    return tl.where(x != x, nan, rne).to(tl.int16)
+    return tl.where(x != x, 0xFFFF, rne).to(tl.int16)
 
 
 @triton.jit

@@ -80,8 +80,8 @@ import triton.language as tl
 from fastgrad._ops import check_galore_adam_step, check_galore_adam_step_int8, check_galore_adam_step_quantized
 
 from ._common import INTERPRET, launch, load_float, out_view, parallel_slots, store_float
-from .project import _load_tile, group_alignment, matmul_configs
-from .quant import _reduce_chunk, _scale_zero, block_words_aligned, encode_codes
+from .project import group_alignment, load_tile, matmul_configs
+from .quant import block_words_aligned, encode_codes, reduce_chunk, scale_zero
 
 # Knobs (module attributes so that tests can reach every path with small shapes).
 MOMENT_BLOCK = 2**14 if INTERPRET else 1024  # values per program of the moment kernel
@@ -146,11 +146,11 @@ def _up_tile(
     B_QUANT: tl.constexpr = 0 if Q_IS_A else QUANT
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        a = _load_tile(
+        a = load_tile(
             a_ptr, m0, k0, M, K, stride_am, stride_ak, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
             A_QUANT, False, Q_ALIGN, True, BLOCK_M, BLOCK_K,
         )  # fmt: skip
-        b = _load_tile(
+        b = load_tile(
             b_ptr, k0, n0, K, N, stride_bk, stride_bn, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
             B_QUANT, False, Q_ALIGN, Q_EVEN, BLOCK_K, BLOCK_N,
         )  # fmt: skip
@@ -245,8 +245,8 @@ def _adam_update_int8_kernel(
             stride_am, stride_ak, stride_bk, stride_bn, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
             step_scale, decay, QUANT, Q_IS_A, Q_ALIGN, Q_EVEN, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
-        lo, hi = _reduce_chunk(x, mask, lo, hi, False)
-        scale, zero = _scale_zero(lo, hi, rmask, 8, False)
+        lo, hi = reduce_chunk(x, mask, lo, hi, False)
+        scale, zero = scale_zero(lo, hi, rmask, 8, False)
         code = encode_codes(x, elem, scale, zero, seed, offset, 8, STOCHASTIC, BLOCK_WORDS)
         tl.store(codes_ptr + elem, code.to(tl.uint8), mask=mask)
     else:
@@ -257,8 +257,8 @@ def _adam_update_int8_kernel(
                 stride_am, stride_ak, stride_bk, stride_bn, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
                 step_scale, decay, QUANT, Q_IS_A, Q_ALIGN, Q_EVEN, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
-            lo, hi = _reduce_chunk(x, mask, lo, hi, False)
-        scale, zero = _scale_zero(lo, hi, rmask, 8, False)
+            lo, hi = reduce_chunk(x, mask, lo, hi, False)
+        scale, zero = scale_zero(lo, hi, rmask, 8, False)
         for c in range(0, num_chunks):
             x, elem, mask = _int8_updated_chunk(
                 codes_ptr, a_ptr, b_ptr, rows, rmask, m0, col0, c, old_scale, old_zero, M, N, K, group_size,
@@ -278,7 +278,7 @@ def _adam_update_int8_kernel(
 
 def _adam_direction(exp_avg, exp_avg_sq, r, beta1, beta2, eps, denom_scale) -> torch.Tensor:
     """Moments updated in place; returns N (fp32, R's shape, contiguous)."""
-    n = torch.empty(r.shape, dtype=torch.float32, device=r.device)
+    n = torch.empty(r.shape, dtype=torch.float32, device=r.device)  # plans.adam_step_workspace_bytes
     numel = r.numel()
     if numel == 0:
         return n

@@ -20,7 +20,7 @@ all: ``_lowrank_matmul``. A quantized P is one of A or B (``Q_IS_A``), read eith
 (group ``i * groups_per_row + j // group_size`` for P's element (i, j)), so the dense P is never
 materialized: an INT4 tile loads each byte once and splits its two nibbles, and when the tile lies
 within one group along j (the usual case: groups of 256, tiles of ≤ 256) the scales and zeros are
-loaded once per row of P in the tile rather than once per element (``_load_tile``).
+loaded once per row of P in the tile rather than once per element (``load_tile``).
 
 Tiling. Programs tile C in BLOCK_M × BLOCK_N tiles and loop over K in BLOCK_K steps, accumulating
 in fp32 with ``tl.dot``. The down-projection has a huge K (m or n, 4096..11008+) and a skinny
@@ -28,7 +28,7 @@ output (r rows or columns): the tile grid alone can be smaller than the GPU, so 
 fill the device K is split across a second grid axis (split-K) into an fp32 workspace
 ``(splits, M, N)`` whose partial sums torch adds up (deterministic: no atomics, so two runs give the
 same bits). The split count is capped so that the workspace's write + read stays under 25% of the
-traffic of the streamed operand (``SPLIT_K_TRAFFIC_BUDGET``). Consecutive programs share the tiles
+traffic of the streamed operand (``plans.SplitK``). Consecutive programs share the tiles
 of the larger operand (``SHARE_B``), so G is read from DRAM about once and its re-reads by the
 other row blocks of the rank come from L2. The back-projection has K = r: a plain tiled matmul.
 
@@ -70,13 +70,11 @@ from fastgrad._ops import (
 )
 
 from ._common import INTERPRET, launch, load_float, out_view, parallel_slots, store_float
+from .plans import SplitK
 
-# Split-K knobs (module attributes so that tests can reach every path with small shapes).
-SPLIT_K_MIN_K = 16 if INTERPRET else 512  # fewest values of K per split
-SPLIT_K_MAX = 32
-# The fp32 workspace is written and read back once: keep that traffic (2 · splits · M · N · 4 bytes)
-# under this fraction of the big operand's (K · max(M, N) · itemsize bytes).
-SPLIT_K_TRAFFIC_BUDGET = float("inf") if INTERPRET else 0.25
+# When K is split (kernels/plans.py, shared with the memory model); shrunk under the interpreter so
+# that tests reach the split path with small shapes.
+SPLIT_K = SplitK(min_k=16, traffic_budget=float("inf"), nominal_tile=32, align=32) if INTERPRET else SplitK()
 
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
 
@@ -120,12 +118,8 @@ def matmul_configs(M: int, N: int, splits: int, fp32: bool, device: torch.device
     return filling + [c for c in tiles if c not in filling]
 
 
-# Nominal tile used to decide split-K before the tile is chosen.
-_NOMINAL_TILE = 32 if INTERPRET else 128
-
-
 @triton.jit
-def _load_tile(
+def load_tile(
     ptr, row0, col0, n_rows, n_cols, stride_r, stride_c, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
     QUANT: tl.constexpr, Q_TRANS: tl.constexpr, Q_ALIGN: tl.constexpr, Q_EVEN: tl.constexpr,
     BR: tl.constexpr, BC: tl.constexpr,
@@ -241,11 +235,11 @@ def _lowrank_matmul_kernel(
     A_QUANT: tl.constexpr = QUANT if Q_IS_A else 0
     B_QUANT: tl.constexpr = 0 if Q_IS_A else QUANT
     for k0 in range(k_begin, k_end, BLOCK_K):
-        a = _load_tile(
+        a = load_tile(
             a_ptr, m0, k0, M, k_end, stride_am, stride_ak, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
             A_QUANT, Q_TRANS, Q_ALIGN, True, BLOCK_M, BLOCK_K,
         )  # fmt: skip
-        b = _load_tile(
+        b = load_tile(
             b_ptr, k0, n0, k_end, N, stride_bk, stride_bn, q_scales, q_zeros, q_row_stride, q_gpr, q_gs,
             B_QUANT, Q_TRANS, Q_ALIGN, True, BLOCK_K, BLOCK_N,
         )  # fmt: skip
@@ -263,26 +257,9 @@ def _lowrank_matmul_kernel(
 
 def group_alignment(group_size: int) -> int:
     """Q_ALIGN of a quantized P: the largest power of two (≤ 256, the widest tile) that divides its
-    group size. A constexpr: the hoisting decision of ``_load_tile`` is made at compile time, while
+    group size. A constexpr: the hoisting decision of ``load_tile`` is made at compile time, while
     every group size with the same alignment shares one compiled kernel."""
     return math.gcd(group_size, 256)
-
-
-def _split_k(M: int, N: int, K: int, itemsize: int, device: torch.device) -> tuple[int, int]:
-    """(splits, K values per split): split K only when the tile grid leaves the device idle, and
-    only as far as the workspace traffic stays small next to the operand that is streamed."""
-    tiles = triton.cdiv(M, _NOMINAL_TILE) * triton.cdiv(N, _NOMINAL_TILE)
-    slots = parallel_slots(device) // 2  # about 2 programs of a 128×128 tile fit on an SM
-    if tiles >= slots or M * N == 0:
-        return 1, K
-    budget = SPLIT_K_TRAFFIC_BUDGET * K * max(M, N) * itemsize / (8 * M * N)
-    splits = int(min(triton.cdiv(slots, tiles), K // SPLIT_K_MIN_K, SPLIT_K_MAX, budget))
-    if splits <= 1:
-        return 1, K
-    # A multiple of 256 (of 32 under the interpreter) is a multiple of every config's BLOCK_K.
-    align = 32 if INTERPRET else 256
-    k_per_split = triton.cdiv(triton.cdiv(K, splits), align) * align
-    return triton.cdiv(K, k_per_split), k_per_split
 
 
 def _matmul(a, sa, b, sb, M, N, K, out, scale, quant=None, accumulate=False):
@@ -303,7 +280,7 @@ def _matmul(a, sa, b, sb, M, N, K, out, scale, quant=None, accumulate=False):
         q_is_a, q_trans, bits, q_scales, q_zeros, q_gs = quant
         codes = a if q_is_a else b
         q_row_stride, q_gpr = codes.stride(0), q_scales.shape[1]
-    splits, k_per_split = _split_k(M, N, K, dense.element_size(), out.device)
+    splits, k_per_split = SPLIT_K.plan(M, N, K, dense.element_size(), parallel_slots(out.device))
     if splits > 1:
         target = torch.empty((splits, M, N), dtype=torch.float32, device=out.device)
         cs = target.stride()

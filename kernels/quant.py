@@ -9,9 +9,9 @@ flat index ``q * g`` and its scale/zero live at ``scales[q]``/``zeros[q]`` (scal
 ``(..., n / g)``, contiguous). The kernels only see that flat view.
 
 Tiling. A program owns a tile of ``GROUPS`` groups x ``BLOCK`` values, ``BLOCK = min(next_pow2(g),
-MAX_BLOCK)``, and loops over the ``cdiv(g, BLOCK)`` chunks of its groups (any group size works: odd,
+TILING.max_block)``, and loops over the ``cdiv(g, BLOCK)`` chunks of its groups (any group size works: odd,
 not a power of two, or the whole row, e.g. 11008). Small groups are packed ``GROUPS`` to a program
-so that every program moves about ``TARGET_TILE`` values (coalesced row-major loads, enough bytes
+so that every program moves about ``TILING.target_tile`` values (coalesced row-major loads, enough bytes
 in flight per SM). Quantization makes two passes over a group (min/max or absmax, then encode);
 when a group fits in one chunk the values stay in registers between the passes, so ``x`` is read
 from memory once. When there are too few groups to fill the device (a 1-D tensor with one group
@@ -36,12 +36,13 @@ import triton.language as tl
 from fastgrad._ops import check_dequantize, check_quantize, check_round_bf16
 
 from ._common import INTERPRET, launch, out_view, parallel_slots, store_float
+from .plans import QuantTiling
 
-# Tiling knobs (module attributes so that tests can shrink them to reach every code path). On a
-# GPU a program's tile is 4096 values (16 per thread with 8 warps). The interpreter's cost is per
-# operation and per program, nearly independent of the tile size, so it gets much larger tiles.
-MAX_BLOCK = 2**14 if INTERPRET else 2048  # most values of one group handled per chunk
-TARGET_TILE = 2**14 if INTERPRET else 4096  # values per program (GROUPS * BLOCK) when groups are small
+# Tiling knobs (module attributes so that tests can shrink them to reach every code path; the
+# quantizers' tiling is kernels/plans.py's, shared with the memory model). On a GPU a program's
+# tile is 4096 values (16 per thread with 8 warps). The interpreter's cost is per operation and per
+# program, nearly independent of the tile size, so it gets much larger tiles.
+TILING = QuantTiling(max_block=2**14, target_tile=2**14) if INTERPRET else QuantTiling()
 ROUND_BLOCK = 2**14 if INTERPRET else 4096  # values per program of round_bf16_stochastic
 
 # Candidate launch configs, in order of preference (``launch`` takes the first that fits the GPU):
@@ -66,7 +67,7 @@ def _load_chunk(x_ptr, base, gmask, c, group_size, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _reduce_chunk(x, mask, lo, hi, SYMMETRIC: tl.constexpr):
+def reduce_chunk(x, mask, lo, hi, SYMMETRIC: tl.constexpr):
     """Fold a chunk into the running (min, max), or into the running absmax (``hi``) if symmetric.
 
     NaN propagates, as in the reference (torch's amin/amax): a group holding a NaN gets NaN
@@ -85,7 +86,7 @@ def _reduce_chunk(x, mask, lo, hi, SYMMETRIC: tl.constexpr):
 
 
 @triton.jit
-def _scale_zero(lo, hi, gmask, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
+def scale_zero(lo, hi, gmask, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
     """Group statistics -> (scale, zero), as ``_reference.quantize`` (division correctly rounded)."""
     QMAX: tl.constexpr = (1 << BITS) - 1
     lo = tl.where(gmask, lo, 0.0)  # groups past the end keep finite stats (no inf - inf warnings)
@@ -195,8 +196,8 @@ def _quantize_body(
 
     if ONE_CHUNK:
         x, elem, mask = _load_chunk(x_ptr, base, gmask, c_begin, group_size, BLOCK)
-        lo, hi = _reduce_chunk(x, mask, lo, hi, SYMMETRIC)
-        scale, zero = _scale_zero(lo, hi, gmask, BITS, SYMMETRIC)
+        lo, hi = reduce_chunk(x, mask, lo, hi, SYMMETRIC)
+        scale, zero = scale_zero(lo, hi, gmask, BITS, SYMMETRIC)
         tl.store(scales_ptr + grp, scale, mask=gmask)
         tl.store(zeros_ptr + grp, zero, mask=gmask)
         _encode_store(
@@ -207,14 +208,14 @@ def _quantize_body(
         if MODE != 2:
             for c in range(c_begin, c_end):
                 x, elem, mask = _load_chunk(x_ptr, base, gmask, c, group_size, BLOCK)
-                lo, hi = _reduce_chunk(x, mask, lo, hi, SYMMETRIC)
+                lo, hi = reduce_chunk(x, mask, lo, hi, SYMMETRIC)
         if MODE == 1:
             nsplit = tl.num_programs(1)
             if not SYMMETRIC:
                 tl.store(lo_ptr + grp * nsplit + pid_s, lo, mask=gmask)
             tl.store(hi_ptr + grp * nsplit + pid_s, hi, mask=gmask)
         else:
-            scale, zero = _scale_zero(lo, hi, gmask, BITS, SYMMETRIC)
+            scale, zero = scale_zero(lo, hi, gmask, BITS, SYMMETRIC)
             smask = gmask & ((grp * 0 + pid_s) == 0)  # (a scalar-bool & tensor-bool mask upsets the interpreter)
             tl.store(scales_ptr + grp, scale, mask=smask)
             tl.store(zeros_ptr + grp, zero, mask=smask)
@@ -343,22 +344,6 @@ def block_words_aligned(offset: int, *run_starts: int) -> bool:
     return all(v % 4 == 0 for v in (offset, *run_starts))
 
 
-class _Plan:
-    """Tile shape and split of ``num_groups`` groups of ``group_size`` values."""
-
-    def __init__(self, num_groups: int, group_size: int, device: torch.device):
-        self.block = min(triton.next_power_of_2(group_size), MAX_BLOCK)
-        self.groups = max(1, min(TARGET_TILE // self.block, triton.next_power_of_2(num_groups)))
-        self.num_chunks = triton.cdiv(group_size, self.block)
-        self.tiles = triton.cdiv(num_groups, self.groups)
-        splits = 1
-        slots = parallel_slots(device)
-        if self.num_chunks > 1 and self.tiles < slots:
-            splits = min(self.num_chunks, triton.cdiv(slots, self.tiles))
-        self.chunks_per_split = triton.cdiv(self.num_chunks, splits)
-        self.splits = triton.cdiv(self.num_chunks, self.chunks_per_split)  # no empty split
-
-
 def _quantize(op: str, bits: int, kernel, x, group_size, symmetric, stochastic, seed, offset):
     g = check_quantize(op, x, bits, group_size, seed, offset)
     n = x.shape[-1]
@@ -369,7 +354,7 @@ def _quantize(op: str, bits: int, kernel, x, group_size, symmetric, stochastic, 
     num_groups = x.numel() // g
     if num_groups == 0:
         return codes, scales, zeros
-    plan = _Plan(num_groups, g, x.device)
+    plan = TILING.plan(num_groups, g, parallel_slots(x.device))
     block_words = bool(stochastic) and block_words_aligned(offset, g, plan.block)
     common = dict(
         SYMMETRIC=bool(symmetric), STOCHASTIC=bool(stochastic), BLOCK_WORDS=block_words,
@@ -412,7 +397,7 @@ def _dequantize(op: str, bits: int, kernel, codes, scales, zeros, dtype):
     if num_groups == 0:
         return out
     g = n // scales.shape[-1]
-    plan = _Plan(num_groups, g, codes.device)
+    plan = TILING.plan(num_groups, g, parallel_slots(codes.device))
     launch(
         kernel, lambda meta: (plan.tiles, plan.splits),
         (codes, scales, zeros, out_view(out), num_groups, g, plan.num_chunks, plan.chunks_per_split),

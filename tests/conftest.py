@@ -1,9 +1,11 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 import fastgrad  # noqa: F401  (registers the ops and backends)
+from fastgrad.data import load_default_corpus
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -25,6 +27,14 @@ def _fastgrad_cache(tmp_path_factory, monkeypatch):
     """Tests never touch the user's real cache directory."""
     if "FASTGRAD_CACHE" not in os.environ:
         monkeypatch.setenv("FASTGRAD_CACHE", str(tmp_path_factory.getbasetemp() / "fastgrad-cache"))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    """200 000 characters of the bundled corpus, for the tests that run ``fastgrad pretrain``."""
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(load_default_corpus()[:200_000])
+    return path
 
 
 def assert_close_report(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:

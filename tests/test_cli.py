@@ -12,16 +12,8 @@ import pytest
 import torch
 
 from fastgrad.cli import main
-from fastgrad.data import load_default_corpus
 
 SMALL = ["--seq-len", "32", "--batch-size", "4", "--vocab-size", "512", "--eval-every", "3", "--eval-batches", "2"]
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(load_default_corpus()[:200_000])
-    return path
 
 
 def _losses(run_dir: Path) -> list[float]:

@@ -169,6 +169,15 @@ def _bad_calls():
     q8_left = ops.quantize_int8(p_left, 8)
     q8_w = ops.quantize_int8(g, 20)
     m8, v8 = _moments(8, 40, "cpu")
+
+    def adam_step(w=None, m=m8, v=v8, low=low_left, side="left", hyper=_HYPER):
+        """galore_adam_step_ with valid arguments but those given."""
+        return F.galore_adam_step_(g.clone() if w is None else w, m, v, low, p_left, side, *hyper)
+
+    def int8_step(w=q8_w[:3], bits=8, offset=0):
+        """galore_adam_step_int8_ with valid arguments but those given."""
+        return F.galore_adam_step_int8_(*w, m8, v8, low_left, *q8_left[:3], bits, "left", *_HYPER, True, 0, offset)
+
     return [
         ("lowrank_grad", "x", lambda: F.lowrank_grad(dy, xin[:29], p_left, "left")),  # token counts differ
         ("lowrank_grad", "x", lambda: F.lowrank_grad(dy, xin.double(), p_left, "left")),
@@ -202,54 +211,16 @@ def _bad_calls():
                 torch.randn(4, 41), torch.randn(64, 40), q8.codes, q8.scales, q8.zeros, 8, "left", 1.0
             ),
         ),
-        (
-            "galore_adam_step_",
-            "exp_avg",
-            lambda: F.galore_adam_step_(g.clone(), m8[:, :39], v8, low_left, p_left, "left", *_HYPER),
-        ),
-        (
-            "galore_adam_step_",
-            "exp_avg_sq",
-            lambda: F.galore_adam_step_(g.clone(), m8, v8.bfloat16(), low_left, p_left, "left", *_HYPER),
-        ),
-        (
-            "galore_adam_step_",
-            "exp_avg",
-            lambda: F.galore_adam_step_(g.clone(), m8.t().contiguous().t(), v8, low_left, p_left, "left", *_HYPER),
-        ),
-        (
-            "galore_adam_step_",
-            "r",
-            lambda: F.galore_adam_step_(g.clone(), m8, v8, low_left.t().contiguous().t(), p_left, "left", *_HYPER),
-        ),
-        (
-            "galore_adam_step_",
-            "w",
-            lambda: F.galore_adam_step_(g[:, :39].clone(), m8, v8, low_left, p_left, "left", *_HYPER),
-        ),
-        ("galore_adam_step_", "p", lambda: F.galore_adam_step_(g.clone(), m8, v8, low_left, p_left, "right", *_HYPER)),
-        (
-            "galore_adam_step_",
-            "beta1",
-            lambda: F.galore_adam_step_(g.clone(), m8, v8, low_left, p_left, "left", 1.0, 0.999, 1e-6, 1.0, -0.01, 1.0),
-        ),
-        (
-            "galore_adam_step_",
-            "beta2",
-            lambda: F.galore_adam_step_(g.clone(), m8, v8, low_left, p_left, "left", 0.9, -0.1, 1e-6, 1.0, -0.01, 1.0),
-        ),
-        (
-            "galore_adam_step_",
-            "eps",
-            lambda: F.galore_adam_step_(
-                g.clone(), m8, v8, low_left, p_left, "left", 0.9, 0.999, float("nan"), 1.0, -0.01, 1.0
-            ),
-        ),
-        (
-            "galore_adam_step_",
-            "denom_scale",
-            lambda: F.galore_adam_step_(g.clone(), m8, v8, low_left, p_left, "left", 0.9, 0.999, 1e-6, 0.0, -0.01, 1.0),
-        ),
+        ("galore_adam_step_", "exp_avg", lambda: adam_step(m=m8[:, :39])),
+        ("galore_adam_step_", "exp_avg_sq", lambda: adam_step(v=v8.bfloat16())),
+        ("galore_adam_step_", "exp_avg", lambda: adam_step(m=m8.t().contiguous().t())),
+        ("galore_adam_step_", "r", lambda: adam_step(low=low_left.t().contiguous().t())),
+        ("galore_adam_step_", "w", lambda: adam_step(w=g[:, :39].clone())),
+        ("galore_adam_step_", "p", lambda: adam_step(side="right")),
+        ("galore_adam_step_", "beta1", lambda: adam_step(hyper=(1.0, 0.999, 1e-6, 1.0, -0.01, 1.0))),
+        ("galore_adam_step_", "beta2", lambda: adam_step(hyper=(0.9, -0.1, 1e-6, 1.0, -0.01, 1.0))),
+        ("galore_adam_step_", "eps", lambda: adam_step(hyper=(0.9, 0.999, float("nan"), 1.0, -0.01, 1.0))),
+        ("galore_adam_step_", "denom_scale", lambda: adam_step(hyper=(0.9, 0.999, 1e-6, 0.0, -0.01, 1.0))),
         (
             "galore_adam_step_quantized_",
             "w",
@@ -257,54 +228,10 @@ def _bad_calls():
                 torch.randn(48, 41), m8, v8, low_left, *q8_left[:3], 8, "left", *_HYPER
             ),
         ),
-        (
-            "galore_adam_step_int8_",
-            "w_codes",
-            lambda: F.galore_adam_step_int8_(
-                *ops.quantize_int8(torch.randn(48, 48), 8)[:3],
-                m8,
-                v8,
-                low_left,
-                *q8_left[:3],
-                8,
-                "left",
-                *_HYPER,
-                True,
-                0,
-                0,
-            ),
-        ),
-        (
-            "galore_adam_step_int8_",
-            "w_scales",
-            lambda: F.galore_adam_step_int8_(
-                q8_w.codes,
-                torch.ones(48, 3),
-                torch.ones(48, 3),
-                m8,
-                v8,
-                low_left,
-                *q8_left[:3],
-                8,
-                "left",
-                *_HYPER,
-                True,
-                0,
-                0,
-            ),
-        ),
-        (
-            "galore_adam_step_int8_",
-            "offset",
-            lambda: F.galore_adam_step_int8_(
-                *q8_w[:3], m8, v8, low_left, *q8_left[:3], 8, "left", *_HYPER, True, 0, -1
-            ),
-        ),
-        (
-            "galore_adam_step_int8_",
-            "bits",
-            lambda: F.galore_adam_step_int8_(*q8_w[:3], m8, v8, low_left, *q8_left[:3], 2, "left", *_HYPER, True, 0, 0),
-        ),
+        ("galore_adam_step_int8_", "w_codes", lambda: int8_step(w=ops.quantize_int8(torch.randn(48, 48), 8)[:3])),
+        ("galore_adam_step_int8_", "w_scales", lambda: int8_step(w=(q8_w.codes, torch.ones(48, 3), torch.ones(48, 3)))),
+        ("galore_adam_step_int8_", "offset", lambda: int8_step(offset=-1)),
+        ("galore_adam_step_int8_", "bits", lambda: int8_step(bits=2)),
         ("quantize_int8", "x", lambda: F.quantize_int8(x.to(torch.float64), 32, False, False, 0, 0)),
         ("quantize_int8", "x", lambda: F.quantize_int8(x.t(), 4, False, False, 0, 0)),  # non-contiguous
         ("quantize_int8", "group_size", lambda: F.quantize_int8(x, 48, False, False, 0, 0)),

@@ -20,7 +20,7 @@ from kernel_common import bits_of, special_values
 
 from fastgrad import _backends
 from fastgrad import _reference as ref
-from fastgrad.train.memory import live_peak, measured_memory_events
+from fastgrad.train.profiling import live_peak, measured_memory_events
 
 if _backends.EXTENSION_ERROR is not None:
     pytest.skip(f"fastgrad._C did not load: {_backends.EXTENSION_ERROR}", allow_module_level=True)

@@ -1,14 +1,17 @@
-"""The device math of the CUDA kernels, checked on a machine without a GPU.
+"""The host build of the CUDA kernels' per-element math, checked on a machine without a GPU.
 
 csrc/cuda/quant.cu does all its per-element arithmetic through the FASTGRAD_HD functions of
-csrc/common/quant_math.h and csrc/common/philox.h. tests/cuda_math_harness.cpp runs those same
-functions on the CPU (g++, -ffp-contract=off), in the order the kernels apply them (team-strided
-statistics, butterfly and slice merges, encode, nibble packing, decode, bf16 conversion), and this
-file compares its output with fastgrad/_reference.py: identical codes, scales and zeros, decoded
-values bitwise (NaN-aware), bf16 bit patterns, bf16 stochastic rounding and the Philox words.
+csrc/common/quant_math.h and csrc/common/philox.h. tests/cuda_math_harness.cpp compiles those
+functions with the host compiler (g++, -ffp-contract=off), so only their host (non-__CUDA_ARCH__)
+branches are built and run, and calls them in the order the kernels apply them (team-strided
+statistics, butterfly and slice merges, encode, nibble packing, decode, bf16 conversion: an order
+the harness re-implements, quant.cu itself is not compiled here). This file compares its output
+with fastgrad/_reference.py: identical codes, scales and zeros, decoded values bitwise (NaN-aware),
+bf16 bit patterns, bf16 stochastic rounding and the Philox words.
 
-What this cannot check: the kernels' indexing, vector loads and launches, and the CUDA intrinsics
-themselves (__f*_rn, hardware fp16 conversion); tests/test_cuda_kernels.py does that on a GPU.
+What this cannot check: the __CUDA_ARCH__ branches (the __f*_rn intrinsics, __float_as_uint bit
+casts, hardware fp16 conversion), the kernels' indexing, vector loads, reductions and launches, and
+whether the harness's order is still quant.cu's; tests/test_cuda_kernels.py does that on a GPU.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from fastgrad.cli import main
-from fastgrad.data import load_default_corpus
 
 pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; gloo on Linux"),
@@ -46,13 +45,6 @@ CASES = {
 # (Replicas that drift apart, e.g. a gradient left out of the average, differ by ~1e-3 at once.)
 RTOL = {"adamw": 1e-5, "galore": 1e-5, "galore-layerwise": 1e-5, "q-galore": 2e-4}
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(load_default_corpus()[:200_000])
-    return path
 
 
 def _records(run_dir: Path) -> list[dict]:

@@ -31,7 +31,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastgrad.train.loop as loop
-from fastgrad.data import load_default_corpus
 from fastgrad.data.dataset import TokenBatches
 from fastgrad.models import LlamaForCausalLM, get_config
 from fastgrad.optim import LowRankOptimizer, QGaLoreAdamW
@@ -129,13 +128,6 @@ def counter(monkeypatch) -> SyncCounter:
     monkeypatch.setattr(loop, "build_optimizer", build)
     monkeypatch.setattr(loop, "lr_at", lr_at)
     return c
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(load_default_corpus()[:200_000])
-    return path
 
 
 def _config(text_file: Path, optim: str, mode: str, **overrides) -> TrainConfig:

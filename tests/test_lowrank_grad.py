@@ -1,9 +1,8 @@
 """Low-rank weight gradients (fastgrad.nn.lowrank): LowRankGradLinear and QLinear hand the optimizer
 R = down(G, P) computed from dy and x, and training is the same as with full gradients projected by
-the optimizer — plain, with gradient accumulation, layer-wise, on resume — with no m×n tensor in a
-non-refresh step (profiler memory trace)."""
-
-import io
+the optimizer — plain, with gradient accumulation, layer-wise — with no m×n tensor in a non-refresh
+step (profiler memory trace). Resume (a loaded optimizer publishes its projections again) is a case
+of test_optim_common's resume test."""
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from fastgrad.nn import (
     quantize_model,
 )
 from fastgrad.optim import FiraAdamW, GaLoreAdamW, QGaLoreAdamW, galore_param_groups, layerwise, qgalore_param_groups
-from fastgrad.train.memory import measured_memory_events
+from fastgrad.train.profiling import measured_memory_events
 
 GAP = 5  # refreshes at steps 0, 5, 10
 
@@ -246,31 +245,6 @@ def test_qgalore_layerwise_follows_the_adaptive_interval():
     model = quantized()
     losses, _ = _train_layerwise(model, factory, batches)
     assert losses == plain_losses
-
-
-def test_resume_publishes_the_projection_again():
-    batches = token_batches(8)
-    model = converted()
-    opt = galore(model)
-    full = train(model, opt, batches)
-    model1 = converted()
-    opt1 = galore(model1)
-    train(model1, opt1, batches[:3])
-    buf = io.BytesIO()
-    torch.save({"model": model1.state_dict(), "opt": opt1.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    model2 = converted(seed=5)
-    model2.load_state_dict(saved["model"])
-    opt2 = galore(model2)
-    opt2.load_state_dict(saved["opt"])
-    with OpCounter() as counter:
-        rest = train(model2, opt2, batches[3:4])  # step 3: no refresh, so R comes from the layers
-    assert counter.calls["fastgrad.lowrank_grad"] == N_LOWRANK
-    rest += train(model2, opt2, batches[4:])
-    assert full[3:] == rest
-    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
-        assert torch.equal(p, q)
 
 
 def test_clip_grad_norm_covers_projected_gradients_and_zero_grad_clears_them():

@@ -11,8 +11,9 @@ from fastgrad.cli import main
 from fastgrad.models import LlamaConfig, LlamaForCausalLM, get_config
 from fastgrad.optim import layerwise
 from fastgrad.train.config import TrainConfig
-from fastgrad.train.memory import MODELLED_OPTIMIZERS, anchors_for, estimate, measured_memory_events, storage_bytes
+from fastgrad.train.memory import MODELLED_OPTIMIZERS, anchors_for, estimate
 from fastgrad.train.optimizers import OPTIMIZERS, build_optimizer, state_bytes
+from fastgrad.train.profiling import measured_memory_events, storage_bytes
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -324,6 +325,26 @@ def test_estimate_allocates_nothing_and_7b_is_instant():
     assert b.config["dtype"] == "bfloat16" and b.config["device"] == "cuda"
     assert b.peak == max(b.phases.values()) >= b.weights + b.optimizer_states + b.gradients
     assert b.peak_between_refreshes < b.peak  # no SVD, no full gradient of a QLinear
+
+
+@pytest.mark.parametrize("optim", ["galore", "q-galore"])
+def test_cuda_estimate_counts_the_triton_launchers_workspaces(monkeypatch, optim):
+    """The GPU branch sizes workspaces with the launchers' own plans (kernels/plans.py, checked
+    against the launchers in tests/test_kernel_plans.py): a plan that splits every matmul raises
+    the CUDA estimate, and leaves the CPU one (the C++ kernels' scratch) as it was."""
+    from fastgrad.kernels.plans import SplitK
+
+    from fastgrad.train import memory
+
+    # a small vocabulary, so that the head does not hide the projections' workspaces
+    cfg = TrainConfig(model="tiny", optim=optim, rank=16, batch_size=4, seq_len=128, lowrank_grad=True, vocab_size=256)
+    before = {dev: estimate(cfg, device=dev) for dev in ("cuda", "cpu")}
+    always = SplitK(min_k=1, max_splits=64, traffic_budget=float("inf"), nominal_tile=1 << 20, align=1)
+    monkeypatch.setattr(memory, "SPLIT_K", always)
+    after = {dev: estimate(cfg, device=dev) for dev in ("cuda", "cpu")}
+    assert after["cuda"].phases_between_refreshes["backward"] > before["cuda"].phases_between_refreshes["backward"]
+    assert after["cuda"].phases["optimizer step"] > before["cuda"].phases["optimizer step"]
+    assert after["cpu"] == before["cpu"]
 
 
 def test_estimate_rejects_unknown_model_and_optimizer():

@@ -1,14 +1,25 @@
 """GaLoreAdamW8bit and AdamW8bit: accuracy and unbiasedness of the 8-bit moments, training against
-the fp32 optimizers (and against a naive linear encoding), exact state bytes, checkpoints and
-bitwise resume, the NaN/Inf policy, the fast path, the fp32 fallback of small tensors, layer-wise
-stepping and bad arguments."""
+the fp32 optimizers (and against a naive linear encoding), exact state bytes, checkpoints of bf16
+weights and of another block size, the fast path, the fp32 fallback of small tensors, layer-wise
+stepping and bad arguments. Exact resume and the NaN/Inf policy are tested for every optimizer in
+test_optim_common."""
 
-import io
 import math
 
 import pytest
 import torch
-from optim_common import N_LOWRANK, assert_same_state, state_tensors, step_op_counts, tiny_model, token_batches, train
+from optim_common import (
+    N_LOWRANK,
+    SMALL_8BIT,
+    assert_same_state,
+    make_galore8,
+    roundtrip,
+    state_tensors,
+    step_op_counts,
+    tiny_model,
+    token_batches,
+    train,
+)
 
 from fastgrad.ops import dequantize_int8, quantize_int8
 from fastgrad.optim import AdamW8bit, GaLoreAdamW, GaLoreAdamW8bit, galore_param_groups, layerwise
@@ -28,16 +39,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 BETAS = (0.9, 0.999)
 C = moment_bound(BETAS)
-# With rank 16 the projected moments of the tiny LLaMA have 1024 (q, k, v, o: 64×16) or 2560
-# (gate, up: 160×16; down: 16×160) elements: min_8bit_size=1024 puts all 14 in 8 bits, the
-# default 4096 none. The embedding and the head (256×64) have 16384 elements.
-SMALL = 1024
 N_FULL_8BIT = 2  # embed_tokens, lm_head
-
-
-def make_galore8(model, *, rank=16, gap=20, lr=3e-3, weight_decay=0.1, group_kwargs=None, **opt_kwargs):
-    groups = galore_param_groups(model, rank=rank, update_proj_gap=gap, scale=0.25, **(group_kwargs or {}))
-    return GaLoreAdamW8bit(groups, lr=lr, weight_decay=weight_decay, **{"min_8bit_size": SMALL, **opt_kwargs})
 
 
 def memorise(steps: int) -> list[torch.Tensor]:
@@ -46,13 +48,6 @@ def memorise(steps: int) -> list[torch.Tensor]:
     optimizer stays at ln 256)."""
     base = token_batches(4, seed=5)
     return [base[i % 4] for i in range(steps)]
-
-
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def _is_8bit(opt, p) -> bool:
@@ -77,7 +72,7 @@ def test_moments_track_fp32_moments_fed_the_same_gradients():
     the norm); β2 = 0.999 keeps them all, and with V_k growing like k in the first steps the
     errors of 30 encodings add up to ≈ √10 × that ≈ 2%. Measured: 1.4% and 1.7%; asserted: 3%."""
     model = tiny_model()
-    opt = AdamW8bit(model.parameters(), lr=3e-3, weight_decay=0.0, min_8bit_size=SMALL)
+    opt = AdamW8bit(model.parameters(), lr=3e-3, weight_decay=0.0, min_8bit_size=SMALL_8BIT)
     shadow = {p: (torch.zeros_like(p), torch.zeros_like(p)) for p in model.parameters()}
     for ids in memorise(30):
         opt.zero_grad()
@@ -187,9 +182,9 @@ def test_adamw8bit_trains_like_torch_adamw():
     ref_model = tiny_model()
     ref = train(ref_model, torch.optim.AdamW(ref_model.parameters(), lr=3e-3, weight_decay=0.01), batches)
     model = tiny_model()
-    ours = train(model, AdamW8bit(model.parameters(), lr=3e-3, min_8bit_size=SMALL), batches)
+    ours = train(model, AdamW8bit(model.parameters(), lr=3e-3, min_8bit_size=SMALL_8BIT), batches)
     naive_model = tiny_model()
-    naive = train(naive_model, _LinearMoments(naive_model.parameters(), lr=3e-3, min_8bit_size=SMALL), batches)
+    naive = train(naive_model, _LinearMoments(naive_model.parameters(), lr=3e-3, min_8bit_size=SMALL_8BIT), batches)
     assert ref[0] == ours[0] and ref[-1] < 0.3 * ref[0]
     assert abs(_mean_tail(ours) - _mean_tail(ref)) < 0.05 * _mean_tail(ref), (_mean_tail(ours), _mean_tail(ref))
     assert _mean_tail(naive) > 1.5 * _mean_tail(ref), (_mean_tail(naive), _mean_tail(ref))
@@ -254,7 +249,7 @@ def test_state_bytes_matches_formula(block_size):
         else:
             n = p.numel()
         fp32_moments += 8 * n
-        if n >= SMALL:
+        if n >= SMALL_8BIT:
             n_pad = -(-n // block_size) * block_size
             expected += 2 * n_pad + 12 * (n_pad // block_size)
         else:
@@ -265,38 +260,8 @@ def test_state_bytes_matches_formula(block_size):
 
 
 # ------------------------------------------------------------------------------------------------
-# checkpoints
+# checkpoints (exact resume: test_optim_common)
 # ------------------------------------------------------------------------------------------------
-
-
-RESUME_CASES = {
-    "galore-svd": lambda m: make_galore8(m, gap=3),
-    "galore-dct-transfer": lambda m: make_galore8(m, gap=3, group_kwargs={"projector": "dct", "state_transfer": True}),
-    "adamw8bit": lambda m: AdamW8bit(m.parameters(), lr=3e-3, min_8bit_size=SMALL),
-}
-
-
-@pytest.mark.parametrize("case", list(RESUME_CASES))
-def test_state_dict_resume_is_exact(case):
-    make = RESUME_CASES[case]
-    batches = token_batches(9)
-    model = tiny_model()
-    train(model, make(model), batches)
-
-    first = tiny_model()
-    opt1 = make(first)
-    train(first, opt1, batches[:5])
-    saved_model, saved_opt = _roundtrip(first.state_dict()), _roundtrip(opt1.state_dict())
-    for st in saved_opt["state"].values():  # tensors and ints only
-        assert all(isinstance(v, torch.Tensor | int) for v in st.values())
-
-    resumed = tiny_model(seed=123)
-    resumed.load_state_dict(saved_model)
-    opt2 = make(resumed)
-    opt2.load_state_dict(saved_opt)
-    train(resumed, opt2, batches[5:])  # crosses the refresh at step 6
-    for (name, a), b in zip(model.named_parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(a, b), name
 
 
 def test_bf16_checkpoint_keeps_codes_and_scales():
@@ -305,7 +270,7 @@ def test_bf16_checkpoint_keeps_codes_and_scales():
     model = tiny_model().to(torch.bfloat16)
     opt = make_galore8(model, gap=3)
     train(model, opt, token_batches(2))
-    saved = _roundtrip(opt.state_dict())
+    saved = roundtrip(opt.state_dict())
     other = tiny_model().to(torch.bfloat16)
     other.load_state_dict(model.state_dict())
     opt2 = make_galore8(other, gap=3)
@@ -327,39 +292,14 @@ def test_load_state_dict_with_another_block_size_is_a_clear_error():
     model = tiny_model()
     opt = make_galore8(model)
     train(model, opt, token_batches(1))
-    saved = _roundtrip(opt.state_dict())
+    saved = roundtrip(opt.state_dict())
     with pytest.raises(ValueError, match=r"saved 'exp_avg_\w+' is .*in blocks of 128.*block_size"):
         make_galore8(tiny_model(), block_size=128).load_state_dict(saved)
 
 
 # ------------------------------------------------------------------------------------------------
-# NaN / Inf, fast path, small tensors, layer-wise
+# fast path, small tensors, layer-wise
 # ------------------------------------------------------------------------------------------------
-
-
-def test_nonfinite_gradient_skips_that_parameter():
-    model = tiny_model()
-    opt = make_galore8(model, gap=3)
-    batches = token_batches(4)
-    train(model, opt, batches[:2])
-    lowrank = model.model.layers[0].mlp.down_proj.weight  # 8-bit projected moments
-    dense = model.model.embed_tokens.weight  # 8-bit full-rank moments
-    healthy = model.model.layers[1].self_attn.q_proj.weight
-    assert all(_is_8bit(opt, p) for p in (lowrank, dense, healthy))
-    before = {p: (p.detach().clone(), state_tensors(opt)[id(p)]) for p in (lowrank, dense, healthy)}
-    opt.zero_grad()
-    model(batches[2], batches[2]).backward()
-    lowrank.grad[0, 0] = float("nan")
-    dense.grad[3, 1] = float("inf")
-    opt.step()
-    assert opt.nonfinite_steps == 1
-    for p in (lowrank, dense):
-        assert torch.equal(p.detach(), before[p][0])
-        assert_same_state(state_tensors(opt)[id(p)], before[p][1])
-    assert not torch.equal(healthy.detach(), before[healthy][0])
-    assert not torch.equal(opt.state[healthy][M_CODES], before[healthy][1][M_CODES])
-    train(model, opt, batches[3:])
-    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_step_runs_through_fastgrad_ops():
@@ -404,7 +344,7 @@ def test_layerwise_matches_plain_steps():
         lw.finish_step()
     for a, b in zip(plain.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
-    assert _roundtrip(lw.state_dict())["layerwise"]["steps"] == 5
+    assert roundtrip(lw.state_dict())["layerwise"]["steps"] == 5
 
 
 # ------------------------------------------------------------------------------------------------

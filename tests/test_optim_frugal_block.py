@@ -1,19 +1,12 @@
 """FrugalBlock: the block-subspace FRUGAL (ALGORITHMS.md §6.4): window selection, the update
-formulas against torch AdamW and signSGD, state reset at refreshes, state bytes, resume, NaN policy."""
-
-import io
+formulas against torch AdamW and signSGD, state reset at refreshes, state bytes, training. Exact
+resume and the NaN/Inf policy are tested for every optimizer in test_optim_common."""
 
 import pytest
 import torch
-from optim_common import N_LOWRANK, tiny_model, token_batches, train
+from optim_common import N_LOWRANK, block_groups, tiny_model, token_batches, train
 
 from fastgrad.optim import FrugalBlock, galore_param_groups
-
-
-def block_groups(model, **kw):
-    lowrank, rest = galore_param_groups(model, rank=1)
-    del lowrank["rank"], lowrank["update_proj_gap"], lowrank["scale"]
-    return [{**lowrank, "density": kw.pop("density", 0.25), **kw}, rest]
 
 
 def _group(n, density, order, seed=0):
@@ -71,39 +64,12 @@ def test_update_formulas_and_state_reset():
     assert all(opt.state[p]["adam_step"] == 1 for p in lowrank[6:10])  # restarted at the refresh
 
 
-def test_training_decreases_the_loss_and_resumes_bitwise():
+def test_training_decreases_the_loss():
     batches = token_batches(10, seed=2)
     model = tiny_model()
     opt = FrugalBlock(block_groups(model, update_proj_gap=3, block_order="random"), lr=3e-3)
     losses = train(model, opt, batches * 2)
     assert losses[-1] < losses[0]
-
-    model1 = tiny_model()
-    opt1 = FrugalBlock(block_groups(model1, update_proj_gap=3, block_order="random"), lr=3e-3)
-    train(model1, opt1, (batches * 2)[:7])
-    buf = io.BytesIO()
-    torch.save({"model": model1.state_dict(), "opt": opt1.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    model2 = tiny_model(seed=9)
-    model2.load_state_dict(saved["model"])
-    opt2 = FrugalBlock(block_groups(model2, update_proj_gap=3, block_order="random"), lr=3e-3)
-    opt2.load_state_dict(saved["opt"])
-    assert train(model2, opt2, (batches * 2)[7:]) == losses[7:]
-    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
-        assert torch.equal(p, q)
-
-
-def test_nonfinite_gradient_skips_its_tensor():
-    model = tiny_model()
-    opt = FrugalBlock(block_groups(model), lr=1e-2)
-    ids = token_batches(1)[0]
-    model(ids, ids).backward()
-    bad = opt.param_groups[0]["params"][13]  # state-full at step 0
-    bad.grad[0, 0] = float("nan")
-    before = bad.detach().clone()
-    opt.step()
-    assert opt.nonfinite_steps == 1 and torch.equal(bad, before) and "exp_avg" not in opt.state[bad]
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from optim_common import token_batches as shared_token_batches
 
 from fastgrad.nn import lowrank_grad_model, quantize_model
 from fastgrad.optim import FiraAdamW, GaLoreAdamW, QGaLoreAdamW, galore_param_groups, layerwise, qgalore_param_groups
-from fastgrad.train.memory import live_peak, measured_memory_events
+from fastgrad.train.profiling import live_peak, measured_memory_events
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -103,13 +103,14 @@ def _quant_ids(case):
 @pytest.fixture
 def tiling(monkeypatch):
     """Set the quantization tiling knobs for one test (restored afterwards)."""
+    import dataclasses
+
     from fastgrad.kernels import quant
 
     def set_(max_block, target_tile):
-        if max_block is not None:
-            monkeypatch.setattr(quant, "MAX_BLOCK", max_block)
-        if target_tile is not None:
-            monkeypatch.setattr(quant, "TARGET_TILE", target_tile)
+        knobs = {"max_block": max_block, "target_tile": target_tile}
+        tiling = dataclasses.replace(quant.TILING, **{k: v for k, v in knobs.items() if v is not None})
+        monkeypatch.setattr(quant, "TILING", tiling)
         return quant
 
     return set_
@@ -120,7 +121,7 @@ def _plan_path(quant, shape, group_size, device) -> str:
     numel = 1
     for s in shape:
         numel *= s
-    plan = quant._Plan(numel // g, g, torch.device(device))
+    plan = quant.TILING.plan(numel // g, g, quant.parallel_slots(torch.device(device)))
     if plan.splits > 1:
         return "split"
     return "fused" if plan.num_chunks == 1 else "chunked"
@@ -314,6 +315,19 @@ def _operands(kind: str, side: str, back: bool, dtype, device, noncontig: bool =
     return x.to(device), p_args, a, b
 
 
+def _assert_within(got, want, tol, what) -> torch.Tensor:
+    """|got − want| ≤ tol elementwise, else an error naming the count and the first offender; returns |got − want|."""
+    err = (got.float().cpu() - want.float()).abs()
+    bad = err > tol
+    if bad.any():
+        i = tuple(bad.nonzero()[0].tolist())
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{bad.numel()} elements out of tolerance; first at {i}: "
+            f"got {got[i].item()}, want {want[i].item()}, |err| {err[i].item():.3g} > {tol[i].item():.3g}"
+        )
+    return err
+
+
 def assert_matmul_close(got, want, a, b, scale, dtype, what):
     """Componentwise check: |got - want| <= γ·scale·(|A| |B|) + 2u·|want|.
 
@@ -329,14 +343,7 @@ def assert_matmul_close(got, want, a, b, scale, dtype, what):
     u = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
     gamma = 2 * K * 2.0**-24 + (2.0**-21 if dtype == torch.float32 else u)
     bound = gamma * abs(scale) * (a.abs() @ b.abs()) + 2.5 * u * want.float().abs() + 1e-30
-    err = (got.float().cpu() - want.float()).abs()
-    bad = err > bound
-    if bad.any():
-        i = tuple(bad.nonzero()[0].tolist())
-        raise AssertionError(
-            f"{what}: {int(bad.sum())}/{bad.numel()} elements out of tolerance; first at {i}: "
-            f"got {got[i].item()}, want {want[i].item()}, |err| {err[i].item():.3g} > bound {bound[i].item():.3g}"
-        )
+    err = _assert_within(got, want, bound, what)
     rel = (err.norm() / want.float().norm()).item()
     assert rel <= (1e-5 if dtype == torch.float32 else 3 * u), f"{what}: normwise relative error {rel:.3g}"
 
@@ -366,10 +373,10 @@ def test_split_k_is_exercised():
         pytest.skip("the split decision checked here is the interpreter's")
     from fastgrad.kernels import project
 
-    cpu = torch.device("cpu")
-    assert project._split_k(R_, N_, M_, 4, cpu)[0] > 1  # left down: R = Pᵀ G, K = m
-    assert project._split_k(M_, R_, N_, 4, cpu)[0] > 1  # right down: R = G Pᵀ, K = n
-    assert project._split_k(M_, N_, R_, 4, cpu)[0] == 1  # back: K = r
+    slots = project.parallel_slots(torch.device("cpu"))
+    assert project.SPLIT_K.plan(R_, N_, M_, 4, slots)[0] > 1  # left down: R = Pᵀ G, K = m
+    assert project.SPLIT_K.plan(M_, R_, N_, 4, slots)[0] > 1  # right down: R = G Pᵀ, K = n
+    assert project.SPLIT_K.plan(M_, N_, R_, 4, slots)[0] == 1  # back: K = r
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -535,15 +542,7 @@ def _assert_step_close(got, want, bound, dtype, what):
     """|got − want| ≤ bound + 2.5u·|want|: the bound of ``_step_bound``, then each result rounded
     once to W's dtype (the two fp32 values may straddle a rounding boundary: one unit of the last
     place, ≤ 2u·|want|, with slack)."""
-    err = (got.float().cpu() - want.float()).abs()
-    tol = bound + 2.5 * _U[dtype] * want.float().abs() + 1e-30
-    bad = err > tol
-    if bad.any():
-        i = tuple(bad.nonzero()[0].tolist())
-        raise AssertionError(
-            f"{what}: {int(bad.sum())}/{bad.numel()} elements out of tolerance; first at {i}: "
-            f"got {got[i].item()}, want {want[i].item()}, |err| {err[i].item():.3g} > {tol[i].item():.3g}"
-        )
+    _assert_within(got, want, bound + 2.5 * _U[dtype] * want.float().abs() + 1e-30, what)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,7 +1,8 @@
-// Per-element math of the quantizers and of fp32 -> bf16 stochastic rounding, shared by the CUDA
-// kernels (csrc/cuda/quant.cu) and the host harness of tests/test_cuda_math.py, which runs these
-// very functions on the CPU (g++) against fastgrad/_reference.py. Everything here is
-// FASTGRAD_HD (host + device) and needs no torch/CUDA header.
+// Per-element math of the quantizers, of fp32 -> bf16 rounding (to nearest even, and stochastic),
+// shared by the CPU kernels (csrc/cpu/quant_common.h, quant.cpp, round_bf16.cpp), the CUDA kernels
+// (csrc/cuda/quant.cu) and the host harness of tests/test_cuda_math.py, which runs these very
+// functions on the CPU (g++) against fastgrad/_reference.py. Everything here is FASTGRAD_HD
+// (host + device) and needs no torch/CUDA header.
 //
 // Math (fastgrad/_reference.py, module docstring), bits b in {4, 8}, qmax = 2**b - 1:
 //   asymmetric: scale = (max - min) / qmax,        zero = min
@@ -89,8 +90,8 @@ FASTGRAD_HD float bits_float(uint32_t u) {
 // bf16 bits -> fp32 (exact).
 FASTGRAD_HD float bf16_bits_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
 
-// fp32 -> bf16 bits, round to nearest even; NaN -> 0xFFFF, exactly what the CPU kernels write
-// (csrc/cpu/quant_common.h::store_f32, which follows torch's vectorized CPU conversion).
+// fp32 -> bf16 bits, round to nearest even; NaN -> 0xFFFF, as torch's vectorized CPU conversion
+// (the reference) writes it, and as the Triton kernels do (kernels/_common.py::f32_to_bf16_bits).
 FASTGRAD_HD uint16_t float_to_bf16_rne(float f) {
   const uint32_t u = float_bits(f);
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0xFFFFu;
@@ -173,8 +174,8 @@ FASTGRAD_HD float decode(uint32_t code, float scale, float zero) {
 // ---- fp32 -> bf16 stochastic rounding -------------------------------------------------------------
 // Adds the top 16 bits of the element's Philox word to the fp32 bit pattern and truncates: the
 // magnitude rounds up with probability equal to the discarded fraction (no wrap: a non-NaN
-// pattern plus < 2**16 stays below 2**32). NaN keeps its sign and becomes quiet, exactly as
-// csrc/cpu/round_bf16.cpp writes it.
+// pattern plus < 2**16 stays below 2**32). NaN keeps its sign and becomes quiet (truncating a
+// payload held in the low 16 bits alone would turn it into an infinity).
 FASTGRAD_HD uint16_t round_bf16_sr(float x, uint32_t word) {
   const uint32_t b = float_bits(x);
   if ((b & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((b >> 16) | 0x0040u);

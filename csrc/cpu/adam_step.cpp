@@ -36,9 +36,6 @@ namespace {
 
 using namespace cpu;  // NOLINT: the shared projection machinery of project_common.h
 
-// fp32 elements of the INT8 weight decoded at once (fastgrad/_reference.py::INT8_STEP_BLOCK_ELEMS).
-constexpr int64_t kInt8StepBlockElems = int64_t{1} << 18;
-
 // Checks of R and Adam's moments M (exp_avg), V (exp_avg_sq): of R's shape, one float dtype,
 // contiguous, on R's device; and of the hyper-parameters (fastgrad/_ops.py::check_adam_moments).
 void check_moments(const char* op, const at::Tensor& r, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
@@ -222,11 +219,12 @@ void galore_adam_step_int8_cpu(at::Tensor& w_codes, at::Tensor& w_scales, at::Te
   const int64_t rank = left ? p.cols : p.rows;
   const int64_t group = n / w.groups;
   const auto f32 = r.options().dtype(at::kFloat);
-  const int64_t block_rows = std::min(m, std::max<int64_t>(1, kInt8StepBlockElems / n));
   // right: P (rank, n) decoded in blocks of its columns, reused by every row block
-  const int64_t col_blk = left ? n : block_len(n, rank, p.block_budget());
-  at::Tensor w_scratch = at::empty({block_rows * n}, f32);
-  at::Tensor p_scratch = at::empty({(left ? block_rows : col_blk) * rank}, f32);
+  const ScratchPlan plan = int8_step_scratch(m, n, rank, left, p.numel());
+  const int64_t block_rows = plan.other / n;
+  const int64_t col_blk = left ? n : plan.len;
+  at::Tensor w_scratch = at::empty({plan.other}, f32);
+  at::Tensor p_scratch = at::empty({plan.p}, f32);
   // right, P within one block: decoded once, for every row block (not once per row block)
   const at::Tensor p_whole = (!left && col_blk >= n) ? p.tile(0, rank, 0, n, p_scratch) : at::Tensor();
   uint8_t* codes = w_codes.data_ptr<uint8_t>();

@@ -44,10 +44,10 @@ at::Tensor project_blocked(const at::Tensor& g, const Projector& p, bool left, b
   const int64_t red = left ? m : n;  // the reduction dimension, split into blocks
   const bool keep_f32 = g_f32 || f32_out;
   if (red == 0 || out.numel() == 0) return keep_f32 ? out.zero_() : out.zero_().to(g.scalar_type());
-  int64_t blk = block_len(red, rank, p.block_budget());
-  if (!g_f32) blk = std::min(blk, block_len(red, left ? n : m, kGBlockElems));
-  at::Tensor p_scratch = p.needs_scratch() ? at::empty({blk * rank}, out.options()) : at::Tensor();
-  at::Tensor g_scratch = g_f32 ? at::Tensor() : at::empty({blk * (left ? n : m)}, out.options());
+  const ScratchPlan plan = projection_scratch(red, rank, left ? n : m, p.numel(), !p.needs_scratch(), g_f32);
+  const int64_t blk = plan.len;
+  at::Tensor p_scratch = plan.p ? at::empty({plan.p}, out.options()) : at::Tensor();
+  at::Tensor g_scratch = plan.other ? at::empty({plan.other}, out.options()) : at::Tensor();
   for (int64_t b0 = 0; b0 < red; b0 += blk) {
     const int64_t b1 = std::min(red, b0 + blk);
     at::Tensor a, bm;
@@ -75,9 +75,10 @@ at::Tensor tn_matmul_f32(const at::Tensor& a, const at::Tensor& b) {
   const auto f32 = a.options().dtype(at::kFloat);
   at::Tensor out = at::zeros({k1, k2}, f32);
   if (T == 0 || out.numel() == 0) return out;
-  const int64_t blk = block_len(T, k1 + k2, kGBlockElems);
-  at::Tensor a_scratch = a.scalar_type() == at::kFloat ? at::Tensor() : at::empty({blk * k1}, f32);
-  at::Tensor b_scratch = b.scalar_type() == at::kFloat ? at::Tensor() : at::empty({blk * k2}, f32);
+  const ScratchPlan plan = tn_matmul_scratch(T, k1, k2, a.scalar_type() == at::kFloat, b.scalar_type() == at::kFloat);
+  const int64_t blk = plan.len;
+  at::Tensor a_scratch = plan.p ? at::empty({plan.p}, f32) : at::Tensor();
+  at::Tensor b_scratch = plan.other ? at::empty({plan.other}, f32) : at::Tensor();
   for (int64_t t0 = 0; t0 < T; t0 += blk) {
     const int64_t t1 = std::min(T, t0 + blk);
     out.addmm_(as_f32(a.slice(0, t0, t1), a_scratch).t(), as_f32(b.slice(0, t0, t1), b_scratch));

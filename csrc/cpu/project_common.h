@@ -24,11 +24,53 @@ inline constexpr int64_t kPBlockFraction = 8;
 inline constexpr int64_t kGBlockElems = int64_t{1} << 20;
 inline constexpr int64_t kMinBlock = 64;
 
+// fp32 elements of the INT8 weight the fused step decodes at once, whole rows (adam_step.cpp).
+inline constexpr int64_t kInt8StepBlockElems = int64_t{1} << 18;
+
 // Length of a block along a dimension of size `total` whose slices hold `width` elements each:
 // at most `budget` elements per block, a multiple of kMinBlock, at least kMinBlock.
 inline int64_t block_len(int64_t total, int64_t width, int64_t budget) {
   int64_t len = std::max<int64_t>(kMinBlock, (budget / std::max<int64_t>(width, 1)) / kMinBlock * kMinBlock);
   return std::min(len, std::max<int64_t>(total, 1));
+}
+
+// ---- scratch plans ---------------------------------------------------------------------------------
+// Each blocked kernel sizes its fp32 scratch with one of these functions; fastgrad._C exports them
+// (csrc/module.cpp) so that the memory model (fastgrad/train/memory.py) counts the same bytes.
+
+// fp32 elements of one decoded block of a P of p_numel elements (see kPBlockElems).
+inline int64_t p_block_budget(int64_t p_numel) { return std::max(kPBlockElems, p_numel / kPBlockFraction); }
+
+struct ScratchPlan {
+  int64_t len;    // block length along the split dimension
+  int64_t p;      // fp32 elements of the P block (0: P is used in place)
+  int64_t other;  // fp32 elements of the G / output / operand block (0: used in place)
+  int64_t total() const { return p + other; }
+};
+
+// project_blocked (down) and project_back_blocked (up): P split along `total` (the reduction
+// dimension, or the output's rows/columns) into blocks of `rank` wide slices, decoded unless
+// p_in_place; the other operand (G, or the output) staged block by block unless other_in_place,
+// slices `other` wide.
+inline ScratchPlan projection_scratch(int64_t total, int64_t rank, int64_t other, int64_t p_numel, bool p_in_place,
+                                      bool other_in_place) {
+  int64_t len = block_len(total, rank, p_block_budget(p_numel));
+  if (!other_in_place) len = std::min(len, block_len(total, other, kGBlockElems));
+  return {len, p_in_place ? 0 : len * rank, other_in_place ? 0 : len * other};
+}
+
+// tn_matmul_f32: A^T B for A (T, k1), B (T, k2), blocks of T rows of a non-fp32 operand upcast.
+inline ScratchPlan tn_matmul_scratch(int64_t T, int64_t k1, int64_t k2, bool a_f32, bool b_f32) {
+  const int64_t len = block_len(T, k1 + k2, kGBlockElems);
+  return {len, a_f32 ? 0 : len * k1, b_f32 ? 0 : len * k2};
+}
+
+// galore_adam_step_int8_: blocks of whole rows of the (m, n) INT8 weight decoded (`other`), and
+// P's block (`p`): left the rows' (rows, rank) slice, right (rank, len) column blocks of P.
+inline ScratchPlan int8_step_scratch(int64_t m, int64_t n, int64_t rank, bool left, int64_t p_numel) {
+  const int64_t rows = std::min(m, std::max<int64_t>(1, kInt8StepBlockElems / std::max<int64_t>(n, 1)));
+  const int64_t cols = left ? n : block_len(n, rank, p_block_budget(p_numel));
+  return {left ? rows : cols, (left ? rows : cols) * rank, rows * n};
 }
 
 // The projector P (rows x cols), dense (any float dtype) or quantized (codes + fp32 scales/zeros,
@@ -44,8 +86,7 @@ struct Projector {
 
   bool needs_scratch() const { return !dense.defined() || dense.scalar_type() != at::kFloat; }
 
-  // fp32 elements of one decoded block of P (see kPBlockElems).
-  int64_t block_budget() const { return std::max(kPBlockElems, rows * cols / kPBlockFraction); }
+  int64_t numel() const { return rows * cols; }
 
   at::Tensor tile(int64_t r0, int64_t r1, int64_t c0, int64_t c1, const at::Tensor& scratch) const {
     const int64_t h = r1 - r0, w = c1 - c0;
@@ -154,10 +195,10 @@ inline void project_back_blocked(const at::Tensor& r, const Projector& p, bool l
   const auto f32 = r.options().dtype(at::kFloat);
   const at::Tensor rf = r.scalar_type() == at::kFloat ? r : r.to(at::kFloat);
   const int64_t split = left ? m : n;  // output rows (left) or columns (right), split into blocks
-  int64_t blk = block_len(split, rank, p.block_budget());
-  if (!out_f32) blk = std::min(blk, block_len(split, left ? n : m, kGBlockElems));
-  at::Tensor p_scratch = p.needs_scratch() ? at::empty({blk * rank}, f32) : at::Tensor();
-  at::Tensor o_scratch = out_f32 ? at::Tensor() : at::empty({blk * (left ? n : m)}, f32);
+  const ScratchPlan plan = projection_scratch(split, rank, left ? n : m, p.numel(), !p.needs_scratch(), out_f32);
+  const int64_t blk = plan.len;
+  at::Tensor p_scratch = plan.p ? at::empty({plan.p}, f32) : at::Tensor();
+  at::Tensor o_scratch = plan.other ? at::empty({plan.other}, f32) : at::Tensor();
   for (int64_t b0 = 0; b0 < split; b0 += blk) {
     const int64_t b1 = std::min(split, b0 + blk);
     at::Tensor dst = left ? out.slice(0, b0, b1) : out.slice(1, b0, b1);

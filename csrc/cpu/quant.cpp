@@ -111,39 +111,20 @@ void group_params(const scalar_t* x, int64_t g, int bits, bool symmetric, float*
     mn = std::numeric_limits<float>::quiet_NaN();
     mx = mn;
   }
-  const int qmax = (1 << bits) - 1;
-  float scale, zero;
-  if (symmetric) {
-    scale = mx / static_cast<float>(qmax / 2);
-    scale = scale > 0.0f ? scale : 1.0f;
-    zero = scale * static_cast<float>(-(1 << (bits - 1)));
-  } else {
-    scale = (mx - mn) / static_cast<float>(qmax);
-    scale = scale > 0.0f ? scale : 1.0f;
-    zero = mn;
-  }
-  *scale_out = scale;
-  *zero_out = zero;
+  const qmath::Affine a = qmath::group_affine(qmath::Stats{mn, mx}, bits, symmetric);
+  *scale_out = a.scale;
+  *zero_out = a.zero;
 }
 
 // codes[i] for x: (k,) fp32 in one group; words: (k,) the elements' Philox words (stochastic only).
 template <bool kStochastic>
 void encode(const float* __restrict x, const uint32_t* __restrict words, int64_t k, float scale, float zero,
             float qmax, uint8_t* __restrict codes) {
+  const qmath::Affine a{scale, zero};
   for (int64_t i = 0; i < k; ++i) {
-    const float u = (x[i] - zero) / scale;
-    float c;
-    if constexpr (kStochastic) {
-      // word_to_uniform, written so gcc vectorizes it: word >> 8 < 2**24 is exact in int32 and fp32.
-      const float xi = static_cast<float>(static_cast<int32_t>(words[i] >> 8)) * (1.0f / 16777216.0f);
-      const float fl = std::floor(u);
-      c = fl + (xi < (u - fl) ? 1.0f : 0.0f);
-    } else {
-      c = std::floor(u + 0.5f);
-    }
-    c = c > 0.0f ? c : 0.0f;  // also NaN -> 0
-    c = c < qmax ? c : qmax;
-    codes[i] = static_cast<uint8_t>(static_cast<int32_t>(c));
+    // word_to_uniform, written so gcc vectorizes it: word >> 8 < 2**24 is exact in int32 and fp32.
+    const float xi = kStochastic ? static_cast<float>(static_cast<int32_t>(words[i] >> 8)) * (1.0f / 16777216.0f) : 0.0f;
+    codes[i] = static_cast<uint8_t>(qmath::encode(x[i], a, qmax, kStochastic, xi));
   }
 }
 

@@ -15,6 +15,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "../common/quant_math.h"
+
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -47,20 +49,15 @@ inline void load_f32(const scalar_t* __restrict src, int64_t k, float* __restric
 }
 
 // src: (k,) fp32 -> dst: (k,) float/bf16/fp16, round-to-nearest-even exactly like torch's `.to()`
-// (including its vectorized NaN encodings: bf16 NaN -> 0xFFFF, fp16 NaN via F16C).
+// (including its vectorized NaN encodings: bf16 NaN -> 0xFFFF, qmath::float_to_bf16_rne; fp16
+// NaN via F16C).
 template <typename scalar_t>
 inline void store_f32(const float* __restrict src, int64_t k, scalar_t* __restrict dst) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     std::memcpy(dst, src, sizeof(float) * k);
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
     uint16_t* d = reinterpret_cast<uint16_t*>(dst);
-    for (int64_t i = 0; i < k; ++i) {
-      const uint32_t u = s[i];
-      const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-      const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-      d[i] = static_cast<uint16_t>(nan ? 0xFFFFu : rounded);
-    }
+    for (int64_t i = 0; i < k; ++i) d[i] = qmath::float_to_bf16_rne(src[i]);
   } else {
     int64_t i = 0;
 #if defined(__F16C__)
@@ -82,11 +79,11 @@ inline void decode_segment(const uint8_t* __restrict row, int bits, int64_t c0, 
   if (bits == 8) {
     const uint8_t* s = row + c0;
     const int64_t k = c1 - c0;
-    for (int64_t i = 0; i < k; ++i) dst[i] = static_cast<float>(s[i]) * scale + zero;
+    for (int64_t i = 0; i < k; ++i) dst[i] = qmath::decode(s[i], scale, zero);
     return;
   }
   if (c0 & 1) {  // leading high nibble
-    *dst++ = static_cast<float>(row[c0 >> 1] >> 4) * scale + zero;
+    *dst++ = qmath::decode(row[c0 >> 1] >> 4, scale, zero);
     ++c0;
   }
   if (c0 >= c1) return;
@@ -94,10 +91,10 @@ inline void decode_segment(const uint8_t* __restrict row, int bits, int64_t c0, 
   const int64_t pairs = (c1 - c0) >> 1;
   for (int64_t j = 0; j < pairs; ++j) {
     const uint8_t b = s[j];
-    dst[2 * j] = static_cast<float>(b & 0x0F) * scale + zero;
-    dst[2 * j + 1] = static_cast<float>(b >> 4) * scale + zero;
+    dst[2 * j] = qmath::decode(b & 0x0F, scale, zero);
+    dst[2 * j + 1] = qmath::decode(b >> 4, scale, zero);
   }
-  if ((c1 - c0) & 1) dst[2 * pairs] = static_cast<float>(s[pairs] & 0x0F) * scale + zero;  // trailing low nibble
+  if ((c1 - c0) & 1) dst[2 * pairs] = qmath::decode(s[pairs] & 0x0F, scale, zero);  // trailing low nibble
 }
 
 // Decode the tile rows [r0, r1) x columns [c0, c1) of a quantized matrix with `cols` values per

@@ -4,7 +4,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 
 #include "../common/checks.h"
 #include "philox_cpu.h"
@@ -13,9 +12,9 @@
 namespace fastgrad {
 namespace {
 
-// x: (*) float32, contiguous -> (*) bfloat16. Adds a uniform 16-bit integer to the fp32 bit
-// pattern and truncates the low half, so the magnitude rounds up with probability equal to the
-// discarded fraction; NaN is passed through.
+// x: (*) float32, contiguous -> (*) bfloat16 (qmath::round_bf16_sr, shared with the CUDA kernel):
+// adds a uniform 16-bit integer to the fp32 bit pattern and truncates the low half, so the
+// magnitude rounds up with probability equal to the discarded fraction; a NaN stays a NaN.
 at::Tensor round_bf16_stochastic_cpu(const at::Tensor& x, int64_t seed, int64_t offset) {
   check_round_bf16("round_bf16_stochastic", x, seed, offset);
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
@@ -28,15 +27,7 @@ at::Tensor round_bf16_stochastic_cpu(const at::Tensor& x, int64_t seed, int64_t 
     for (int64_t c = begin; c < end; c += cpu::kChunk) {
       const int64_t k = std::min(cpu::kChunk, end - c);
       const uint32_t* words = stream.at(key, base + static_cast<uint64_t>(c), k);
-      for (int64_t i = 0; i < k; ++i) {
-        uint32_t bits;
-        std::memcpy(&bits, src + c + i, sizeof(bits));
-        const uint32_t noise = words[i] >> 16;
-        // A NaN keeps its sign and becomes quiet: truncating a payload held in the low 16 bits
-        // alone would otherwise turn it into an infinity.
-        const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
-        dst[c + i] = nan ? static_cast<uint16_t>((bits >> 16) | 0x0040u) : static_cast<uint16_t>((bits + noise) >> 16);
-      }
+      for (int64_t i = 0; i < k; ++i) dst[c + i] = qmath::round_bf16_sr(src[c + i], words[i]);
     }
   });
   return out;

@@ -297,14 +297,16 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         return self._param_index[p]
 
     def _param_seed(self, group: dict[str, Any], p: torch.Tensor, index: int) -> int:
-        """Seed of ``p``'s projector: the group's ``seed`` mixed with the parameter's name when the
-        group has ``param_names`` (stable across optimizer instances: one optimizer per parameter
-        gets different seeds for same-shaped weights), else with its index in this optimizer."""
+        """Seed of ``p``'s random streams (its projector; salted, its stochastic rounding): the
+        group's ``seed`` (0 if it has none) mixed with the parameter's name when the group has
+        ``param_names`` (stable across optimizer instances: one optimizer per parameter gets
+        different seeds for same-shaped weights), else with its index in this optimizer."""
+        seed = group.get("seed", 0)
         names = group.get("param_names")
         if names:
             name = next(n for q, n in zip(group["params"], names, strict=True) if q is p)
-            return mix_seed(group["seed"], name_key(name))
-        return mix_seed(group["seed"], index)
+            return mix_seed(seed, name_key(name))
+        return mix_seed(seed, index)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

@@ -19,7 +19,73 @@ INACTIVE_RULES = ("sign_sgd", "sgd", "no")
 _ORTHONORMAL = ("svd", "randomized", "dct")
 
 
-class Frugal(LowRankOptimizer):
+class FrugalBase(LowRankOptimizer):
+    """What the two FRUGAL variants (:class:`Frugal`, :class:`~fastgrad.optim.FrugalBlock`) share:
+    the constructor (Adam's hyper-parameters as every group's defaults, the variant's own options
+    as the defaults of its FRUGAL groups only), the checks of those options, the state-free
+    update rules and torch.optim.AdamW's step."""
+
+    moment_keys = ("exp_avg", "exp_avg_sq")
+    update_reads_grad = True  # the state-free update reads the full gradient
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        *,
+        nonfinite: str,
+        **frugal_defaults: Any,
+    ) -> None:
+        check_adam_hyperparameters(type(self).__name__, lr, betas, eps)
+        # Defaults of FRUGAL groups only (torch's ``defaults`` would put them into every group).
+        self.frugal_defaults = frugal_defaults
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def _check_options(self, group: dict[str, Any]) -> None:
+        """A FRUGAL group's ``density`` (when set) and ``inactive_update_rule``."""
+        name = type(self).__name__
+        density = group.get("density")
+        if density is not None and (
+            isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0
+        ):
+            raise ValueError(f"{name}: 'density' must be in (0, 1], got {density!r}")
+        if group["inactive_update_rule"] not in INACTIVE_RULES:
+            raise ValueError(
+                f"{name}: 'inactive_update_rule' must be one of {INACTIVE_RULES}, got {group['inactive_update_rule']!r}"
+            )
+
+    @staticmethod
+    def _inactive_update(group: dict[str, Any], it: ParamStep, update: torch.Tensor, overwrite: bool) -> None:
+        """The state-free step of the group's rule: W ← W − lr·s·sign(U) (sign_sgd), W − lr·s·U
+        (sgd), nothing (no); s = ``inactive_lr_scale``. ``overwrite``: U may take its sign in place."""
+        rule, alpha = group["inactive_update_rule"], -group["lr"] * group["inactive_lr_scale"]
+        if rule == "sign_sgd":
+            it.param.add_(update.sign_() if overwrite else update.sign(), alpha=alpha)
+        elif rule == "sgd":
+            it.param.add_(update, alpha=alpha)
+
+    @staticmethod
+    def _adamw_update(
+        group: dict[str, Any], it: ParamStep, first: torch.Tensor, second: torch.Tensor, t: int,
+        p_mat: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
+        """torch.optim.AdamW's update from the updated moments at Adam step t (decay is the
+        caller's): W ← W − lr/(1−β1^t) · N, N = M / (√V/√(1−β2^t) + ε); with ``p_mat`` the
+        projected weight's W ← W − lr/(1−β1^t) · up(N, P), added straight into W."""
+        scalars = adam_scalars(group, t, "torch")
+        denom = second.sqrt().div_(scalars.v_divisor).add_(scalars.eps)
+        if p_mat is None:
+            it.param.addcdiv_(first, denom, value=-scalars.step_size)
+        else:
+            normed = torch.div(first, denom, out=denom)
+            lowrank_project_back_add_(it.param, normed, p_mat, it.side, -scalars.step_size)
+
+
+class Frugal(FrugalBase):
     """FRUGAL gradient splitting with GaLore-type (projection) subspaces.
 
     Param groups: a group with ``rank`` or ``density`` is a FRUGAL group (every weight 2-D); any
@@ -65,9 +131,6 @@ class Frugal(LowRankOptimizer):
     residual buffer E (freed before the next weight).
     """
 
-    moment_keys = ("exp_avg", "exp_avg_sq")
-    update_reads_grad = True  # the residual E reads the full gradient
-
     def __init__(
         self,
         params: Iterable,
@@ -82,16 +145,11 @@ class Frugal(LowRankOptimizer):
         inactive_lr_scale: float = 1.0,
         nonfinite: str = "skip",
     ) -> None:
-        check_adam_hyperparameters("Frugal", lr, betas, eps)
-        # Defaults of FRUGAL groups only (torch's ``defaults`` would put them into every group).
-        self._frugal_defaults = {
-            "density": density,
-            "reset_statistics": reset_statistics,
-            "inactive_update_rule": inactive_update_rule,
-            "inactive_lr_scale": inactive_lr_scale,
-        }
-        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(
+            params, lr, betas, eps, weight_decay, nonfinite=nonfinite, density=density,
+            reset_statistics=reset_statistics, inactive_update_rule=inactive_update_rule,
+            inactive_lr_scale=inactive_lr_scale,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -102,23 +160,19 @@ class Frugal(LowRankOptimizer):
         super().add_param_group(param_group)
 
     def _normalize_lowrank_group(self, group: dict[str, Any]) -> None:
+        for key in ("reset_statistics", "inactive_update_rule", "inactive_lr_scale"):
+            group.setdefault(key, self.frugal_defaults[key])
         if group["rank"] is None:
-            density = group.setdefault("density", self._frugal_defaults["density"])
-            if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
-                raise ValueError(f"Frugal: 'density' must be in (0, 1], got {density!r}")
+            group.setdefault("density", self.frugal_defaults["density"])
+            self._check_options(group)
             group["rank"] = 1  # the base class validates an int rank; r is per weight here
             try:
                 super()._normalize_lowrank_group(group)
             finally:
                 group["rank"] = None
         else:
+            self._check_options(group)
             super()._normalize_lowrank_group(group)
-        for key in ("reset_statistics", "inactive_update_rule", "inactive_lr_scale"):
-            group.setdefault(key, self._frugal_defaults[key])
-        if group["inactive_update_rule"] not in INACTIVE_RULES:
-            raise ValueError(
-                f"Frugal: inactive_update_rule must be one of {INACTIVE_RULES}, got {group['inactive_update_rule']!r}"
-            )
 
     def rank_of(self, group: dict[str, Any], p: torch.Tensor) -> int:
         """The rank requested for weight ``p`` of FRUGAL group ``group`` (before clipping to min(m, n))."""
@@ -171,20 +225,12 @@ class Frugal(LowRankOptimizer):
                 self._state_free_update(group, it, p_mat, lr)  # reads R: before it is freed
             it.low = None
             st[step_key] += 1
-            scalars = adam_scalars(group, st[step_key], "torch")
-            denom = second.sqrt().div_(scalars.v_divisor).add_(scalars.eps)
-            if lowrank:
-                normed = torch.div(first, denom, out=denom)
-                lowrank_project_back_add_(it.param, normed, p_mat, it.side, -scalars.step_size)
-            else:
-                it.param.addcdiv_(first, denom, value=-scalars.step_size)
+            self._adamw_update(group, it, first, second, st[step_key], p_mat if lowrank else None)
             it.proj = it.proj_old = None
 
     def _state_free_update(self, group: dict[str, Any], it: ParamStep, p_mat: torch.Tensor, lr: float) -> None:
         """W ← W − lr·s·sign(E) (or ·E), E = G − up(down(G)) formed in one m×n buffer."""
-        rule = group["inactive_update_rule"]
-        alpha = -lr * group["inactive_lr_scale"]
-        if rule == "no" or alpha == 0.0:
+        if group["inactive_update_rule"] == "no" or lr * group["inactive_lr_scale"] == 0.0:
             return
         st = it.state
         compressed = it.param.shape[1] if st["proj_side"] == RIGHT else it.param.shape[0]
@@ -192,6 +238,4 @@ class Frugal(LowRankOptimizer):
             return  # full rank, orthonormal P: E = 0 exactly
         resid = it.param.grad.clone(memory_format=torch.contiguous_format)
         lowrank_project_back_add_(resid, it.low, p_mat, it.side, -1.0)
-        if rule == "sign_sgd":
-            resid.sign_()
-        it.param.add_(resid, alpha=alpha)
+        self._inactive_update(group, it, resid, overwrite=True)

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from fastgrad.optim.base import LowRankOptimizer, ParamStep, adam_scalars, check_adam_hyperparameters
-from fastgrad.optim.frugal import INACTIVE_RULES
+from fastgrad.optim.base import ParamStep
+from fastgrad.optim.frugal import FrugalBase
 from fastgrad.optim.projectors import mix_seed
 
 __all__ = ["FrugalBlock", "BLOCK_ORDERS"]
@@ -20,7 +20,7 @@ _BLOCK_OPTIONS = ("density", "update_proj_gap", "block_order", "inactive_update_
 _COUNTERS = {"block_step": 0, "block_refreshes": 0, "block_active": None}
 
 
-class FrugalBlock(LowRankOptimizer):
+class FrugalBlock(FrugalBase):
     """FRUGAL gradient splitting with block subspaces: whole tensors are state-full or state-free.
 
     Param groups: a group with ``density`` is a block group (its tensors: the attention and MLP
@@ -53,9 +53,6 @@ class FrugalBlock(LowRankOptimizer):
     skipped does not advance its counters.
     """
 
-    moment_keys = ("exp_avg", "exp_avg_sq")
-    update_reads_grad = True  # full gradients only: nothing is projected
-
     def __init__(
         self,
         params: Iterable,
@@ -72,17 +69,11 @@ class FrugalBlock(LowRankOptimizer):
         seed: int = 0,
         nonfinite: str = "skip",
     ) -> None:
-        check_adam_hyperparameters("FrugalBlock", lr, betas, eps)
-        self._block_defaults = {
-            "density": density,
-            "update_proj_gap": update_proj_gap,
-            "block_order": block_order,
-            "inactive_update_rule": inactive_update_rule,
-            "inactive_lr_scale": inactive_lr_scale,
-            "seed": seed,
-        }
-        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(
+            params, lr, betas, eps, weight_decay, nonfinite=nonfinite, density=density,
+            update_proj_gap=update_proj_gap, block_order=block_order, inactive_update_rule=inactive_update_rule,
+            inactive_lr_scale=inactive_lr_scale, seed=seed,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -94,21 +85,15 @@ class FrugalBlock(LowRankOptimizer):
 
     def _normalize_block_group(self, group: dict[str, Any]) -> None:
         for key in _BLOCK_OPTIONS:
-            group.setdefault(key, self._block_defaults[key])
+            group.setdefault(key, self.frugal_defaults[key])
         for key, value in _COUNTERS.items():
             group.setdefault(key, value)
-        density, gap = group["density"], group["update_proj_gap"]
-        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
-            raise ValueError(f"FrugalBlock: 'density' must be in (0, 1], got {density!r}")
+        self._check_options(group)
+        gap = group["update_proj_gap"]
         if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
             raise ValueError(f"FrugalBlock: 'update_proj_gap' must be a positive int, got {gap!r}")
         if group["block_order"] not in BLOCK_ORDERS:
             raise ValueError(f"FrugalBlock: 'block_order' must be one of {BLOCK_ORDERS}, got {group['block_order']!r}")
-        if group["inactive_update_rule"] not in INACTIVE_RULES:
-            raise ValueError(
-                f"FrugalBlock: 'inactive_update_rule' must be one of {INACTIVE_RULES}, "
-                f"got {group['inactive_update_rule']!r}"
-            )
 
     # ------------------------------------------------------------------ subspace
     @staticmethod
@@ -144,12 +129,8 @@ class FrugalBlock(LowRankOptimizer):
         active = [it for it in items if position[id(it.param)] in active_set]
         inactive = [it for it in items if position[id(it.param)] not in active_set]
         self._adamw(group, active)
-        rule, alpha = group["inactive_update_rule"], -group["lr"] * group["inactive_lr_scale"]
         for it in inactive:
-            if rule == "sign_sgd":
-                it.param.add_(it.low.sign(), alpha=alpha)
-            elif rule == "sgd":
-                it.param.add_(it.low, alpha=alpha)
+            self._inactive_update(group, it, it.low, overwrite=False)
             it.state["step"] += 1
             it.low = None
 
@@ -165,7 +146,5 @@ class FrugalBlock(LowRankOptimizer):
             st = it.state
             st["step"] += 1
             st["adam_step"] = st.get("adam_step", 0) + 1
-            scalars = adam_scalars(group, st["adam_step"], "torch")
-            denom = second.sqrt().div_(scalars.v_divisor).add_(scalars.eps)
-            it.param.addcdiv_(first, denom, value=-scalars.step_size)
+            self._adamw_update(group, it, first, second, st["adam_step"])
             it.low = None

@@ -73,6 +73,8 @@ class GaLoreAdamW(LowRankOptimizer):
     """
 
     moment_keys = ("exp_avg", "exp_avg_sq")
+    #: group defaults a subclass adds to Adam's (QGaLoreAdamW: its rounding seed and switch)
+    extra_defaults: dict[str, Any] = {}
 
     def __init__(
         self,
@@ -89,7 +91,13 @@ class GaLoreAdamW(LowRankOptimizer):
         check_adam_hyperparameters(type(self).__name__, lr, betas, eps)
         self.faithful = faithful
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "correct_bias": correct_bias}
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults | self.extra_defaults, nonfinite=nonfinite)
+
+    @property
+    def scalar_policy(self) -> str:
+        """Where the step puts Adam's bias corrections (:func:`~fastgrad.optim.base.adam_scalars`):
+        the HF-legacy AdamW of the GaLore recipes."""
+        return "hf"
 
     def _normalize_lowrank_group(self, group: dict[str, Any]) -> None:
         super()._normalize_lowrank_group(group)
@@ -104,7 +112,8 @@ class GaLoreAdamW(LowRankOptimizer):
 
     def update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
         lr, wd = group["lr"], group["weight_decay"]
-        params = [it.param for it in items if not self._fuses(it)]  # the fused op decays its own weight
+        # The fused op decays its own weight; an INT8 weight decays on its decoded values.
+        params = [it.param for it in items if not self._fuses(it) and it.param.is_floating_point()]
         if wd != 0.0 and not self.faithful and params:
             torch._foreach_mul_(params, 1.0 - lr * wd)
         self._step_items(group, items)
@@ -122,46 +131,63 @@ class GaLoreAdamW(LowRankOptimizer):
                 self._weight_step(group, it, first, second)
         for it in items:
             if self._fuses(it):
-                self._fused_step(group, it)
+                self._fused_step(group, it, *self._moment_tensors([it]))
 
-    def _fused_step(self, group: dict[str, Any], it: ParamStep) -> None:
-        """t ← t + 1, then one :func:`fastgrad.ops.galore_adam_step_` call: the moments from R,
-        N = M/(√V + ε), W ← decay·W − η_t·α·up(N, P) with the decay of the mode (torch-style: W
-        decays before the update; faithful: the updated weight decays, so the update is scaled too)."""
-        (first,), (second,) = self._moment_tensors([it])
+    def _fused_step(self, group: dict[str, Any], it: ParamStep, firsts: list, seconds: list) -> None:
+        """t ← t + 1, then one :func:`fastgrad.ops.galore_adam_step_` call on the weight with its
+        moments (``firsts``, ``seconds``: one tensor each, not yet updated): the moments from R,
+        N = M/(denom_scale·√V + ε), W ← decay·W − η_t·α·up(N, P) with the decay of the mode
+        (torch-style: W decays before the update; faithful: the updated weight decays, so the update
+        is scaled too), and for an INT8 weight its re-quantization (:meth:`_fused_target`)."""
         beta1, beta2 = group["betas"]
         it.state["step"] += 1
-        lr, wd = group["lr"], group["weight_decay"]
-        decay = 1.0 - lr * wd
-        step_scale = -adam_scalars(group, it.state["step"], "hf").step_size * group["scale"]
-        if self.faithful:
-            step_scale *= decay
+        scalars = adam_scalars(group, it.state["step"], self.scalar_policy)
+        decay = 1.0 - group["lr"] * group["weight_decay"]
+        step_scale = -scalars.step_size * group["scale"] * (decay if self.faithful else 1.0)
         p_mat = self.proj_matrix(it)
-        low = it.low.to(p_mat.dtype).contiguous()
+        low = it.low.to(p_mat.dtype) if isinstance(p_mat, torch.Tensor) else it.low
+        low = low.contiguous()
         it.low = None
+        weight, rounding = self._fused_target(group, it)
         galore_adam_step_(
-            it.param, first, second, low, p_mat, it.side,
-            beta1=beta1, beta2=beta2, eps=group["eps"], step_scale=step_scale, decay=decay,
+            weight, firsts[0], seconds[0], low, p_mat, it.side,
+            beta1=beta1, beta2=beta2, eps=scalars.eps, denom_scale=scalars.denom_scale, step_scale=step_scale,
+            decay=decay, **rounding,
         )  # fmt: skip
         it.proj = it.proj_old = None
+
+    def _fused_target(self, group: dict[str, Any], it: ParamStep) -> tuple[Any, dict[str, Any]]:
+        """The weight the fused op updates and the arguments of its re-quantization (none for a
+        float weight; :class:`QGaLoreAdamW` passes an INT8 weight and its rounding stream)."""
+        return it.param, {}
 
     def _direction(
         self, group: dict[str, Any], step: int, first: torch.Tensor, second: torch.Tensor
     ) -> tuple[float, torch.Tensor]:
-        """(η_t, N) of step t = ``step`` from the updated moments M, V: N = M / (√V + ε),
-        η_t = lr·√(1−β2^t)/(1−β1^t) (lr if not correct_bias). M and V are not modified."""
-        denom = second.sqrt().add_(group["eps"])
-        return adam_scalars(group, step, "hf").step_size, torch.div(first, denom, out=denom)
+        """(η_t, N) of step t = ``step`` from the updated moments M, V under :attr:`scalar_policy`:
+        N = M / (denom_scale·√V + ε). M and V are not modified."""
+        scalars = adam_scalars(group, step, self.scalar_policy)
+        denom = second.sqrt()
+        if scalars.denom_scale != 1.0:
+            denom.mul_(scalars.denom_scale)
+        denom.add_(scalars.eps)
+        return scalars.step_size, torch.div(first, denom, out=denom)
 
     def _weight_step(self, group: dict[str, Any], it: ParamStep, first: torch.Tensor, second: torch.Tensor) -> None:
-        """One weight's step once its moments are updated: t ← t + 1, then W ← W − η_t·α·up(N, P)
-        (low-rank) or W ← W − η_t·N (full-rank). Weight decay is the caller's."""
+        """One weight's step once its moments are updated: t ← t + 1, then the update of N
+        (:meth:`_apply_direction`). Weight decay is the caller's."""
+        it.low = None
         it.state["step"] += 1
         step_size, normed = self._direction(group, it.state["step"], first, second)
+        self._apply_direction(group, it, normed, step_size)
+        it.proj = it.proj_old = None
+
+    def _apply_direction(self, group: dict[str, Any], it: ParamStep, normed: torch.Tensor, step_size: float) -> None:
+        """W ← W − η_t·α·up(N, P) (low-rank, accumulated straight into W: no m×n temporary) or
+        W ← W − η_t·N (full-rank)."""
         if it.lowrank:
             p_mat = self.proj_matrix(it)
-            # W += (−η_t·α)·up(N): accumulated straight into W, no m×n temporary.
-            lowrank_project_back_add_(it.param, normed.to(p_mat.dtype), p_mat, it.side, -step_size * group["scale"])
+            low = normed.to(p_mat.dtype) if isinstance(p_mat, torch.Tensor) else normed
+            lowrank_project_back_add_(it.param, low, p_mat, it.side, -step_size * group["scale"])
         else:
             it.param.add_(normed, alpha=-step_size)
-        it.proj = it.proj_old = None

@@ -15,6 +15,7 @@ moments, |M| ≤ C·√V for any gradient sequence started from zero; it require
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from fastgrad.ops import QuantizedTensor, dequantize_int8, quantize_int8
-from fastgrad.optim.base import ParamStep, adam_scalars, name_key, transfer_moments
+from fastgrad.optim.base import ParamStep, adam_scalars, transfer_moments
 from fastgrad.optim.galore import GaLoreAdamW
 from fastgrad.optim.projectors import Projector, effective_rank, lowrank_shape, mix_seed, resolve_side
 
@@ -81,10 +82,35 @@ class EightBitMoments:
     ``_step_items(group, items)`` → per weight ``_weight_step(group, item, M, V)`` (GaLoreAdamW,
     QGaLoreAdamW): the Adam moments of every tensor of at least ``min_8bit_size`` elements are kept
     in 8 bits (the representation of the module docstring and :class:`GaLoreAdamW8bit`), decoded
-    to fp32 for one weight's step at a time and re-encoded right after it. Call
-    :meth:`_init_8bit` before the optimizer's ``__init__``."""
+    to fp32 for one weight's step at a time and re-encoded right after it; a low-rank INT8 weight
+    (Q-GaLore's) takes the fused ``_fused_step`` on the decoded moments.
+
+    Its constructor is the optimizer's with two more keyword arguments, ``block_size`` and
+    ``min_8bit_size`` (the signature a subclass shows, e.g. in ``help()``, is that union)."""
 
     keep_dtype_keys = (M_SCALES, V_SCALES, V_ZEROS)
+
+    def __init__(
+        self, params: Iterable, *args: Any, block_size: int = BLOCK_SIZE, min_8bit_size: int = MIN_8BIT_SIZE, **kw: Any
+    ) -> None:
+        self._init_8bit(block_size, min_8bit_size)  # before the parameters are added
+        super().__init__(params, *args, **kw)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__signature__ = None  # its own constructor's (not an inherited composed one)
+            return
+        # The signature of the float optimizer's constructor plus the 8-bit arguments, for help()
+        # and editors (the constructor itself forwards everything else to it).
+        parent = next(k for k in cls.__mro__[1:] if k is not EightBitMoments and "__init__" in k.__dict__)
+        sig = inspect.signature(parent.__init__)
+        mine = inspect.signature(EightBitMoments.__init__).parameters
+        params = list(sig.parameters.values())
+        if "block_size" not in sig.parameters:
+            cut = next(i for i, q in enumerate(params) if q.kind is inspect.Parameter.KEYWORD_ONLY)
+            params[cut:cut] = [mine["block_size"], mine["min_8bit_size"]]
+        cls.__signature__ = sig.replace(parameters=params[1:])  # without self
 
     def _init_8bit(self, block_size: int, min_8bit_size: int) -> None:
         name = type(self).__name__
@@ -117,16 +143,6 @@ class EightBitMoments:
     def _fuses(self, it: ParamStep) -> bool:
         """8-bit moments are decoded and encoded around the step: only fp32-moment items fuse."""
         return super()._fuses(it) and not self._is_8bit(it)
-
-    def _qseed(self, group: dict[str, Any], it: ParamStep) -> int:
-        """Per-parameter seed of the rounding stream: the group's ``seed`` (0 if none) mixed with the
-        parameter's name when the group has ``param_names``, else with its index; then salted."""
-        names = group.get("param_names")
-        if names:
-            key = name_key(next(n for q, n in zip(group["params"], names, strict=True) if q is it.param))
-        else:
-            key = it.index
-        return mix_seed(mix_seed(group.get("seed", 0), key), _SR_SALT)
 
     @staticmethod
     def _decode(st: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,16 +220,20 @@ class EightBitMoments:
         if M_CODES in st:
             first_pad, second_pad = self._decode(st)
         else:
-            st[QSEED] = self._qseed(group, it)
+            st[QSEED] = mix_seed(self._param_seed(group, it.param, it.index), _SR_SALT)
             first_pad = torch.zeros(self._padded(n), dtype=torch.float32, device=low.device)
             second_pad = torch.zeros_like(first_pad)
         first, second = first_pad[:n].view(low.shape), second_pad[:n].view(low.shape)
         if it.proj_old is not None:
             transfer_moments(first, second, it.proj_old, self.proj_matrix(it), st["proj_side"])
-        first.mul_(beta1).add_(low, alpha=1.0 - beta1)
-        second.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
-        del low
-        self._weight_step(group, it, first, second)
+        if it.lowrank and it.param.dtype == torch.uint8:  # an INT8 weight: the fused op, on the decoded moments
+            it.low, low = low, None
+            self._fused_step(group, it, [first], [second])
+        else:
+            first.mul_(beta1).add_(low, alpha=1.0 - beta1)
+            second.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+            del low
+            self._weight_step(group, it, first, second)
         self._encode(group, it, first_pad, second_pad)
 
     # ------------------------------------------------------------------ checkpoints
@@ -305,22 +325,6 @@ class GaLoreAdamW8bit(EightBitMoments, GaLoreAdamW):
     updated; a rotation can take |M| above C·√V (by at most √r'), which the clamp then shortens.
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        *,
-        block_size: int = BLOCK_SIZE,
-        min_8bit_size: int = MIN_8BIT_SIZE,
-        faithful: bool = False,
-        nonfinite: str = "skip",
-    ) -> None:
-        self._init_8bit(block_size, min_8bit_size)
-        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, faithful=faithful, nonfinite=nonfinite)
 
 
 class AdamW8bit(GaLoreAdamW8bit):

@@ -47,12 +47,17 @@ def galore_param_groups(
     ``proj_side="right"``, ``lr=...``); the rest group holds every other trainable parameter
     (embeddings, norms, biases, the output head) with the optimizer's defaults.
     """
-    lowrank = target_linear_weights(model, target_modules)
+    group = {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, **group_kwargs}
+    return lowrank_and_rest(model, target_linear_weights(model, target_modules), group)
+
+
+def lowrank_and_rest(model: nn.Module, lowrank: list[torch.Tensor], options: dict[str, Any]) -> list[dict[str, Any]]:
+    """``[{"params": lowrank, **options}, {"params": every other trainable parameter of model}]``,
+    each parameter once (tied weights are not repeated)."""
     chosen = {id(p) for p in lowrank}
     rest = []
     for p in model.parameters():
         if p.requires_grad and id(p) not in chosen:
             chosen.add(id(p))
             rest.append(p)
-    group = {"params": lowrank, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, **group_kwargs}
-    return [group, {"params": rest}]
+    return [{"params": lowrank, **options}, {"params": rest}]

@@ -20,9 +20,8 @@ Pieces (§3.2–3.4), all per parameter of a ``rank`` group:
     ``seed`` per parameter, ``offset`` advanced by m·n every step) into the layer's
     codes/scales/zeros in place. With the moment update this is one fused op per weight,
     :func:`fastgrad.ops.galore_adam_step_` (``galore_adam_step_int8_``), which works a block of
-    rows at a time, so no m×n float copy of the weight is ever formed. (8-bit moments, in
-    :class:`QGaLoreAdamW8bit`, take the unfused path: dequantize_int8, lowrank_project_back_add_,
-    quantize_int8 per block of ``UPDATE_BLOCK_ELEMS``, bitwise the same as the whole matrix.)
+    rows at a time, so no m×n float copy of the weight is ever formed; with 8-bit moments
+    (:class:`QGaLoreAdamW8bit`) the op updates the decoded moments, which are then re-encoded.
 (D) Between refreshes a QLinear computes only the projected gradient R in backward, with the INT4
     P (:mod:`fastgrad.nn.lowrank`): with (C), a non-refresh step has no m×n tensor at all.
 
@@ -43,12 +42,12 @@ from fastgrad.nn.qlinear import QLinear, qlinear_of
 from fastgrad.ops import (
     QuantizedTensor,
     dequantize_int8,
-    galore_adam_step_,
-    lowrank_project_back_add_,
     quantize_int8,
 )
-from fastgrad.optim.base import LowRankOptimizer, ParamStep, adam_scalars, check_adam_hyperparameters
+from fastgrad.optim.base import ParamStep
+from fastgrad.optim.galore import GaLoreAdamW
 from fastgrad.optim.galore8bit import EightBitMoments
+from fastgrad.optim.param_groups import lowrank_and_rest
 from fastgrad.optim.projectors import (
     QuantizedSVDProjector,
     effective_rank,
@@ -69,19 +68,12 @@ QGALORE_DEFAULTS: dict[str, Any] = {
     "stochastic_round": True,
 }
 _SR_SALT = 0x5152_4F55_4E44  # separates the SR stream's seed from the projector's
-# fp32 elements of an INT8 weight dequantized at once by the update (a block of whole rows): the
-# step never holds an m×n float copy of a quantized weight.
+# fp32 elements of a full-rank INT8 weight (a QLinear weight in a group without ``rank``)
+# dequantized at once by its update (whole rows): no m×n float copy of a quantized weight.
 UPDATE_BLOCK_ELEMS = 1 << 20
 
 
-def _row_slice(p: torch.Tensor | QuantizedTensor, rows: slice) -> torch.Tensor | QuantizedTensor:
-    """Rows ``rows`` of a dense or quantized (groups along rows) matrix, as views."""
-    if isinstance(p, QuantizedTensor):
-        return QuantizedTensor(p.codes[rows], p.scales[rows], p.zeros[rows], p.bits)
-    return p[rows]
-
-
-class QGaLoreAdamW(LowRankOptimizer):
+class QGaLoreAdamW(GaLoreAdamW):
     """Q-GaLore AdamW: INT4 projector, adaptive refresh, INT8 weights with stochastic rounding.
 
     Param groups: a group with ``rank`` is low-rank (build them with :func:`qgalore_param_groups`):
@@ -134,11 +126,11 @@ class QGaLoreAdamW(LowRankOptimizer):
     plus 2·numel·4 per full-rank (AdamW) parameter. :meth:`state_bytes` sums the actual tensors.
     Transient per step: on refresh steps the fp32 gradient m×n (the layer's ``weight.grad``);
     between refreshes only R (the layer computes it, :mod:`fastgrad.nn.lowrank`); and during a
-    weight's update one fp32 block of at most ``UPDATE_BLOCK_ELEMS`` of its rows.
+    weight's update the fused op's fp32 block of its rows (≤ 1 MiB on CPU).
     """
 
-    moment_keys = ("exp_avg", "exp_avg_sq")
     keep_dtype_keys = ("proj_scales", "proj_zeros", "proj_past", "proj_queue")
+    extra_defaults = {"seed": 0, "stochastic_round": True}
 
     def __init__(
         self,
@@ -151,25 +143,20 @@ class QGaLoreAdamW(LowRankOptimizer):
         faithful: bool = False,
         nonfinite: str = "skip",
     ) -> None:
-        check_adam_hyperparameters("QGaLoreAdamW", lr, betas, eps)
-        self.faithful = faithful
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "seed": 0,
-            "stochastic_round": True,
-        }
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, lr, betas, eps, weight_decay, faithful=faithful, nonfinite=nonfinite)
+
+    @property
+    def scalar_policy(self) -> str:
+        """torch.optim.AdamW's bias corrections; bitsandbytes' (Q-GaLore's reference) if faithful."""
+        return "bnb" if self.faithful else "torch"
 
     # ------------------------------------------------------------------ groups and projector
     def _normalize_lowrank_group(self, group: dict[str, Any]) -> None:
+        if group.get("state_transfer"):
+            raise ValueError("QGaLoreAdamW: state_transfer is not supported (Q-GaLore keeps the moments)")
         super()._normalize_lowrank_group(group)
         if group["projector"] != "svd":
             raise ValueError(f"QGaLoreAdamW: only projector='svd' is supported, got {group['projector']!r}")
-        if group["state_transfer"]:
-            raise ValueError("QGaLoreAdamW: state_transfer is not supported (Q-GaLore keeps the moments)")
         for key, value in QGALORE_DEFAULTS.items():
             group.setdefault(key, value)
         if not isinstance(group["queue_size"], int) or group["queue_size"] < 1:
@@ -207,61 +194,16 @@ class QGaLoreAdamW(LowRankOptimizer):
         return k % gap == 0
 
     # ------------------------------------------------------------------ update
-    def update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
-        self._step_items(group, items)
-
-    def _fuses(self, it: ParamStep) -> bool:
-        """Whether ``it``'s whole step (moments, back-projection, decay, SR re-quantization) is one
-        fused op call: every low-rank weight (float or INT8)."""
-        return it.lowrank
-
-    def _step_items(self, group: dict[str, Any], items: list[ParamStep]) -> None:
-        """Low-rank weights through the fused step (:meth:`_fused_step`); the others: moments of
-        every item at once (foreach), then each weight's step (:meth:`_weight_step`)."""
-        rest = [it for it in items if not self._fuses(it)]
-        if rest:
-            firsts, seconds = self._update_moments(group, rest)  # state_transfer is rejected for Q-GaLore
-            for it, first, second in zip(rest, firsts, seconds, strict=True):
-                self._weight_step(group, it, first, second)
-        for it in items:
-            if self._fuses(it):
-                self._fused_step(group, it)
-
-    def _adam_scalars(self, group: dict[str, Any], step: int) -> tuple[float, float, float]:
-        """(η, denom_scale, ε') of step t = ``step`` with N = M/(denom_scale·√V + ε'):
-        torch AdamW: η = lr/(1−β1^t), N = M/(√V/√(1−β2^t) + ε);
-        faithful (bnb): η = lr·√(1−β2^t)/(1−β1^t), N = M/(√V + ε·√(1−β2^t))."""
-        scalars = adam_scalars(group, step, "bnb" if self.faithful else "torch")
-        return scalars.step_size, scalars.denom_scale, scalars.eps
-
-    def _fused_step(self, group: dict[str, Any], it: ParamStep) -> None:
-        """t ← t + 1, then one :func:`fastgrad.ops.galore_adam_step_` call on the weight: the moments
-        from R, N, W ← decay·W − η·α·up(N, P̂) (faithful: the updated weight decays, so the update
-        is scaled too) with the INT4 P̂ decoded inside the matmul, and for an INT8 weight the SR
-        re-quantization into its codes/scales/zeros (``sr_offset`` advances by m·n)."""
-        (first,), (second,) = self._moment_tensors([it])
-        beta1, beta2 = group["betas"]
-        st = it.state
-        st["step"] += 1
-        step_size, denom_scale, eps = self._adam_scalars(group, st["step"])
-        decay = 1.0 - group["lr"] * group["weight_decay"]
-        step_scale = -step_size * group["scale"] * (decay if self.faithful else 1.0)
-        low = it.low.contiguous()
-        it.low = None
-        weight: torch.Tensor | QuantizedTensor = it.param
-        seed = offset = 0
-        if it.param.dtype == torch.uint8:
-            layer = self._layer_of(it)
-            weight = QuantizedTensor(it.param, layer.scales, layer.zeros, 8)
-            seed, offset = self._sr_stream(group, it)
-        galore_adam_step_(
-            weight, first, second, low, self.proj_matrix(it), it.side,
-            beta1=beta1, beta2=beta2, eps=eps, denom_scale=denom_scale, step_scale=step_scale, decay=decay,
-            stochastic=bool(group.get("stochastic_round", True)), seed=seed, offset=offset,
-        )  # fmt: skip
-        if it.param.dtype == torch.uint8:
-            st["sr_offset"] += it.param.numel()
-        it.proj = it.proj_old = None
+    def _fused_target(self, group: dict[str, Any], it: ParamStep) -> tuple[Any, dict[str, Any]]:
+        """An INT8 weight is updated in its codes, scales and zeros, re-quantized from the weight's
+        stochastic-rounding stream, whose next m·n positions the update takes."""
+        if it.param.dtype != torch.uint8:
+            return it.param, {}
+        layer = self._layer_of(it)
+        seed, offset = self._sr_stream(group, it)
+        it.state["sr_offset"] += it.param.numel()
+        rounding = dict(stochastic=bool(group.get("stochastic_round", True)), seed=seed, offset=offset)
+        return QuantizedTensor(it.param, layer.scales, layer.zeros, 8), rounding
 
     def update_writes(self, it: ParamStep) -> list[torch.Tensor]:
         """An INT8 weight's update rewrites its layer's scales and zeros too."""
@@ -287,51 +229,19 @@ class QGaLoreAdamW(LowRankOptimizer):
             st["sr_offset"] = 0
         return st["sr_seed"], st["sr_offset"]
 
-    def _weight_step(self, group: dict[str, Any], it: ParamStep, first: torch.Tensor, second: torch.Tensor) -> None:
-        """t ← t + 1, N and η from the updated moments, then the weight's update (in place)."""
-        it.low = None
-        st = it.state
-        st["step"] += 1
-        step_size, denom_scale, eps = self._adam_scalars(group, st["step"])
-        denom = second.sqrt().mul_(denom_scale).add_(eps)
-        normed = torch.div(first, denom, out=denom)
-        p = it.param
-        if p.dtype == torch.uint8:
-            self._update_quantized(group, it, self._layer_of(it), normed, step_size)
-        else:
-            self._apply_update(group, it, p, normed, step_size)
-        it.proj = it.proj_old = None
-
-    def _apply_update(
-        self, group: dict[str, Any], it: ParamStep, target: torch.Tensor, normed: torch.Tensor, step_size: float,
-        rows: slice | None = None,
-    ) -> None:  # fmt: skip
-        """target (the weight, or fp32 rows ``rows`` of it) ← decay and −η·α·up(N) (−η·N full-rank), in place."""
+    def _apply_direction(self, group: dict[str, Any], it: ParamStep, normed: torch.Tensor, step_size: float) -> None:
+        """A full-rank INT8 weight (a QLinear weight in a group without ``rank``): a block of rows
+        at a time, dequantized to fp32, decayed (:attr:`faithful`: after the update), updated by
+        −η·N and re-quantized (SR) into the layer's codes/scales/zeros in place. Groups lie within
+        rows and the stream position of element (i, j) is offset + i·n + j, so the result is that of
+        updating the whole matrix at once, without an m×n temporary. Low-rank INT8 weights take the
+        fused op (:meth:`_fused_target`); float weights GaLoreAdamW's update."""
+        if it.param.dtype != torch.uint8:
+            super()._apply_direction(group, it, normed, step_size)
+            return
+        layer = self._layer_of(it)
+        seed, offset = self._sr_stream(group, it)
         lr, wd = group["lr"], group["weight_decay"]
-        if wd != 0.0 and not self.faithful:
-            target.mul_(1.0 - lr * wd)
-        if it.lowrank:
-            p_mat, low = self.proj_matrix(it), normed
-            if rows is not None:  # up(N)[rows] = P[rows] N (left, P m×r) or N[rows] P (right, N m×r)
-                if it.side == "left":
-                    p_mat = _row_slice(p_mat, rows)
-                else:
-                    low = normed[rows]
-            lowrank_project_back_add_(target, low, p_mat, it.side, -step_size * group["scale"])
-        else:
-            target.add_(normed if rows is None else normed[rows], alpha=-step_size)
-        if wd != 0.0 and self.faithful:
-            target.add_(target, alpha=-lr * wd)
-
-    def _update_quantized(
-        self, group: dict[str, Any], it: ParamStep, layer: QLinear, normed: torch.Tensor, step_size: float
-    ) -> None:
-        """The INT8 weight's update, a block of rows at a time: dequantize the rows to fp32, apply
-        the update, re-quantize them (SR) into the layer's codes/scales/zeros in place. Groups lie
-        within rows and the SR stream position of element (i, j) is offset + i·n + j, so the result
-        is bit for bit that of updating the whole matrix at once, without an m×n temporary."""
-        st = it.state
-        self._sr_stream(group, it)
         stochastic = bool(group.get("stochastic_round", True))
         codes = it.param
         m, n = codes.shape
@@ -339,13 +249,16 @@ class QGaLoreAdamW(LowRankOptimizer):
         for r0 in range(0, m, block):
             rows = slice(r0, min(m, r0 + block))
             w = dequantize_int8(codes[rows], layer.scales[rows], layer.zeros[rows], torch.float32)
-            self._apply_update(group, it, w, normed, step_size, rows)
-            offset = st["sr_offset"] + r0 * n
-            q = quantize_int8(w, layer.group_size, stochastic=stochastic, seed=st["sr_seed"], offset=offset)
+            if wd != 0.0 and not self.faithful:
+                w.mul_(1.0 - lr * wd)
+            w.add_(normed[rows], alpha=-step_size)
+            if wd != 0.0 and self.faithful:
+                w.add_(w, alpha=-lr * wd)
+            q = quantize_int8(w, layer.group_size, stochastic=stochastic, seed=seed, offset=offset + r0 * n)
             codes[rows].copy_(q.codes)
             layer.scales[rows].copy_(q.scales)
             layer.zeros[rows].copy_(q.zeros)
-        st["sr_offset"] += m * n
+        it.state["sr_offset"] += m * n
 
 
 class QGaLoreAdamW8bit(EightBitMoments, QGaLoreAdamW):
@@ -360,22 +273,6 @@ class QGaLoreAdamW8bit(EightBitMoments, QGaLoreAdamW):
     replaced by 2·n_pad + 12·blocks (n_pad = n rounded up to ``block_size``)."""
 
     keep_dtype_keys = QGaLoreAdamW.keep_dtype_keys + EightBitMoments.keep_dtype_keys
-
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        *,
-        block_size: int = 256,
-        min_8bit_size: int = 4096,
-        faithful: bool = False,
-        nonfinite: str = "skip",
-    ) -> None:
-        self._init_8bit(block_size, min_8bit_size)
-        super().__init__(params, lr, betas, eps, weight_decay, faithful=faithful, nonfinite=nonfinite)
 
 
 def qgalore_param_groups(
@@ -395,10 +292,5 @@ def qgalore_param_groups(
         if isinstance(module, QLinear) and module.weight_trainable and id(module.weight) not in seen:
             seen.add(id(module.weight))
             lowrank.append(module.weight)
-    rest = []
-    for p in model.parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            rest.append(p)
-    group = {"params": lowrank, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, **group_kwargs}
-    return [group, {"params": rest}]
+    group = {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, **group_kwargs}
+    return lowrank_and_rest(model, lowrank, group)

@@ -57,18 +57,24 @@ seq tokens, C hidden, I intermediate, V vocabulary, e bytes of the model dtype:
   an R-sized fp32 scratch, R held until the op returns; a dense W by one addmm_ (fp32) or scratch
   blocks of P and W (16-bit), an INT8 W decoded, updated and re-quantized in place by blocks of
   whole rows of ≤ 2^18 fp32 elements. Full-rank weights: Adam's denominator; 8-bit moments are
-  decoded to fp32 one weight at a time, the weight updated unfused (Q-GaLore8bit's INT8 weight by
-  blocks of ≤ 2^20 rows·columns: fp32 rows and their new codes), re-encoded. Fira's and FRUGAL's
+  decoded to fp32 one weight at a time, the weight updated unfused (Q-GaLore8bit's INT8 weight:
+  the fused op on the decoded moments), re-encoded. Fira's and FRUGAL's
   m×n residual; torch's AdamW: per tensor on CPU, ``foreach`` on CUDA (a copy of every second
   moment at once).
 * **Projector refresh**: the SVD (``full_matrices=False``) of the fp32 gradient: LAPACK's copy of
   the input, U, S, Vᴴ, then the new P (two copies for GaLore's strided slice; Q-GaLore's fp32 basis
   and INT4 codes). APOLLO's random P is regenerated (r'·d fp32) whenever it is needed.
-* **CPU kernels** (``device="cpu"``): the C++ ops' scratch blocks (≤ 1 MiB of P, ≤ 4 MiB of G, the
-  fused INT8 step's ≤ 1 MiB of decoded rows), the flash-attention kernel's per-thread blocks (one
-  thread counted), and the fp32 copies torch makes for an in-place op mixing a 16-bit tensor with
-  an fp32 one (APOLLO's/Fira's ``addcmul_``, 8-bit AdamW's ``add_``, a 16-bit R added into the
-  layer-wise fp32 buffer). The CUDA kernels need none of them.
+* **CPU kernels** (``device="cpu"``): the C++ ops' scratch blocks, sized by the very functions the
+  kernels call (``fastgrad._C.projection_scratch``, ``tn_matmul_scratch``, ``int8_step_scratch``:
+  blocks of ≤ 1 MiB of P, ≤ 4 MiB of G, the fused INT8 step's ≤ 1 MiB of decoded rows), their fp32
+  results cast to 16 bits, the flash-attention kernel's per-thread blocks (one thread counted), and
+  the fp32 copies torch makes for an in-place op mixing a 16-bit tensor with an fp32 one
+  (APOLLO's/Fira's ``addcmul_``, 8-bit AdamW's ``add_``, a 16-bit R added into the layer-wise fp32
+  buffer).
+* **GPU kernels** (``device="cuda"``): what the Triton launchers allocate, from the plans they use
+  (:mod:`fastgrad.kernels.plans`): the split-K workspaces of the projections and of
+  ``lowrank_grad`` (on a GPU of ``sm_count`` SMs), its T×r' intermediate Z in dy's dtype, the
+  quantizer's partial statistics, the fused step's N; outputs in their own dtype (no fp32 copy).
 
 Not modelled: the CUDA context (~0.5 GiB), the caching allocator's fragmentation and reserve,
 cuBLAS/cuSOLVER workspaces and scratch LAPACK allocates outside torch's allocator, ``torch.compile``,
@@ -89,16 +95,18 @@ tests' wide model their steps come out up to 0.2% low; FRUGAL's bf16 step betwee
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+import torch
+from fastgrad.kernels import plans
+from fastgrad.kernels.plans import QuantTiling, SplitK, lowrank_grad_workspace_bytes
 
 from fastgrad.models.llama import LlamaConfig, get_config
 from fastgrad.nn.qlinear import fit_group_size
 from fastgrad.optim.galore8bit import BLOCK_SIZE, MIN_8BIT_SIZE
 from fastgrad.optim.projectors import proj_group_size
-from fastgrad.optim.qgalore import QGALORE_DEFAULTS, UPDATE_BLOCK_ELEMS
+from fastgrad.optim.qgalore import QGALORE_DEFAULTS
 from fastgrad.train.config import TrainConfig
 from fastgrad.train.optimizers import QLINEAR_GROUP_SIZE
 
@@ -143,13 +151,13 @@ _STEP_ITEMS = {"galore", "galore8bit", "q-galore", "q-galore8bit", "adamw8bit"}
 BLOCK_8BIT = BLOCK_SIZE  # 8-bit moments (GaLoreAdamW8bit, AdamW8bit): values per block
 MIN_8BIT_NUMEL = MIN_8BIT_SIZE  # moments of fewer elements stay dense
 QUEUE_SIZE = QGALORE_DEFAULTS["queue_size"]  # Q-GaLore's cosine queue
-CPU_RNG_STATE = 5056  # bytes of torch.get_rng_state() (the CPU generator's state)
 SVD_SCRATCH = 14_400  # bytes: the small LAPACK buffers torch allocates besides U, S, Vh and the input copy
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-P_BLOCK, G_BLOCK = 1 << 18, 1 << 20  # fp32 elements of the C++ kernels' scratch blocks (csrc/cpu/project.cpp)
-P_BLOCK_FRACTION = 8  # ... a block of P holds up to max(P_BLOCK, P's elements / 8)
-UPDATE_BLOCK = UPDATE_BLOCK_ELEMS  # QGaLoreAdamW8bit's unfused INT8 update: elements (whole rows) at a time
-INT8_STEP_BLOCK = 1 << 18  # the fused step decodes an INT8 weight this many fp32 elements (whole rows) at a time
+SPLIT_K = SplitK()  # when a GPU matmul splits K (the launchers' plans, kernels/plans.py)
+QUANT_TILING = QuantTiling()  # how the GPU quantizers tile and split groups
+# The SM count assumed for the GPU workspaces when no GPU is visible: an RTX 4090's, the 24 GB card
+# the defaults target. More SMs split more matmuls (a few MiB of workspace at most).
+DEFAULT_SM_COUNT = 128
 
 
 @dataclass(frozen=True)
@@ -254,10 +262,20 @@ def _moments_bytes(numel: int, elem: int, eight_bit: bool) -> int:
     return 2 * numel * elem
 
 
-def _block_len(total: int, width: int, budget: int) -> int:
-    """csrc/cpu/project.cpp block_len: rows of ``width`` elements per scratch block."""
-    length = max(64, (budget // max(width, 1)) // 64 * 64)
-    return min(length, max(total, 1))
+def _cpu_scratch():
+    """The scratch plans of the blocked C++ CPU kernels (csrc/cpu/project_common.h), as the kernels
+    size their buffers: ``fastgrad._C.projection_scratch`` etc. return (block length, fp32 elements
+    of the P block, of the other block)."""
+    from fastgrad import _backends
+
+    if _backends.EXTENSION_ERROR is not None:
+        raise RuntimeError(
+            "the CPU memory model counts the scratch of fastgrad's C++ kernels, which did not load: "
+            f"{_backends.EXTENSION_ERROR}"
+        )
+    from fastgrad import _C
+
+    return _C
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,8 +317,10 @@ class _Tape:
 class _Step:
     """The replay of one optimizer step of ``cfg`` on the model ``mc`` (see the module docstring)."""
 
-    def __init__(self, cfg: TrainConfig, mc: LlamaConfig, device: str) -> None:
+    def __init__(self, cfg: TrainConfig, mc: LlamaConfig, device: str, sm_count: int) -> None:
         self.cfg, self.mc, self.device = cfg, mc, device
+        self.slots = 4 * sm_count  # kernels._common.parallel_slots of that GPU
+        self.cpp = _cpu_scratch() if device == "cpu" else None
         self.optim = cfg.optim
         self.e = _DTYPE_BYTES[cfg.dtype]
         self.cast = self.e != 4
@@ -322,7 +342,7 @@ class _Step:
         self.V = a * mc.vocab_size  # logits elements
         self.batch = 2 * a * 8  # input ids and labels (int64)
         # torch.utils.checkpoint keeps torch.get_rng_state() per checkpointed layer: a CPU tensor
-        self._rng_state = CPU_RNG_STATE if device == "cpu" else 0
+        self._rng_state = torch.get_rng_state().numel() if device == "cpu" else 0
 
     # ------------------------------------------------------------------ per-weight quantities
     def grad_bytes(self, w: _Weight) -> int:
@@ -349,9 +369,14 @@ class _Step:
         if self.quantized:  # packed INT4 + fp32 scales/zeros per group along P's rows
             left = m < n
             rows, row = (m, r) if left else (r, n)
-            g = proj_group_size(row, QGALORE_DEFAULTS["proj_group_size"])
+            g = self._proj_group(w)
             return rows * row // 2 + 8 * rows * (row // g)
         return r * d * self.e
+
+    def _proj_group(self, w: _Weight) -> int:
+        """Group size of Q-GaLore's INT4 P, along P's rows (m×r left, r×n right)."""
+        m, n = w.shape
+        return proj_group_size(self.rank(w) if m < n else n, QGALORE_DEFAULTS["proj_group_size"])
 
     def qgalore_refresh_extra_bytes(self, w: _Weight) -> int:
         """What a Q-GaLore refresh keeps besides P: P's first singular vector (proj_past, min(m, n)
@@ -410,6 +435,9 @@ class _Step:
             extra = self.qgalore_refresh_extra_bytes(w)
             tape.alloc(extra)  # its first vector, the cosine queue (new tensors)
             tape.alloc(proj)  # quantize_int4: codes, scales, zeros
+            if self.device != "cpu":  # the Triton quantizer's partial statistics, when it splits groups
+                g = self._proj_group(w)
+                tape.temp(QUANT_TILING.quantize_workspace_bytes(r * d // g, g, self.slots, symmetric=False))
             tape.free(r * d * 4)
             replaced = proj + extra
         else:
@@ -486,6 +514,10 @@ class _Step:
         m, n = w.shape
         a = self.tokens
         scratch = self._down_scratch(red=n, rank=m, other=a, g_f32=not self.cast, p_f32=False)
+        if self.device != "cpu":  # the Triton launcher writes the output in x's dtype
+            tape.alloc(out)
+            tape.temp(scratch)
+            return
         tape.alloc(a * m * 4)
         tape.alloc(scratch)
         if self.cast:
@@ -627,6 +659,14 @@ class _Step:
         f32_inputs = quantized or not self.cast
         right = m >= n
         tape.alloc(casts)
+        if self.device != "cpu":  # the Triton launcher: R in dy's dtype, then Z (dy's dtype) and workspaces
+            tape.alloc(self.low_bytes(w))
+            itemsize = 4 if f32_inputs else self.e
+            side = "right" if right else "left"
+            tape.temp(lowrank_grad_workspace_bytes(SPLIT_K, a, m, n, r, side, itemsize, self.slots))
+            tape.free(casts)
+            self._hook(tape, w)
+            return
         tape.alloc(a * r * 4)  # Z
         p_f32 = not quantized and not self.cast
         tape.temp(self._down_scratch(red=n if right else m, rank=r, other=a, g_f32=f32_inputs, p_f32=p_f32))
@@ -635,10 +675,14 @@ class _Step:
             tape.alloc(low)
         else:  # tn_matmul_f32: an fp32 R from blocks of the 16-bit dy (right) or x (left), then R in dtype
             width = m if right else n
-            blk = _block_len(a, width + r, G_BLOCK)
             out32 = (m * r if right else r * n) * 4
             tape.alloc(out32)
-            tape.temp(4 * blk * width if self.device == "cpu" else 0)
+            # tn_matmul_f32(dy, Z) (right) or (Zᵀ, x) (left): the 16-bit operand upcast by blocks
+            tape.temp(
+                4 * sum(self.cpp.tn_matmul_scratch(a, width, r, False, True)[1:])
+                if right
+                else 4 * sum(self.cpp.tn_matmul_scratch(a, r, width, True, False)[1:])
+            )
             tape.alloc(low)
             tape.free(out32)
         tape.free(a * r * 4 + casts)
@@ -720,7 +764,7 @@ class _Step:
         g_f32 = self.quantized or not self.cast
         p_f32 = not self.quantized and not self.cast
         scratch = self._down_scratch(red=red, rank=r, other=other, g_f32=g_f32, p_f32=p_f32)
-        if not g_f32:  # the blocked kernel's fp32 result, cast to the gradient's dtype before it returns
+        if not g_f32 and self.device == "cpu":  # the C++ kernel's fp32 result, cast to G's dtype before it returns
             tape.alloc(max(m, n) * r * 4)
             tape.alloc(scratch)
             tape.alloc(low)
@@ -731,29 +775,33 @@ class _Step:
         if self.optim in ("apollo", "apollo-mini"):
             tape.free(self.regenerated_bytes(w))
 
-    # ------------------------------------------------------------------ kernel scratch (CPU)
+    # ------------------------------------------------------------------ kernel scratch
     def _down_scratch(self, red: int, rank: int, other: int, g_f32: bool, p_f32: bool) -> int:
-        """project_blocked (csrc/cpu/project.cpp): blocks of the reduction dimension of P (decoded or
-        upcast, unless P is dense fp32) and of G (upcast, unless fp32). One at::mm when both are fp32.
-        The CUDA kernels decode in registers: nothing."""
-        if self.device != "cpu" or (g_f32 and p_f32):
+        """The down projection's scratch (R is other×rank, reduced over ``red``). CPU, project_blocked
+        (csrc/cpu/project.cpp): blocks of P (decoded or upcast, unless P is dense fp32) and of G
+        (upcast, unless fp32); one at::mm when both are fp32. GPU: the Triton matmul decodes P in
+        registers; its split-K workspace."""
+        if self.device != "cpu":
+            return SPLIT_K.workspace_bytes(other, rank, red, 4 if g_f32 else self.e, self.slots)
+        if g_f32 and p_f32:
             return 0
-        blk = _block_len(red, rank, max(P_BLOCK, red * rank // P_BLOCK_FRACTION))
-        if not g_f32:
-            blk = min(blk, _block_len(red, other, G_BLOCK))
-        return 4 * blk * ((0 if p_f32 else rank) + (0 if g_f32 else other))
+        return 4 * sum(self.cpp.projection_scratch(red, rank, other, red * rank, p_f32, g_f32)[1:])
 
-    def _up_scratch(self, split: int, rank: int, other: int, r_numel: int, out_f32: bool, p_f32: bool) -> int:
-        """project_back_blocked: R upcast to fp32 (16-bit R), blocks of P (decoded/upcast) and of the
-        output (16-bit output). One at::addmm when everything is fp32."""
+    def _up_scratch(
+        self, split: int, rank: int, other: int, r_numel: int, out_f32: bool, p_f32: bool, accumulate: bool = True
+    ) -> int:
+        """The up projection's scratch (output split×other, K = rank; ``accumulate``: added into the
+        output in place). CPU, project_back_blocked: R upcast to fp32 (16-bit R), blocks of P
+        (decoded/upcast) and of the output (16-bit output); one at::addmm when everything is fp32.
+        GPU: the Triton matmul's split-K workspace (and the fp32 sum it adds into the output)."""
         r_f32 = not self.cast or r_numel == 0
-        if self.device != "cpu" or (out_f32 and p_f32 and r_f32):
+        if self.device != "cpu":
+            itemsize = 4 if r_f32 else self.e
+            return SPLIT_K.workspace_bytes(split, other, rank, itemsize, self.slots, accumulate, out_f32)
+        if out_f32 and p_f32 and r_f32:
             return 0
-        blk = _block_len(split, rank, max(P_BLOCK, split * rank // P_BLOCK_FRACTION))
-        if not out_f32:
-            blk = min(blk, _block_len(split, other, G_BLOCK))
         rf = 0 if r_f32 else r_numel * 4
-        return rf + 4 * blk * ((0 if p_f32 else rank) + (0 if out_f32 else other))
+        return rf + 4 * sum(self.cpp.projection_scratch(split, rank, other, split * rank, p_f32, out_f32)[1:])
 
     # ------------------------------------------------------------------ backward
     def _linear_backward(self, tape: _Tape, w: _Weight, dx: int) -> None:
@@ -770,7 +818,8 @@ class _Step:
         m, n = w.shape
         a = self.tokens
         tape.alloc(dx)
-        tape.temp(self._up_scratch(split=n, rank=m, other=a, r_numel=a * m, out_f32=not self.cast, p_f32=False))
+        dx_scratch = self._up_scratch(n, m, a, a * m, out_f32=not self.cast, p_f32=False, accumulate=False)
+        tape.temp(dx_scratch)
         if self._projected(w):
             self._new_projected_grad(tape, w, quantized=True)
             return
@@ -1040,28 +1089,34 @@ class _Step:
         place and N goes to an R-sized fp32 scratch; a dense W takes one addmm_ (fp32 W and P) or
         project_back_blocked (scratch blocks of P and of W); an INT8 W is decoded, updated and
         re-quantized in place by blocks of whole rows of ≤ 2^18 fp32 elements, with a block of the
-        decoded INT4 P. The CUDA kernels need only N."""
+        decoded INT4 P. The GPU kernels need only N."""
         numel, elem = self._consumed(w)
+        self._fused_op(tape, w)
+        tape.free(numel * elem)  # R when the step returns
+
+    def _fused_op(self, tape: _Tape, w: _Weight) -> None:
+        """The transient of one galore_adam_step_ call: N (R-sized fp32), and on CPU the C++
+        kernel's scratch (kernels/plans.py: N is all the Triton kernels need)."""
+        numel, _ = self._consumed(w)
         m, n = w.shape
         r = self.rank(w)
         left = m < n
-        tape.alloc(numel * 4)  # N
+        tape.alloc(plans.adam_step_workspace_bytes(numel))  # N
         if self.device == "cpu":
             if self.quantized:
-                block_rows = min(m, max(1, INT8_STEP_BLOCK // n))
-                cols = block_rows if left else _block_len(n, r, max(P_BLOCK, r * n // P_BLOCK_FRACTION))
-                tape.alloc(block_rows * n * 4)  # the decoded rows
-                tape.alloc(cols * r * 4)  # a block of P
-                tape.free(block_rows * n * 4 + cols * r * 4)
+                _, p_block, rows_block = self.cpp.int8_step_scratch(m, n, r, left, r * n)
+                tape.alloc(rows_block * 4)  # the decoded rows
+                tape.alloc(p_block * 4)  # a block of P
+                tape.free((rows_block + p_block) * 4)
             else:
                 split, other = (m, n) if left else (n, m)
                 tape.temp(self._up_scratch(split, r, other, 0, out_f32=not self.cast, p_f32=not self.cast))
-        tape.free(numel * 4 + numel * elem)  # N, then R when the step returns
+        tape.free(plans.adam_step_workspace_bytes(numel))
 
     def _step_8bit(self, tape: _Tape, w: _Weight) -> None:
         """EightBitMoments._step_8bit, a weight with 8-bit moments: R (or G) in fp32, (M, V) decoded
-        to fp32, updated, the weight's step (``_weight_step``: N, then W, unfused), re-encoded."""
-        e = self.e
+        to fp32, updated, the weight's step (``_weight_step``: N, then W, unfused; an INT8 weight:
+        the fused op on the decoded moments, R alive until it returns), re-encoded."""
         lowrank = self.is_lowrank(w)
         numel, elem = self._consumed(w)
         n_pad = _padded(numel)
@@ -1075,14 +1130,30 @@ class _Step:
         tape.alloc(blocks * 4)  # M's zeros, −128·scale
         tape.alloc(n_pad * 4)  # M̂
         tape.free(blocks * 4)
+        if lowrank and self.quantized:
+            self._fused_op(tape, w)
+            if elem != 4 or owned:
+                tape.free(numel * 4)  # R, once the op returns
+        else:
+            self._unfused_8bit_step(tape, w, owned)
+        tape.alloc(n_pad + 8 * blocks)  # encode_moments: V^(1/4) quantized
+        tape.alloc(n_pad * 4)  # √V̂
+        tape.alloc(n_pad + 8 * blocks)  # M / √V̂ quantized
+        tape.free(n_pad * 4)  # √V̂
+        tape.free(2 * n_pad + 12 * blocks)  # the old codes, replaced in the state
+        tape.free(4 * blocks)  # M's unused zeros
+        tape.free(2 * n_pad * 4)  # the decoded M and V
+
+    def _unfused_8bit_step(self, tape: _Tape, w: _Weight, owned: bool) -> None:
+        """The decoded moments updated, then ``_weight_step``: N, then W (unfused)."""
+        e = self.e
+        numel, elem = self._consumed(w)
         if elem != 4 or owned:
             tape.free(numel * 4)  # del low, once the moments are updated
         tape.alloc(numel * 4)  # the denominator, then N
         if self.optim == "adamw8bit":
             tape.temp(numel * 4)  # √V / √(1−β2^t)
-        if lowrank and self.quantized:
-            self._update_int8(tape, w)
-        elif lowrank:  # lowrank_project_back_add_(W, N.to(P's dtype), P, side, −η·α)
+        if self.is_lowrank(w):  # lowrank_project_back_add_(W, N.to(P's dtype), P, side, −η·α)
             m, n = w.shape
             split, other = (m, n) if m < n else (n, m)
             cast = numel * e if e != 4 else 0
@@ -1092,34 +1163,6 @@ class _Step:
         elif e != 4 and self.device == "cpu":
             tape.temp(2 * numel * 4)  # W.add_(fp32 N) on a 16-bit W: fp32 copies (CPU)
         tape.free(numel * 4)
-        tape.alloc(n_pad + 8 * blocks)  # encode_moments: V^(1/4) quantized
-        tape.alloc(n_pad * 4)  # √V̂
-        tape.alloc(n_pad + 8 * blocks)  # M / √V̂ quantized
-        tape.free(n_pad * 4)  # √V̂
-        tape.free(2 * n_pad + 12 * blocks)  # the old codes, replaced in the state
-        tape.free(4 * blocks)  # M's unused zeros
-        tape.free(2 * n_pad * 4)  # the decoded M and V
-
-    def _update_int8(self, tape: _Tape, w: _Weight) -> None:
-        """QGaLoreAdamW._update_quantized (8-bit moments; the fused op replaces it otherwise): rows of
-        the INT8 weight de-quantized to fp32, updated and re-quantized, ≤ 2^20 values at a time (each
-        block's tensors live until the next replaces them)."""
-        m, n = w.shape
-        rows = min(m, max(1, UPDATE_BLOCK // max(n, 1)))
-        g = fit_group_size(QLINEAR_GROUP_SIZE, n)
-        r = self.rank(w)
-        prev_block = prev_codes = 0  # the previous block's tensors, released when rebound
-        for r0 in range(0, m, rows):
-            k = min(rows, m - r0)
-            block, codes = k * n * 4, k * n + 8 * k * (n // g)
-            split, other = (k, n) if m < n else (n, k)
-            tape.alloc(block)  # dequantize_int8 of the rows
-            tape.free(prev_block)
-            tape.temp(self._up_scratch(split, r, other, 0, out_f32=True, p_f32=False))
-            tape.alloc(codes)  # quantize_int8: codes, scales, zeros of the rows
-            tape.free(prev_codes)
-            prev_block, prev_codes = block, codes
-        tape.free(prev_block + prev_codes)  # the method returns
 
     # Fira, APOLLO, FRUGAL: the update loop of a param group, inline.
     def _update(self, tape: _Tape, w: _Weight, lowrank: bool) -> None:
@@ -1195,8 +1238,18 @@ class _Step:
 # ------------------------------------------------------------------------------------------------
 
 
+def _visible_sm_count() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return DEFAULT_SM_COUNT
+
+
 def estimate(
-    cfg: TrainConfig, *, model_config: LlamaConfig | None = None, device: str | None = None
+    cfg: TrainConfig,
+    *,
+    model_config: LlamaConfig | None = None,
+    device: str | None = None,
+    sm_count: int | None = None,
 ) -> MemoryBreakdown:
     """The memory of one training step of ``cfg`` (see the module docstring for the model).
 
@@ -1205,6 +1258,8 @@ def estimate(
     (with a trained tokenizer the vocabulary is its size). ``device`` ("cpu" or "cuda"; default
     ``cfg.device``, else "cuda") selects the AdamW implementation torch uses (``foreach`` on CUDA) and
     the default dtype (``cfg.dtype``, else bfloat16 on CUDA, float32 on CPU). Nothing is allocated.
+    On CUDA the kernels' workspaces are those the Triton launchers allocate on a GPU with
+    ``sm_count`` SMs (default: the visible GPU's, else ``DEFAULT_SM_COUNT``).
     Raises ValueError for an unknown model or optimizer.
     """
     if cfg.optim not in MODELLED_OPTIMIZERS:
@@ -1220,7 +1275,9 @@ def estimate(
         raise ValueError(f"--dtype must be one of {', '.join(_DTYPE_BYTES)}, got {cfg.dtype!r}")
     if cfg.seq_len > mc.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {mc.max_seq_len}")
-    step = _Step(cfg, mc, dev)
+    if sm_count is None:
+        sm_count = _visible_sm_count() if dev == "cuda" else DEFAULT_SM_COUNT
+    step = _Step(cfg, mc, dev, sm_count)
     phases = step.run(refresh=True)
     phases_between = step.run(refresh=False)
     notes = []
@@ -1464,32 +1521,3 @@ def format_report(b: MemoryBreakdown, notes: tuple[str, ...] = ()) -> str:
 # ---------------------------------------------------------------------------------------------
 # Measurement: what the estimate is validated against (tests/test_memory.py, bench/)
 # ---------------------------------------------------------------------------------------------
-
-
-def measured_memory_events(fn: Callable[[], object]) -> list[int]:
-    """Run ``fn`` under ``torch.profiler`` and return the CPU allocator's memory events in time
-    order: +bytes for each allocation, −bytes for each free."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    return [e.nbytes() for e in events]
-
-
-def storage_bytes(tensors: Iterable) -> int:
-    """Bytes of the storages behind ``tensors`` (torch tensors), each storage counted once (views
-    share one): what a set of tensors keeps resident."""
-    seen, total = set(), 0
-    for t in tensors:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
-
-
-def live_peak(events: Iterable[int]) -> int:
-    """The largest running total of ``events``: the peak of bytes live above the start (≥ 0)."""
-    return max(itertools.accumulate(events, initial=0))
