@@ -334,13 +334,13 @@ def test_cuda_estimate_counts_the_triton_launchers_workspaces(monkeypatch, optim
     the CUDA estimate, and leaves the CPU one (the C++ kernels' scratch) as it was."""
     from fastgrad.kernels.plans import SplitK
 
-    from fastgrad.train import memory
+    from fastgrad.train.memory import scratch
 
     # a small vocabulary, so that the head does not hide the projections' workspaces
     cfg = TrainConfig(model="tiny", optim=optim, rank=16, batch_size=4, seq_len=128, lowrank_grad=True, vocab_size=256)
     before = {dev: estimate(cfg, device=dev) for dev in ("cuda", "cpu")}
     always = SplitK(min_k=1, max_splits=64, traffic_budget=float("inf"), nominal_tile=1 << 20, align=1)
-    monkeypatch.setattr(memory, "SPLIT_K", always)
+    monkeypatch.setattr(scratch, "SPLIT_K", always)
     after = {dev: estimate(cfg, device=dev) for dev in ("cuda", "cpu")}
     assert after["cuda"].phases_between_refreshes["backward"] > before["cuda"].phases_between_refreshes["backward"]
     assert after["cuda"].phases["optimizer step"] > before["cuda"].phases["optimizer step"]

@@ -1,97 +1,5 @@
-"""Analytic memory model of one ``fastgrad pretrain`` step (``fastgrad memory``).
-
-:func:`estimate` predicts from the model's shapes alone (nothing is allocated: LLaMA-7B takes
-milliseconds) the bytes of a training step: weights, gradients, optimizer states, projector
-transients and activations, and the **peak**, which is not their sum: activations are freed as
-backward proceeds while gradients appear, the optimizer's temporaries come when the activations
-are gone, and the projector's SVD runs with whatever its moment leaves alive.
-
-The model
----------
-A step is replayed as a sequence of allocations and frees (a "tape") on top of what stays resident
-(weights and buffers, optimizer states, the token batch). The peak is the largest live total; it is
-reported per phase (forward, backward, optimizer step) and for two kinds of step: a projector
-*refresh* step (the first step, then every T steps: the worst one, and what ``peak`` is) and a step
-between refreshes (``peak_between_refreshes``). The events follow the code of
-:mod:`fastgrad.models.llama`, :mod:`fastgrad.nn.qlinear`, :mod:`fastgrad.nn.lowrank`, the optimizers
-and :mod:`fastgrad.optim.layerwise`, op by op as the profiler records them on CPU. With a = batch ×
-seq tokens, C hidden, I intermediate, V vocabulary, e bytes of the model dtype:
-
-* **Saved activations, per decoder layer**: per RMSNorm the fp32 input (in fp32 the residual itself,
-  else a copy), the fp32 normalised value, the output and 1/rms (a floats); q and k after the rotary
-  embedding and v (a·C·e each; k, v repeated to all heads under GQA); the attention output and its
-  log-sum-exp (batch·heads·seq fp32): ``scaled_dot_product_attention`` takes the flash kernel on CPU
-  and on CUDA, which neither materialises nor saves the seq×seq attention matrix (the math backend,
-  a fallback this model does not count, would save batch·heads·seq² probabilities); the SwiGLU's
-  gate, silu, up and product (4·a·I·e). In fp32 that is 10·a·C·4 + 4·a·I·4 bytes per layer. Forward transients: the
-  rotary embedding's fp32 temporaries (four a·C), a QLinear's fp32 matmul output.
-* **Loss**: the logits (a·V·e), their fp32 copy (16-bit models), the fp32 log-softmax (saved).
-  Backward starts with two more a·V fp32 tensors: with a large vocabulary the peak is at the head.
-* **Activation checkpointing** keeps each layer's input (a·C·e) only (and, on CPU, the 5056-byte CPU
-  RNG state, a second one during the recomputation); backward recomputes the layer (until its last
-  saved tensor) right before its backward. LowRankGradLinear then forms G: it looks its projection
-  up by the weight it saved, which the recomputation hands back as another tensor (QLinear is not
-  affected).
-* **Backward**: every op frees what it saved and allocates its input gradients (the SwiGLU's three
-  a·I gradients are the largest per layer); weight gradients appear in backward order (head first,
-  embedding last) in the model dtype, fp32 for QLinear's INT8 weights.
-* **Gradients, non-layer-wise**: alive from creation to the optimizer step (and, with
-  ``--grad-accum`` > 1, through the later micro-batches). Between refreshes a QLinear computes the
-  projected gradient R (D×r', fp32) in backward and no m×n gradient exists (:mod:`fastgrad.nn.lowrank`).
-* **Gradients, layer-wise**: a low-rank weight's gradient is projected in its hook (after a refresh
-  from it, on refresh steps) and freed; its R is kept until ``finish_step``, as are the full
-  gradients of the full-rank parameters (embeddings, norms, head); optimizers whose update reads
-  the full gradient (Fira, APOLLO, FRUGAL) keep every full gradient until then. ``finish_step``
-  takes the fp32 norm of each (an fp32 copy of a 16-bit tensor on CPU) before updating.
-* **Layer-wise streaming** (``--layerwise-streaming``): in the last micro-batch each parameter's
-  hook (autograd's AccumulateGrad of a Linear, norm or embedding weight; inside a QLinear's
-  backward; as a layer delivers R) finalizes its accumulation, takes its norm and runs the
-  optimizer's update of that weight alone, then frees its R or full gradient (and the projector
-  its refresh replaced): nothing is held until ``finish_step``, and the update's temporaries come
-  during backward, with the activations not yet freed.
-* **Optimizer step**: the GaLore family projects every gradient first (all R alive, and the
-  replaced projectors, which the step's rollback snapshot keeps), then updates param group by
-  param group (low-rank, then the rest), in each the weights with fp32/16-bit moments first, then
-  the 8-bit ones. A low-rank weight with fp32/16-bit moments (GaLore, Q-GaLore, and the 8-bit
-  variants below min_8bit_size) is one fused ``galore_adam_step_`` op: the moments in place, N in
-  an R-sized fp32 scratch, R held until the op returns; a dense W by one addmm_ (fp32) or scratch
-  blocks of P and W (16-bit), an INT8 W decoded, updated and re-quantized in place by blocks of
-  whole rows of ≤ 2^18 fp32 elements. Full-rank weights: Adam's denominator; 8-bit moments are
-  decoded to fp32 one weight at a time, the weight updated unfused (Q-GaLore8bit's INT8 weight:
-  the fused op on the decoded moments), re-encoded. Fira's and FRUGAL's
-  m×n residual; torch's AdamW: per tensor on CPU, ``foreach`` on CUDA (a copy of every second
-  moment at once).
-* **Projector refresh**: the SVD (``full_matrices=False``) of the fp32 gradient: LAPACK's copy of
-  the input, U, S, Vᴴ, then the new P (two copies for GaLore's strided slice; Q-GaLore's fp32 basis
-  and INT4 codes). APOLLO's random P is regenerated (r'·d fp32) whenever it is needed.
-* **CPU kernels** (``device="cpu"``): the C++ ops' scratch blocks, sized by the very functions the
-  kernels call (``fastgrad._C.projection_scratch``, ``tn_matmul_scratch``, ``int8_step_scratch``:
-  blocks of ≤ 1 MiB of P, ≤ 4 MiB of G, the fused INT8 step's ≤ 1 MiB of decoded rows), their fp32
-  results cast to 16 bits, the flash-attention kernel's per-thread blocks (one thread counted), and
-  the fp32 copies torch makes for an in-place op mixing a 16-bit tensor with an fp32 one
-  (APOLLO's/Fira's ``addcmul_``, 8-bit AdamW's ``add_``, a 16-bit R added into the layer-wise fp32
-  buffer).
-* **GPU kernels** (``device="cuda"``): what the Triton launchers allocate, from the plans they use
-  (:mod:`fastgrad.kernels.plans`): the split-K workspaces of the projections and of
-  ``lowrank_grad`` (on a GPU of ``sm_count`` SMs), its T×r' intermediate Z in dy's dtype, the
-  quantizer's partial statistics, the fused step's N; outputs in their own dtype (no fp32 copy).
-
-Not modelled: the CUDA context (~0.5 GiB), the caching allocator's fragmentation and reserve,
-cuBLAS/cuSOLVER workspaces and scratch LAPACK allocates outside torch's allocator, ``torch.compile``,
-DDP buckets. The numbers are those of ``torch.cuda.max_memory_allocated`` (and of the profiler's
-memory events on CPU).
-
-Validation (tests/test_memory.py): the peak of each phase against the live-memory peak of real steps
-measured with the profiler on CPU, to a relative 1e-4 (what is left is a few bytes of scalar
-tensors, and the later micro-batches' token tensors that the measurement keeps): small LLaMAs,
-AdamW, GaLore (with and without LowRankGradLinear), Q-GaLore, their 8-bit-moment variants, with
-and without activation checkpointing, fp32 and bf16, gradient accumulation, refresh steps and steps
-between refreshes, layer-wise and layer-wise streaming, and a model whose QLinear weights exceed
-one 2^18-element block of the fused INT8 step; and exactly the weights and
-``optimizer.state_bytes()`` after a step, for every optimizer. Fira, APOLLO and FRUGAL are modelled
-the same way but not held to the measured peaks: a few of their temporaries are missing (on the
-tests' wide model their steps come out up to 0.2% low; FRUGAL's bf16 step between refreshes 3.4%).
-"""
+"""The replay of one training step as allocations and frees (the model of the package docstring):
+:func:`estimate` and the :class:`MemoryBreakdown` it returns."""
 
 from __future__ import annotations
 
@@ -99,8 +7,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from fastgrad.kernels import plans
-from fastgrad.kernels.plans import QuantTiling, SplitK, lowrank_grad_workspace_bytes
 
 from fastgrad.models.llama import LlamaConfig, get_config
 from fastgrad.nn.qlinear import fit_group_size
@@ -108,19 +14,8 @@ from fastgrad.optim.galore8bit import BLOCK_SIZE, MIN_8BIT_SIZE
 from fastgrad.optim.projectors import proj_group_size
 from fastgrad.optim.qgalore import QGALORE_DEFAULTS
 from fastgrad.train.config import TrainConfig
+from fastgrad.train.memory.scratch import DEFAULT_SM_COUNT, KernelScratch
 from fastgrad.train.optimizers import QLINEAR_GROUP_SIZE
-
-__all__ = [
-    "MemoryBreakdown",
-    "estimate",
-    "MODELLED_OPTIMIZERS",
-    "LOWRANK_OPTIMIZERS",
-    "Anchor",
-    "ANCHORS",
-    "anchors_for",
-    "format_bytes",
-    "format_report",
-]
 
 # The optimizers this model knows (the 8-bit ones are used when fastgrad.train.optimizers has them).
 MODELLED_OPTIMIZERS = (
@@ -153,11 +48,6 @@ MIN_8BIT_NUMEL = MIN_8BIT_SIZE  # moments of fewer elements stay dense
 QUEUE_SIZE = QGALORE_DEFAULTS["queue_size"]  # Q-GaLore's cosine queue
 SVD_SCRATCH = 14_400  # bytes: the small LAPACK buffers torch allocates besides U, S, Vh and the input copy
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-SPLIT_K = SplitK()  # when a GPU matmul splits K (the launchers' plans, kernels/plans.py)
-QUANT_TILING = QuantTiling()  # how the GPU quantizers tile and split groups
-# The SM count assumed for the GPU workspaces when no GPU is visible: an RTX 4090's, the 24 GB card
-# the defaults target. More SMs split more matmuls (a few MiB of workspace at most).
-DEFAULT_SM_COUNT = 128
 
 
 @dataclass(frozen=True)
@@ -262,20 +152,11 @@ def _moments_bytes(numel: int, elem: int, eight_bit: bool) -> int:
     return 2 * numel * elem
 
 
-def _cpu_scratch():
-    """The scratch plans of the blocked C++ CPU kernels (csrc/cpu/project_common.h), as the kernels
-    size their buffers: ``fastgrad._C.projection_scratch`` etc. return (block length, fp32 elements
-    of the P block, of the other block)."""
-    from fastgrad import _backends
-
-    if _backends.EXTENSION_ERROR is not None:
-        raise RuntimeError(
-            "the CPU memory model counts the scratch of fastgrad's C++ kernels, which did not load: "
-            f"{_backends.EXTENSION_ERROR}"
-        )
-    from fastgrad import _C
-
-    return _C
+def format_bytes(nbytes: int) -> str:
+    """GiB from 1 GiB up, else MiB."""
+    if abs(nbytes) >= 2**30:
+        return f"{nbytes / 2**30:.2f} GiB"
+    return f"{nbytes / 2**20:.1f} MiB"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,10 +200,9 @@ class _Step:
 
     def __init__(self, cfg: TrainConfig, mc: LlamaConfig, device: str, sm_count: int) -> None:
         self.cfg, self.mc, self.device = cfg, mc, device
-        self.slots = 4 * sm_count  # kernels._common.parallel_slots of that GPU
-        self.cpp = _cpu_scratch() if device == "cpu" else None
         self.optim = cfg.optim
         self.e = _DTYPE_BYTES[cfg.dtype]
+        self.scratch = KernelScratch(device, self.e, sm_count)
         self.cast = self.e != 4
         self.quantized = cfg.optim in ("q-galore", "q-galore8bit")  # QLinear (INT8) weights
         self.lowrank = cfg.optim in LOWRANK_OPTIMIZERS
@@ -437,7 +317,7 @@ class _Step:
             tape.alloc(proj)  # quantize_int4: codes, scales, zeros
             if self.device != "cpu":  # the Triton quantizer's partial statistics, when it splits groups
                 g = self._proj_group(w)
-                tape.temp(QUANT_TILING.quantize_workspace_bytes(r * d // g, g, self.slots, symmetric=False))
+                tape.temp(self.scratch.quantize(r * d // g, g, symmetric=False))
             tape.free(r * d * 4)
             replaced = proj + extra
         else:
@@ -513,7 +393,7 @@ class _Step:
             return
         m, n = w.shape
         a = self.tokens
-        scratch = self._down_scratch(red=n, rank=m, other=a, g_f32=not self.cast, p_f32=False)
+        scratch = self.scratch.down(red=n, rank=m, other=a, g_f32=not self.cast, p_f32=False)
         if self.device != "cpu":  # the Triton launcher writes the output in x's dtype
             tape.alloc(out)
             tape.temp(scratch)
@@ -542,20 +422,6 @@ class _Step:
         if self.cast:
             tape.free(size4)  # x.float()
 
-    def _flash_scratch(self, backward: bool) -> int:
-        """The CPU flash-attention kernel's per-thread fp32 buffer (one thread counted), blocks of qS
-        queries × kvS keys (qS = 32, 64 from 192 tokens, 256 from 768; kvS = 512; at most seq):
-        forward the scores, row max and sum, and the output block; backward the scores and their
-        gradient, and a row sum. 16-bit models add 16-bit copies of the score blocks."""
-        if self.device != "cpu":
-            return 0
-        t, d = self.cfg.seq_len, self.mc.head_dim
-        qs = min(t, 256 if t >= 768 else 64 if t >= 192 else 32)
-        kvs = min(t, 512)
-        if backward:
-            return 4 * (2 * qs * kvs + qs) + (2 * 2 * qs * kvs if self.cast else 0)
-        return 4 * (qs * kvs + 2 * qs + qs * d) + (2 * qs * kvs if self.cast else 0)
-
     def _layer(self, n: int) -> dict[str, _Weight]:
         prefix = f"model.layers.{n}."
         return {w.name[len(prefix) :].split(".")[-2]: w for w in self.weights if w.name.startswith(prefix)}
@@ -582,7 +448,7 @@ class _Step:
             tape.free(2 * XKV)
         tape.alloc(X)  # attention output (flash: plus the log-sum-exp; its transpose-reshape is a view)
         tape.alloc(self.LSE)
-        tape.temp(self._flash_scratch(backward=False))
+        tape.temp(self.scratch.flash(self.cfg.seq_len, self.mc.head_dim, backward=False))
         if not keep:
             tape.free(self.LSE)
         tape.alloc(X)  # o_proj
@@ -663,13 +529,13 @@ class _Step:
             tape.alloc(self.low_bytes(w))
             itemsize = 4 if f32_inputs else self.e
             side = "right" if right else "left"
-            tape.temp(lowrank_grad_workspace_bytes(SPLIT_K, a, m, n, r, side, itemsize, self.slots))
+            tape.temp(self.scratch.lowrank_grad(a, m, n, r, side, itemsize))
             tape.free(casts)
             self._hook(tape, w)
             return
         tape.alloc(a * r * 4)  # Z
         p_f32 = not quantized and not self.cast
-        tape.temp(self._down_scratch(red=n if right else m, rank=r, other=a, g_f32=f32_inputs, p_f32=p_f32))
+        tape.temp(self.scratch.down(red=n if right else m, rank=r, other=a, g_f32=f32_inputs, p_f32=p_f32))
         low = self.low_bytes(w)
         if f32_inputs:  # one at::mm (fp32 operands) into R
             tape.alloc(low)
@@ -678,11 +544,7 @@ class _Step:
             out32 = (m * r if right else r * n) * 4
             tape.alloc(out32)
             # tn_matmul_f32(dy, Z) (right) or (Zᵀ, x) (left): the 16-bit operand upcast by blocks
-            tape.temp(
-                4 * sum(self.cpp.tn_matmul_scratch(a, width, r, False, True)[1:])
-                if right
-                else 4 * sum(self.cpp.tn_matmul_scratch(a, r, width, True, False)[1:])
-            )
+            tape.temp(self.scratch.tn_matmul(a, width, r, right))
             tape.alloc(low)
             tape.free(out32)
         tape.free(a * r * 4 + casts)
@@ -763,7 +625,7 @@ class _Step:
             tape.alloc(self.regenerated_bytes(w))  # P regenerated from its seed
         g_f32 = self.quantized or not self.cast
         p_f32 = not self.quantized and not self.cast
-        scratch = self._down_scratch(red=red, rank=r, other=other, g_f32=g_f32, p_f32=p_f32)
+        scratch = self.scratch.down(red=red, rank=r, other=other, g_f32=g_f32, p_f32=p_f32)
         if not g_f32 and self.device == "cpu":  # the C++ kernel's fp32 result, cast to G's dtype before it returns
             tape.alloc(max(m, n) * r * 4)
             tape.alloc(scratch)
@@ -774,34 +636,6 @@ class _Step:
             tape.temp(scratch)
         if self.optim in ("apollo", "apollo-mini"):
             tape.free(self.regenerated_bytes(w))
-
-    # ------------------------------------------------------------------ kernel scratch
-    def _down_scratch(self, red: int, rank: int, other: int, g_f32: bool, p_f32: bool) -> int:
-        """The down projection's scratch (R is other×rank, reduced over ``red``). CPU, project_blocked
-        (csrc/cpu/project.cpp): blocks of P (decoded or upcast, unless P is dense fp32) and of G
-        (upcast, unless fp32); one at::mm when both are fp32. GPU: the Triton matmul decodes P in
-        registers; its split-K workspace."""
-        if self.device != "cpu":
-            return SPLIT_K.workspace_bytes(other, rank, red, 4 if g_f32 else self.e, self.slots)
-        if g_f32 and p_f32:
-            return 0
-        return 4 * sum(self.cpp.projection_scratch(red, rank, other, red * rank, p_f32, g_f32)[1:])
-
-    def _up_scratch(
-        self, split: int, rank: int, other: int, r_numel: int, out_f32: bool, p_f32: bool, accumulate: bool = True
-    ) -> int:
-        """The up projection's scratch (output split×other, K = rank; ``accumulate``: added into the
-        output in place). CPU, project_back_blocked: R upcast to fp32 (16-bit R), blocks of P
-        (decoded/upcast) and of the output (16-bit output); one at::addmm when everything is fp32.
-        GPU: the Triton matmul's split-K workspace (and the fp32 sum it adds into the output)."""
-        r_f32 = not self.cast or r_numel == 0
-        if self.device != "cpu":
-            itemsize = 4 if r_f32 else self.e
-            return SPLIT_K.workspace_bytes(split, other, rank, itemsize, self.slots, accumulate, out_f32)
-        if out_f32 and p_f32 and r_f32:
-            return 0
-        rf = 0 if r_f32 else r_numel * 4
-        return rf + 4 * sum(self.cpp.projection_scratch(split, rank, other, split * rank, p_f32, out_f32)[1:])
 
     # ------------------------------------------------------------------ backward
     def _linear_backward(self, tape: _Tape, w: _Weight, dx: int) -> None:
@@ -818,7 +652,7 @@ class _Step:
         m, n = w.shape
         a = self.tokens
         tape.alloc(dx)
-        dx_scratch = self._up_scratch(n, m, a, a * m, out_f32=not self.cast, p_f32=False, accumulate=False)
+        dx_scratch = self.scratch.up(n, m, a, a * m, out_f32=not self.cast, p_f32=False, accumulate=False)
         tape.temp(dx_scratch)
         if self._projected(w):
             self._new_projected_grad(tape, w, quantized=True)
@@ -889,7 +723,7 @@ class _Step:
         self._node_hook(tape, ws["o_proj"])
         qkv = self._qkv()
         tape.alloc(qkv)  # gradients of q, k, v
-        tape.temp(self._flash_scratch(backward=True))
+        tape.temp(self.scratch.flash(self.cfg.seq_len, self.mc.head_dim, backward=True))
         tape.free(X + qkv + self.LSE + X)  # attention output's gradient, q, k, v, lse, output
         if self.mc.num_heads > self.mc.num_kv_heads:
             tape.alloc(2 * XKV)  # repeat_interleave backward
@@ -1101,17 +935,17 @@ class _Step:
         m, n = w.shape
         r = self.rank(w)
         left = m < n
-        tape.alloc(plans.adam_step_workspace_bytes(numel))  # N
+        tape.alloc(self.scratch.adam_step(numel))  # N
         if self.device == "cpu":
             if self.quantized:
-                _, p_block, rows_block = self.cpp.int8_step_scratch(m, n, r, left, r * n)
-                tape.alloc(rows_block * 4)  # the decoded rows
-                tape.alloc(p_block * 4)  # a block of P
-                tape.free((rows_block + p_block) * 4)
+                rows_block, p_block = self.scratch.int8_step(m, n, r, left)
+                tape.alloc(rows_block)  # the decoded rows
+                tape.alloc(p_block)  # a block of P
+                tape.free(rows_block + p_block)
             else:
                 split, other = (m, n) if left else (n, m)
-                tape.temp(self._up_scratch(split, r, other, 0, out_f32=not self.cast, p_f32=not self.cast))
-        tape.free(plans.adam_step_workspace_bytes(numel))
+                tape.temp(self.scratch.up(split, r, other, 0, out_f32=not self.cast, p_f32=not self.cast))
+        tape.free(self.scratch.adam_step(numel))
 
     def _step_8bit(self, tape: _Tape, w: _Weight) -> None:
         """EightBitMoments._step_8bit, a weight with 8-bit moments: R (or G) in fp32, (M, V) decoded
@@ -1158,7 +992,7 @@ class _Step:
             split, other = (m, n) if m < n else (n, m)
             cast = numel * e if e != 4 else 0
             tape.alloc(cast)
-            tape.temp(self._up_scratch(split, self.rank(w), other, numel, out_f32=not self.cast, p_f32=not self.cast))
+            tape.temp(self.scratch.up(split, self.rank(w), other, numel, out_f32=not self.cast, p_f32=not self.cast))
             tape.free(cast)
         elif e != 4 and self.device == "cpu":
             tape.temp(2 * numel * 4)  # W.add_(fp32 N) on a 16-bit W: fp32 copies (CPU)
@@ -1187,7 +1021,7 @@ class _Step:
             mixed = 4 * m * n if (self.cast and self.device == "cpu") else 0
             if self.optim == "fira":
                 tape.alloc(m * n * e)  # the residual G − α·up(R)
-                tape.temp(self._up_scratch(split, r, other, low, out_f32=not self.cast, p_f32=not self.cast))
+                tape.temp(self.scratch.up(split, r, other, low, out_f32=not self.cast, p_f32=not self.cast))
                 tape.free(low)
                 tape.temp(mixed)  # vector_norm(residual, dtype=fp32) upcasts it (CPU)
                 tape.temp(3 * mixed)  # W.addcmul_(residual, fp32 coefficients): fp32 copies (CPU)
@@ -1197,7 +1031,7 @@ class _Step:
                 tape.temp(mixed)  # vector_norm(G, dtype=fp32)
                 tape.temp(3 * mixed)  # W.addcmul_(G, fp32 coefficients)
             if self.optim not in ("apollo", "apollo-mini"):
-                tape.temp(self._up_scratch(split, r, other, low, out_f32=not self.cast, p_f32=not self.cast))
+                tape.temp(self.scratch.up(split, r, other, low, out_f32=not self.cast, p_f32=not self.cast))
 
     # ------------------------------------------------------------------ categories
     def gradient_bytes(self) -> int:
@@ -1345,179 +1179,3 @@ def estimate(
         notes=tuple(notes),
         config=config,
     )
-
-
-# ------------------------------------------------------------------------------------------------
-# published figures (ALGORITHMS.md §12)
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Anchor:
-    """A memory figure a paper or reference repository states (as ALGORITHMS.md §12 quotes it).
-
-    ``quantity`` says what it measures, and so which of our numbers it is printed beside: "peak"
-    (a training run's peak; its setting rarely matches yours), "weights+states" (the papers' memory
-    estimates: weights and optimizer states, BF16), "weights+states+grads", "states" (optimizer
-    states only)."""
-
-    model: str
-    optims: tuple[str, ...]  # the fastgrad optimizers it is the published counterpart of
-    method: str  # as the source names it
-    figure: str  # GB, as printed by the source
-    quantity: str
-    setting: str
-    source: str
-
-    def ours(self, b: MemoryBreakdown) -> int:
-        if self.quantity == "peak":
-            return b.peak
-        if self.quantity == "states":
-            return b.optimizer_states
-        if self.quantity == "weights+states+grads":
-            return b.weights + b.optimizer_states + b.gradients
-        return b.weights + b.optimizer_states
-
-
-_G8, _A8 = ("galore", "galore8bit"), ("adamw", "adamw8bit")
-ANCHORS: tuple[Anchor, ...] = (
-    # LLaMA-7B (ALGORITHMS.md §12.2)
-    Anchor(
-        "7b",
-        ("q-galore", "q-galore8bit"),
-        "Q-GaLore",
-        "15.26",
-        "peak",
-        "batch 16, activation checkpointing, A6000",
-        "Q-GaLore README",
-    ),
-    Anchor(
-        "7b", ("q-galore", "q-galore8bit"), "Q-GaLore", "15", "weights+states", "memory estimate", "Q-GaLore Table 2"
-    ),
-    Anchor("7b", _G8 + ("q-galore",), "8-bit GaLore", "18", "weights+states", "memory estimate", "GaLore Table 3"),
-    Anchor(
-        "7b",
-        _G8,
-        "8-bit GaLore, layer-wise",
-        "22.0",
-        "peak",
-        "token batch ≤ ~500, no checkpointing",
-        "GaLore §5.5/Fig. 1",
-    ),
-    Anchor(
-        "7b",
-        _G8,
-        "8-bit GaLore, layer-wise",
-        "22.8",
-        "peak",
-        "batch 16, activation checkpointing, RTX 4090",
-        "GaLore README",
-    ),
-    Anchor("7b", _G8, "8-bit GaLore", "4.9", "states", "optimizer states", "APOLLO Table 3"),
-    Anchor("7b", _A8, "8-bit Adam", "26", "weights+states", "memory estimate", "GaLore Table 3"),
-    Anchor("7b", _A8, "8-bit Adam", "13", "states", "optimizer states", "APOLLO Table 3"),
-    Anchor(
-        "7b",
-        ("adamw",),
-        "BF16 Adam",
-        "22.0 + 37.92",
-        "peak",
-        "8-bit GaLore's 22.0 GB plus its stated saving over BF16 Adam (63.3%)",
-        "GaLore §5.5",
-    ),
-    Anchor("7b", ("apollo",), "APOLLO", "1.6", "states", "optimizer states", "APOLLO Table 3"),
-    Anchor("7b", ("apollo-mini",), "APOLLO-Mini", "0.0", "states", "optimizer states", "APOLLO Table 3"),
-    Anchor("7b", ("apollo-mini",), "Q-APOLLO-Mini", "< 12", "peak", "INT8 weights, layer-wise updates", "APOLLO"),
-    # LLaMA-1B measured (§12.3): token batch 256, single device
-    Anchor("1b", ("adamw",), "AdamW", "13.60", "peak", "token batch 256", "GaLore Table 11"),
-    Anchor("1b", ("adamw8bit",), "Adam8bit", "9.54", "peak", "token batch 256", "GaLore Table 11"),
-    Anchor("1b", _G8, "8-bit GaLore", "7.95", "peak", "token batch 256", "GaLore Table 11"),
-    Anchor("1b", ("adamw",), "AdamW, layer-wise", "9.63", "peak", "token batch 256", "GaLore Table 11"),
-    Anchor("1b", ("adamw8bit",), "Adam8bit, layer-wise", "6.93", "peak", "token batch 256", "GaLore Table 11"),
-    Anchor("1b", _G8, "8-bit GaLore, layer-wise", "5.63", "peak", "token batch 256", "GaLore Table 11"),
-    Anchor("1b", ("adamw",), "AdamW", "25.6", "peak", "peak allocated, setting not stated", "torchao GaLore README"),
-    Anchor("1b", ("galore",), "GaLoreAdamW r128", "15.3", "peak", "peak allocated", "torchao GaLore README"),
-    Anchor("1b", ("adamw8bit",), "bnb AdamW8bit", "13.6", "peak", "peak allocated", "torchao GaLore README"),
-    Anchor("1b", ("galore8bit",), "GaLore AdamW8bit", "14.2", "peak", "peak allocated", "torchao GaLore README"),
-)
-# C4 pre-training tables (§12.1): memory estimates of weights + optimizer states in BF16, and Fira's
-# with gradients, for 60M / 130M / 350M / 1B.
-for _method, _optims, _figures, _quantity, _source in (
-    ("Full-rank Adam", ("adamw",), ("0.36", "0.76", "2.06", "7.80"), "weights+states", "GaLore Table 2"),
-    ("GaLore", ("galore",), ("0.24", "0.52", "1.22", "4.38"), "weights+states", "GaLore Table 2"),
-    ("Q-GaLore", ("q-galore", "q-galore8bit"), ("0.18", "0.39", "0.88", "3.08"), "weights+states", "Q-GaLore Table 1"),
-    ("APOLLO", ("apollo",), ("0.24", "0.52", "1.22", "4.38"), "weights+states", "APOLLO Table 2"),
-    ("APOLLO-Mini", ("apollo-mini",), ("0.12", "0.25", "0.69", "2.60"), "weights+states", "APOLLO Table 2"),
-    ("Full-rank", ("adamw",), ("0.48", "1.01", "2.74", "10.40"), "weights+states+grads", "Fira Table 3"),
-    ("GaLore & Fira", ("galore", "fira"), ("0.36", "0.77", "1.90", "6.98"), "weights+states+grads", "Fira Table 3"),
-):
-    ANCHORS += tuple(
-        Anchor(model, _optims, _method, figure, _quantity, "memory estimate, BF16", _source)
-        for model, figure in zip(("60m", "130m", "350m", "1b"), _figures, strict=True)
-    )
-
-
-def anchors_for(model: str, optim: str) -> list[Anchor]:
-    """The published figures for ``model`` whose method is ``optim``'s counterpart."""
-    key = model.lower().removeprefix("llama-")
-    return [a for a in ANCHORS if a.model == key and optim in a.optims]
-
-
-# ------------------------------------------------------------------------------------------------
-# the report of ``fastgrad memory``
-# ------------------------------------------------------------------------------------------------
-
-
-def format_bytes(nbytes: int) -> str:
-    """GiB from 1 GiB up, else MiB."""
-    if abs(nbytes) >= 2**30:
-        return f"{nbytes / 2**30:.2f} GiB"
-    return f"{nbytes / 2**20:.1f} MiB"
-
-
-def format_report(b: MemoryBreakdown, notes: tuple[str, ...] = ()) -> str:
-    """The table ``fastgrad memory`` prints: the categories, their sum, the estimated peak (by phase),
-    and beside it the published figures for this model and optimizer."""
-    c = b.config
-    what = [f"llama-{c['model']} ({c['parameters'] / 1e9:.2f}B parameters)", c["optim"]]
-    if c["rank"] is not None:
-        what[-1] += f" rank {c['rank']}"
-    what += (["layer-wise (streaming)"] if c.get("layerwise_streaming") else ["layer-wise"]) if c["layerwise"] else []
-    what += ["activation checkpointing"] if c["activation_checkpointing"] else []
-    accum = f" × {c['grad_accum']} micro-batches" if c["grad_accum"] > 1 else ""
-    what += [f"batch {c['batch_size']} × seq {c['seq_len']}{accum}", c["dtype"], f"vocabulary {c['vocab_size']}"]
-    what += [f"device {c['device']}"]
-    lines = ["memory of one training step: " + ", ".join(what), ""]
-    rows = [(name, format_bytes(v)) for name, v in b.rows()]
-    rows += [("total (sum)", format_bytes(b.total))]
-    rows += [(f"estimated peak ({b.peak_phase})", format_bytes(b.peak))]
-    if b.peak_between_refreshes != b.peak:
-        rows += [("peak between projector refreshes", format_bytes(b.peak_between_refreshes))]
-    width = max(len(k) for k, _ in rows)
-    vwidth = max(len(v) for _, v in rows)
-    lines += [f"| {'category':<{width}} | {'bytes':>{vwidth}} |", f"|{'-' * (width + 2)}|{'-' * (vwidth + 1)}:|"]
-    lines += [f"| {k:<{width}} | {v:>{vwidth}} |" for k, v in rows]
-    lines += ["", "peak by phase: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in b.phases.items())]
-    anchors = anchors_for(c["model"], c["optim"])
-    if anchors:
-        lines += ["", "published figures (as quoted in ALGORITHMS.md §12; GB as printed; ours in GB = 1e9 bytes):", ""]
-        table = [("method", "figure", "what", "setting", "source", "this estimate")]
-        for a in anchors:
-            ours = a.ours(b) / 1e9
-            table.append((a.method, f"{a.figure} GB", a.quantity, a.setting, a.source, f"{ours:.2f} GB"))
-        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-        for i, row in enumerate(table):
-            lines.append("| " + " | ".join(f"{v:<{w}}" for v, w in zip(row, widths, strict=True)) + " |")
-            if i == 0:
-                lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    else:
-        lines += ["", f"no published figure for llama-{c['model']} with {c['optim']} in ALGORITHMS.md §12"]
-    all_notes = list(b.notes) + list(notes)
-    if all_notes:
-        lines += [""] + [f"note: {n}" for n in all_notes]
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Measurement: what the estimate is validated against (tests/test_memory.py, bench/)
-# ---------------------------------------------------------------------------------------------
