@@ -14,7 +14,14 @@ from fastgrad.train.config import TrainConfig
 from fastgrad.train.optimizers import LAYERWISE, OPTIMIZERS
 
 # CLI flag -> TrainConfig field, for the flags that set the config.
-_CONFIG_FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
+# TrainConfig fields that no flag sets (extra: free-form; schedule_steps: set by an extension).
+_NOT_FLAGS = ("extra", "schedule_steps")
+_CONFIG_FLAGS = {
+    f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig) if f.name not in _NOT_FLAGS
+}
+# Options that --resume may change: they lengthen the run or keep more checkpoints, and change no
+# step already taken (extending keeps the learning-rate schedule's horizon, TrainConfig.schedule_steps).
+_EXTENDING = ("steps", "tokens", "keep_checkpoints")
 
 
 # The flags of _add_training_arguments that shape a step's memory (fastgrad memory takes these).
@@ -93,6 +100,11 @@ def _add_training_arguments(p: argparse.ArgumentParser, only: set[str] | None = 
     add("--eval-every", type=int, help=f"validate every this many steps (default {d.eval_every})")
     add("--eval-batches", type=int, help=f"validation batches per evaluation (default {d.eval_batches})")
     add("--save-every", type=int, help=f"checkpoint every this many steps (default {d.save_every})")
+    add(
+        "--keep-checkpoints",
+        type=int,
+        help=f"keep the last this many checkpoints, to roll back a diverged run (default {d.keep_checkpoints})",
+    )
     add("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     add("--out", default="runs", help="parent folder of the run directory (default runs)")
     add("--no-progress", action="store_true", help="no progress bar")
@@ -161,13 +173,15 @@ def _prepare_run(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
         if not config_path.is_file():
             raise ValueError(f"--resume {run_dir}: not a run directory (no config.json)")
         cfg = TrainConfig.from_dict(json.loads(config_path.read_text()))
-        # Everything, --steps included (it shapes the learning-rate schedule), must match for the
-        # continuation to be the run that was started.
-        conflicts = {k: (v, getattr(cfg, k)) for k, v in explicit.items() if v != getattr(cfg, k)}
+        # Everything that shaped the steps already taken must match for the continuation to be the
+        # run that was started; --steps/--tokens may only lengthen it.
+        conflicts = {
+            k: (v, getattr(cfg, k)) for k, v in explicit.items() if v != getattr(cfg, k) and k not in _EXTENDING
+        }
         if conflicts:
             listed = ", ".join(f"{_CONFIG_FLAGS[k]}={v!r} (run has {old!r})" for k, (v, old) in conflicts.items())
             raise ValueError(f"--resume {run_dir}: these options differ from the run's config: {listed}")
-        return cfg, run_dir, True
+        return _extended(cfg, explicit, run_dir), run_dir, True
     cfg = TrainConfig(**explicit).resolved()
     name = args.name or f"{cfg.model}-{cfg.optim}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(args.out) / name
@@ -176,11 +190,31 @@ def _prepare_run(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
     return cfg, run_dir, False
 
 
+def _extended(cfg: TrainConfig, explicit: dict, run_dir: Path) -> TrainConfig:
+    """``cfg`` with the run lengthened to the given --steps (or --tokens) and --keep-checkpoints. The
+    learning-rate schedule keeps the horizon it was planned for (its cosine ends where it ended)
+    and the extra steps run at its floor, so no step already taken changes."""
+    cfg = dataclasses.replace(cfg, keep_checkpoints=explicit.get("keep_checkpoints", cfg.keep_checkpoints))
+    if "steps" not in explicit and "tokens" not in explicit:
+        return cfg
+    steps = TrainConfig(**{**cfg.to_dict(), "steps": explicit.get("steps"), "tokens": explicit.get("tokens")})
+    steps = steps.resolved().steps
+    if steps < cfg.steps:
+        raise ValueError(
+            f"--resume {run_dir}: --steps {steps} is fewer than the run's {cfg.steps}; a run can be extended, not "
+            "shortened (the remaining steps' learning rates were planned for its length)"
+        )
+    if steps == cfg.steps:
+        return cfg
+    return dataclasses.replace(cfg, steps=steps, tokens=explicit.get("tokens"), schedule_steps=cfg.horizon())
+
+
 def _validate(cfg: TrainConfig) -> None:
     from fastgrad.models import get_config
 
     get_config(cfg.model, vocab_size=cfg.vocab_size)  # raises for an unknown model
-    for name in ("batch_size", "seq_len", "grad_accum", "steps", "rank", "update_proj_gap", "eval_every", "save_every"):
+    positive = ("batch_size", "seq_len", "grad_accum", "steps", "rank", "update_proj_gap", "eval_every", "save_every")
+    for name in (*positive, "keep_checkpoints"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"{_CONFIG_FLAGS[name]} must be a positive integer, got {getattr(cfg, name)}")
     if cfg.lr <= 0:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,6 +149,59 @@ def test_resume_from_a_damaged_checkpoint_names_the_file(tmp_path, text_file, ca
     err = capsys.readouterr().err
     assert f"checkpoint file {target} is damaged or incomplete" in err and "Traceback" not in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_extending_a_finished_run_keeps_its_past(tmp_path, text_file, capsys):
+    """--resume RUN --steps N lengthens a finished run: its steps and records stay as they were, the
+    learning-rate schedule keeps its horizon (the cosine ended at the run's last step) and the new
+    steps run at its floor; shortening, or changing anything else, is refused."""
+    base = ["--optim", "adamw", "--lr", "0.002", "--warmup", "1", "--min-lr-ratio", "0.25"]
+    assert _run(tmp_path, text_file, *base, "--steps", "4", "--name", "x") == 0
+    run = tmp_path / "x"
+    past = _records(run)
+    assert main(["pretrain", "--resume", str(run), "--steps", "3", "--no-progress"]) == 2
+    assert "a run can be extended, not shortened" in capsys.readouterr().err
+    assert main(["pretrain", "--resume", str(run), "--steps", "7", "--no-progress"]) == 0
+    records = _records(run)
+    assert records[: len(past)] == past  # the first 4 steps, byte for byte
+    assert [r["step"] for r in records if "loss" in r][-3:] == [5, 6, 7]
+    assert {r["lr"] for r in records if r["step"] > 4 and "lr" in r} == {0.002 * 0.25}  # the floor
+    config = json.loads((run / "config.json").read_text())
+    assert (config["steps"], config["schedule_steps"]) == (7, 4)
+    assert json.loads((run / "summary.json").read_text())["step"] == 7
+    # Extending again keeps the original horizon.
+    assert main(["pretrain", "--resume", str(run), "--steps", "8", "--no-progress"]) == 0
+    assert json.loads((run / "config.json").read_text())["schedule_steps"] == 4
+    assert _records(run)[-1]["lr"] == 0.002 * 0.25
+
+
+def test_keep_checkpoints_rolls_back_exactly(tmp_path, text_file, capsys):
+    """--keep-checkpoints 3 keeps checkpoint/ and the two before it as checkpoint-<step>/; moving an
+    older one to checkpoint/ resumes from it, and the steps it redoes are the ones the run took."""
+    args = ["--optim", "adamw", "--steps", "5", "--save-every", "1", "--eval-every", "100"]
+    assert _run(tmp_path, text_file, *args, "--keep-checkpoints", "3", "--name", "k") == 0
+    run = tmp_path / "k"
+    assert sorted(p.name for p in run.glob("checkpoint*")) == ["checkpoint", "checkpoint-3", "checkpoint-4"]
+    losses = _losses(run)
+    shutil.rmtree(run / "checkpoint")
+    (run / "checkpoint-3").rename(run / "checkpoint")
+    assert main(["pretrain", "--resume", str(run), "--no-progress"]) == 0
+    assert _losses(run) == losses  # steps 4 and 5 again, bit for bit
+    assert sorted(p.name for p in run.glob("checkpoint*")) == ["checkpoint", "checkpoint-3", "checkpoint-4"]
+    # A damaged checkpoint names the kept ones.
+    target = run / "checkpoint/optimizer.pt"
+    target.write_bytes(target.read_bytes()[:100])
+    (run / "checkpoint/trainer.json").write_text(json.dumps({"step": 4, "nonfinite_steps": 0, "tokens": 0}))
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(run), "--no-progress"]) == 2
+    assert "earlier checkpoints are kept (checkpoint-3, checkpoint-4)" in capsys.readouterr().err
+    # The default keeps one.
+    assert _run(tmp_path, text_file, *args, "--name", "one") == 0
+    assert [p.name for p in (tmp_path / "one").glob("checkpoint*")] == ["checkpoint"]
 
 
 def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, text_file, capsys, monkeypatch):

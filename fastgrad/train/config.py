@@ -52,6 +52,10 @@ class TrainConfig:
     seq_len: int = 128
     steps: int | None = None
     tokens: int | None = None  # alternative to steps
+    # The step count the learning-rate schedule was planned for, when a finished run was extended
+    # (``--resume RUN --steps N``): the cosine keeps this horizon and the extra steps run at its
+    # floor, so the steps already taken keep their learning rates. None: ``steps``.
+    schedule_steps: int | None = None
     dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
     seed: int = 0
     compile: bool = False
@@ -70,6 +74,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 8
     save_every: int = 200
+    keep_checkpoints: int = 1  # the last k checkpoints: checkpoint/ and checkpoint-<step>/ for the older ones
     device: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -111,8 +116,12 @@ class TrainConfig:
             )
         return None
 
+    def horizon(self) -> int:
+        """The step count the learning-rate schedule decays over (see ``schedule_steps``)."""
+        return self.schedule_steps or self.steps
+
     def warmup_steps(self) -> int:
-        return int(self.warmup * self.steps) if self.warmup < 1 else int(self.warmup)
+        return int(self.warmup * self.horizon()) if self.warmup < 1 else int(self.warmup)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

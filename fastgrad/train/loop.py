@@ -203,11 +203,13 @@ class RunResult:
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr_ratio · cfg.lr at the last step."""
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr_ratio · cfg.lr at the schedule's
+    last step (``cfg.horizon()``: the run's steps, or what they were before it was extended), and
+    that floor for the steps of an extension."""
     warmup = cfg.warmup_steps()
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    progress = (step - warmup) / max(1, cfg.horizon() - warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -243,6 +245,13 @@ def evaluate(
 def _append_metrics(path: Path, record: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def _write_config(run_dir: Path, cfg: TrainConfig) -> None:
+    """config.json, replaced atomically (an interrupted write leaves the previous one)."""
+    tmp = run_dir / "config.json.tmp"
+    tmp.write_text(json.dumps(cfg.to_dict(), indent=1))
+    os.replace(tmp, run_dir / "config.json")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -313,7 +322,7 @@ def _train(
 
         def create_run_dir() -> None:
             run_dir.mkdir(parents=True)
-            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+            _write_config(run_dir, cfg)
 
         _rank0_first(env, create_run_dir, others=False)
     if env.is_main:  # only now: bad input (data, model, options) has left no directory to report
@@ -326,6 +335,7 @@ def _train(
         start_step, nonfinite, tokens_seen = trainer["step"], trainer["nonfinite_steps"], trainer["tokens"]
         if env.is_main:
             _truncate_metrics(metrics, start_step)
+            _write_config(run_dir, cfg)  # an extended run records its new length (and schedule horizon)
 
     # Gradients DDP cannot average: QLinear's INT8 codes get theirs from the layer, not autograd
     # (the weight does not require grad), and a layer that computes projected gradients
@@ -372,7 +382,11 @@ def _train(
     def checkpoint_now() -> None:
         if env.is_main:
             save_checkpoint(
-                run_dir, model, stepper, {"step": step, "nonfinite_steps": nonfinite, "tokens": tokens_seen}
+                run_dir,
+                model,
+                stepper,
+                {"step": step, "nonfinite_steps": nonfinite, "tokens": tokens_seen},
+                keep=cfg.keep_checkpoints,
             )
 
     def barrier() -> None:  # the other ranks wait for rank 0's files before exiting
