@@ -401,12 +401,58 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a trained run's model as a Hugging Face transformers folder",
+        description="Write the model of RUN's last checkpoint as a folder that transformers' "
+        "LlamaForCausalLM.from_pretrained and AutoTokenizer load: config.json, model.safetensors (fp32; INT8 "
+        "weights de-quantized), tokenizer.json.",
+    )
+    p.add_argument("run", metavar="RUN", help="the run directory")
+    p.add_argument("--to", choices=["hf"], default="hf", help="the format (hf: Hugging Face transformers)")
+    p.add_argument("--out", required=True, help="the folder to create (must not exist)")
+
+
+def _sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="continue a prompt with a trained run's model")
+    p.add_argument("run", metavar="RUN", help="the run directory")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default 50)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled")
+    p.add_argument("--seed", type=int, default=0, help="the sampling seed (default 0)")
+
+
+def export(args: argparse.Namespace) -> int:
+    from fastgrad.train.export import export_hf
+
+    out = export_hf(Path(args.run), Path(args.out))
+    print(f"wrote {out}/ (config.json, model.safetensors, tokenizer.json), for LlamaForCausalLM.from_pretrained")
+    return 0
+
+
+def sample(args: argparse.Namespace) -> int:
+    from fastgrad.train.export import generate, load_run_model, run_tokenizer
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    model, _ = load_run_model(Path(args.run))
+    tokenizer = run_tokenizer(Path(args.run))
+    ids = generate(model, tokenizer.encode(args.prompt).ids, args.max_new_tokens, args.temperature, args.seed)
+    print(tokenizer.decode(ids))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastgrad", description="Memory-efficient LLM pretraining.")
     sub = parser.add_subparsers(dest="command", required=True)
     _pretrain_parser(sub)
     _compare_parser(sub)
     _memory_parser(sub)
+    _export_parser(sub)
+    _sample_parser(sub)
     sub.add_parser("env", help="versions, devices and the backend serving each op")
     args = parser.parse_args(argv)
     try:
@@ -415,9 +461,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(report())
             return 0
-        if args.command == "memory":
-            return memory(args)
-        return compare(args) if args.command == "compare" else pretrain(args)
+        commands = {"memory": memory, "export": export, "sample": sample, "compare": compare, "pretrain": pretrain}
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"fastgrad {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 runs/<name>/
   config.json        the TrainConfig (resolved)
+  tokenizer.json     the run's tokenizer (fastgrad sample / export read it)
   metrics.jsonl      one JSON object per logged step / evaluation
   checkpoint/        model.safetensors, optimizer.pt (loads with weights_only=True), trainer.json
   checkpoint-<step>/ with --keep-checkpoints k > 1: the k − 1 previous checkpoints, to roll back to
@@ -105,8 +106,8 @@ def checkpoint_step(run_dir: Path) -> int | None:
     return None if path is None else _step_of(path)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict:
-    """Restore model and optimizer in place; return the trainer state (step, counters)."""
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Restore the model of checkpoint ``path`` in place (every tensor, names checked)."""
     weights = path / "model.safetensors"
     _read(weights, lambda: safe_open(str(weights), "pt").keys())  # the header and the file's length agree
     missing, unexpected = load_model(_unwrap(model), str(weights), strict=False)
@@ -115,6 +116,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict:
             f"checkpoint {path} does not match the model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict:
+    """Restore model and optimizer in place; return the trainer state (step, counters)."""
+    load_weights(path, model)
     states = path / "optimizer.pt"
     optimizer.load_state_dict(_read(states, lambda: torch.load(states, weights_only=True, map_location="cpu")))
     trainer = path / "trainer.json"

@@ -323,6 +323,7 @@ def _train(
         def create_run_dir() -> None:
             run_dir.mkdir(parents=True)
             _write_config(run_dir, cfg)
+            data.tokenizer.save(str(run_dir / "tokenizer.json"))
 
         _rank0_first(env, create_run_dir, others=False)
     if env.is_main:  # only now: bad input (data, model, options) has left no directory to report
@@ -336,6 +337,8 @@ def _train(
         if env.is_main:
             _truncate_metrics(metrics, start_step)
             _write_config(run_dir, cfg)  # an extended run records its new length (and schedule horizon)
+            if not (run_dir / "tokenizer.json").exists():  # a run from before runs recorded it
+                data.tokenizer.save(str(run_dir / "tokenizer.json"))
 
     # Gradients DDP cannot average: QLinear's INT8 codes get theirs from the layer, not autograd
     # (the weight does not require grad), and a layer that computes projected gradients
