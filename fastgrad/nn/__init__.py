@@ -10,11 +10,12 @@ from fastgrad.nn.lowrank import (
     register_grad_ready_hook,
     zero_projected_grads,
 )
-from fastgrad.nn.qlinear import DEFAULT_TARGETS, QLinear, qlinear_of, quantize_model
+from fastgrad.nn.qlinear import DEFAULT_TARGETS, QLinear, dequantize_model, qlinear_of, quantize_model
 
 __all__ = [
     "QLinear",
     "quantize_model",
+    "dequantize_model",
     "qlinear_of",
     "DEFAULT_TARGETS",
     "LowRankGradLinear",

@@ -1,4 +1,4 @@
-"""QLinear: a Linear layer whose weight is stored only as group-wise INT8 codes (Q-GaLore, ALGORITHMS.md §3.4).
+"""QLinear: a Linear layer whose weight is stored only as group-wise INT8 codes (Q-GaLore, docs/algorithms.md §3.4).
 
 Storage (no float copy of the weight anywhere):
 
@@ -49,12 +49,10 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from fastgrad.nn.lowrank import deliver_grad, mark_accepts_projected_grad, project_weight_grad
+from fastgrad.nn.lowrank import DEFAULT_TARGETS, deliver_grad, mark_accepts_projected_grad, project_weight_grad
 from fastgrad.ops import QuantizedTensor, dequantize_int8, lowrank_project, lowrank_project_back, quantize_int8
 
-__all__ = ["QLinear", "quantize_model", "qlinear_of", "DEFAULT_TARGETS"]
-
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+__all__ = ["QLinear", "quantize_model", "dequantize_model", "qlinear_of", "DEFAULT_TARGETS"]
 
 # weight Parameter -> weakref(QLinear). Filled at construction and at every forward (a deep copy of a
 # model registers its own weights on its first forward), read by the optimizer to reach scales/zeros.
@@ -233,4 +231,24 @@ def quantize_model(model: nn.Module, group_size: int = 256, targets: Iterable[st
     ]
     for parent, name, child in swaps:
         setattr(parent, name, QLinear.from_linear(child, fit_group_size(group_size, child.in_features)))
+    return model
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The inverse of :func:`quantize_model`, in place: every :class:`QLinear` becomes an
+    ``nn.Linear`` of ``dtype`` holding its de-quantized weight Ŵ = code·scale + zero (and its bias),
+    e.g. to save a float model at the end of Q-GaLore training; returns ``model``."""
+    swaps = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, QLinear)
+    ]
+    for parent, name, child in swaps:
+        linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(child.dequantized_weight(dtype))
+            if child.bias is not None:
+                linear.bias.copy_(child.bias)
+        setattr(parent, name, linear.to(child.weight.device))
     return model

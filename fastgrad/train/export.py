@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
-from torch import nn
 
 from fastgrad.models import LlamaConfig, LlamaForCausalLM, get_config
-from fastgrad.nn.qlinear import QLinear
+from fastgrad.nn import dequantize_model
 from fastgrad.train.checkpoint import find_checkpoint, load_weights
 from fastgrad.train.config import TrainConfig
 from fastgrad.train.optimizers import build_optimizer
@@ -48,21 +47,7 @@ def load_run_model(run_dir: Path) -> tuple[LlamaForCausalLM, TrainConfig]:
     model = LlamaForCausalLM(get_config(cfg.model, vocab, cfg.seq_len))
     build_optimizer(cfg, model)  # the run's module conversions (QLinear, LowRankGradLinear)
     load_weights(checkpoint, model)
-    _dequantize_layers(model)
-    return model.float().eval(), cfg
-
-
-def _dequantize_layers(model: nn.Module) -> None:
-    """Replace every QLinear by an nn.Linear with its de-quantized weight (in place)."""
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, QLinear):
-                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
-                with torch.no_grad():
-                    linear.weight.copy_(child.dequantized_weight(torch.float32))
-                    if child.bias is not None:
-                        linear.bias.copy_(child.bias)
-                setattr(module, child_name, linear)
+    return dequantize_model(model).float().eval(), cfg
 
 
 def hf_config(config: LlamaConfig) -> dict:
