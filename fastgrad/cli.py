@@ -19,9 +19,9 @@ _NOT_FLAGS = ("extra", "schedule_steps")
 _CONFIG_FLAGS = {
     f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig) if f.name not in _NOT_FLAGS
 }
-# Options that --resume may change: they lengthen the run or keep more checkpoints, and change no
-# step already taken (extending keeps the learning-rate schedule's horizon, TrainConfig.schedule_steps).
-_EXTENDING = ("steps", "tokens", "keep_checkpoints")
+# Options that --resume may change: they lengthen the run, keep more checkpoints or log elsewhere,
+# and change no step already taken (extending keeps the schedule's horizon, TrainConfig.schedule_steps).
+_RESUME_MAY_CHANGE = ("steps", "tokens", "keep_checkpoints", "log_to")
 
 
 # The flags of _add_training_arguments that shape a step's memory (fastgrad memory takes these).
@@ -106,6 +106,11 @@ def _add_training_arguments(p: argparse.ArgumentParser, only: set[str] | None = 
         help=f"keep the last this many checkpoints, to roll back a diverged run (default {d.keep_checkpoints})",
     )
     add("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    add(
+        "--log-to",
+        choices=["tensorboard"],
+        help="also write the metrics as TensorBoard events in <run>/tensorboard (metrics.jsonl is always written)",
+    )
     add("--out", default="runs", help="parent folder of the run directory (default runs)")
     add("--no-progress", action="store_true", help="no progress bar")
 
@@ -176,7 +181,7 @@ def _prepare_run(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
         # Everything that shaped the steps already taken must match for the continuation to be the
         # run that was started; --steps/--tokens may only lengthen it.
         conflicts = {
-            k: (v, getattr(cfg, k)) for k, v in explicit.items() if v != getattr(cfg, k) and k not in _EXTENDING
+            k: (v, getattr(cfg, k)) for k, v in explicit.items() if v != getattr(cfg, k) and k not in _RESUME_MAY_CHANGE
         }
         if conflicts:
             listed = ", ".join(f"{_CONFIG_FLAGS[k]}={v!r} (run has {old!r})" for k, (v, old) in conflicts.items())
@@ -194,7 +199,8 @@ def _extended(cfg: TrainConfig, explicit: dict, run_dir: Path) -> TrainConfig:
     """``cfg`` with the run lengthened to the given --steps (or --tokens) and --keep-checkpoints. The
     learning-rate schedule keeps the horizon it was planned for (its cosine ends where it ended)
     and the extra steps run at its floor, so no step already taken changes."""
-    cfg = dataclasses.replace(cfg, keep_checkpoints=explicit.get("keep_checkpoints", cfg.keep_checkpoints))
+    kept = {k: explicit[k] for k in ("keep_checkpoints", "log_to") if k in explicit}
+    cfg = dataclasses.replace(cfg, **kept)
     if "steps" not in explicit and "tokens" not in explicit:
         return cfg
     steps = TrainConfig(**{**cfg.to_dict(), "steps": explicit.get("steps"), "tokens": explicit.get("tokens")})
@@ -227,6 +233,11 @@ def _validate(cfg: TrainConfig) -> None:
                 f"--device {cfg.device}: this torch ({torch.__version__}) sees no CUDA device; "
                 "install a CUDA build of torch on a GPU machine, or use --device cpu"
             )
+    if cfg.log_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ValueError("--log-to tensorboard needs the tensorboard package: pip install tensorboard") from None
     if cfg.layerwise and cfg.optim not in LAYERWISE:
         raise ValueError(f"--layerwise works with --optim {', '.join(sorted(LAYERWISE))}, not {cfg.optim}")
     streaming_error = cfg.layerwise_streaming_error()

@@ -204,6 +204,34 @@ def test_keep_checkpoints_rolls_back_exactly(tmp_path, text_file, capsys):
     assert [p.name for p in (tmp_path / "one").glob("checkpoint*")] == ["checkpoint"]
 
 
+def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_log_to_tensorboard_writes_the_metrics_and_resume_purges_the_redone_steps(tmp_path, text_file):
+    """--log-to tensorboard: every metrics.jsonl number as a scalar at its step; a run rolled back
+    to its step-2 checkpoint redoes steps 3-4, and each step is still there once."""
+    pytest.importorskip("tensorboard")
+    args = ["--optim", "adamw", "--steps", "4", "--save-every", "2", "--keep-checkpoints", "2"]
+    assert _run(tmp_path, text_file, *args, "--log-to", "tensorboard", "--name", "tb") == 0
+    run = tmp_path / "tb"
+    records = _records(run)
+    scalars = _scalars(run)
+    assert scalars["train/loss"] == [(r["step"], pytest.approx(r["loss"])) for r in records]
+    assert [s for s, _ in scalars["val/loss"]] == [r["step"] for r in records if "val_loss" in r]
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "train/peak_memory_gib"} <= set(scalars)
+    shutil.rmtree(run / "checkpoint")
+    (run / "checkpoint-2").rename(run / "checkpoint")
+    assert main(["pretrain", "--resume", str(run), "--no-progress"]) == 0
+    assert [s for s, _ in _scalars(run)["train/loss"]] == [1, 2, 3, 4]
+    exact = ("step", "loss", "lr", "grad_norm", "tokens", "val_loss")  # not the timing and memory readings
+    assert [{k: r.get(k) for k in exact} for r in _records(run)] == [{k: r.get(k) for k in exact} for r in records]
+
+
 def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, text_file, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _run(tmp_path, text_file, "--device", "cuda", "--name", "gpu") == 2

@@ -1,4 +1,4 @@
-"""FrugalBlock: the block-subspace FRUGAL (ALGORITHMS.md §6.4): window selection, the update
+"""FrugalBlock: the block-subspace FRUGAL (docs/algorithms.md §6.4): window selection, the update
 formulas against torch AdamW and signSGD, state reset at refreshes, state bytes, training. Exact
 resume and the NaN/Inf policy are tested for every optimizer in test_optim_common."""
 

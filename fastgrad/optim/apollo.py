@@ -1,6 +1,6 @@
-"""APOLLO and APOLLO-Mini: SGD-like memory, AdamW-level performance (Zhu et al., MLSys 2025; ALGORITHMS.md §5).
+"""APOLLO and APOLLO-Mini: SGD-like memory, AdamW-level performance (Zhu et al., MLSys 2025; docs/algorithms.md §5).
 
-Implemented from the maths of ALGORITHMS.md §5 only (the reference code is CC-BY-NC: not read, not
+Implemented from the maths of docs/algorithms.md §5 only (the reference code is CC-BY-NC: not read, not
 used). The optimizer keeps Adam moments of a random projection R of each gradient and uses them
 only to estimate a per-channel (or per-tensor) learning-rate scale for the raw gradient.
 """
@@ -58,7 +58,7 @@ class Apollo(ScaledLowRankAdam):
     instance gets the parameter's name, its global index as ``index_offset``, or its own group
     ``seed``. The seed is stored in the state (``proj_seed``) and restored by load_state_dict.
 
-    Differences from the reference (apollo-torch 1.0.3, per ALGORITHMS.md §5):
+    Differences from the reference (apollo-torch 1.0.3, per docs/algorithms.md §5):
       * P is never stored (AP-3): it is redrawn from (seed, step) for each projection, in fp32 on
         the gradient's device then cast (so, like the reference, CPU and CUDA draw different P: AP-1);
         the stream is fastgrad's (SplitMix-mixed torch generator), not the reference's seed chain;

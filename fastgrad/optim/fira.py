@@ -1,4 +1,4 @@
-"""Fira: GaLore plus a norm-scaled full-rank residual (Chen et al., arXiv 2410.01623; ALGORITHMS.md §4).
+"""Fira: GaLore plus a norm-scaled full-rank residual (Chen et al., arXiv 2410.01623; docs/algorithms.md §4).
 
 Also home of what Fira shares with APOLLO (:mod:`fastgrad.optim.apollo`): the HF-Adam core on
 low-rank gradients with a per-method low-rank update (:class:`ScaledLowRankAdam`), the channel-wise

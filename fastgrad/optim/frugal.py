@@ -1,5 +1,5 @@
 """FRUGAL, GaLore-type subspace variant: AdamW in a low-rank subspace, signSGD on the residual
-(Zaitsev et al., arXiv 2411.07837, ICML 2025; ALGORITHMS.md §6)."""
+(Zaitsev et al., arXiv 2411.07837, ICML 2025; docs/algorithms.md §6.3)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """FRUGAL with block subspaces, the paper's default ("BlockAdamW"): AdamW on a rotating window of
-whole weight tensors, signSGD on all the others (Zaitsev et al., arXiv 2411.07837; ALGORITHMS.md §6.4)."""
+whole weight tensors, signSGD on all the others (Zaitsev et al., arXiv 2411.07837; docs/algorithms.md §6.4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GaLore: AdamW on low-rank projections of the gradients (Zhao et al., ICML 2024; ALGORITHMS.md §2)."""
+"""GaLore: AdamW on low-rank projections of the gradients (Zhao et al., ICML 2024; docs/algorithms.md §2)."""
 
 from __future__ import annotations
 

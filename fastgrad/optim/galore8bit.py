@@ -1,5 +1,5 @@
 """GaLoreAdamW and AdamW with 8-bit blockwise moments kept with fastgrad's own quantize ops
-(ALGORITHMS.md §1 "bnb Adam", §2.5; not bitsandbytes, which needs CUDA and its own codebook).
+(docs/algorithms.md §2.5; not bitsandbytes, which needs CUDA and its own codebook).
 
 The representation of the moments (M, V) of a tensor of n elements, read as a flat vector cut into
 blocks of ``block_size`` consecutive elements (the last block zero-padded), is

@@ -1,6 +1,6 @@
 """Layer-wise ("fused backward") optimizer stepping that keeps accumulation, clipping, the LR
-schedule, the NaN/Inf policy and DDP correct (ALGORITHMS.md §1 "Layer-wise update" a–d, §2.8,
-§10 item 6, §11 U2/U3).
+schedule, the NaN/Inf policy and DDP correct (the references' scheme and its problems (a)–(d):
+docs/algorithms.md §8.1; this driver: docs/algorithms.md §8.2).
 
 Usage::
 
@@ -76,7 +76,7 @@ What happens (and why):
   ``nonfinite="raise"`` one more on a non-finite step (to name the parameters).
 * **LR schedule**: :meth:`set_lr` sets the lr of every param group, read once per optimizer step
   by the updates in :meth:`finish_step`; every parameter's step counter advances once per step
-  (the references ran one scheduler per parameter per micro-batch: half speed, §2.8).
+  (the references ran one scheduler per parameter per micro-batch: half speed, docs/algorithms.md §8.1).
 * **Distributed data parallel** (``torch.distributed`` initialized, or ``process_group`` given):
   do not wrap the model in ``DistributedDataParallel`` (rejected); the driver averages gradients
   itself, after local accumulation and before any use: in the last micro-batch's hook it
@@ -825,7 +825,7 @@ def layerwise(
     """Layer-wise stepping for the optimizer that ``optimizer_factory(model_or_params)`` returns.
 
     ``model_or_params``: an ``nn.Module`` (every trainable parameter must then be in the optimizer,
-    so none is silently never updated, ALGORITHMS.md §3.5 QG-8) or an iterable of parameters or
+    so none is silently never updated, docs/algorithms.md §3.5 QG-8) or an iterable of parameters or
     param groups; it is passed to the factory as is. ``optimizer_factory`` may also be an already
     built optimizer. ``grad_accum_steps``: backward passes per optimizer step. ``max_grad_norm``:
     clip the global norm of the consumed gradients (None: no clipping; the norm is still reported).

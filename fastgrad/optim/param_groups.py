@@ -1,4 +1,4 @@
-"""Selecting the weights that get low-rank treatment (the references' "attn"/"mlp" rule, ALGORITHMS.md §1)."""
+"""Selecting the weights that get low-rank treatment (the references' "attn"/"mlp" rule, docs/algorithms.md §1.2)."""
 
 from __future__ import annotations
 

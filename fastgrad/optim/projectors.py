@@ -23,11 +23,11 @@ parameter needs is kept in its optimizer state dict, as plain tensors and ints, 
 Projectors (``projector`` key of a param group):
 
 * ``svd``: top-r' singular vectors of the fp32 thin SVD (``torch.linalg.svd(full_matrices=False)``),
-  cast to the gradient dtype (GaLore, ALGORITHMS.md §2.4).
+  cast to the gradient dtype (GaLore, docs/algorithms.md §2.4).
 * ``randomized``: randomized range finder (Halko, Martinsson, Tropp 2011): Gaussian test matrix with
   ``oversample`` extra columns, ``power_iters`` power iterations re-orthonormalised by QR, then the
   SVD of the small matrix Qᵀ A. Seeded from (proj_seed, step): reproducible, O(m·n·(r'+p)) per pass.
-* ``dct``: SVD-free (ALGORITHMS.md §7). One orthonormal DCT-II basis per size, cached and shared by
+* ``dct``: SVD-free (docs/algorithms.md §7). One orthonormal DCT-II basis per size, cached and shared by
   all parameters; a refresh keeps the r' basis vectors with the largest ℓ1 (``dct_norm=1``) or ℓ2
   norm of G Q (right) / Qᵀ G (left). Only the indices are stored; the low-rank gradient of the
   refresh step is read off the scores' matrix (no second product).

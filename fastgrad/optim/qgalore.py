@@ -1,5 +1,5 @@
 """Q-GaLore: GaLore with an INT4 projector, an adaptive refresh interval and INT8 weights updated
-by stochastic rounding (Zhang et al. 2024; ALGORITHMS.md §3).
+by stochastic rounding (Zhang et al. 2024; docs/algorithms.md §3).
 
 Pieces (§3.2–3.4), all per parameter of a ``rank`` group:
 
@@ -94,7 +94,7 @@ class QGaLoreAdamW(GaLoreAdamW):
         R = down(G, P̂)                              # lowrank_project_quantized
         M ← β1 M + (1−β1) R ;  V ← β2 V + (1−β2) R⊙R
         default (torch AdamW):   N = M / (√V/√(1−β2^t) + ε),     η = lr/(1−β1^t)
-        faithful (bnb, §1):      N = M / (√V + ε·√(1−β2^t)),     η = lr·√(1−β2^t)/(1−β1^t)
+        faithful (bnb, §1.4):    N = M / (√V + ε·√(1−β2^t)),     η = lr·√(1−β2^t)/(1−β1^t)
         Ŵ = q·s + z (fp32);  Ŵ ← Ŵ·(1 − lr·wd)   (default; faithful: Ŵ ← Ŵ − lr·wd·Ŵ after the update)
         Ŵ ← Ŵ − η·α·up(N, P̂)
         (q, s, z) ← quantize_int8(Ŵ, g, stochastic=True, seed=sr_seed, offset=sr_offset)
@@ -263,7 +263,7 @@ class QGaLoreAdamW(GaLoreAdamW):
 
 class QGaLoreAdamW8bit(EightBitMoments, QGaLoreAdamW):
     """:class:`QGaLoreAdamW` with 8-bit Adam moments, as in the Q-GaLore recipe (whose optimizer
-    builds on bitsandbytes' 8-bit Adam; ALGORITHMS.md §3): INT8 weights, INT4 projector, and the
+    builds on bitsandbytes' 8-bit Adam; docs/algorithms.md §3): INT8 weights, INT4 projector, and the
     moments of every tensor of at least ``min_8bit_size`` elements (the projected D×r' moments of
     the QLinear weights, the embeddings and the head) in the representation of
     :class:`~fastgrad.optim.GaLoreAdamW8bit` (V^(1/4) and M/√V̂ per block of ``block_size``,

@@ -1,6 +1,6 @@
 """Configuration of a pretraining run, with per-model defaults from the published recipes.
 
-Recipes (ALGORITHMS.md §12): LLaMA 60M/130M/350M/1B/7B on C4 with sequence length 256, cosine
+Recipes (docs/algorithms.md §9.1): LLaMA 60M/130M/350M/1B/7B on C4 with sequence length 256, cosine
 schedule to 10% of the peak with 10% warmup. GaLore/Q-GaLore/Fira: lr 0.01, scale 0.25 (Fira
 0.0625 at 1B/7B), projector refresh every 200 steps (500 at 7B), rank 128/256/256/512/1024.
 APOLLO: rank 128/192/256/256/256, scale 1; APOLLO-Mini: rank 1, scale 128. FRUGAL: density 0.25,
@@ -75,6 +75,7 @@ class TrainConfig:
     eval_batches: int = 8
     save_every: int = 200
     keep_checkpoints: int = 1  # the last k checkpoints: checkpoint/ and checkpoint-<step>/ for the older ones
+    log_to: str | None = None  # "tensorboard": also write the metrics as TensorBoard events (run_dir/tensorboard)
     device: str | None = None
     extra: dict = field(default_factory=dict)
 

@@ -242,9 +242,36 @@ def evaluate(
     return loss_sum / count if count else math.nan
 
 
-def _append_metrics(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+class _MetricsLog:
+    """metrics.jsonl, the run's record (one JSON object per step), and with ``--log-to tensorboard``
+    the same numbers as TensorBoard scalars in run_dir/tensorboard; a resumed run purges the events
+    after its checkpoint's step, as it truncates metrics.jsonl."""
+
+    TAGS = {
+        "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tok_per_s": "train/tokens_per_s",
+        "tokens": "train/tokens", "peak_memory_gib": "train/peak_memory_gib", "val_loss": "val/loss",
+    }  # fmt: skip
+
+    def __init__(self, run_dir: Path, log_to: str | None, start_step: int) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.events = None
+        if log_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.events = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+
+    def append(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.events is not None:
+            for key, value in record.items():
+                if key in self.TAGS:
+                    self.events.add_scalar(self.TAGS[key], value, record["step"])
+            self.events.flush()
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
 
 
 def _write_config(run_dir: Path, cfg: TrainConfig) -> None:
@@ -396,6 +423,7 @@ def _train(
         if env.enabled:
             torch.distributed.barrier()
 
+    log = _MetricsLog(run_dir, cfg.log_to, start_step) if env.is_main else None  # events flushed every step
     bar = tqdm(
         total=cfg.steps,
         initial=start_step,
@@ -454,6 +482,7 @@ def _train(
             tok_per_s = batches.tokens_per_step / (time.perf_counter() - step_start)
             record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen}
             record["tok_per_s"] = tok_per_s
+            record["peak_memory_gib"] = _peak_memory(device) / 2**30
             if consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
                 bar.close()
                 checkpoint_now()  # the last good state: the skipped steps changed nothing
@@ -470,13 +499,13 @@ def _train(
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val_loss = evaluate(forward, data, cfg, device, env)
                 record["val_loss"] = val_loss
-            if env.is_main:
-                _append_metrics(metrics, record)
+            if log is not None:
+                log.append(record)
             shown = {"loss": f"{loss_sum:.3f}"}
             if "val_loss" in record or evaluated:  # no validation column before the first evaluation
                 shown["val"] = f"{val_loss:.3f}"
                 evaluated = True
-            bar.set_postfix(**shown, tok_s=f"{tok_per_s:,.0f}", mem=f"{_peak_memory(device) / 2**30:.2f}G")
+            bar.set_postfix(**shown, tok_s=f"{tok_per_s:,.0f}", mem=f"{record['peak_memory_gib']:.2f}G")
             bar.update(1)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 checkpoint_now()
@@ -486,6 +515,8 @@ def _train(
                 barrier()
                 raise KeyboardInterrupt
     bar.close()
+    if log is not None:
+        log.close()
     result = RunResult(
         run_dir=run_dir,
         step=step,

@@ -10,13 +10,13 @@ if TYPE_CHECKING:
     from fastgrad.train.memory.model import MemoryBreakdown
 
 # ------------------------------------------------------------------------------------------------
-# published figures (ALGORITHMS.md §12)
+# published figures (docs/algorithms.md §9)
 # ------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Anchor:
-    """A memory figure a paper or reference repository states (as ALGORITHMS.md §12 quotes it).
+    """A memory figure a paper or reference repository states (as docs/algorithms.md §9 quotes it).
 
     ``quantity`` says what it measures, and so which of our numbers it is printed beside: "peak"
     (a training run's peak; its setting rarely matches yours), "weights+states" (the papers' memory
@@ -43,7 +43,7 @@ class Anchor:
 
 _G8, _A8 = ("galore", "galore8bit"), ("adamw", "adamw8bit")
 ANCHORS: tuple[Anchor, ...] = (
-    # LLaMA-7B (ALGORITHMS.md §12.2)
+    # LLaMA-7B (docs/algorithms.md §9.2)
     Anchor(
         "7b",
         ("q-galore", "q-galore8bit"),
@@ -90,7 +90,7 @@ ANCHORS: tuple[Anchor, ...] = (
     Anchor("7b", ("apollo",), "APOLLO", "1.6", "states", "optimizer states", "APOLLO Table 3"),
     Anchor("7b", ("apollo-mini",), "APOLLO-Mini", "0.0", "states", "optimizer states", "APOLLO Table 3"),
     Anchor("7b", ("apollo-mini",), "Q-APOLLO-Mini", "< 12", "peak", "INT8 weights, layer-wise updates", "APOLLO"),
-    # LLaMA-1B measured (§12.3): token batch 256, single device
+    # LLaMA-1B measured (docs/algorithms.md §9.3): token batch 256, single device
     Anchor("1b", ("adamw",), "AdamW", "13.60", "peak", "token batch 256", "GaLore Table 11"),
     Anchor("1b", ("adamw8bit",), "Adam8bit", "9.54", "peak", "token batch 256", "GaLore Table 11"),
     Anchor("1b", _G8, "8-bit GaLore", "7.95", "peak", "token batch 256", "GaLore Table 11"),
@@ -102,7 +102,7 @@ ANCHORS: tuple[Anchor, ...] = (
     Anchor("1b", ("adamw8bit",), "bnb AdamW8bit", "13.6", "peak", "peak allocated", "torchao GaLore README"),
     Anchor("1b", ("galore8bit",), "GaLore AdamW8bit", "14.2", "peak", "peak allocated", "torchao GaLore README"),
 )
-# C4 pre-training tables (§12.1): memory estimates of weights + optimizer states in BF16, and Fira's
+# C4 pre-training tables (docs/algorithms.md §9.1): memory estimates of weights + optimizer states in BF16, and Fira's
 # with gradients, for 60M / 130M / 350M / 1B.
 for _method, _optims, _figures, _quantity, _source in (
     ("Full-rank Adam", ("adamw",), ("0.36", "0.76", "2.06", "7.80"), "weights+states", "GaLore Table 2"),

@@ -35,7 +35,8 @@ def format_report(b: MemoryBreakdown, notes: tuple[str, ...] = ()) -> str:
     lines += ["", "peak by phase: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in b.phases.items())]
     anchors = anchors_for(c["model"], c["optim"])
     if anchors:
-        lines += ["", "published figures (as quoted in ALGORITHMS.md §12; GB as printed; ours in GB = 1e9 bytes):", ""]
+        lines += ["", "published figures (as quoted in docs/algorithms.md §9; GB as printed; ours in GB = 1e9 bytes):"]
+        lines += [""]
         table = [("method", "figure", "what", "setting", "source", "this estimate")]
         for a in anchors:
             ours = a.ours(b) / 1e9
@@ -46,7 +47,7 @@ def format_report(b: MemoryBreakdown, notes: tuple[str, ...] = ()) -> str:
             if i == 0:
                 lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     else:
-        lines += ["", f"no published figure for llama-{c['model']} with {c['optim']} in ALGORITHMS.md §12"]
+        lines += ["", f"no published figure for llama-{c['model']} with {c['optim']} in docs/algorithms.md §9"]
     all_notes = list(b.notes) + list(notes)
     if all_notes:
         lines += [""] + [f"note: {n}" for n in all_notes]
