@@ -48,7 +48,15 @@ def _extensions():
         )
     else:
         ext = CppExtension("fastgrad._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        def initialize_options(self) -> None:
+            super().initialize_options()
+            # One build folder in the source tree (ignored by git) rather than a fresh temporary one:
+            # installing again (the Quickstart's test line after its train line, or an upgrade)
+            # recompiles only the sources that changed. --build-temp still overrides it.
+            self.build_temp = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build", "temp")
+
+    return [ext], {"build_ext": BuildExt}
 
 
 ext_modules, cmdclass = _extensions()

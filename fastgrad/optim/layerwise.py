@@ -156,7 +156,7 @@ from fastgrad.ops import lowrank_project
 from fastgrad.optim.base import LowRankOptimizer, ParamStep, finite_flags
 from fastgrad.optim.projectors import Projector, lowrank_shape
 
-__all__ = ["layerwise", "LayerwiseOptimizer", "StepStats"]
+__all__ = ["layerwise", "LayerwiseOptimizer", "StreamingLayerwiseOptimizer", "StepStats"]
 
 # Projectors whose refresh does not read the gradient: they accumulate in low rank on refresh steps too.
 _GRAD_FREE_REFRESH = ("random",)
@@ -232,6 +232,8 @@ class LayerwiseOptimizer:
     (finished optimizer steps, skipped ones included).
     """
 
+    streaming = False  # StreamingLayerwiseOptimizer: True
+
     def __init__(
         self,
         optimizer: LowRankOptimizer,
@@ -240,7 +242,6 @@ class LayerwiseOptimizer:
         max_grad_norm: float | None = None,
         process_group: Any = None,
         module: nn.Module | None = None,
-        streaming: bool = False,
     ) -> None:
         if not isinstance(optimizer, LowRankOptimizer):
             raise TypeError(
@@ -251,16 +252,7 @@ class LayerwiseOptimizer:
             raise ValueError(f"layerwise: grad_accum_steps must be a positive int, got {grad_accum_steps!r}")
         if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"layerwise: max_grad_norm must be a positive finite number or None, got {max_grad_norm}")
-        if not isinstance(streaming, bool):
-            raise TypeError(f"layerwise: streaming must be a bool, got {streaming!r}")
-        if streaming and max_grad_norm is not None:
-            raise ValueError(
-                f"layerwise: streaming=True cannot clip (max_grad_norm={max_grad_norm}): each parameter is updated "
-                "during backward, and the global gradient norm is known only after the last update; use "
-                "streaming=False for clipping, or max_grad_norm=None with streaming"
-            )
         self.optimizer = optimizer
-        self.streaming = streaming
         self.grad_accum_steps = grad_accum_steps
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.steps = 0
@@ -275,13 +267,6 @@ class LayerwiseOptimizer:
         self._slots: dict[torch.Tensor, _Slot] = {}
         self._micro = 0  # backward passes completed in the current optimizer step
         self._queued_for: Any = None  # graph task whose end-of-backward callback is queued
-        # Streaming, within the current step: (parameter index, its consumed gradient's 2-norm, a
-        # 0-d fp32 tensor on its device) per parameter, the updates whose finiteness is not read
-        # yet, and how many were updated / skipped (the pending ones count as updated until read).
-        self._norms: list[tuple[int, torch.Tensor]] = []
-        self._masked: list[_Masked] = []
-        self._updated = 0
-        self._skipped = 0
         self._handles = []
         for p in self._group_of:
             p.grad = None
@@ -371,8 +356,7 @@ class LayerwiseOptimizer:
         back; they keep their update (a RuntimeWarning says how many) and only the others' gradients
         are dropped. The driver's step count does not advance."""
         opt = self.optimizer
-        self._resolve_masked(_read(self._masked_flags()))
-        updated, skipped = self._updated, self._skipped
+        updated, skipped = self._settle_updates()
         for slot in self._slots.values():
             if slot.done:
                 continue
@@ -393,6 +377,10 @@ class LayerwiseOptimizer:
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+    def _settle_updates(self) -> tuple[int, int]:
+        """(updated, skipped) parameters of the step in progress: none before :meth:`finish_step`."""
+        return 0, 0
 
     def remove_hooks(self) -> None:
         """Detach the driver from the parameters (the optimizer stays usable on its own)."""
@@ -435,8 +423,11 @@ class LayerwiseOptimizer:
         del g, low
         if self._micro == self.grad_accum_steps - 1:
             self._close(slot)
-            if self.streaming:
-                self._stream(slot)
+            self._accumulated(slot)
+
+    def _accumulated(self, slot: _Slot) -> None:
+        """``slot``'s gradient for this step is complete (its last micro-batch's hook): the
+        deferred driver keeps it until :meth:`finish_step`; the streaming one updates now."""
 
     def _open(self, p: torch.Tensor, g: torch.Tensor | None, low: torch.Tensor | None) -> _Slot:
         """First gradient of ``p`` in this optimizer step (the full ``g``, or ``low`` projected by
@@ -532,7 +523,187 @@ class LayerwiseOptimizer:
         slot.buf = None
         return slot.item
 
-    # ------------------------------------------------------------------ streaming
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def finish_step(self, fetch: torch.Tensor | None = None) -> StepStats:
+        """Complete the optimizer step: global norm, clipping, NaN/Inf policy, every parameter's update.
+
+        Must follow exactly ``grad_accum_steps`` backward passes since the previous call.
+        Streaming: the parameters were updated in their hooks; this reads which gradients were
+        finite (restoring the host-side state of the skipped parameters), publishes the next step's
+        projections, advances the step count, and returns the norm of the consumed gradients with
+        clip_coef 1. Either way the norm (and streaming's flags) are read with one host
+        synchronisation, in which ``fetch`` (a 0-d or 1-d tensor, e.g. the step's loss) is read
+        too: its values are ``StepStats.fetched``.
+        """
+        if self._micro != self.grad_accum_steps:
+            raise RuntimeError(
+                f"layerwise: finish_step() after {self._micro} backward pass(es), expected "
+                f"grad_accum_steps={self.grad_accum_steps} (call zero_grad() to drop a partial step)"
+            )
+        return self._finish(fetch)
+
+    def _finish(self, fetch: torch.Tensor | None) -> StepStats:
+        """Deferred: every consumed gradient's norm, clipping, the NaN/Inf policy, then the updates."""
+        opt = self.optimizer
+        slots = sorted(self._slots.values(), key=lambda s: opt.index_of(s.param))
+        items = [self._finalize(s) for s in slots]
+        good = [it for it in items if it is not None]
+        # A refresh that met a non-finite gradient left no projected gradient: the norm is NaN then.
+        complete = len(good) == len(items)
+        squares = self._squares(self._norms_of([it.low for it in good])) if complete else []
+        values = _read(squares + ([fetch] if fetch is not None else []))
+        norm = math.sqrt(sum(values[: len(squares)])) if complete else math.nan
+        fetched = tuple(values[len(squares) :])
+        self.steps += 1
+        if not math.isfinite(norm):
+            return self._skip(slots, items, norm, fetched)
+        coef = 1.0
+        if self.max_grad_norm is not None:
+            coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
+        if coef < 1.0:
+            scaled = {id(it.low): it.low for it in good}
+            scaled.update({id(s.grad): s.grad for s in slots if s.grad is not None})
+            torch._foreach_mul_(list(scaled.values()), coef)
+        for s in slots:
+            if s.grad is not None:
+                s.param.grad = s.grad
+        by_group: dict[int, list[ParamStep]] = {}
+        for it in good:
+            by_group.setdefault(id(it.group), []).append(it)
+        try:
+            for group_items in by_group.values():
+                opt.update_group(group_items[0].group, group_items)
+        finally:
+            for s in slots:
+                s.param.grad = None
+            self._reset()
+            opt.publish_grad_projections()
+        return StepStats(self.steps, norm, coef, False, fetched)
+
+    def _skip(
+        self, slots: list[_Slot], items: list[ParamStep | None], norm: float, fetched: tuple[float, ...]
+    ) -> StepStats:
+        opt = self.optimizer
+        bad: list[_Slot] = []
+        if opt.nonfinite == "raise":  # a second host synchronisation, only to name the parameters
+            finite = iter(finite_flags([it.low for it in items if it is not None]))
+            bad = [s for s, it in zip(slots, items, strict=True) if it is None or not next(finite)]
+        for s in slots:
+            if s.item is not None:
+                opt.rollback(s.item)
+        self._reset()
+        opt.publish_grad_projections()
+        opt.nonfinite_steps += 1
+        if opt.nonfinite == "raise":
+            where = ", ".join(f"#{opt.index_of(s.param)} {tuple(s.param.shape)}" for s in bad) or "(norm overflow)"
+            raise FloatingPointError(
+                f"layerwise {type(opt).__name__}: non-finite gradient in parameter(s) {where}; "
+                "no weight, moment or projector was changed"
+            )
+        return StepStats(self.steps, norm, 1.0, True, fetched)
+
+    @staticmethod
+    def _norms_of(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The fp32 2-norm of each tensor (0-d, on its device; NaN/Inf if any entry is)."""
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_device.setdefault(t.device, []).append(t)
+        return [n for ts in by_device.values() for n in torch._foreach_norm(ts, 2, dtype=torch.float32)]
+
+    @staticmethod
+    def _squares(norms: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Σ n² of 0-d fp32 norms, per device (0-d fp32 there), without a host synchronisation: the
+        caller reads them (:func:`_read`) and takes the global norm as sqrt of their sum."""
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for n in norms:
+            by_device.setdefault(n.device, []).append(n)
+        return [torch.linalg.vector_norm(torch.stack(ns)).square() for ns in by_device.values()]
+
+    def _reset(self) -> None:
+        self._slots = {}
+        self._micro = 0
+        self._queued_for = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def _check_boundary(self, what: str) -> None:
+        if self._slots or self._micro:
+            raise RuntimeError(f"layerwise: {what} only at a step boundary (after finish_step() or zero_grad())")
+
+    def _index_groups(self) -> None:
+        """Map each parameter to its param-group dict. Rebuilt after load_state_dict, which replaces
+        the optimizer's group dicts: a stale map would keep reading the old learning rate."""
+        self._group_of.clear()
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p in self._group_of:
+                    raise ValueError("layerwise: a parameter appears twice in the optimizer's param groups")
+                self._group_of[p] = group
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state dict and the driver's counters; ``torch.load(..., weights_only=True)`` reads it."""
+        self._check_boundary("state_dict()")
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "layerwise": {
+                "steps": self.steps,
+                "grad_accum_steps": self.grad_accum_steps,
+                "max_grad_norm": self.max_grad_norm,
+                "streaming": self.streaming,
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (grad_accum_steps, max_grad_norm and streaming stay as
+        constructed: a state saved with or without streaming loads into either)."""
+        self._check_boundary("load_state_dict()")
+        if "optimizer" not in state_dict or "layerwise" not in state_dict:
+            raise ValueError(
+                "layerwise.load_state_dict: expected the dict of LayerwiseOptimizer.state_dict() "
+                "(keys 'optimizer' and 'layerwise'); for a plain optimizer state use .optimizer.load_state_dict()"
+            )
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self._index_groups()
+        self.steps = int(state_dict["layerwise"]["steps"])
+
+
+class StreamingLayerwiseOptimizer(LayerwiseOptimizer):
+    """Layer-wise stepping that updates each parameter inside its hook during the last backward
+    pass and frees its buffers at once (``layerwise(..., streaming=True)``; module docstring,
+    "Streaming"). It cannot clip (``max_grad_norm`` must be None), and NaN/Inf is per parameter."""
+
+    streaming = True
+
+    def __init__(self, optimizer: LowRankOptimizer, **kwargs: Any) -> None:
+        if kwargs.get("max_grad_norm") is not None:
+            raise ValueError(
+                f"layerwise: streaming=True cannot clip (max_grad_norm={kwargs['max_grad_norm']}): each parameter is "
+                "updated during backward, and the global gradient norm is known only after the last update; use "
+                "streaming=False for clipping, or max_grad_norm=None with streaming"
+            )
+        # Within the current step: (parameter index, its consumed gradient's 2-norm, a 0-d fp32
+        # tensor on its device) per parameter, the updates whose finiteness is not read yet, and
+        # how many were updated / skipped (the pending ones count as updated until read).
+        self._norms: list[tuple[int, torch.Tensor]] = []
+        self._masked: list[_Masked] = []
+        self._updated = 0
+        self._skipped = 0
+        super().__init__(optimizer, **kwargs)
+
+    def _accumulated(self, slot: _Slot) -> None:
+        self._stream(slot)
+
+    def _settle_updates(self) -> tuple[int, int]:
+        """Read the pending masked updates' flags; (updated, skipped) parameters of this step."""
+        self._resolve_masked(_read(self._masked_flags()))
+        return self._updated, self._skipped
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._norms = []
+        self._masked = []
+        self._updated = self._skipped = 0
+
     def _stream(self, slot: _Slot) -> None:
         """Streaming: update ``slot``'s parameter now (its accumulation is complete) through the
         optimizer's own update, or skip it if its consumed gradient is non-finite; free its buffers.
@@ -647,7 +818,7 @@ class LayerwiseOptimizer:
             f"{pending} with a pending accumulation and those not reached by backward yet are not updated"
         )
 
-    def _finish_streaming(self, fetch: torch.Tensor | None) -> StepStats:
+    def _finish(self, fetch: torch.Tensor | None) -> StepStats:
         opt = self.optimizer
         # A parameter without a gradient in the last micro-batch was not closed by a hook: now.
         for slot in sorted((s for s in self._slots.values() if not s.done), key=lambda s: opt.index_of(s.param)):
@@ -667,150 +838,6 @@ class LayerwiseOptimizer:
         self._reset()
         opt.publish_grad_projections()
         return StepStats(self.steps, norm, 1.0, count > 0 and skipped == count, fetched)
-
-    # ------------------------------------------------------------------ the step
-    @torch.no_grad()
-    def finish_step(self, fetch: torch.Tensor | None = None) -> StepStats:
-        """Complete the optimizer step: global norm, clipping, NaN/Inf policy, every parameter's update.
-
-        Must follow exactly ``grad_accum_steps`` backward passes since the previous call.
-        Streaming: the parameters were updated in their hooks; this reads which gradients were
-        finite (restoring the host-side state of the skipped parameters), publishes the next step's
-        projections, advances the step count, and returns the norm of the consumed gradients with
-        clip_coef 1. Either way the norm (and streaming's flags) are read with one host
-        synchronisation, in which ``fetch`` (a 0-d or 1-d tensor, e.g. the step's loss) is read
-        too: its values are ``StepStats.fetched``.
-        """
-        if self._micro != self.grad_accum_steps:
-            raise RuntimeError(
-                f"layerwise: finish_step() after {self._micro} backward pass(es), expected "
-                f"grad_accum_steps={self.grad_accum_steps} (call zero_grad() to drop a partial step)"
-            )
-        if self.streaming:
-            return self._finish_streaming(fetch)
-        opt = self.optimizer
-        slots = sorted(self._slots.values(), key=lambda s: opt.index_of(s.param))
-        items = [self._finalize(s) for s in slots]
-        good = [it for it in items if it is not None]
-        # A refresh that met a non-finite gradient left no projected gradient: the norm is NaN then.
-        complete = len(good) == len(items)
-        squares = self._squares(self._norms_of([it.low for it in good])) if complete else []
-        values = _read(squares + ([fetch] if fetch is not None else []))
-        norm = math.sqrt(sum(values[: len(squares)])) if complete else math.nan
-        fetched = tuple(values[len(squares) :])
-        self.steps += 1
-        if not math.isfinite(norm):
-            return self._skip(slots, items, norm, fetched)
-        coef = 1.0
-        if self.max_grad_norm is not None:
-            coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
-        if coef < 1.0:
-            scaled = {id(it.low): it.low for it in good}
-            scaled.update({id(s.grad): s.grad for s in slots if s.grad is not None})
-            torch._foreach_mul_(list(scaled.values()), coef)
-        for s in slots:
-            if s.grad is not None:
-                s.param.grad = s.grad
-        by_group: dict[int, list[ParamStep]] = {}
-        for it in good:
-            by_group.setdefault(id(it.group), []).append(it)
-        try:
-            for group_items in by_group.values():
-                opt.update_group(group_items[0].group, group_items)
-        finally:
-            for s in slots:
-                s.param.grad = None
-            self._reset()
-            opt.publish_grad_projections()
-        return StepStats(self.steps, norm, coef, False, fetched)
-
-    def _skip(
-        self, slots: list[_Slot], items: list[ParamStep | None], norm: float, fetched: tuple[float, ...]
-    ) -> StepStats:
-        opt = self.optimizer
-        bad: list[_Slot] = []
-        if opt.nonfinite == "raise":  # a second host synchronisation, only to name the parameters
-            finite = iter(finite_flags([it.low for it in items if it is not None]))
-            bad = [s for s, it in zip(slots, items, strict=True) if it is None or not next(finite)]
-        for s in slots:
-            if s.item is not None:
-                opt.rollback(s.item)
-        self._reset()
-        opt.publish_grad_projections()
-        opt.nonfinite_steps += 1
-        if opt.nonfinite == "raise":
-            where = ", ".join(f"#{opt.index_of(s.param)} {tuple(s.param.shape)}" for s in bad) or "(norm overflow)"
-            raise FloatingPointError(
-                f"layerwise {type(opt).__name__}: non-finite gradient in parameter(s) {where}; "
-                "no weight, moment or projector was changed"
-            )
-        return StepStats(self.steps, norm, 1.0, True, fetched)
-
-    @staticmethod
-    def _norms_of(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The fp32 2-norm of each tensor (0-d, on its device; NaN/Inf if any entry is)."""
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for t in tensors:
-            by_device.setdefault(t.device, []).append(t)
-        return [n for ts in by_device.values() for n in torch._foreach_norm(ts, 2, dtype=torch.float32)]
-
-    @staticmethod
-    def _squares(norms: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Σ n² of 0-d fp32 norms, per device (0-d fp32 there), without a host synchronisation: the
-        caller reads them (:func:`_read`) and takes the global norm as sqrt of their sum."""
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for n in norms:
-            by_device.setdefault(n.device, []).append(n)
-        return [torch.linalg.vector_norm(torch.stack(ns)).square() for ns in by_device.values()]
-
-    def _reset(self) -> None:
-        self._slots = {}
-        self._micro = 0
-        self._queued_for = None
-        self._norms = []
-        self._masked = []
-        self._updated = self._skipped = 0
-
-    # ------------------------------------------------------------------ checkpoints
-    def _check_boundary(self, what: str) -> None:
-        if self._slots or self._micro:
-            raise RuntimeError(f"layerwise: {what} only at a step boundary (after finish_step() or zero_grad())")
-
-    def _index_groups(self) -> None:
-        """Map each parameter to its param-group dict. Rebuilt after load_state_dict, which replaces
-        the optimizer's group dicts: a stale map would keep reading the old learning rate."""
-        self._group_of.clear()
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p in self._group_of:
-                    raise ValueError("layerwise: a parameter appears twice in the optimizer's param groups")
-                self._group_of[p] = group
-
-    def state_dict(self) -> dict[str, Any]:
-        """The optimizer's state dict and the driver's counters; ``torch.load(..., weights_only=True)`` reads it."""
-        self._check_boundary("state_dict()")
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "layerwise": {
-                "steps": self.steps,
-                "grad_accum_steps": self.grad_accum_steps,
-                "max_grad_norm": self.max_grad_norm,
-                "streaming": self.streaming,
-            },
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (grad_accum_steps, max_grad_norm and streaming stay as
-        constructed: a state saved with or without streaming loads into either)."""
-        self._check_boundary("load_state_dict()")
-        if "optimizer" not in state_dict or "layerwise" not in state_dict:
-            raise ValueError(
-                "layerwise.load_state_dict: expected the dict of LayerwiseOptimizer.state_dict() "
-                "(keys 'optimizer' and 'layerwise'); for a plain optimizer state use .optimizer.load_state_dict()"
-            )
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        self._index_groups()
-        self.steps = int(state_dict["layerwise"]["steps"])
 
 
 def layerwise(
@@ -846,11 +873,10 @@ def layerwise(
         optimizer = optimizer_factory
     else:
         optimizer = optimizer_factory(model_or_params)
-    return LayerwiseOptimizer(
-        optimizer,
-        grad_accum_steps=grad_accum_steps,
-        max_grad_norm=max_grad_norm,
-        process_group=process_group,
+    if not isinstance(streaming, bool):
+        raise TypeError(f"layerwise: streaming must be a bool, got {streaming!r}")
+    driver = StreamingLayerwiseOptimizer if streaming else LayerwiseOptimizer
+    return driver(
+        optimizer, grad_accum_steps=grad_accum_steps, max_grad_norm=max_grad_norm, process_group=process_group,
         module=module,
-        streaming=streaming,
-    )
+    )  # fmt: skip
