@@ -161,6 +161,11 @@ def _memory_parser(sub) -> argparse.ArgumentParser:
         default="cuda",
         help="the device the step would run on (default cuda; the dtype defaults to bfloat16 there, float32 on cpu)",
     )
+    p.add_argument(
+        "--sm-count",
+        type=int,
+        help="SMs of the GPU the kernels' split-K workspaces are sized for (default: the visible GPU's, else 128)",
+    )
     p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
     return p
 
@@ -339,7 +344,9 @@ def memory(args: argparse.Namespace) -> int:
     streaming_error = cfg.layerwise_streaming_error()
     if streaming_error:
         raise ValueError(streaming_error)
-    breakdown = estimate(cfg, device=args.device)
+    if args.sm_count is not None and args.sm_count < 1:
+        raise ValueError(f"--sm-count must be a positive integer, got {args.sm_count}")
+    breakdown = estimate(cfg, device=args.device, sm_count=args.sm_count)
     if args.json:
         print(json.dumps({**dataclasses.asdict(breakdown), "total": breakdown.total}, indent=1))
     else:
