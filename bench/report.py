@@ -8,7 +8,8 @@ bench/results/kernels-compile.csv`` (one run per Triton version; each replaces i
 compare-table block is bench/results/compare-tiny.json, the compare.json of
 ``fastgrad compare --optims adamw,galore,q-galore`` (README, "Comparing optimizers"). The
 memory-example and memory-modes blocks are computed by the memory model itself (``fastgrad memory``),
-which needs no results file.
+which needs no results file. The targets block computes each target's measured cell from the
+latest rows of bench/results/{quant,project,optim,lowrank}.csv.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ KERNELS_BEGIN, KERNELS_END = "<!-- kernels:begin -->", "<!-- kernels:end -->"
 COMPILE_RESULTS = ROOT / "bench" / "results" / "kernels-compile.csv"
 COMPARE_BEGIN, COMPARE_END = "<!-- compare-table:begin -->", "<!-- compare-table:end -->"
 COMPARE_RESULTS = ROOT / "bench" / "results" / "compare-tiny.json"
+TARGETS_BEGIN, TARGETS_END = "<!-- targets:begin -->", "<!-- targets:end -->"
 MEMORY_EXAMPLE_BEGIN, MEMORY_EXAMPLE_END = "<!-- memory-example:begin -->", "<!-- memory-example:end -->"
 MEMORY_MODES_BEGIN, MEMORY_MODES_END = "<!-- memory-modes:begin -->", "<!-- memory-modes:end -->"
 # The README's memory example: Q-GaLore's 7B recipe (8-bit moments, rank 1024) in its published setting.
@@ -109,6 +111,69 @@ def render_compare() -> str:
     return compare_table(json.loads(COMPARE_RESULTS.read_text()))
 
 
+def _ms(suite: str, op: str, shape: str, provider: str) -> float:
+    """The latest median (ms) of one fp32 case of ``bench/results/<suite>.csv``."""
+    for row in latest_rows(suite):
+        if (row["op"], row["shape"], row["dtype"], row["provider"]) == (op, shape, "float32", provider):
+            return float(row["median_ms"])
+    raise KeyError(f"bench/results/{suite}.csv has no row {op} {shape} float32 {provider}")
+
+
+def render_targets() -> str:
+    """The README's targets table, each "measured" cell computed from the latest results rows."""
+    q = "4096x4096"
+
+    def quant(op: str, provider: str) -> float:
+        return _ms("quant", op, q, provider)
+
+    sr8, copy8 = quant("quantize_int8 SR", "cpp"), quant("quantize_int8 SR", "copy")
+    sr4, copy4 = quant("quantize_int4 SR", "cpp"), quant("quantize_int4 SR", "copy")
+    ref8, eager8 = quant("quantize_int8 SR", "reference"), quant("quantize_int8 SR", "torch-eager")
+    bf16 = quant("round_bf16_stochastic", "cpp")
+
+    def vs_matmul(op: str, shape: str) -> str:
+        return f"{_ms('project', op, shape, 'torch-matmul') / _ms('project', op, shape, 'cpp-int4'):.2f}×"
+
+    def optim(op: str, shape: str, provider: str) -> float:
+        return _ms("optim", op, shape, provider)
+
+    step = "GaLoreAdamW step"
+    galore = {s: optim(step, s, "fastgrad") / optim(step, s, "galore-torch") for s in ("2048x2048x128",
+              "5461x2048x512", "512x512x128")}  # fmt: skip
+    refresh = "GaLoreAdamW refresh step"
+    svd, randomized, dct = (optim(refresh, "2048x2048x128", p) for p in ("svd", "randomized", "dct"))
+    grad = "2048x4096x4096x128"
+    grad_r = ("lowrank_grad right (7b-attn)", grad)
+    full_r, fused_r = (_ms("lowrank", *grad_r, p) for p in ("full-G-then-project", "cpp"))
+    grad_l = ("lowrank_grad left (7b-attn)", grad)
+    full_l, fused_l = (_ms("lowrank", *grad_l, p) for p in ("full-G-then-project", "cpp"))
+    rows = [
+        ("SR INT8 quantize of 4096×4096 fp32, C++ ≥ 3× the torch-eager reference",
+         f"{ref8 / sr8:.0f}× ({sr8:.1f} ms vs {ref8 / 1000:.1f} s); {eager8 / sr8:.1f}× a hand-written "
+         "`torch.rand_like` quantizer"),
+        ("SR INT8 quantize of 4096×4096 fp32, C++ within 3× of a copy of the same tensor (interleaved in one run)",
+         f"{sr8 / copy8:.2f}× ({sr8:.1f} ms vs {copy8:.2f} ms); INT4 {sr4 / copy4:.2f}×; fp32 → bf16 stochastic "
+         f"rounding {bf16:.1f} ms ({bf16 / copy8:.2f}× the fp32 copy)"),
+        ("INT4-P projection no slower than a dense fp32 `torch.matmul` of the same shape (speed ratio)",
+         f"4096×4096, r = 128: {vs_matmul('project left', '4096x4096x128')} (left), "
+         f"{vs_matmul('project right', '4096x4096x128')} (right); 7B MLP shapes "
+         f"{vs_matmul('project left', '4096x11008x256')} (left) and {vs_matmul('project right', '11008x4096x256')} "
+         f"(right); 1B MLP {vs_matmul('project right', '5461x2048x512')}"),
+        ("non-refresh GaLoreAdamW step ≤ 0.7× galore-torch's time (2048×2048, r = 128)",
+         f"{galore['2048x2048x128']:.2f}× ({optim(step, '2048x2048x128', 'fastgrad'):.1f} ms vs "
+         f"{optim(step, '2048x2048x128', 'galore-torch'):.1f} ms, with the fused step); "
+         f"{galore['5461x2048x512']:.2f}× at 5461×2048, r = 512; {galore['512x512x128']:.2f}× at the 60M shape "
+         "512×512 (per-step Python overhead)"),
+        ("`randomized` refresh ≥ 5× faster than `svd` (2048×2048, r = 128)",
+         f"{svd / randomized:.1f}× ({randomized:.0f} ms vs {svd / 1000:.2f} s); `dct` {svd / dct:.1f}×"),
+        ("`lowrank_grad` ≥ 3× faster than forming G then projecting (4096×4096, r = 128, 2048 tokens)",
+         f"{full_r / fused_r:.1f}× (right, {fused_r:.0f} ms vs {full_r / 1000:.2f} s), {full_l / fused_l:.1f}× (left); "
+         "`bench/bench_lowrank.py`"),
+    ]  # fmt: skip
+    lines = ["| target | measured |", "|---|---|"] + [f"| {t} | {m} |" for t, m in rows]
+    return "\n".join(lines)
+
+
 def _memory(args: list[str]) -> tuple[str, dict]:
     """``fastgrad memory ARGS``: the printed report and the --json breakdown."""
     import contextlib
@@ -179,6 +244,7 @@ def main() -> None:
     content = replace_block(readme.read_text(), BEGIN, END, text)
     content = replace_block(content, KERNELS_BEGIN, KERNELS_END, render_compile())
     content = replace_block(content, COMPARE_BEGIN, COMPARE_END, render_compare())
+    content = replace_block(content, TARGETS_BEGIN, TARGETS_END, render_targets())
     content = replace_block(content, MEMORY_EXAMPLE_BEGIN, MEMORY_EXAMPLE_END, render_memory_example())
     readme.write_text(replace_block(content, MEMORY_MODES_BEGIN, MEMORY_MODES_END, render_memory_modes()))
 

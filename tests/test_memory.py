@@ -438,21 +438,3 @@ def test_memory_command_rejects_unknown_optimizer(capsys):
         main(["memory", "--optim", "sgd"])
     assert info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("block", ["memory-example", "memory-modes"])
-def test_readme_memory_blocks_are_the_memory_models_output(block):
-    """The README's `fastgrad memory` example and its 7B layer-wise-mode table are rendered by
-    bench/report.py from the memory model (`python bench/report.py --readme`): a number edited by
-    hand, or a model change not carried into the README, fails here."""
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("bench_report", root / "bench" / "report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
-    render = {"memory-example": report.render_memory_example, "memory-modes": report.render_memory_modes}[block]
-    readme = (root / "README.md").read_text()
-    text = readme.split(f"<!-- {block}:begin -->\n", 1)[1].split(f"\n<!-- {block}:end -->", 1)[0]
-    assert text == render(), f"README's {block} block is stale: run python bench/report.py --readme"
