@@ -328,6 +328,36 @@ def test_ctrl_c_saves_at_a_step_boundary_and_resume_is_exact(tmp_path, text_file
     assert (tmp_path / "interrupted/loss.png").stat().st_size > 1000
 
 
+def test_sigkill_at_any_moment_then_resume_reproduces_the_run(tmp_path, text_file):
+    """kill -9 at moments the run cannot prepare for (mid-step, mid-checkpoint-swap: it saves every
+    step), three times, each followed by --resume: the losses and the optimizer state are bitwise
+    those of the uninterrupted run (checkpoints are swapped in by renames; a half-written one is
+    never read)."""
+    args = ["--optim", "q-galore", "--rank", "8", "--update-proj-gap", "3", "--steps", "12", "--save-every", "1"]
+    cmd = [sys.executable, "-m", "fastgrad.cli", "pretrain", "--out", str(tmp_path), "--data", str(text_file)]
+    metrics = tmp_path / "killed/metrics.jsonl"
+    # Seconds after the triggering step's metrics line appears: 0 lands in that step's checkpoint
+    # save (metrics are written first), the others mid-step.
+    for i, (at, delay) in enumerate(((2, 0.0), (5, 0.0), (8, 0.13))):
+        run = [*cmd, *args, *SMALL, "--no-progress"]
+        run += ["--resume", str(tmp_path / "killed")] if i else ["--name", "killed"]
+        proc = subprocess.Popen(run, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+        deadline = time.time() + 120
+        while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < at):
+            time.sleep(0.001)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+    assert main(["pretrain", "--resume", str(tmp_path / "killed"), "--no-progress"]) == 0
+    assert _run(tmp_path, text_file, *args, "--name", "straight") == 0
+    assert _losses(tmp_path / "killed") == _losses(tmp_path / "straight")
+    a = torch.load(tmp_path / "straight/checkpoint/optimizer.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed/checkpoint/optimizer.pt", weights_only=True)
+    for sa, sb in zip(a["state"].values(), b["state"].values(), strict=True):
+        assert all(torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k] for k in sa)
+
+
 def test_compare_runs_each_optimizer_and_writes_a_table_and_plot(tmp_path, text_file):
     args = ["compare", "--optims", "adamw,galore", "--out", str(tmp_path), "--name", "cmp", "--data", str(text_file)]
     assert main([*args, "--steps", "3", "--rank", "8", "--no-progress", *SMALL]) == 0
