@@ -8,7 +8,14 @@ import torch
 from optim_common import OpCounter
 
 from fastgrad.nn import QLinear, dequantize_model, quantize_model
-from fastgrad.optim import GaLoreAdamW, QGaLoreAdamW, galore_param_groups, qgalore_param_groups
+from fastgrad.optim import (
+    GaLoreAdamW,
+    LayerwiseAsOptimizer,
+    QGaLoreAdamW,
+    galore_param_groups,
+    layerwise,
+    qgalore_param_groups,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,10 +38,11 @@ def _dataset():
     return [{"input_ids": s, "labels": s.clone()} for s in seqs * 16]
 
 
-def _train(model, optimizer, out, max_grad_norm=1.0):
+def _train(model, optimizer, out, max_grad_norm=1.0, accum=1):
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=2, logging_steps=1, report_to=[],
         save_strategy="no", use_cpu=True, max_grad_norm=max_grad_norm, lr_scheduler_type="constant",
+        gradient_accumulation_steps=accum,
     )  # fmt: skip
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_dataset(), optimizers=(optimizer, None))
     with OpCounter() as counter:
@@ -69,3 +77,22 @@ def test_trainer_with_qgalore_int8_weights_saves_a_float_model(tmp_path):
     reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "float").eval()
     with torch.no_grad():
         assert (reloaded(ids).logits - trained).abs().max() <= 1e-4 * trained.abs().max()
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["deferred", "streaming"])
+def test_trainer_with_layerwise_galore(tmp_path, streaming):
+    """The layer-wise driver under Trainer: LayerwiseAsOptimizer makes optimizer.step() its
+    finish_step(); Trainer's gradient accumulation (2) is the driver's, clipping is the driver's
+    (Trainer's own is off: the driver consumed p.grad), Trainer's schedule sets its learning rate."""
+    model = _model()
+    clip = None if streaming else 1.0
+    driver = layerwise(
+        model, lambda m: GaLoreAdamW(galore_param_groups(m, rank=8, update_proj_gap=5), lr=3e-3),
+        grad_accum_steps=2, max_grad_norm=clip, streaming=streaming,
+    )  # fmt: skip
+    optimizer = LayerwiseAsOptimizer(driver)
+    losses, counter = _train(model, optimizer, tmp_path, max_grad_norm=0.0, accum=2)
+    assert len(losses) == STEPS and losses[-1] < 0.8 * losses[0], losses
+    assert driver.steps == STEPS and optimizer.last_stats.step == STEPS
+    assert counter.calls["fastgrad.galore_adam_step_"] == STEPS * 14
+    assert all(p.grad is None for p in model.parameters())  # the driver consumed every gradient

@@ -8,7 +8,13 @@ from fastgrad.optim.frugal import Frugal
 from fastgrad.optim.frugal_block import FrugalBlock
 from fastgrad.optim.galore import GaLoreAdamW
 from fastgrad.optim.galore8bit import AdamW8bit, GaLoreAdamW8bit
-from fastgrad.optim.layerwise import LayerwiseOptimizer, StepStats, StreamingLayerwiseOptimizer, layerwise
+from fastgrad.optim.layerwise import (
+    LayerwiseAsOptimizer,
+    LayerwiseOptimizer,
+    StepStats,
+    StreamingLayerwiseOptimizer,
+    layerwise,
+)
 from fastgrad.optim.param_groups import galore_param_groups, target_linear_weights
 from fastgrad.optim.projectors import (
     PROJECTORS,
@@ -33,6 +39,7 @@ __all__ = [
     "layerwise",
     "LayerwiseOptimizer",
     "StreamingLayerwiseOptimizer",
+    "LayerwiseAsOptimizer",
     "StepStats",
     "FiraAdamW",
     "Frugal",

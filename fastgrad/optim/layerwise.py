@@ -156,7 +156,7 @@ from fastgrad.ops import lowrank_project
 from fastgrad.optim.base import LowRankOptimizer, ParamStep, finite_flags
 from fastgrad.optim.projectors import Projector, lowrank_shape
 
-__all__ = ["layerwise", "LayerwiseOptimizer", "StreamingLayerwiseOptimizer", "StepStats"]
+__all__ = ["layerwise", "LayerwiseOptimizer", "StreamingLayerwiseOptimizer", "LayerwiseAsOptimizer", "StepStats"]
 
 # Projectors whose refresh does not read the gradient: they accumulate in low rank on refresh steps too.
 _GRAD_FREE_REFRESH = ("random",)
@@ -838,6 +838,48 @@ class StreamingLayerwiseOptimizer(LayerwiseOptimizer):
         self._reset()
         opt.publish_grad_projections()
         return StepStats(self.steps, norm, 1.0, count > 0 and skipped == count, fetched)
+
+
+class LayerwiseAsOptimizer(torch.optim.Optimizer):
+    """A layer-wise driver seen as a ``torch.optim.Optimizer``, for training loops that call
+    ``optimizer.step()`` and ``zero_grad()`` after backward and schedule the learning rate through
+    ``param_groups`` (``transformers.Trainer``, Lightning, ``torch.optim.lr_scheduler``).
+
+    ``step()`` is the driver's :meth:`~LayerwiseOptimizer.finish_step` (the loop must run
+    ``driver.grad_accum_steps`` backward passes per step, as its own gradient accumulation does);
+    ``zero_grad()`` is the driver's (a no-op at a step boundary, since the driver has consumed the
+    gradients); ``param_groups`` and ``state`` are the wrapped optimizer's own objects, so a
+    scheduler's learning rate reaches every parameter; ``state_dict`` is the driver's. The loop
+    must not clip ``p.grad`` itself (the driver consumed it): pass ``max_grad_norm`` to
+    :func:`layerwise` instead. The last :class:`StepStats` is ``last_stats``.
+    """
+
+    def __init__(self, driver: LayerwiseOptimizer) -> None:
+        if not isinstance(driver, LayerwiseOptimizer):
+            raise TypeError(f"LayerwiseAsOptimizer: expected a layerwise(...) driver, got {type(driver).__name__}")
+        params = [p for group in driver.param_groups for p in group["params"]]
+        super().__init__(params, {})
+        self.driver = driver
+        self.param_groups = driver.param_groups  # the very dicts the driver's updates read
+        self.state = driver.optimizer.state
+        self.last_stats: StepStats | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("LayerwiseAsOptimizer.step: closures are not supported (backward runs before step)")
+        self.last_stats = self.driver.finish_step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.driver.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.driver.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.driver.load_state_dict(state_dict)
+        self.param_groups = self.driver.param_groups
+        self.state = self.driver.optimizer.state
 
 
 def layerwise(
