@@ -48,6 +48,7 @@ def _extensions():
         )
     else:
         ext = CppExtension("fastgrad._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+
     class BuildExt(BuildExtension.with_options(use_ninja=True)):
         def initialize_options(self) -> None:
             super().initialize_options()

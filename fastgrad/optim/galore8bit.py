@@ -326,7 +326,6 @@ class GaLoreAdamW8bit(EightBitMoments, GaLoreAdamW):
     """
 
 
-
 class AdamW8bit(GaLoreAdamW8bit):
     """AdamW with 8-bit blockwise moments: :class:`GaLoreAdamW8bit`'s full-rank path, with
     torch.optim.AdamW's update rule.
