@@ -36,7 +36,7 @@ inline int64_t block_len(int64_t total, int64_t width, int64_t budget) {
 
 // ---- scratch plans ---------------------------------------------------------------------------------
 // Each blocked kernel sizes its fp32 scratch with one of these functions; fastgrad._C exports them
-// (csrc/module.cpp) so that the memory model (fastgrad/train/memory.py) counts the same bytes.
+// (csrc/module.cpp) so that the memory model (fastgrad/train/memory/scratch.py) counts the same bytes.
 
 // fp32 elements of one decoded block of a P of p_numel elements (see kPBlockElems).
 inline int64_t p_block_budget(int64_t p_numel) { return std::max(kPBlockElems, p_numel / kPBlockFraction); }
