@@ -438,3 +438,19 @@ def test_memory_command_rejects_unknown_optimizer(capsys):
         main(["memory", "--optim", "sgd"])
     assert info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_cpu_estimate_without_the_extension_is_a_one_line_error():
+    """The CPU model counts the C++ kernels' scratch from fastgrad._C's own plans: without the
+    extension, `fastgrad memory --device cpu` says so in one line (the CUDA estimate still works)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FASTGRAD_NO_EXT": "1"}
+    cmd = [sys.executable, "-m", "fastgrad.cli", "memory", "--model", "tiny", "--optim", "galore"]
+    cpu = subprocess.run([*cmd, "--device", "cpu"], capture_output=True, text=True, env=env)
+    assert cpu.returncode == 2 and "Traceback" not in cpu.stderr
+    assert "C++ kernels, which did not load (disabled by FASTGRAD_NO_EXT=1)" in cpu.stderr
+    cuda = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert cuda.returncode == 0 and "estimated peak" in cuda.stdout

@@ -21,9 +21,9 @@ def _cpu_scratch():
     from fastgrad import _backends
 
     if _backends.EXTENSION_ERROR is not None:
-        raise RuntimeError(
-            "the CPU memory model counts the scratch of fastgrad's C++ kernels, which did not load: "
-            f"{_backends.EXTENSION_ERROR}"
+        raise ValueError(
+            "--device cpu: the CPU memory model counts the scratch of fastgrad's C++ kernels, which did not "
+            f"load ({_backends.EXTENSION_ERROR}); use --device cuda, or install with the extension"
         )
     from fastgrad import _C
 
