@@ -13,8 +13,8 @@ INT8 W: W = code·scale + zero with groups of g = n / groups consecutive values 
 g: odd, not a power of two, the whole row); W' = decay·W + s·up in fp32 is re-quantized asymmetric
 8-bit with the same g, scale = (max − min)/255 (correctly rounded, 0 → 1), zero = min, and RTN or
 stochastic rounding with the stream position offset + i·n + j of element (i, j). The encoder and
-the group statistics are those of ``quant.py`` (``encode_codes``, ``_reduce_chunk``,
-``_scale_zero``): the same fp32 W' gives the reference quantizer's codes bit for bit.
+the group statistics are those of ``quant.py`` (``encode_codes``, ``reduce_chunk``,
+``scale_zero``): the same fp32 W' gives the reference quantizer's codes bit for bit.
 
 Two launches per step.
 
@@ -140,7 +140,7 @@ def _up_tile(
 ):  # fmt: skip
     """fp32 tile rows [m0, m0+BLOCK_M) × cols [n0, n0+BLOCK_N) of A B (A: M×K, B: K×N, addressed by
     strides; zeros outside). A quantized P (QUANT 4/8) is A (Q_IS_A) or B, read as P itself (never
-    transposed here) and decoded in registers by ``project._load_tile``; Q_EVEN: the tiles of P
+    transposed here) and decoded in registers by ``project.load_tile``; Q_EVEN: the tiles of P
     start at even columns of P (only the INT8 update's chunks of odd groups do not)."""
     A_QUANT: tl.constexpr = QUANT if Q_IS_A else 0
     B_QUANT: tl.constexpr = 0 if Q_IS_A else QUANT

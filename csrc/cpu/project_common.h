@@ -45,7 +45,6 @@ struct ScratchPlan {
   int64_t len;    // block length along the split dimension
   int64_t p;      // fp32 elements of the P block (0: P is used in place)
   int64_t other;  // fp32 elements of the G / output / operand block (0: used in place)
-  int64_t total() const { return p + other; }
 };
 
 // project_blocked (down) and project_back_blocked (up): P split along `total` (the reduction

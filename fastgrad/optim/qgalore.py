@@ -196,14 +196,19 @@ class QGaLoreAdamW(GaLoreAdamW):
     # ------------------------------------------------------------------ update
     def _fused_target(self, group: dict[str, Any], it: ParamStep) -> tuple[Any, dict[str, Any]]:
         """An INT8 weight is updated in its codes, scales and zeros, re-quantized from the weight's
-        stochastic-rounding stream, whose next m·n positions the update takes."""
+        stochastic-rounding stream, whose next m·n positions the update takes (:meth:`_fused_step`
+        advances the stream once the op has run)."""
         if it.param.dtype != torch.uint8:
             return it.param, {}
         layer = self._layer_of(it)
         seed, offset = self._sr_stream(group, it)
-        it.state["sr_offset"] += it.param.numel()
         rounding = dict(stochastic=bool(group.get("stochastic_round", True)), seed=seed, offset=offset)
         return QuantizedTensor(it.param, layer.scales, layer.zeros, 8), rounding
+
+    def _fused_step(self, group: dict[str, Any], it: ParamStep, firsts: list, seconds: list) -> None:
+        super()._fused_step(group, it, firsts, seconds)
+        if it.param.dtype == torch.uint8:
+            it.state["sr_offset"] += it.param.numel()
 
     def update_writes(self, it: ParamStep) -> list[torch.Tensor]:
         """An INT8 weight's update rewrites its layer's scales and zeros too."""
