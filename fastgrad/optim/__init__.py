@@ -16,7 +16,7 @@ from fastgrad.optim.layerwise import (
     layerwise,
 )
 from fastgrad.optim.param_groups import galore_param_groups, target_linear_weights
-from fastgrad.optim.projectors import (
+from fastgrad.optim.projectors import (  # noqa: F401 (in __all__ through PUBLIC_API)
     PROJECTORS,
     DCTProjector,
     Projector,
@@ -27,6 +27,7 @@ from fastgrad.optim.projectors import (
     make_projector,
     resolve_side,
 )
+from fastgrad.optim.projectors import PUBLIC_API as _PROJECTOR_API
 from fastgrad.optim.qgalore import QGaLoreAdamW, QGaLoreAdamW8bit, qgalore_param_groups
 
 __all__ = [
@@ -51,13 +52,5 @@ __all__ = [
     "galore_param_groups",
     "target_linear_weights",
     "transfer_moments",
-    "PROJECTORS",
-    "Projector",
-    "SVDProjector",
-    "RandomizedProjector",
-    "DCTProjector",
-    "RandomProjector",
-    "make_projector",
-    "resolve_side",
-    "dct_basis",
+    *_PROJECTOR_API,
 ]

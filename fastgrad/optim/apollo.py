@@ -17,6 +17,7 @@ from torch import nn
 from fastgrad.optim.base import ParamStep
 from fastgrad.optim.fira import ScaledLowRankAdam, channel_dim, channel_ratio, norm_growth_limiter
 from fastgrad.optim.param_groups import galore_param_groups
+from fastgrad.optim.sharding import sharded_norm
 
 __all__ = ["Apollo", "ApolloMini", "apollo_param_groups"]
 
@@ -129,16 +130,18 @@ class Apollo(ScaledLowRankAdam):
         return super()._param_seed(group, p, index + self.index_offset)
 
     def _lowrank_update(self, group: dict[str, Any], it: ParamStep, normed: torch.Tensor, step_size: float) -> None:
-        grad = it.param.grad
+        grad = it.grad
         sqrt_scale = math.sqrt(group["scale"])
         dim = channel_dim(it.state["proj_side"]) if group["scale_type"] == "channel" else None
-        s = channel_ratio(normed, it.low, dim)  # fp32: (m, 1) / (1, n) per channel, 0-d per tensor
+        # fp32: (m, 1) / (1, n) per channel, 0-d per tensor
+        s = channel_ratio(normed, it.low, dim, it.shard, it.low_sharded)
         it.low = None
         coef = s * sqrt_scale
         if not group["disable_nl"]:
             # ‖G ⊙ s‖ without forming G ⊙ s: from G's per-channel (or whole) norm.
-            g_norm = torch.linalg.vector_norm(grad, dim=dim, keepdim=dim is not None, dtype=torch.float32)
-            u_norm = torch.linalg.vector_norm(s * g_norm)
+            g_norm = sharded_norm(grad, dim, it.shard, rows_sharded=True, keepdim=dim is not None)
+            # s ⊙ ‖G_c‖ holds this rank's rows only for norms along rows (dim 1)
+            u_norm = sharded_norm(s * g_norm, None, it.shard, rows_sharded=dim == 1)
             if group["scale_front"]:
                 u_norm = u_norm * sqrt_scale
             rho = norm_growth_limiter(it.state, u_norm)

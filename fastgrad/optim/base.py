@@ -62,6 +62,7 @@ from fastgrad.ops import lowrank_project
 from fastgrad.optim.projectors import (
     LEFT,
     PROJECTOR_OPTIONS,
+    RIGHT,
     SIDE_NAMES,
     SIDE_RULES,
     Projector,
@@ -71,6 +72,7 @@ from fastgrad.optim.projectors import (
     mix_seed,
     resolve_side,
 )
+from fastgrad.optim.sharding import RowShard, local, row_shard
 
 __all__ = ["LowRankOptimizer", "ParamStep", "name_key", "transfer_moments"]
 
@@ -95,6 +97,9 @@ class ParamStep:
                random), so that the P of all parameters are never alive at once.
     proj_old:  P before this step's refresh, when the moments must be carried over.
     snapshot:  the projector's state before this step's refresh (restored if the step is dropped).
+    source:    the optimizer's parameter (the key of its state); ``param`` is the tensor the update
+               writes: the parameter itself, or the local rows of a row-sharded (FSDP2) one.
+    shard:     where those rows sit (:mod:`fastgrad.optim.sharding`); None for a plain parameter.
     """
 
     group: dict[str, Any]
@@ -106,10 +111,27 @@ class ParamStep:
     proj: torch.Tensor | None = None
     proj_old: torch.Tensor | None = None
     snapshot: dict[str, Any] | None = None
+    source: torch.Tensor | None = None
+    shard: RowShard | None = None
+
+    def __post_init__(self) -> None:
+        if self.source is None:
+            self.source = self.param
 
     @property
     def side(self) -> str:
         return SIDE_NAMES[self.state["proj_side"]]
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        """The gradient of the rows this step writes (``param``'s shape)."""
+        return local(self.source.grad)
+
+    @property
+    def low_sharded(self) -> bool:
+        """Whether R (and the moments) hold only this rank's rows: a full-rank or right-side
+        parameter sharded by rows. A left-side R is the same on every rank."""
+        return self.shard is not None and (not self.lowrank or self.state["proj_side"] == RIGHT)
 
 
 def transfer_moments(
@@ -197,6 +219,33 @@ def adam_scalars(group: dict[str, Any], step: int, policy: str) -> AdamScalars:
     if policy == "bnb":
         return AdamScalars(lr * math.sqrt(bc2) / bc1, 1.0, eps * math.sqrt(bc2))
     raise ValueError(f"adam_scalars: policy must be 'hf', 'torch' or 'bnb', got {policy!r}")
+
+
+def proj_like(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """What a projector makes P for (only shape, dtype and device are read): the gradient ``grad``
+    of ``p``, or for a row-sharded ``p`` a memory-less tensor of its global shape."""
+    shard = row_shard(p)
+    return shard.like(local(grad)) if shard is not None else grad
+
+
+def _agree_across_shards(items: list[ParamStep], flags: list[bool], grads_finite: bool) -> list[bool]:
+    """The finiteness flags of a step as every rank sees them: a row-sharded R is finite only if
+    every rank's rows are (one all-reduce of the flags when a parameter is sharded)."""
+    shard = next((it.shard for it in items if it.shard is not None), None)
+    if shard is None or grads_finite:
+        return flags
+    agreed = torch.tensor(flags, dtype=torch.float32, device=items[0].low.device)
+    torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN, group=shard.group)
+    return [bool(ok) for ok in agreed.tolist()]
+
+
+def _share_subspace(proj: Projector, state: dict[str, Any], shard: RowShard) -> None:
+    """After a refresh from the gathered G, every rank takes the first rank's subspace (the tensors
+    the refresh wrote), so no rank depends on a bitwise-deterministic SVD or QR."""
+    for key in proj.refresh_keys:
+        value = state.get(key)
+        if isinstance(value, torch.Tensor):
+            shard.broadcast_(value)
 
 
 def check_adam_hyperparameters(name: str, lr: float, betas: tuple[float, float], eps: float) -> None:
@@ -334,6 +383,7 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
                 item = self.prepare(group, p, proj, low=low, grads_finite=grads_finite)
                 (items if item.low is not None else bad).append(item)
         flags = [True] * len(items) if grads_finite else finite_flags([it.low for it in items])
+        flags = _agree_across_shards(items, flags, grads_finite)
         bad += [it for it, ok in zip(items, flags, strict=True) if not ok]
         items = [it for it, ok in zip(items, flags, strict=True) if ok]
         if bad:
@@ -341,7 +391,7 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
             if self.nonfinite == "raise":
                 for item in items + bad:
                     self.rollback(item)
-                where = ", ".join(f"#{it.index} {tuple(it.param.shape)}" for it in bad)
+                where = ", ".join(f"#{it.index} {tuple(it.source.shape)}" for it in bad)
                 raise FloatingPointError(
                     f"{type(self).__name__}: non-finite gradient in parameter(s) {where}; "
                     "no weight, moment or projector was changed"
@@ -349,7 +399,7 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
             for item in bad:
                 self.rollback(item)
         for item in items + bad:  # consumed (a skipped step drops them, as the loop drops p.grad)
-            pop_projected_grad(item.param)
+            pop_projected_grad(item.source)
         by_group: dict[int, list[ParamStep]] = {}
         for item in items:
             by_group.setdefault(id(item.group), []).append(item)
@@ -396,8 +446,14 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         (see :meth:`step`): a refresh does not check it.
         """
         state = self.state[p]
-        item = ParamStep(group, p, state, self.index_of(p))
+        shard = row_shard(p)
+        item = ParamStep(group, local(p), state, self.index_of(p), source=p, shard=shard)
         grad = p.grad if grad is None else grad
+        if shard is not None and (low is not None or (proj is not None and not proj.dense)):
+            raise NotImplementedError(
+                f"{type(self).__name__}: a sharded (FSDP2) parameter with a projected gradient (LowRankGradLinear, "
+                "QLinear) or a quantized projector is not supported yet"
+            )
         if low is not None:
             return self._prepare_projected(item, proj, grad, low)
         if not state:
@@ -406,21 +462,32 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
                 side = resolve_side(group["proj_side"], p.shape)
                 proj.init_state(state, p.shape, group["rank"], side, self._param_seed(group, p, item.index))
         if proj is None:
-            item.low = grad
+            item.low = local(grad)
             return item
         item.lowrank = True
         low = None
+        like = proj_like(p, grad)
         if not proj.has_basis(state) or self.refresh_due(group, state):
+            full = grad.full_tensor() if shard is not None else grad  # a sharded G is gathered from every rank
             # Refresh steps read G once more (and synchronise): an SVD of a non-finite G would fail.
             # max|G| (a reduction, NaN-propagating) rather than isfinite(G).all(), which makes m×n temporaries.
-            if not grads_finite and not finite_flags([grad])[0]:
+            if not grads_finite and not finite_flags([full])[0]:
                 return item
             if group["state_transfer"] and self.moment_keys and self.moment_keys[0] in state:
-                item.proj_old = proj.matrix(state, grad)
+                item.proj_old = proj.matrix(state, like)
             item.snapshot = proj.snapshot(state)
-            low = proj.refresh(state, grad, state["step"])
-        p_mat = proj.matrix(state, grad)
-        item.low = low if low is not None else lowrank_project(grad, p_mat, item.side)
+            low = proj.refresh(state, full, state["step"])
+            del full
+            if shard is not None:
+                _share_subspace(proj, state, shard)
+                if low is not None and item.low_sharded:
+                    low = shard.rows_of(low).clone()  # not a view that keeps the whole R alive
+        p_mat = proj.matrix(state, like)
+        if low is None:
+            low = lowrank_project(local(grad), self.proj_matrix(item, p_mat), item.side)
+            if shard is not None and not item.low_sharded:
+                shard.sum_(low)  # Pᵀ·G over all rows: the partial sums of every rank's rows
+        item.low = low
         if proj.stores_matrix:
             item.proj = p_mat
         return item
@@ -458,7 +525,8 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
                 st["exp_avg"] = torch.zeros_like(it.low)
                 st["exp_avg_sq"] = torch.zeros_like(it.low)
             elif it.proj_old is not None:
-                transfer_moments(st["exp_avg"], st["exp_avg_sq"], it.proj_old, self.proj_matrix(it), st["proj_side"])
+                proj_new = self.full_proj_matrix(it)
+                transfer_moments(st["exp_avg"], st["exp_avg_sq"], it.proj_old, proj_new, st["proj_side"])
         return [it.state["exp_avg"] for it in items], [it.state["exp_avg_sq"] for it in items]
 
     def _update_moments(
@@ -475,13 +543,23 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         torch._foreach_addcmul_(seconds, lows, lows, value=1.0 - beta2)
         return firsts, seconds
 
-    def proj_matrix(self, item: ParamStep) -> torch.Tensor:
-        """The dense P of a low-rank ``item`` for this step (the stored one, or regenerated)."""
+    def proj_matrix(self, item: ParamStep, full: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense P of a low-rank ``item`` for this step (the stored one, or regenerated), as the
+        update applies it: for a sharded left-side parameter (P m×r') only its rows of P.
+        ``full``: the whole P if the caller has it already."""
+        if full is None:
+            full = self.full_proj_matrix(item)
+        if item.shard is not None and item.state["proj_side"] == LEFT:
+            return item.shard.rows_of(full)
+        return full
+
+    def full_proj_matrix(self, item: ParamStep) -> torch.Tensor:
+        """The whole dense P of a low-rank ``item`` for this step (the stored one, or regenerated)."""
         if item.proj is not None:
             return item.proj
-        grad = item.param.grad
-        # Only shape, dtype and device of the gradient matter (they are the parameter's).
-        return self.projector(item.group).matrix(item.state, item.param if grad is None else grad)
+        grad = item.source.grad  # only its shape, dtype and device matter (they are the parameter's)
+        like = proj_like(item.source, item.source if grad is None else grad)
+        return self.projector(item.group).matrix(item.state, like)
 
     def update_writes(self, item: ParamStep) -> list[torch.Tensor]:
         """The tensors outside ``self.state`` that the update of ``item`` writes in place: its weight

@@ -17,6 +17,7 @@ import torch
 from fastgrad.ops import lowrank_project_back_add_
 from fastgrad.optim.base import LowRankOptimizer, ParamStep, adam_scalars, check_adam_hyperparameters
 from fastgrad.optim.projectors import RIGHT
+from fastgrad.optim.sharding import RowShard, sharded_norm
 
 __all__ = ["FiraAdamW", "ScaledLowRankAdam", "channel_ratio", "norm_growth_limiter"]
 
@@ -37,12 +38,15 @@ def channel_dim(side: int) -> int:
     return 1 if side == RIGHT else 0
 
 
-def channel_ratio(normed: torch.Tensor, low: torch.Tensor, dim: int | None) -> torch.Tensor:
+def channel_ratio(
+    normed: torch.Tensor, low: torch.Tensor, dim: int | None, shard: RowShard | None = None, rows_sharded: bool = False
+) -> torch.Tensor:
     """fp32 ``‖N_c‖₂ / (‖R_c‖₂ + 1e-8)`` per channel (norms over ``dim``, kept for broadcasting
-    against the m×n gradient), or of the whole tensors (Frobenius; a 0-d tensor) if dim is None."""
+    against the m×n gradient), or of the whole tensors (Frobenius; a 0-d tensor) if dim is None.
+    ``shard``/``rows_sharded``: N and R hold only this rank's rows (:func:`sharded_norm`)."""
     keep = dim is not None
-    num = torch.linalg.vector_norm(normed, dim=dim, keepdim=keep, dtype=torch.float32)
-    den = torch.linalg.vector_norm(low, dim=dim, keepdim=keep, dtype=torch.float32)
+    num = sharded_norm(normed, dim, shard, rows_sharded=rows_sharded, keepdim=keep)
+    den = sharded_norm(low, dim, shard, rows_sharded=rows_sharded, keepdim=keep)
     return num.div_(den.add_(NORM_FLOOR))
 
 
@@ -212,15 +216,15 @@ class FiraAdamW(ScaledLowRankAdam):
         paper = self.variant == "paper"
         dim = channel_dim(it.state["proj_side"])
         p_mat = self.proj_matrix(it)
-        grad, low, w = it.param.grad, it.low, it.param
-        phi = channel_ratio(normed, low, dim)  # fp32, (m, 1) right / (1, n) left
+        grad, low, w = it.grad, it.low, it.param
+        phi = channel_ratio(normed, low, dim)  # fp32, (m, 1) right / (1, n) left: along rows, or of a whole R
         # The residual G − c·up(R) (c = α in the code, 1 in the paper) in one m×n buffer.
         resid = grad.clone(memory_format=torch.contiguous_format)
         lowrank_project_back_add_(resid, low, p_mat, it.side, -1.0 if paper else -alpha)
         it.low = None
         # ‖S‖ = ‖φ ⊙ residual‖ from the residual's per-channel norms: no m×n S is formed.
-        resid_norms = torch.linalg.vector_norm(resid, dim=dim, keepdim=True, dtype=torch.float32)
-        s_norm = torch.linalg.vector_norm(phi * resid_norms)
+        resid_norms = sharded_norm(resid, dim, it.shard, rows_sharded=True, keepdim=True)
+        s_norm = sharded_norm(phi * resid_norms, None, it.shard, rows_sharded=it.low_sharded)
         rho = norm_growth_limiter(it.state, s_norm)
         coef = phi if rho is None else phi.div_(rho)
         w.addcmul_(resid, coef, value=-step_size * (alpha if paper else 1.0))

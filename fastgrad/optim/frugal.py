@@ -233,9 +233,9 @@ class Frugal(FrugalBase):
         if group["inactive_update_rule"] == "no" or lr * group["inactive_lr_scale"] == 0.0:
             return
         st = it.state
-        compressed = it.param.shape[1] if st["proj_side"] == RIGHT else it.param.shape[0]
+        compressed = it.source.shape[1] if st["proj_side"] == RIGHT else it.source.shape[0]
         if st["proj_rank"] == compressed and group["projector"] in _ORTHONORMAL:
             return  # full rank, orthonormal P: E = 0 exactly
-        resid = it.param.grad.clone(memory_format=torch.contiguous_format)
+        resid = it.grad.clone(memory_format=torch.contiguous_format)
         lowrank_project_back_add_(resid, it.low, p_mat, it.side, -1.0)
         self._inactive_update(group, it, resid, overwrite=True)

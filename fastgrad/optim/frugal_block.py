@@ -126,8 +126,8 @@ class FrugalBlock(FrugalBase):
         group["block_step"] += 1
         position = {id(p): i for i, p in enumerate(group["params"])}
         active_set = set(group["block_active"])
-        active = [it for it in items if position[id(it.param)] in active_set]
-        inactive = [it for it in items if position[id(it.param)] not in active_set]
+        active = [it for it in items if position[id(it.source)] in active_set]
+        inactive = [it for it in items if position[id(it.source)] not in active_set]
         self._adamw(group, active)
         for it in inactive:
             self._inactive_update(group, it, it.low, overwrite=False)

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from fastgrad.ops import QuantizedTensor, dequantize_int8, quantize_int8
-from fastgrad.optim.base import ParamStep, adam_scalars, transfer_moments
+from fastgrad.optim.base import ParamStep, adam_scalars, proj_like, transfer_moments
 from fastgrad.optim.galore import GaLoreAdamW
 from fastgrad.optim.projectors import Projector, effective_rank, lowrank_shape, mix_seed, resolve_side
+from fastgrad.optim.sharding import row_shard
 
 __all__ = ["EightBitMoments", "GaLoreAdamW8bit", "AdamW8bit", "moment_bound", "encode_moments", "decode_moments"]
 
@@ -185,6 +186,14 @@ class EightBitMoments:
     def prepare(
         self, group: dict[str, Any], p: torch.Tensor, proj: Projector | None, grad: torch.Tensor | None = None, **kw
     ) -> ParamStep:
+        if row_shard(p) is not None:
+            # Blocks and rounding streams over the local rows would make the trajectory depend on
+            # the number of ranks; until they follow the global element index, refuse (before any
+            # state of the step is changed).
+            raise NotImplementedError(
+                f"{type(self).__name__}: 8-bit moments of sharded (FSDP2) parameters are not supported yet; "
+                "use the fp32-moment optimizer"
+            )
         # The base class keeps P_old for state transfer only when it finds fp32 "exp_avg".
         state = self.state[p]
         if (
@@ -194,7 +203,7 @@ class EightBitMoments:
             and proj.has_basis(state)
             and self.refresh_due(group, state)
         ):
-            old = proj.matrix(state, p.grad if grad is None else grad)
+            old = proj.matrix(state, proj_like(p, p.grad if grad is None else grad))
             item = super().prepare(group, p, proj, grad, **kw)
             if item.snapshot is not None:  # refreshed (not dropped for a non-finite gradient)
                 item.proj_old = old
@@ -220,12 +229,12 @@ class EightBitMoments:
         if M_CODES in st:
             first_pad, second_pad = self._decode(st)
         else:
-            st[QSEED] = mix_seed(self._param_seed(group, it.param, it.index), _SR_SALT)
+            st[QSEED] = mix_seed(self._param_seed(group, it.source, it.index), _SR_SALT)
             first_pad = torch.zeros(self._padded(n), dtype=torch.float32, device=low.device)
             second_pad = torch.zeros_like(first_pad)
         first, second = first_pad[:n].view(low.shape), second_pad[:n].view(low.shape)
         if it.proj_old is not None:
-            transfer_moments(first, second, it.proj_old, self.proj_matrix(it), st["proj_side"])
+            transfer_moments(first, second, it.proj_old, self.full_proj_matrix(it), st["proj_side"])
         if it.lowrank and it.param.dtype == torch.uint8:  # an INT8 weight: the fused op, on the decoded moments
             it.low, low = low, None
             self._fused_step(group, it, [first], [second])

@@ -47,23 +47,27 @@ import torch.nn.functional as F
 
 from fastgrad.ops import QuantizedTensor, lowrank_project, quantize_int4
 
-__all__ = [
-    "LEFT",
-    "RIGHT",
-    "SIDE_NAMES",
-    "SIDE_RULES",
+# The projector API that fastgrad.optim re-exports.
+PUBLIC_API = [
     "PROJECTORS",
     "Projector",
     "SVDProjector",
     "RandomizedProjector",
     "DCTProjector",
     "RandomProjector",
-    "QuantizedSVDProjector",
     "make_projector",
     "resolve_side",
+    "dct_basis",
+]
+__all__ = [
+    "LEFT",
+    "RIGHT",
+    "SIDE_NAMES",
+    "SIDE_RULES",
+    *PUBLIC_API,
+    "QuantizedSVDProjector",
     "effective_rank",
     "lowrank_shape",
-    "dct_basis",
     "mix_seed",
     "clear_dct_cache",
 ]
@@ -168,6 +172,8 @@ class Projector(ABC):
     refresh_keys: ClassVar[tuple[str, ...]]
     # Whether ``matrix`` returns a stored tensor (True) or builds P anew at each call (False).
     stores_matrix: ClassVar[bool] = False
+    # Whether ``matrix`` is a dense tensor (rows of it can be taken), not a quantized one.
+    dense: ClassVar[bool] = True
 
     def init_state(self, state: ProjState, shape: torch.Size, rank: int, side: int, seed: int) -> None:
         """Write the fixed per-parameter entries: side, effective rank and seed."""
@@ -378,6 +384,7 @@ class QuantizedSVDProjector(Projector):
         "proj_svd_count",
     )
     stores_matrix = True
+    dense = False
 
     def __init__(
         self, group_size: int, cos_threshold: float, gamma_proj: float, queue_size: int, signed_cos: bool

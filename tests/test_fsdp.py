@@ -1,0 +1,189 @@
+"""fastgrad's optimizers on FSDP2 parameters (``fully_shard``: DTensors sharded by rows), 2 CPU
+processes (gloo) against 1 process with the same global batch.
+
+The tiny LLaMA has tall (165×64, right side, split 83/82 rows: uneven), square (64×64) and wide
+(64×165, left side: R = Pᵀ·G all-reduced over the ranks) weights, 1-D norms and an embedding and
+head in full-rank groups. Over 20 steps with a subspace refresh every 5 (the refresh gathers G), the
+losses and the final weights of both runs must agree to fp32 rounding: the two runs differ only in
+the order of fp32 sums (two half-batch forward passes and FSDP's gradient average, the
+all-reduced partial projections and norms).
+"""
+
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from optim_common import (
+    FIRA_APOLLO,
+    make_adamw8bit,
+    make_frugal,
+    make_frugal_block,
+    make_galore,
+    make_galore8,
+    token_batches,
+)
+
+from fastgrad.models import LlamaConfig, LlamaForCausalLM
+from fastgrad.optim.sharding import row_shard
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not dist.is_available(), reason="gloo")
+
+CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=165, num_layers=2, num_heads=4)
+STEPS, GAP, ROWS, WORLD = 20, 5, 4, 2  # ROWS sequences per rank and step
+
+CASES = {
+    "galore": lambda model: make_galore(model, rank=8, gap=GAP),
+    "galore-dct": lambda model: make_galore(model, rank=8, gap=GAP, projector="dct"),
+    "galore-randomized": lambda model: make_galore(model, rank=8, gap=GAP, projector="randomized"),
+    "galore-transfer": lambda model: make_galore(model, rank=8, gap=GAP, state_transfer=True),
+    "fira": lambda model: FIRA_APOLLO["fira"](model, gap=GAP),
+    "apollo": lambda model: FIRA_APOLLO["apollo"](model, gap=GAP),
+    "apollo-svd": lambda model: FIRA_APOLLO["apollo-svd"](model, gap=GAP),
+    "apollo-mini": lambda model: FIRA_APOLLO["apollo-mini"](model, gap=GAP),
+    # The random projector and an SGD step outside the subspace: FRUGAL's default sign-SGD (and an
+    # SVD of near-degenerate singular values at r = 16 of 64) turns fp32 rounding into whole steps,
+    # so that 1 process splitting its batch in two differs by 1e-2 after 20 steps (measured).
+    "frugal": lambda model: make_frugal(model, gap=GAP, projector="random", opt_kwargs={"inactive_update_rule": "sgd"}),
+    "frugal-block": lambda model: make_frugal_block(model),
+}
+
+
+def _model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**CONFIG))
+
+
+def _run(case: str, rank: int | None) -> dict:
+    """STEPS steps of ``case``: one process with the global batch (rank None), or this rank of an
+    FSDP2 run with its ROWS sequences of it. Returns the losses (global means) and the weights."""
+    model = _model()
+    if rank is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    opt = CASES[case](model)
+    losses = []
+    for ids in token_batches(1, rows=ROWS * WORLD, seed=3) * STEPS:  # one batch, learnt by heart
+        if rank is not None:
+            ids = ids[rank * ROWS : (rank + 1) * ROWS]
+        opt.zero_grad(set_to_none=True)
+        loss = model(ids, ids)
+        loss.backward()
+        opt.step()
+        loss = loss.detach()
+        if rank is not None:
+            dist.all_reduce(loss)
+            loss /= WORLD
+        losses.append(loss.item())
+    weights = {n: (p.full_tensor() if rank is not None else p).detach().clone() for n, p in model.named_parameters()}
+    sharded = [p for g in opt.param_groups for p in g["params"] if row_shard(p) is not None]
+    return {"losses": losses, "weights": weights, "state_bytes": opt.state_bytes(), "sharded": len(sharded)}
+
+
+def _nonfinite_on_one_rank(rank: int) -> dict:
+    """Two GaLore steps; at the second, rank 1 alone has a NaN in its rows of one right-side weight.
+    Returns that weight before and after the step, and its step counter, as each rank sees them."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    fully_shard(model)
+    opt = make_galore(model, rank=8, gap=GAP)
+    weight = model.model.layers[0].mlp.up_proj.weight  # 165×64: right side, R row-local
+    ids = token_batches(1, rows=ROWS * WORLD, seed=3)[0][rank * ROWS : (rank + 1) * ROWS]
+    for poison in (False, True):
+        opt.zero_grad(set_to_none=True)
+        model(ids, ids).backward()
+        if poison and rank == 1:
+            weight.grad.to_local()[0, 0] = float("nan")
+        before = weight.full_tensor()
+        opt.step()
+    return {"before": before, "after": weight.full_tensor(), "step": opt.state[weight]["step"]}
+
+
+def _refused(rank: int) -> dict:
+    """The error each not-yet-supported optimizer raises at its first step on a sharded model, and
+    the number of state entries it wrote."""
+    from torch.distributed.fsdp import fully_shard
+
+    from fastgrad import optim
+
+    refused = {}
+    ids = token_batches(1, rows=ROWS)[0]
+    for make in (make_galore8, make_adamw8bit, lambda m: optim.QGaLoreAdamW(optim.galore_param_groups(m, rank=8))):
+        model = _model()
+        fully_shard(model)
+        opt = make(model)
+        model(ids, ids).backward()
+        with pytest.raises(NotImplementedError) as error:
+            opt.step()
+        message = str(error.value)
+        found = next(
+            s
+            for s in ("8-bit moments of sharded (FSDP2) parameters", "a quantized projector is not supported yet")
+            if s in message
+        )
+        refused[type(opt).__name__] = (found, sum(len(st) for st in opt.state.values()))
+    return refused
+
+
+def _worker(rank: int, store: str, out: str, cases: list[str]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        results = {case: _run(case, rank) for case in cases}
+        steps = [None] * WORLD
+        results["nonfinite"] = _nonfinite_on_one_rank(rank)
+        dist.all_gather_object(steps, results["nonfinite"]["step"])
+        results["nonfinite"]["steps"] = steps
+        results["refused"] = _refused(rank)
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    """Every case under FSDP2 with 2 processes (one launch for all of them)."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    torch.multiprocessing.spawn(_worker, args=(str(tmp / "store"), str(tmp / "out.pt"), list(CASES)), nprocs=WORLD)
+    return torch.load(tmp / "out.pt", weights_only=True)
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_sharded_processes_train_like_one(sharded_runs, case):
+    single, sharded = _run(case, None), sharded_runs[case]
+    assert sharded["sharded"] == sum(1 for _ in _model().parameters())  # every parameter was a DTensor
+    assert single["losses"][-1] < single["losses"][0] - 0.5  # it learns
+    assert sharded["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    # The weights: the difference against the whole change of the weight over the run (an element
+    # whose gradient is near zero takes an Adam step of any sign, so a max-norm bound would be noise).
+    initial = dict(_model().named_parameters())
+    for name, w in single["weights"].items():
+        moved = (w - initial[name]).norm().item()
+        diff = (sharded["weights"][name] - w).norm().item()
+        assert diff <= 1e-3 * moved, f"{name}: difference {diff:.2e}, change over the run {moved:.2e}"
+    # each rank keeps the moments of its rows only (a left-side weight's r'×n moments excepted)
+    assert sharded["state_bytes"] < 0.75 * single["state_bytes"]
+
+
+def test_a_nonfinite_gradient_on_one_rank_skips_the_weight_on_every_rank(sharded_runs):
+    """The finiteness of a row-sharded R is agreed by all ranks: rank 0's rows of the weight are
+    not updated either, and both ranks' step counters (hence their refresh schedules) stay equal."""
+    result = sharded_runs["nonfinite"]
+    assert torch.equal(result["after"], result["before"])
+    assert result["steps"] == [1, 1]
+
+
+def test_what_is_not_supported_yet_is_refused_before_the_step_changes_anything(sharded_runs):
+    """8-bit moments (blocks and rounding streams would follow the local rows) and Q-GaLore's INT4
+    projector (rows of a quantized P) on sharded parameters: a clear error, and no state written."""
+    assert sharded_runs["refused"] == {
+        "GaLoreAdamW8bit": ("8-bit moments of sharded (FSDP2) parameters", 0),
+        "AdamW8bit": ("8-bit moments of sharded (FSDP2) parameters", 0),
+        "QGaLoreAdamW": ("a quantized projector is not supported yet", 0),
+    }
