@@ -67,15 +67,19 @@ def _torch_adamw(shape):
     return opt
 
 
+def _galore_steps(shape, fastgrad_label="fastgrad GaLoreAdamW") -> dict:
+    """The GaLoreAdamW steps of galore-torch (``bench/report.py``'s baseline) and fastgrad on one weight."""
+    return {
+        "galore-torch": _optimizer(_galore_torch(), shape).step,
+        fastgrad_label: _optimizer(GaLoreAdamW, shape).step,
+    }
+
+
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_galore_step(compare, shape_name):
     shape = SHAPES[shape_name]
     m, n, r = shape
-    providers = {
-        "galore-torch": _optimizer(_galore_torch(), shape).step,
-        "fastgrad": _optimizer(GaLoreAdamW, shape).step,
-        "torch AdamW (full rank)": _torch_adamw(shape).step,
-    }
+    providers = {**_galore_steps(shape, "fastgrad"), "torch AdamW (full rank)": _torch_adamw(shape).step}
     compare("optim", "GaLoreAdamW step", shape, torch.float32, "cpu", providers, flops=4 * m * n * r, rounds=20)
 
 
@@ -106,8 +110,7 @@ def test_fira_step(compare, shape_name):
 def test_apollo_step(compare, shape_name):
     shape = SHAPES[shape_name]
     providers = {
-        "galore-torch": _optimizer(_galore_torch(), shape).step,
-        "fastgrad GaLoreAdamW": _optimizer(GaLoreAdamW, shape).step,
+        **_galore_steps(shape),
         "fastgrad Apollo": _optimizer(Apollo, shape, scale=1.0).step,
         "fastgrad ApolloMini (r=1)": _optimizer(ApolloMini, shape, scale=128.0, rank=1).step,
     }
@@ -146,11 +149,7 @@ def _qgalore_step(shape):
 def test_qgalore_step(compare, shape_name):
     shape = SHAPES[shape_name]
     m, n, r = shape
-    providers = {
-        "galore-torch": _optimizer(_galore_torch(), shape).step,
-        "fastgrad GaLoreAdamW": _optimizer(GaLoreAdamW, shape).step,
-        "fastgrad QGaLoreAdamW (INT8 W)": _qgalore_step(shape),
-    }
+    providers = {**_galore_steps(shape), "fastgrad QGaLoreAdamW (INT8 W)": _qgalore_step(shape)}
     note = "q-galore-torch not timed (fails with bitsandbytes 0.50; CUDA 8-bit Adam); GaLore fp32 as context"
     compare(
         "optim", "QGaLoreAdamW step", shape, torch.float32, "cpu", providers, flops=4 * m * n * r, note=note, rounds=20

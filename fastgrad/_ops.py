@@ -129,46 +129,37 @@ def projected_shape(side: str, g_shape, p_shape) -> tuple[int, int]:
     return (p_shape[1], g_shape[1]) if side == "left" else (g_shape[0], p_shape[0])
 
 
+def _check_operand(op: str, side: str, name: str, t: torch.Tensor, two_d: str) -> None:
+    """``side``, and the float 2-d operand ``name`` that P multiplies (``two_d``: how the message names it)."""
+    check_side(op, side)
+    _check(t.dtype in FLOAT_DTYPES, op, name, "float32, bfloat16 or float16", t.dtype)
+    _check(t.dim() == 2, op, name, two_d, f"a {t.dim()}-d tensor")
+
+
+def _check_p_like(op: str, name: str, t: torch.Tensor, p_dtype, p_device) -> None:
+    """P on the device of operand ``name``, and of its dtype unless P is quantized (``p_dtype`` None)."""
+    _check(p_device == t.device, op, "p", f"on {name}'s device {t.device}", p_device)
+    if p_dtype is not None:
+        _check(p_dtype == t.dtype, op, "p", f"of {name}'s dtype {t.dtype}", p_dtype)
+
+
 def check_project(op: str, g: torch.Tensor, p_shape: tuple[int, int], p_dtype, p_device, side: str) -> None:
     """G (m×n) and P (left: m×r, right: r×n)."""
-    check_side(op, side)
-    _check(g.dtype in FLOAT_DTYPES, op, "g", "float32, bfloat16 or float16", g.dtype)
-    _check(g.dim() == 2, op, "g", "a 2-d tensor (m×n)", f"a {g.dim()}-d tensor")
-    _check(p_device == g.device, op, "p", f"on g's device {g.device}", p_device)
-    if p_dtype is not None:
-        _check(p_dtype == g.dtype, op, "p", f"of g's dtype {g.dtype}", p_dtype)
+    _check_operand(op, side, "g", g, "a 2-d tensor (m×n)")
+    _check_p_like(op, "g", g, p_dtype, p_device)
     m, n = g.shape
-    if side == "left":
-        _check(p_shape[0] == m, op, "p", f"of shape ({m}, r) for side='left' with g of shape {(m, n)}", p_shape)
-    else:
-        _check(p_shape[1] == n, op, "p", f"of shape (r, {n}) for side='right' with g of shape {(m, n)}", p_shape)
+    axis, size, expected = (0, m, f"({m}, r)") if side == "left" else (1, n, f"(r, {n})")
+    _check(p_shape[axis] == size, op, "p", f"of shape {expected} for side='{side}' with g of shape {(m, n)}", p_shape)
 
 
 def check_project_back(op: str, r: torch.Tensor, p_shape: tuple[int, int], p_dtype, p_device, side: str) -> None:
     """R (left: r×n, right: m×r) and P (left: m×r, right: r×n)."""
-    check_side(op, side)
-    _check(r.dtype in FLOAT_DTYPES, op, "r", "float32, bfloat16 or float16", r.dtype)
-    _check(r.dim() == 2, op, "r", "a 2-d tensor", f"a {r.dim()}-d tensor")
-    _check(p_device == r.device, op, "p", f"on r's device {r.device}", p_device)
-    if p_dtype is not None:
-        _check(p_dtype == r.dtype, op, "p", f"of r's dtype {r.dtype}", p_dtype)
+    _check_operand(op, side, "r", r, "a 2-d tensor")
+    _check_p_like(op, "r", r, p_dtype, p_device)
     rank = r.shape[0] if side == "left" else r.shape[1]
-    if side == "left":
-        _check(
-            p_shape[1] == rank,
-            op,
-            "p",
-            f"of shape (m, {rank}) for side='left' with r of shape {tuple(r.shape)}",
-            p_shape,
-        )
-    else:
-        _check(
-            p_shape[0] == rank,
-            op,
-            "p",
-            f"of shape ({rank}, n) for side='right' with r of shape {tuple(r.shape)}",
-            p_shape,
-        )
+    axis, expected = (1, f"(m, {rank})") if side == "left" else (0, f"({rank}, n)")
+    fits = f"for side='{side}' with r of shape {tuple(r.shape)}"
+    _check(p_shape[axis] == rank, op, "p", f"of shape {expected} {fits}", p_shape)
 
 
 def backproject_shape(side: str, r_shape, p_shape) -> tuple[int, int]:
@@ -195,59 +186,55 @@ for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)
 
 
-def _register(name: str):
-    """Register ``fn`` as both the fake and (after its checks) the default kernel of ``name``."""
+def _register(name: str, check, out=None, nargs: int | None = None) -> None:
+    """Register the fake and the default kernel of ``name``. Both first run ``check`` on the op's
+    first ``nargs`` arguments (all of them by default). The fake then returns ``out(args, checked)``,
+    ``checked`` being what the check returned (``out`` None: an in-place op, which returns nothing);
+    the default returns the reference math, ``_reference.<name>(*args)``."""
+    impl = getattr(ref, name)
 
-    def wrap(pair):
-        fake, default = pair
-        torch.library.register_fake(f"{LIB}::{name}", fake, lib=_lib)
-        _lib.impl(name, default, "CompositeExplicitAutograd")
-        return pair
+    def fake(*args):
+        checked = check(*args[:nargs])
+        return None if out is None else out(args, checked)
 
-    return wrap
+    def default(*args):
+        check(*args[:nargs])
+        return impl(*args)
 
-
-def _quantize_meta(op: str, bits: int, x, group_size, seed, offset):
-    g = check_quantize(op, x, bits, group_size, seed, offset)
-    n = x.shape[-1]
-    lead = tuple(x.shape[:-1])
-    codes = x.new_empty((*lead, n * bits // 8), dtype=torch.uint8)
-    scales = x.new_empty((*lead, n // g), dtype=torch.float32)
-    return codes, scales, torch.empty_like(scales)
+    torch.library.register_fake(f"{LIB}::{name}", fake, lib=_lib)
+    _lib.impl(name, default, "CompositeExplicitAutograd")
 
 
-def _make_quantize(bits: int):
-    op = f"quantize_int{bits}"
-    impl = ref.quantize_int8 if bits == 8 else ref.quantize_int4
-
-    def fake(x, group_size, symmetric, stochastic, seed, offset):
-        return _quantize_meta(op, bits, x, group_size, seed, offset)
-
-    def default(x, group_size, symmetric, stochastic, seed, offset):
-        check_quantize(op, x, bits, group_size, seed, offset)
-        return impl(x, group_size, symmetric, stochastic, seed, offset)
-
-    _register(op)((fake, default))
+def _like_first(args, shape):
+    """The output of a projection op: a tensor of the checked shape, of its first operand's dtype and device."""
+    return args[0].new_empty(shape)
 
 
-def _make_dequantize(bits: int):
-    op = f"dequantize_int{bits}"
-    impl = ref.dequantize_int8 if bits == 8 else ref.dequantize_int4
+def _register_quantizers(bits: int) -> None:
+    quantize, dequantize = f"quantize_int{bits}", f"dequantize_int{bits}"
 
-    def fake(codes, scales, zeros, dtype):
-        n = check_dequantize(op, codes, scales, zeros, bits, dtype)
+    def check_q(x, group_size, symmetric, stochastic, seed, offset):
+        return check_quantize(quantize, x, bits, group_size, seed, offset)
+
+    def quantize_out(args, g):
+        x = args[0]
+        n, lead = x.shape[-1], tuple(x.shape[:-1])
+        scales = x.new_empty((*lead, n // g), dtype=torch.float32)
+        return x.new_empty((*lead, n * bits // 8), dtype=torch.uint8), scales, torch.empty_like(scales)
+
+    def check_dq(codes, scales, zeros, dtype):
+        return check_dequantize(dequantize, codes, scales, zeros, bits, dtype)
+
+    def dequantize_out(args, n):
+        codes, dtype = args[0], args[3]
         return codes.new_empty((*codes.shape[:-1], n), dtype=dtype)
 
-    def default(codes, scales, zeros, dtype):
-        check_dequantize(op, codes, scales, zeros, bits, dtype)
-        return impl(codes, scales, zeros, dtype)
-
-    _register(op)((fake, default))
+    _register(quantize, check_q, quantize_out)
+    _register(dequantize, check_dq, dequantize_out)
 
 
 for _bits in (8, 4):
-    _make_quantize(_bits)
-    _make_dequantize(_bits)
+    _register_quantizers(_bits)
 
 
 def check_round_bf16(op: str, x: torch.Tensor, seed: int, offset: int) -> None:
@@ -258,17 +245,11 @@ def check_round_bf16(op: str, x: torch.Tensor, seed: int, offset: int) -> None:
     _check(offset + x.numel() <= 2**63 - 1, op, "offset", "such that offset + numel < 2**63", offset)
 
 
-def _round_bf16_fake(x, seed, offset):
-    check_round_bf16("round_bf16_stochastic", x, seed, offset)
-    return torch.empty_like(x, dtype=torch.bfloat16)
-
-
-def _round_bf16_default(x, seed, offset):
-    check_round_bf16("round_bf16_stochastic", x, seed, offset)
-    return ref.round_bf16_stochastic(x, seed, offset)
-
-
-_register("round_bf16_stochastic")((_round_bf16_fake, _round_bf16_default))
+_register(
+    "round_bf16_stochastic",
+    lambda x, seed, offset: check_round_bf16("round_bf16_stochastic", x, seed, offset),
+    lambda args, _: torch.empty_like(args[0], dtype=torch.bfloat16),
+)
 
 
 def check_lowrank_project(g, p, side) -> tuple[int, int]:
@@ -278,16 +259,7 @@ def check_lowrank_project(g, p, side) -> tuple[int, int]:
     return projected_shape(side, g.shape, p.shape)
 
 
-def _project_fake(g, p, side):
-    return g.new_empty(check_lowrank_project(g, p, side))
-
-
-def _project_default(g, p, side):
-    check_lowrank_project(g, p, side)
-    return ref.lowrank_project(g, p, side)
-
-
-_register("lowrank_project")((_project_fake, _project_default))
+_register("lowrank_project", check_lowrank_project, _like_first)
 
 
 def check_lowrank_project_back(r, p, side) -> tuple[int, int]:
@@ -297,16 +269,7 @@ def check_lowrank_project_back(r, p, side) -> tuple[int, int]:
     return backproject_shape(side, r.shape, p.shape)
 
 
-def _project_back_fake(r, p, side, scale):
-    return r.new_empty(check_lowrank_project_back(r, p, side))
-
-
-def _project_back_default(r, p, side, scale):
-    check_lowrank_project_back(r, p, side)
-    return ref.lowrank_project_back(r, p, side, scale)
-
-
-_register("lowrank_project_back")((_project_back_fake, _project_back_default))
+_register("lowrank_project_back", check_lowrank_project_back, _like_first, nargs=3)
 
 
 def check_lowrank_project_quantized(g, p_codes, p_scales, p_zeros, bits, side) -> tuple[int, int]:
@@ -316,16 +279,7 @@ def check_lowrank_project_quantized(g, p_codes, p_scales, p_zeros, bits, side) -
     return projected_shape(side, g.shape, p_shape)
 
 
-def _project_q_fake(g, p_codes, p_scales, p_zeros, bits, side):
-    return g.new_empty(check_lowrank_project_quantized(g, p_codes, p_scales, p_zeros, bits, side))
-
-
-def _project_q_default(g, p_codes, p_scales, p_zeros, bits, side):
-    check_lowrank_project_quantized(g, p_codes, p_scales, p_zeros, bits, side)
-    return ref.lowrank_project_quantized(g, p_codes, p_scales, p_zeros, bits, side)
-
-
-_register("lowrank_project_quantized")((_project_q_fake, _project_q_default))
+_register("lowrank_project_quantized", check_lowrank_project_quantized, _like_first)
 
 
 def check_lowrank_project_back_quantized(r, p_codes, p_scales, p_zeros, bits, side) -> tuple[int, int]:
@@ -335,16 +289,7 @@ def check_lowrank_project_back_quantized(r, p_codes, p_scales, p_zeros, bits, si
     return backproject_shape(side, r.shape, p_shape)
 
 
-def _project_back_q_fake(r, p_codes, p_scales, p_zeros, bits, side, scale):
-    return r.new_empty(check_lowrank_project_back_quantized(r, p_codes, p_scales, p_zeros, bits, side))
-
-
-def _project_back_q_default(r, p_codes, p_scales, p_zeros, bits, side, scale):
-    check_lowrank_project_back_quantized(r, p_codes, p_scales, p_zeros, bits, side)
-    return ref.lowrank_project_back_quantized(r, p_codes, p_scales, p_zeros, bits, side, scale)
-
-
-_register("lowrank_project_back_quantized")((_project_back_q_fake, _project_back_q_default))
+_register("lowrank_project_back_quantized", check_lowrank_project_back_quantized, _like_first, nargs=6)
 
 
 def check_accumulator(op: str, w: torch.Tensor, r: torch.Tensor, out_shape: tuple[int, int]) -> None:
@@ -361,16 +306,7 @@ def check_lowrank_project_back_add(w, r, p, side) -> None:
     check_accumulator(op, w, r, backproject_shape(side, r.shape, p.shape))
 
 
-def _project_back_add_fake(w, r, p, side, scale):
-    check_lowrank_project_back_add(w, r, p, side)
-
-
-def _project_back_add_default(w, r, p, side, scale):
-    check_lowrank_project_back_add(w, r, p, side)
-    ref.lowrank_project_back_add_(w, r, p, side, scale)
-
-
-_register("lowrank_project_back_add_")((_project_back_add_fake, _project_back_add_default))
+_register("lowrank_project_back_add_", check_lowrank_project_back_add, nargs=4)
 
 
 def check_lowrank_project_back_quantized_add(w, r, p_codes, p_scales, p_zeros, bits, side) -> None:
@@ -380,40 +316,24 @@ def check_lowrank_project_back_quantized_add(w, r, p_codes, p_scales, p_zeros, b
     check_accumulator(op, w, r, backproject_shape(side, r.shape, p_shape))
 
 
-def _project_back_q_add_fake(w, r, p_codes, p_scales, p_zeros, bits, side, scale):
-    check_lowrank_project_back_quantized_add(w, r, p_codes, p_scales, p_zeros, bits, side)
-
-
-def _project_back_q_add_default(w, r, p_codes, p_scales, p_zeros, bits, side, scale):
-    check_lowrank_project_back_quantized_add(w, r, p_codes, p_scales, p_zeros, bits, side)
-    ref.lowrank_project_back_quantized_add_(w, r, p_codes, p_scales, p_zeros, bits, side, scale)
-
-
-_register("lowrank_project_back_quantized_add_")((_project_back_q_add_fake, _project_back_q_add_default))
+_register("lowrank_project_back_quantized_add_", check_lowrank_project_back_quantized_add, nargs=7)
 
 
 def check_grad_operands(op: str, dy: torch.Tensor, x: torch.Tensor, p_shape, p_dtype, p_device, side: str) -> None:
     """dy (T×m) and x (T×n), the output gradient and the input of y = x Wᵀ (W m×n), and P
     (left: m×r, right: r×n)."""
-    check_side(op, side)
-    _check(dy.dtype in FLOAT_DTYPES, op, "dy", "float32, bfloat16 or float16", dy.dtype)
-    _check(dy.dim() == 2, op, "dy", "a 2-d tensor (tokens×m)", f"a {dy.dim()}-d tensor")
+    _check_operand(op, side, "dy", dy, "a 2-d tensor (tokens×m)")
     _check(x.dim() == 2, op, "x", "a 2-d tensor (tokens×n)", f"a {x.dim()}-d tensor")
     _check(x.dtype == dy.dtype, op, "x", f"of dy's dtype {dy.dtype}", x.dtype)
     _check_same_device(op, "dy", dy, x=x)
     _check(x.shape[0] == dy.shape[0], op, "x", f"with dy's {dy.shape[0]} rows (tokens)", tuple(x.shape))
-    _check(p_device == dy.device, op, "p", f"on dy's device {dy.device}", p_device)
-    if p_dtype is not None:
-        _check(p_dtype == dy.dtype, op, "p", f"of dy's dtype {dy.dtype}", p_dtype)
+    _check_p_like(op, "dy", dy, p_dtype, p_device)
     m, n = dy.shape[1], x.shape[1]
     if side == "left":
-        _check(
-            p_shape[0] == m, op, "p", f"of shape ({m}, r) for side='left' with dy of shape {tuple(dy.shape)}", p_shape
-        )
+        axis, size, expected, operand = 0, m, f"({m}, r)", f"dy of shape {tuple(dy.shape)}"
     else:
-        _check(
-            p_shape[1] == n, op, "p", f"of shape (r, {n}) for side='right' with x of shape {tuple(x.shape)}", p_shape
-        )
+        axis, size, expected, operand = 1, n, f"(r, {n})", f"x of shape {tuple(x.shape)}"
+    _check(p_shape[axis] == size, op, "p", f"of shape {expected} for side='{side}' with {operand}", p_shape)
 
 
 def grad_shape(side: str, m: int, n: int, p_shape) -> tuple[int, int]:
@@ -428,16 +348,7 @@ def check_lowrank_grad(dy, x, p, side) -> tuple[int, int]:
     return grad_shape(side, dy.shape[1], x.shape[1], p.shape)
 
 
-def _grad_fake(dy, x, p, side):
-    return dy.new_empty(check_lowrank_grad(dy, x, p, side))
-
-
-def _grad_default(dy, x, p, side):
-    check_lowrank_grad(dy, x, p, side)
-    return ref.lowrank_grad(dy, x, p, side)
-
-
-_register("lowrank_grad")((_grad_fake, _grad_default))
+_register("lowrank_grad", check_lowrank_grad, _like_first)
 
 
 def check_lowrank_grad_quantized(dy, x, p_codes, p_scales, p_zeros, bits, side) -> tuple[int, int]:
@@ -447,16 +358,7 @@ def check_lowrank_grad_quantized(dy, x, p_codes, p_scales, p_zeros, bits, side) 
     return grad_shape(side, dy.shape[1], x.shape[1], p_shape)
 
 
-def _grad_q_fake(dy, x, p_codes, p_scales, p_zeros, bits, side):
-    return dy.new_empty(check_lowrank_grad_quantized(dy, x, p_codes, p_scales, p_zeros, bits, side))
-
-
-def _grad_q_default(dy, x, p_codes, p_scales, p_zeros, bits, side):
-    check_lowrank_grad_quantized(dy, x, p_codes, p_scales, p_zeros, bits, side)
-    return ref.lowrank_grad_quantized(dy, x, p_codes, p_scales, p_zeros, bits, side)
-
-
-_register("lowrank_grad_quantized")((_grad_q_fake, _grad_q_default))
+_register("lowrank_grad_quantized", check_lowrank_grad_quantized, _like_first)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,16 +388,7 @@ def check_galore_adam_step(w, exp_avg, exp_avg_sq, r, p, side, beta1, beta2, eps
     check_adam_moments(op, r, exp_avg, exp_avg_sq, beta1, beta2, eps, denom_scale)
 
 
-def _adam_step_fake(w, exp_avg, exp_avg_sq, r, p, side, beta1, beta2, eps, denom_scale, step_scale, decay):
-    check_galore_adam_step(w, exp_avg, exp_avg_sq, r, p, side, beta1, beta2, eps, denom_scale)
-
-
-def _adam_step_default(w, exp_avg, exp_avg_sq, r, p, side, beta1, beta2, eps, denom_scale, step_scale, decay):
-    check_galore_adam_step(w, exp_avg, exp_avg_sq, r, p, side, beta1, beta2, eps, denom_scale)
-    ref.galore_adam_step_(w, exp_avg, exp_avg_sq, r, p, side, beta1, beta2, eps, denom_scale, step_scale, decay)
-
-
-_register("galore_adam_step_")((_adam_step_fake, _adam_step_default))
+_register("galore_adam_step_", check_galore_adam_step, nargs=10)
 
 
 def check_galore_adam_step_quantized(
@@ -508,16 +401,7 @@ def check_galore_adam_step_quantized(
     check_adam_moments(op, r, exp_avg, exp_avg_sq, beta1, beta2, eps, denom_scale)
 
 
-def _adam_step_q_fake(w, exp_avg, exp_avg_sq, r, p_codes, p_scales, p_zeros, bits, side, *hyper):
-    check_galore_adam_step_quantized(w, exp_avg, exp_avg_sq, r, p_codes, p_scales, p_zeros, bits, side, *hyper[:4])
-
-
-def _adam_step_q_default(w, exp_avg, exp_avg_sq, r, p_codes, p_scales, p_zeros, bits, side, *hyper):
-    check_galore_adam_step_quantized(w, exp_avg, exp_avg_sq, r, p_codes, p_scales, p_zeros, bits, side, *hyper[:4])
-    ref.galore_adam_step_quantized_(w, exp_avg, exp_avg_sq, r, p_codes, p_scales, p_zeros, bits, side, *hyper)
-
-
-_register("galore_adam_step_quantized_")((_adam_step_q_fake, _adam_step_q_default))
+_register("galore_adam_step_quantized_", check_galore_adam_step_quantized, nargs=13)
 
 
 def check_galore_adam_step_int8(
@@ -543,7 +427,7 @@ def check_galore_adam_step_int8(
     return n // w_scales.shape[1]
 
 
-def _adam_step_int8_checks(args) -> int:
+def _adam_step_int8_checks(*args) -> int:
     (w_codes, w_scales, w_zeros, exp_avg, exp_avg_sq, r, p_codes, p_scales, p_zeros, bits, side,
      beta1, beta2, eps, denom_scale, _step_scale, _decay, _stochastic, seed, offset) = args  # fmt: skip
     return check_galore_adam_step_int8(
@@ -552,13 +436,4 @@ def _adam_step_int8_checks(args) -> int:
     )  # fmt: skip
 
 
-def _adam_step_int8_fake(*args):
-    _adam_step_int8_checks(args)
-
-
-def _adam_step_int8_default(*args):
-    _adam_step_int8_checks(args)
-    ref.galore_adam_step_int8_(*args)
-
-
-_register("galore_adam_step_int8_")((_adam_step_int8_fake, _adam_step_int8_default))
+_register("galore_adam_step_int8_", _adam_step_int8_checks)

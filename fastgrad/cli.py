@@ -115,46 +115,60 @@ def _add_training_arguments(p: argparse.ArgumentParser, only: set[str] | None = 
     add("--no-progress", action="store_true", help="no progress bar")
 
 
-def _pretrain_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "pretrain",
-        help="pretrain a LLaMA-style model",
-        description="Pretrain a LLaMA-style model on the default corpus (or --data) with a memory-efficient optimizer. "
+# The commands that take the training flags: name -> (help, description).
+_TRAINING_COMMANDS = {
+    "pretrain": (
+        "pretrain a LLaMA-style model",
+        "Pretrain a LLaMA-style model on the default corpus (or --data) with a memory-efficient optimizer. "
         "With no arguments: the 'tiny' model with Q-GaLore (INT8 weights, INT4 projector), on the GPU if there "
         "is one, else the CPU.",
-    )
-    p.add_argument("--optim", choices=list(OPTIMIZERS), help=f"optimizer (default {TrainConfig().optim})")
-    _add_training_arguments(p)
+    ),
+    "compare": (
+        "train the same model on the same data with several optimizers",
+        "Run `fastgrad pretrain` once per optimizer (same model, data, seed and options; each in its "
+        "own process, so peak memory is per run) and write a table and one plot of all loss curves.",
+    ),
+    "memory": (
+        "estimate the memory of a training step, without running it",
+        "Estimate, from the model's shapes alone (nothing is allocated), the bytes of one training step "
+        "of `fastgrad pretrain` with these options: weights, gradients, optimizer states, projector transients and "
+        "activations, and the peak over the step's phases (what torch.cuda.max_memory_allocated would report), "
+        "beside the papers' published figures for the model and optimizer. The model is validated against the "
+        "measured peak of real steps (tests/test_memory.py).",
+    ),
+}
+
+
+def _training_parser(sub, name: str, only: set[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of a command of _TRAINING_COMMANDS: its optimizer flag (compare's comma-separated
+    ``--optims``, else ``--optim``), then the flags of _add_training_arguments (``only``: just these)."""
+    summary, description = _TRAINING_COMMANDS[name]
+    p = sub.add_parser(name, help=summary, description=description)
+    if name == "compare":
+        p.add_argument(
+            "--optims", default="adamw,galore,q-galore", help="comma-separated (default adamw,galore,q-galore)"
+        )
+    else:
+        p.add_argument("--optim", choices=list(OPTIMIZERS), help=f"optimizer (default {TrainConfig().optim})")
+    _add_training_arguments(p, only=only)
+    return p
+
+
+def _pretrain_parser(sub) -> argparse.ArgumentParser:
+    p = _training_parser(sub, "pretrain")
     p.add_argument("--name", help="run directory name (default: <model>-<optim>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     return p
 
 
 def _compare_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "compare",
-        help="train the same model on the same data with several optimizers",
-        description="Run `fastgrad pretrain` once per optimizer (same model, data, seed and options; each in its "
-        "own process, so peak memory is per run) and write a table and one plot of all loss curves.",
-    )
-    p.add_argument("--optims", default="adamw,galore,q-galore", help="comma-separated (default adamw,galore,q-galore)")
-    _add_training_arguments(p)
+    p = _training_parser(sub, "compare")
     p.add_argument("--name", help="comparison directory name (default: compare-<model>-<time>)")
     return p
 
 
 def _memory_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "memory",
-        help="estimate the memory of a training step, without running it",
-        description="Estimate, from the model's shapes alone (nothing is allocated), the bytes of one training step "
-        "of `fastgrad pretrain` with these options: weights, gradients, optimizer states, projector transients and "
-        "activations, and the peak over the step's phases (what torch.cuda.max_memory_allocated would report), "
-        "beside the papers' published figures for the model and optimizer. The model is validated against the "
-        "measured peak of real steps (tests/test_memory.py).",
-    )
-    p.add_argument("--optim", choices=list(OPTIMIZERS), help=f"optimizer (default {TrainConfig().optim})")
-    _add_training_arguments(p, only=_MEMORY_FLAGS)
+    p = _training_parser(sub, "memory", only=_MEMORY_FLAGS)
     p.add_argument(
         "--device",
         choices=["cuda", "cpu"],

@@ -68,12 +68,9 @@ class QuantizedTensor(NamedTuple):
         return dequantize_int8(self.codes, self.scales, self.zeros, dtype)
 
 
-def _group_arg(group_size: int | None) -> int:
-    return -1 if group_size is None else group_size
-
-
-def quantize_int8(
+def quantize(
     x: torch.Tensor,
+    bits: int,
     group_size: int | None = 128,
     *,
     symmetric: bool = False,
@@ -81,18 +78,32 @@ def quantize_int8(
     seed: int = 0,
     offset: int = 0,
 ) -> QuantizedTensor:
-    """Quantize ``x`` (fp32/bf16/fp16, contiguous, ``(..., n)``) to INT8 codes, group-wise.
+    """Quantize ``x`` (fp32/bf16/fp16, contiguous, ``(..., n)``) to ``bits``-bit codes (8 or 4), group-wise.
 
     Args:
-        group_size: values per group along the last dimension (must divide ``n``); None: per row.
-        symmetric: scale = absmax/127 and zero = -128·scale (codes 1..255), else min/max affine.
+        group_size: values per group along the last dimension (must divide ``n``, even for 4 bits);
+            None: per row.
+        symmetric: scale = absmax/127 and zero = -128·scale (codes 1..255) for 8 bits, absmax/7 and
+            -8·scale (codes 1..15) for 4 bits; else min/max affine.
         stochastic: stochastic rounding (unbiased) instead of round-to-nearest.
         seed, offset: the Philox key and the stream position of element 0 (stochastic only).
     """
-    codes, scales, zeros = torch.ops.fastgrad.quantize_int8(
-        x, _group_arg(group_size), symmetric, stochastic, seed, offset
-    )
-    return QuantizedTensor(codes, scales, zeros, 8)
+    if bits not in (4, 8):
+        raise ValueError(f"fastgrad.quantize: argument 'bits' must be 4 or 8, got {bits}")
+    op = torch.ops.fastgrad.quantize_int8 if bits == 8 else torch.ops.fastgrad.quantize_int4
+    group_arg = -1 if group_size is None else group_size
+    codes, scales, zeros = op(x, group_arg, symmetric, stochastic, seed, offset)
+    return QuantizedTensor(codes, scales, zeros, bits)
+
+
+def quantize_int8(x: torch.Tensor, group_size: int | None = 128, **kwargs) -> QuantizedTensor:
+    """:func:`quantize` to INT8 codes ``(..., n)``; keywords as there."""
+    return quantize(x, 8, group_size, **kwargs)
+
+
+def quantize_int4(x: torch.Tensor, group_size: int | None = 128, **kwargs) -> QuantizedTensor:
+    """:func:`quantize` to 4-bit codes packed two per byte (codes ``(..., n // 2)``); keywords as there."""
+    return quantize(x, 4, group_size, **kwargs)
 
 
 def dequantize_int8(
@@ -102,39 +113,11 @@ def dequantize_int8(
     return torch.ops.fastgrad.dequantize_int8(codes, scales, zeros, dtype)
 
 
-def quantize_int4(
-    x: torch.Tensor,
-    group_size: int | None = 128,
-    *,
-    symmetric: bool = False,
-    stochastic: bool = False,
-    seed: int = 0,
-    offset: int = 0,
-) -> QuantizedTensor:
-    """As :func:`quantize_int8` with 4-bit codes packed two per byte (codes ``(..., n // 2)``).
-
-    ``group_size`` must be even. Symmetric: scale = absmax/7, zero = -8·scale (codes 1..15).
-    """
-    codes, scales, zeros = torch.ops.fastgrad.quantize_int4(
-        x, _group_arg(group_size), symmetric, stochastic, seed, offset
-    )
-    return QuantizedTensor(codes, scales, zeros, 4)
-
-
 def dequantize_int4(
     codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Packed INT4 codes ``(..., n // 2)`` with scales/zeros ``(..., groups)`` -> ``(..., n)``."""
     return torch.ops.fastgrad.dequantize_int4(codes, scales, zeros, dtype)
-
-
-def quantize(x: torch.Tensor, bits: int, group_size: int | None = 128, **kwargs) -> QuantizedTensor:
-    """:func:`quantize_int8` or :func:`quantize_int4` by ``bits``."""
-    if bits == 8:
-        return quantize_int8(x, group_size, **kwargs)
-    if bits == 4:
-        return quantize_int4(x, group_size, **kwargs)
-    raise ValueError(f"fastgrad.quantize: argument 'bits' must be 4 or 8, got {bits}")
 
 
 def round_bf16_stochastic(x: torch.Tensor, seed: int = 0, offset: int = 0) -> torch.Tensor:

@@ -98,8 +98,8 @@ from fastgrad.train.optimizers import state_bytes
 TEXT_CHARS = 600_000
 VOCAB = 1024
 SEQ_LEN, BATCH, STEPS = 64, 8, 200
-HIDDEN, MLP, LAYERS, HEADS = 64, 176, 2, 4
-RANK = HIDDEN // 4
+MODEL = {"hidden_size": 64, "intermediate_size": 176, "num_layers": 2, "num_heads": 4}  # LlamaConfig's fields
+RANK = MODEL["hidden_size"] // 4
 GAP = 50
 LR, ALPHA = 1e-2, 0.25  # the GaLore recipe; the AdamW baseline gets the same per-parameter steps
 MIN_8BIT = 1024
@@ -288,15 +288,7 @@ def text_data(tmp_path_factory):
 
 def new_model(vocab_size: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=HIDDEN,
-        intermediate_size=MLP,
-        num_layers=LAYERS,
-        num_heads=HEADS,
-        max_seq_len=SEQ_LEN,
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, max_seq_len=SEQ_LEN, **MODEL))
 
 
 @torch.no_grad()

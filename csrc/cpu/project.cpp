@@ -129,20 +129,10 @@ bool check_grad(const char* op, const at::Tensor& dy, const at::Tensor& x, int64
 at::Tensor lowrank_project_cpu(const at::Tensor& g, const at::Tensor& p, c10::string_view side_sv) {
   const char* op = "lowrank_project";
   check_2d(op, "p", p);
-  const bool left = check_side(op, std::string(side_sv));
-  check_float_dtype(op, "g", g.scalar_type());
-  check_2d(op, "g", g, " (m×n)");
-  check_same_device(op, "p", p.device(), "g", g.device());
-  check_same_dtype(op, "p", p.scalar_type(), "g", g.scalar_type());
-  if (left) {
-    FG_CHECK_ARG(p.size(0) == g.size(0), op, "p", "of shape (", g.size(0), ", r) for side='left' with g of shape ",
-                 g.sizes(), ", got ", p.sizes());
-  } else {
-    FG_CHECK_ARG(p.size(1) == g.size(1), op, "p", "of shape (r, ", g.size(1), ") for side='right' with g of shape ",
-                 g.sizes(), ", got ", p.sizes());
-  }
+  const Projector proj = dense_projector(p);
+  const bool left = check_projection(op, /*up=*/false, g, side_sv, proj, p.device());
   if (g.scalar_type() == at::kFloat) return left ? at::mm(p.t(), g) : at::mm(g, p.t());
-  return project_blocked(g, dense_projector(p), left);
+  return project_blocked(g, proj, left);
 }
 
 // r: left (rank, n), right (m, rank); p: left (m, rank), right (rank, n) of r's dtype
@@ -183,17 +173,7 @@ at::Tensor lowrank_project_quantized_cpu(const at::Tensor& g, const at::Tensor& 
                                          const at::Tensor& p_zeros, int64_t bits, c10::string_view side_sv) {
   const char* op = "lowrank_project_quantized";
   const Projector p = quantized_projector(op, p_codes, p_scales, p_zeros, bits);
-  const bool left = check_side(op, std::string(side_sv));
-  check_float_dtype(op, "g", g.scalar_type());
-  check_2d(op, "g", g, " (m×n)");
-  check_same_device(op, "p", p_codes.device(), "g", g.device());
-  if (left) {
-    FG_CHECK_ARG(p.rows == g.size(0), op, "p", "of shape (", g.size(0), ", r) for side='left' with g of shape ",
-                 g.sizes(), ", got (", p.rows, ", ", p.cols, ")");
-  } else {
-    FG_CHECK_ARG(p.cols == g.size(1), op, "p", "of shape (r, ", g.size(1), ") for side='right' with g of shape ",
-                 g.sizes(), ", got (", p.rows, ", ", p.cols, ")");
-  }
+  const bool left = check_projection(op, /*up=*/false, g, side_sv, p, p_codes.device());
   return project_blocked(g, p, left);
 }
 

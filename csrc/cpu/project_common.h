@@ -129,23 +129,40 @@ inline Projector quantized_projector(const char* op, const at::Tensor& codes, co
   return p;
 }
 
-// Checks of the up projection with a dense P. r: left (rank, n), right (m, rank); p: left (m, rank),
-// right (rank, n) of r's dtype. Returns whether the side is "left".
-inline bool check_back_dense(const char* op, const at::Tensor& r, const at::Tensor& p, c10::string_view side_sv) {
-  check_2d(op, "p", p);
+// P's shape as the messages show it: a dense P's sizes, a quantized P's dense shape "(rows, cols)".
+inline std::string shape_text(const Projector& p) {
+  return p.dense.defined() ? c10::str(p.dense.sizes()) : c10::str("(", p.rows, ", ", p.cols, ")");
+}
+
+// The checks of a projection (fastgrad/_ops.py::check_project, check_project_back): the side, the
+// float 2-d operand it projects (down: g (m, n); up: r, left (rank, n), right (m, rank)), and P on
+// the operand's device (p_device), of its dtype if dense, with the dimension that meets the operand:
+// down left (m, r), right (r, n); up left (m, rank), right (rank, n). Returns whether the side is "left".
+inline bool check_projection(const char* op, bool up, const at::Tensor& t, c10::string_view side_sv,
+                             const Projector& p, const at::Device& p_device) {
+  const char* name = up ? "r" : "g";
   const bool left = check_side(op, std::string(side_sv));
-  check_float_dtype(op, "r", r.scalar_type());
-  check_2d(op, "r", r);
-  check_same_device(op, "p", p.device(), "r", r.device());
-  check_same_dtype(op, "p", p.scalar_type(), "r", r.scalar_type());
-  if (left) {
-    FG_CHECK_ARG(p.size(1) == r.size(0), op, "p", "of shape (m, ", r.size(0), ") for side='left' with r of shape ",
-                 r.sizes(), ", got ", p.sizes());
+  check_float_dtype(op, name, t.scalar_type());
+  check_2d(op, name, t, up ? "" : " (m×n)");
+  check_same_device(op, "p", p_device, name, t.device());
+  if (p.dense.defined()) check_same_dtype(op, "p", p.dense.scalar_type(), name, t.scalar_type());
+  const int64_t size = t.size(left ? 0 : 1);
+  const char* other = up ? (left ? "m" : "n") : "r";  // P's other dimension, as the message names it
+  const char* side = left ? "left" : "right";
+  if (left != up) {  // P's rows meet the operand
+    FG_CHECK_ARG(p.rows == size, op, "p", "of shape (", size, ", ", other, ") for side='", side, "' with ", name,
+                 " of shape ", t.sizes(), ", got ", shape_text(p));
   } else {
-    FG_CHECK_ARG(p.size(0) == r.size(1), op, "p", "of shape (", r.size(1), ", n) for side='right' with r of shape ",
-                 r.sizes(), ", got ", p.sizes());
+    FG_CHECK_ARG(p.cols == size, op, "p", "of shape (", other, ", ", size, ") for side='", side, "' with ", name,
+                 " of shape ", t.sizes(), ", got ", shape_text(p));
   }
   return left;
+}
+
+// Checks of the up projection with a dense P (see check_projection). Returns whether the side is "left".
+inline bool check_back_dense(const char* op, const at::Tensor& r, const at::Tensor& p, c10::string_view side_sv) {
+  check_2d(op, "p", p);
+  return check_projection(op, /*up=*/true, r, side_sv, dense_projector(p), p.device());
 }
 
 // w, the in-place target of an _add_ op: a float tensor of shape (m, n) on r's device.
@@ -159,18 +176,7 @@ inline void check_accumulator(const char* op, const at::Tensor& w, const at::Ten
 // Checks of the up projection with a quantized P; returns whether the side is "left".
 inline bool check_back_quantized(const char* op, const at::Tensor& r, const at::Tensor& p_codes, const Projector& p,
                                  c10::string_view side_sv) {
-  const bool left = check_side(op, std::string(side_sv));
-  check_float_dtype(op, "r", r.scalar_type());
-  check_2d(op, "r", r);
-  check_same_device(op, "p", p_codes.device(), "r", r.device());
-  if (left) {
-    FG_CHECK_ARG(p.cols == r.size(0), op, "p", "of shape (m, ", r.size(0), ") for side='left' with r of shape ",
-                 r.sizes(), ", got (", p.rows, ", ", p.cols, ")");
-  } else {
-    FG_CHECK_ARG(p.rows == r.size(1), op, "p", "of shape (", r.size(1), ", n) for side='right' with r of shape ",
-                 r.sizes(), ", got (", p.rows, ", ", p.cols, ")");
-  }
-  return left;
+  return check_projection(op, /*up=*/true, r, side_sv, p, p_codes.device());
 }
 
 // Up projection into `out` (m, n), any float dtype, in place: out = beta * out + scale * (P R | R P),

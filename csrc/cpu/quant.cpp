@@ -69,6 +69,17 @@ inline void minmax_lanes(const float* __restrict v, int64_t kv, bool symmetric, 
 #endif
 }
 
+// x: (k,) as fp32: x itself, or its conversion into buf (kChunk fp32 scratch, k <= kChunk).
+template <typename scalar_t>
+inline const float* as_f32(const scalar_t* x, int64_t k, float* __restrict buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return x;
+  } else {
+    cpu::load_f32(x, k, buf);
+    return buf;
+  }
+}
+
 // scale and zero of one group x: (g,) (see the file comment). buf: kChunk fp32 scratch.
 template <typename scalar_t>
 void group_params(const scalar_t* x, int64_t g, int bits, bool symmetric, float* __restrict buf, float* scale_out,
@@ -84,13 +95,7 @@ void group_params(const scalar_t* x, int64_t g, int bits, bool symmetric, float*
   }
   for (int64_t s = 0; s < g; s += kChunk) {
     const int64_t k = std::min(kChunk, g - s);
-    const float* v;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      v = x + s;
-    } else {
-      cpu::load_f32(x + s, k, buf);
-      v = buf;
-    }
+    const float* v = as_f32(x + s, k, buf);
     const int64_t kv = k - k % L;
     minmax_lanes(v, kv, symmetric, lo, hi, nan);
     for (int64_t i = kv; i < k; ++i) {  // the tail goes to lane 0
@@ -149,13 +154,7 @@ void quantize_kernel(const scalar_t* x, int64_t numel, int64_t g, int bits, bool
       for (int64_t s = 0; s < g;) {
         const int64_t e0 = base + s;
         const int64_t k = std::min(kChunk, g - s);
-        const float* v;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          v = x + e0;
-        } else {
-          cpu::load_f32(x + e0, k, xbuf);
-          v = xbuf;
-        }
+        const float* v = as_f32(x + e0, k, xbuf);
         // INT4: groups are even and chunks start at even elements, so k and e0 are even.
         uint8_t* dst = bits == 8 ? codes + e0 : cbuf;
         if (stochastic) {
