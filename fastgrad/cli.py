@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -84,6 +85,14 @@ def _add_training_arguments(p: argparse.ArgumentParser, only: set[str] | None = 
         help="with --layerwise: update each weight inside its gradient hook and free its gradient at once, instead "
         "of keeping the projected (and full-rank) gradients until the end of the step; no --grad-clip, and a "
         "NaN/Inf gradient skips that weight only",
+    )
+    add(
+        "--fsdp",
+        action="store_const",
+        const=True,
+        help="under torchrun (or alone): shard weights, gradients and optimizer states over the processes "
+        "(FSDP2, fully_shard); sharded checkpoints resume on any number of processes "
+        "(adamw, galore, fira, apollo, apollo-mini, frugal, frugal-block)",
     )
     add(
         "--no-lowrank-grad",
@@ -202,6 +211,20 @@ def _prepare_run(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
         conflicts = {
             k: (v, getattr(cfg, k)) for k, v in explicit.items() if v != getattr(cfg, k) and k not in _RESUME_MAY_CHANGE
         }
+        if "batch_size" in conflicts and cfg.fsdp:
+            # A sharded run resumes on another number of processes with the same global batch.
+            from fastgrad.train.checkpoint import checkpoint_processes
+
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            saved = checkpoint_processes(run_dir)
+            if explicit["batch_size"] * world == cfg.batch_size * saved:
+                del conflicts["batch_size"]
+                cfg = dataclasses.replace(cfg, batch_size=explicit["batch_size"])
+            else:
+                raise ValueError(
+                    f"--resume {run_dir}: --batch-size {explicit['batch_size']} × {world} processes is not the run's "
+                    f"global batch, --batch-size {cfg.batch_size} × {saved} processes"
+                )
         if conflicts:
             listed = ", ".join(f"{_CONFIG_FLAGS[k]}={v!r} (run has {old!r})" for k, (v, old) in conflicts.items())
             raise ValueError(f"--resume {run_dir}: these options differ from the run's config: {listed}")
@@ -259,9 +282,9 @@ def _validate(cfg: TrainConfig) -> None:
             raise ValueError("--log-to tensorboard needs the tensorboard package: pip install tensorboard") from None
     if cfg.layerwise and cfg.optim not in LAYERWISE:
         raise ValueError(f"--layerwise works with --optim {', '.join(sorted(LAYERWISE))}, not {cfg.optim}")
-    streaming_error = cfg.layerwise_streaming_error()
-    if streaming_error:
-        raise ValueError(streaming_error)
+    config_error = cfg.layerwise_streaming_error() or cfg.fsdp_error()
+    if config_error:
+        raise ValueError(config_error)
     if cfg.max_memory_gb is not None:
         _check_memory_cap(cfg)
 

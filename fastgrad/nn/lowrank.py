@@ -172,7 +172,12 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float | None) 
     ``parameters``: the 2-norm of all of them (what the optimizer will consume), and, when
     ``max_norm`` is given, all scaled by ``min(1, max_norm / (norm + 1e-6))``. Returns the norm, a
     0-d fp32 tensor on the first gradient's device (NaN/Inf if any gradient is non-finite; nothing
-    is scaled then). No host synchronisation: the norm and the factor stay on the device."""
+    is scaled then). No host synchronisation: the norm and the factor stay on the device.
+
+    Gradients of row-sharded (FSDP2) parameters are DTensors: each rank's squared norm of its rows
+    is all-reduced (one scalar), and each rank scales its rows."""
+    from fastgrad.optim.sharding import is_dtensor  # here: fastgrad.optim imports this module
+
     grads = []
     for p in parameters:
         if p.grad is not None:
@@ -182,9 +187,19 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float | None) 
             grads.append(low)
     if not grads:
         return torch.tensor(0.0)
+    group = next((g.device_mesh.get_group() for g in grads if is_dtensor(g)), None)
+    rows = [is_dtensor(g) for g in grads]
+    grads = [g.to_local() if row else g for g, row in zip(grads, rows, strict=True)]
     device = grads[0].device
     norms = torch._foreach_norm(grads, 2.0)
-    total = torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms]), 2.0)
+    if group is None:
+        total = torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms]), 2.0)
+    else:  # Σ‖rows‖² of the sharded gradients over the ranks, plus the others' ‖G‖² once
+        squares = torch.stack([n.float().to(device) for n in norms]).square_()
+        is_row = torch.tensor(rows, device=device)
+        total = torch.where(is_row, squares, 0.0).sum()
+        torch.distributed.all_reduce(total, group=group)
+        total = total.add_(torch.where(is_row, 0.0, squares).sum()).sqrt_()
     if max_norm is not None:
         # The factor in float64 (the arithmetic of Python floats), then fp32; 1 where the norm is not finite.
         coef = (float(max_norm) / (total.double() + 1e-6)).clamp_(max=1.0)

@@ -589,6 +589,12 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         )
 
     # ------------------------------------------------------------------ checkpoints
+    def sharded_state_keys(self, p: torch.Tensor) -> tuple[str, ...]:
+        """The state keys of a row-sharded (FSDP2) parameter ``p`` that hold only this rank's rows:
+        the moments of a full-rank or right-side weight. A left-side weight's moments, projectors and
+        counters are the same on every rank (a sharded checkpoint saves them once)."""
+        return () if self.state[p].get("proj_side") == LEFT else self.moment_keys
+
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["nonfinite_steps"] = self.nonfinite_steps
@@ -613,6 +619,8 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
                         not value.is_floating_point() or key in self.keep_dtype_keys
                     ):
                         self.state[p][key] = value.to(p.device)
+        for st in self.state.values():  # a sharded checkpoint gives a parameter's rows as a DTensor
+            st.update({k: local(v) for k, v in st.items() if isinstance(v, torch.Tensor)})
         self.nonfinite_steps = int(state_dict.get("nonfinite_steps", 0))
         self._param_index = None
         self.publish_grad_projections()

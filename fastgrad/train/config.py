@@ -33,6 +33,15 @@ LOW_RANK_LR = 0.01  # GaLore/Q-GaLore/Fira/APOLLO recipes
 FULL_RANK_LR = 1e-3  # AdamW recipes
 
 
+# Optimizers that --fsdp refuses for now, and why.
+FSDP_NOT_YET = {
+    "adamw8bit": "8-bit moments of sharded weights",
+    "galore8bit": "8-bit moments of sharded weights",
+    "q-galore": "INT8 weights sharded as INT8",
+    "q-galore8bit": "INT8 weights sharded as INT8",
+}
+
+
 @dataclass
 class TrainConfig:
     """Everything that determines a run; saved as runs/<name>/config.json and checked on resume."""
@@ -67,6 +76,9 @@ class TrainConfig:
     # GaLore-type optimizers: the attention/MLP Linear layers compute the projected gradient
     # themselves between refreshes (fastgrad.nn.lowrank); Q-GaLore's QLinear always does.
     lowrank_grad: bool = True
+    # Shard weights, gradients and optimizer states over the processes (FSDP2, fully_shard), with
+    # sharded checkpoints (torch.distributed.checkpoint) that resume on any number of processes.
+    fsdp: bool = False
     max_memory_gb: float | None = None
     data: str | None = None
     tokenizer: str | None = None
@@ -94,6 +106,8 @@ class TrainConfig:
             cfg.scale = FIRA_LARGE_SCALE.get(name, SCALE["fira"]) if cfg.optim == "fira" else SCALE.get(cfg.optim, 1.0)
         if cfg.update_proj_gap is None:
             cfg.update_proj_gap = UPDATE_PROJ_GAP.get(name, 200)
+        if cfg.fsdp:  # layers that hand the optimizer R instead of G: not under FSDP yet
+            cfg.lowrank_grad = False
         if cfg.lr is None:
             cfg.lr = FULL_RANK_LR if cfg.optim in ("adamw", "adamw8bit", "frugal", "frugal-block") else LOW_RANK_LR
         if cfg.steps is None:
@@ -114,6 +128,19 @@ class TrainConfig:
                 f"--layerwise-streaming cannot clip gradients (--grad-clip {self.grad_clip}): each weight is updated "
                 "during backward, before the global gradient norm is known; use --grad-clip 0 (off, the default) "
                 "with --layerwise-streaming, or --layerwise without --layerwise-streaming to clip"
+            )
+        return None
+
+    def fsdp_error(self) -> str | None:
+        """Why ``fsdp`` cannot be used with the rest of this config (None: it can)."""
+        if not self.fsdp:
+            return None
+        if self.layerwise:
+            return "--fsdp with --layerwise is not supported yet: drop one of them"
+        if self.optim in FSDP_NOT_YET:
+            return (
+                f"--fsdp with --optim {self.optim} is not supported yet ({FSDP_NOT_YET[self.optim]}); "
+                f"use --optim {' or '.join(o for o in ('galore', 'fira', 'apollo', 'frugal', 'adamw'))}"
             )
         return None
 

@@ -71,7 +71,14 @@ from fastgrad.data import prepare_data
 from fastgrad.models import LlamaForCausalLM, get_config
 from fastgrad.nn.lowrank import accepts_projected_grad, clip_grad_norm_, projected_grad
 from fastgrad.optim import LowRankOptimizer, layerwise
-from fastgrad.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from fastgrad.train.checkpoint import (
+    find_checkpoint,
+    is_sharded,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from fastgrad.train.config import TrainConfig
 from fastgrad.train.optimizers import build_optimizer, state_bytes
 
@@ -113,7 +120,13 @@ def setup_distributed(cfg: TrainConfig) -> tuple[Distributed, torch.device]:
     dist = torch.distributed
     initialised = dist.is_available() and dist.is_initialized()
     if not initialised and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Distributed(), device
+        if not cfg.fsdp:
+            return Distributed(), device
+        # FSDP2 shards over a process group, of one process here: an in-memory store, no rendezvous.
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
+        )
+        return Distributed(owned=True), device
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     rank = dist.get_rank() if initialised else int(os.environ["RANK"])
@@ -313,9 +326,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, show_progress: 
 def _train(
     cfg: TrainConfig, run_dir: Path, resume: bool, show_progress: bool, env: Distributed, device: torch.device
 ) -> RunResult:
-    streaming_error = cfg.layerwise_streaming_error()
-    if streaming_error:
-        raise ValueError(streaming_error)
+    config_error = cfg.layerwise_streaming_error() or cfg.fsdp_error()
+    if config_error:
+        raise ValueError(config_error)
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if cfg.max_memory_gb and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
@@ -326,6 +339,12 @@ def _train(
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(get_config(cfg.model, data.vocab_size, cfg.seq_len)).to(device=device, dtype=dtype)
     model.gradient_checkpointing = cfg.activation_checkpointing
+    if cfg.fsdp:  # each decoder layer all-gathered on its own, the rest (embedding, head, norm) with the root
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
     optimizer = build_optimizer(cfg, model)  # may swap modules (Q-GaLore: QLinear): before any DDP wrapping
     # Layer-wise: the driver's hooks consume each gradient during backward (projected and
     # accumulated in low rank), then finish_step() clips, applies the NaN policy and updates
@@ -359,7 +378,11 @@ def _train(
         checkpoint = find_checkpoint(run_dir)  # every rank loads it
         if checkpoint is None:
             raise ValueError(f"--resume {run_dir}: no checkpoint found in it")
-        trainer = load_checkpoint(checkpoint, model, stepper)
+        if is_sharded(checkpoint) != cfg.fsdp:
+            saved_by = "an --fsdp run" if is_sharded(checkpoint) else "a run without --fsdp"
+            raise ValueError(f"--resume {run_dir}: its checkpoint was saved by {saved_by}; resume it the same way")
+        load = load_sharded_checkpoint if cfg.fsdp else load_checkpoint
+        trainer = load(checkpoint, model, stepper)
         start_step, nonfinite, tokens_seen = trainer["step"], trainer["nonfinite_steps"], trainer["tokens"]
         if env.is_main:
             _truncate_metrics(metrics, start_step)
@@ -373,7 +396,7 @@ def _train(
     # between refreshes instead of G. DDP ignores these weights; they are averaged after backward.
     outside_ddp = [(n, p) for n, p in model.named_parameters() if not p.requires_grad or accepts_projected_grad(p)]
     ddp = None
-    if env.enabled and not cfg.layerwise:
+    if env.enabled and not cfg.layerwise and not cfg.fsdp:
         # Rank 0's values of what DDP does not broadcast at construction: the weights it ignores, and
         # the buffers (rotary tables, QLinear scales/zeros), which then change only through identical
         # updates on every rank, so they are not broadcast again before every forward.
@@ -410,14 +433,11 @@ def _train(
     started = time.perf_counter()
 
     def checkpoint_now() -> None:
-        if env.is_main:
-            save_checkpoint(
-                run_dir,
-                model,
-                stepper,
-                {"step": step, "nonfinite_steps": nonfinite, "tokens": tokens_seen},
-                keep=cfg.keep_checkpoints,
-            )
+        trainer = {"step": step, "nonfinite_steps": nonfinite, "tokens": tokens_seen, "processes": env.world_size}
+        if cfg.fsdp:  # every rank saves its shards
+            save_sharded_checkpoint(run_dir, model, stepper, trainer, keep=cfg.keep_checkpoints)
+        elif env.is_main:
+            save_checkpoint(run_dir, model, stepper, trainer, keep=cfg.keep_checkpoints)
 
     def barrier() -> None:  # the other ranks wait for rank 0's files before exiting
         if env.enabled:
@@ -442,6 +462,8 @@ def _train(
             for micro in range(cfg.grad_accum):
                 inputs, labels = batches.get(step, micro)
                 last = micro == cfg.grad_accum - 1
+                if cfg.fsdp:  # reduce-scatter the gradients once, after the last micro-batch
+                    model.set_requires_gradient_sync(last)
                 with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
                     inputs, labels = _to_device(inputs, device), _to_device(labels, device)
                     loss = forward(inputs, labels, shift_labels=False) / cfg.grad_accum
