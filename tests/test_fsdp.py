@@ -9,6 +9,7 @@ the order of fp32 sums (two half-batch forward passes and FSDP's gradient averag
 all-reduced partial projections and norms).
 """
 
+import gc
 import json
 import os
 import shutil
@@ -146,6 +147,9 @@ def _worker(rank: int, store: str, out: str, cases: list[str]) -> None:
         results["refused"] = _refused(rank)
         if rank == 0:
             torch.save(results, out)
+        del results
+        gc.collect()  # no FSDP state (and its pending collective work) outlives the process group
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
