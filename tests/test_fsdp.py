@@ -204,10 +204,12 @@ def test_what_is_not_supported_yet_is_refused_before_the_step_changes_anything(s
 # ------------------------------------------------------------------------------------------------
 
 PRETRAIN = ["--seq-len", "32", "--vocab-size", "512", "--eval-every", "4", "--eval-batches", "2", "--no-progress"]
-# a refresh every other step, accumulation (one reduce-scatter per step), clipping (the norm of
-# sharded gradients), activation checkpointing inside the sharded layers. Full gradients in both
-# runs: --fsdp does not take low-rank-gradient layers yet (and their R changes what is clipped).
-GALORE = ["--optim", "galore", "--rank", "8", "--update-proj-gap", "2", "--grad-accum", "2", "--grad-clip", "0.5"]
+# accumulation (one reduce-scatter per step), clipping (the norm of sharded gradients), activation
+# checkpointing inside the sharded layers; the subspace chosen at the first step (the refreshes'
+# agreement with one process is test_two_sharded_processes_train_like_one's: an SVD refresh of
+# later, rounding-perturbed gradients can magnify the rounding of the reduce-scatter to 1e-4, as it
+# does for DDP). Full gradients in both runs: --fsdp takes no low-rank-gradient layers yet.
+GALORE = ["--optim", "galore", "--rank", "8", "--update-proj-gap", "100", "--grad-accum", "2", "--grad-clip", "0.5"]
 GALORE += ["--no-lowrank-grad"]
 PRETRAIN_STEPS = 8
 

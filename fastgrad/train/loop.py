@@ -238,15 +238,20 @@ def evaluate(
 ) -> float:
     """Mean validation loss over ``cfg.eval_batches`` batches of ``cfg.batch_size`` sequences per
     rank, weighted by sequences; with DDP each rank takes every world_size-th sequence and the
-    result is all-reduced (the value of one process with batches of batch_size × world_size)."""
+    result is all-reduced (the value of one process with batches of batch_size × world_size).
+
+    Without autograd: no graph is kept (and under FSDP2 no backward is expected after these forwards)."""
     env = env or Distributed()
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)  # Σ loss · sequences, Σ sequences
-    for i, (inputs, labels) in enumerate(data.val_batches(cfg.batch_size, rank=env.rank, world_size=env.world_size)):
-        if i >= cfg.eval_batches:
-            break
-        loss = model(inputs.to(device), labels.to(device), shift_labels=False).item()
-        total += torch.tensor([loss * len(inputs), len(inputs)], dtype=torch.float64)
+    with torch.no_grad():
+        for i, (inputs, labels) in enumerate(
+            data.val_batches(cfg.batch_size, rank=env.rank, world_size=env.world_size)
+        ):
+            if i >= cfg.eval_batches:
+                break
+            loss = model(inputs.to(device), labels.to(device), shift_labels=False).item()
+            total += torch.tensor([loss * len(inputs), len(inputs)], dtype=torch.float64)
     model.train()
     if env.enabled:
         total = total.to(device)
