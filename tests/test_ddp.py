@@ -109,14 +109,14 @@ def _worker_pid(agent_pid: int, rank: int) -> int | None:
 
 
 # Ctrl-C: data parallel with the layer-wise driver against one process, and sharded (FSDP2: every
-# rank saves its shards; full gradients, as --fsdp takes no low-rank-gradient layers yet) against the
-# uninterrupted sharded run, which the resumed one must reproduce exactly. (Against one process, an
-# SVD refresh every other step can turn the fp32 rounding of the reduce-scatter into 1e-4 after a few
-# steps: DDP without accumulation shows the same; tests/test_fsdp.py compares with one process.)
+# rank saves its shards) against the uninterrupted sharded run, which the resumed one must reproduce
+# exactly. (Against one process, an SVD refresh every other step can turn the fp32 rounding of the
+# reduce-scatter into 1e-4 after a few steps: DDP without accumulation shows the same;
+# tests/test_fsdp.py compares with one process.)
 CTRL_C = {
     "ddp": (CASES["galore-layerwise"], []),
     "fsdp": (
-        ["--optim", "galore", *GALORE, "--no-lowrank-grad", "--grad-accum", "2", "--grad-clip", "1.0"],
+        ["--optim", "galore", *GALORE, "--grad-accum", "2", "--grad-clip", "1.0"],
         ["--fsdp"],
     ),
 }

@@ -31,18 +31,24 @@ from optim_common import (
 )
 
 from fastgrad.models import LlamaConfig, LlamaForCausalLM
+from fastgrad.nn import lowrank_grad_model
+from fastgrad.nn.lowrank import bind_sharded_weights, projected_grad, reduce_projected_grads
 from fastgrad.optim.sharding import row_shard
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not dist.is_available(), reason="gloo")
 
 CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=165, num_layers=2, num_heads=4)
 STEPS, GAP, ROWS, WORLD = 20, 5, 4, 2  # ROWS sequences per rank and step
+LOWRANK_GRAD = ("galore-lowrank-grad",)
 
 CASES = {
     "galore": lambda model: make_galore(model, rank=8, gap=GAP),
     "galore-dct": lambda model: make_galore(model, rank=8, gap=GAP, projector="dct"),
     "galore-randomized": lambda model: make_galore(model, rank=8, gap=GAP, projector="randomized"),
     "galore-transfer": lambda model: make_galore(model, rank=8, gap=GAP, state_transfer=True),
+    # LowRankGradLinear layers: between refreshes R of the gathered weight from each rank's batch,
+    # averaged by fastgrad (reduce-scatter of m×r' rows, all-reduce of r'×n) instead of FSDP's G
+    "galore-lowrank-grad": lambda model: make_galore(model, rank=8, gap=GAP),
     "fira": lambda model: FIRA_APOLLO["fira"](model, gap=GAP),
     "apollo": lambda model: FIRA_APOLLO["apollo"](model, gap=GAP),
     "apollo-svd": lambda model: FIRA_APOLLO["apollo-svd"](model, gap=GAP),
@@ -64,20 +70,26 @@ def _run(case: str, rank: int | None) -> dict:
     """STEPS steps of ``case``: one process with the global batch (rank None), or this rank of an
     FSDP2 run with its ROWS sequences of it. Returns the losses (global means) and the weights."""
     model = _model()
+    if case in LOWRANK_GRAD:
+        lowrank_grad_model(model)  # before sharding
     if rank is not None:
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
+        bind_sharded_weights(model)
     opt = CASES[case](model)
-    losses = []
+    losses, projected = [], 0
     for ids in token_batches(1, rows=ROWS * WORLD, seed=3) * STEPS:  # one batch, learnt by heart
         if rank is not None:
             ids = ids[rank * ROWS : (rank + 1) * ROWS]
         opt.zero_grad(set_to_none=True)
         loss = model(ids, ids)
         loss.backward()
+        reduce_projected_grads(model.parameters())
+        # weights whose layer delivered R and no G (the fast path ran)
+        projected += sum(p.grad is None and projected_grad(p) is not None for p in model.parameters())
         opt.step()
         loss = loss.detach()
         if rank is not None:
@@ -86,7 +98,10 @@ def _run(case: str, rank: int | None) -> dict:
         losses.append(loss.item())
     weights = {n: (p.full_tensor() if rank is not None else p).detach().clone() for n, p in model.named_parameters()}
     sharded = [p for g in opt.param_groups for p in g["params"] if row_shard(p) is not None]
-    return {"losses": losses, "weights": weights, "state_bytes": opt.state_bytes(), "sharded": len(sharded)}
+    return {
+        "losses": losses, "weights": weights, "state_bytes": opt.state_bytes(), "sharded": len(sharded),
+        "projected": projected,
+    }  # fmt: skip
 
 
 def _nonfinite_on_one_rank(rank: int) -> dict:
@@ -178,6 +193,9 @@ def test_two_sharded_processes_train_like_one(sharded_runs, case):
         assert diff <= 1e-3 * moved, f"{name}: difference {diff:.2e}, change over the run {moved:.2e}"
     # each rank keeps the moments of its rows only (a left-side weight's r'×n moments excepted)
     assert sharded["state_bytes"] < 0.75 * single["state_bytes"]
+    # low-rank-gradient layers: the 14 weights' R between refreshes (16 of the 20 steps), no G
+    expected = 14 * (STEPS - STEPS // GAP) if case in LOWRANK_GRAD else 0
+    assert sharded["projected"] == single["projected"] == expected
 
 
 def test_a_nonfinite_gradient_on_one_rank_skips_the_weight_on_every_rank(sharded_runs):
@@ -205,12 +223,11 @@ def test_what_is_not_supported_yet_is_refused_before_the_step_changes_anything(s
 
 PRETRAIN = ["--seq-len", "32", "--vocab-size", "512", "--eval-every", "4", "--eval-batches", "2", "--no-progress"]
 # accumulation (one reduce-scatter per step), clipping (the norm of sharded gradients), activation
-# checkpointing inside the sharded layers; the subspace chosen at the first step (the refreshes'
-# agreement with one process is test_two_sharded_processes_train_like_one's: an SVD refresh of
-# later, rounding-perturbed gradients can magnify the rounding of the reduce-scatter to 1e-4, as it
-# does for DDP). Full gradients in both runs: --fsdp takes no low-rank-gradient layers yet.
+# checkpointing inside the sharded layers, low-rank-gradient layers (the R's averaged by fastgrad);
+# the subspace chosen at the first step (the refreshes' agreement with one process is
+# test_two_sharded_processes_train_like_one's: an SVD refresh of later, rounding-perturbed gradients
+# can magnify the rounding of the reduce-scatter to 1e-4, as it does for DDP).
 GALORE = ["--optim", "galore", "--rank", "8", "--update-proj-gap", "100", "--grad-accum", "2", "--grad-clip", "0.5"]
-GALORE += ["--no-lowrank-grad"]
 PRETRAIN_STEPS = 8
 
 

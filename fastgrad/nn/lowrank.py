@@ -25,11 +25,18 @@ Convert a model with :func:`lowrank_grad_model` (fastgrad's LLaMA or a Hugging F
 attention and MLP projections by default). The converted layers are ``nn.Linear`` subclasses with
 the same parameters and ``state_dict``; with no optimizer publishing projections they behave
 exactly like ``nn.Linear``.
+
+Under FSDP2 (``fully_shard``): convert before sharding, then call :func:`bind_sharded_weights`; the
+layer computes R of its whole (gathered) weight from this rank's batch, and after the last
+micro-batch :func:`reduce_projected_grads` averages the R's over the ranks instead of FSDP
+reduce-scattering G (m×n): a reduce-scatter of R's rows (m×r', right side) or an all-reduce of R
+(r'×n, left side), n/r' or m/r' times fewer bytes.
 """
 
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -52,6 +59,8 @@ __all__ = [
     "register_grad_ready_hook",
     "clip_grad_norm_",
     "accepts_projected_grad",
+    "bind_sharded_weights",
+    "reduce_projected_grads",
 ]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -70,6 +79,9 @@ _CAPABLE: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> True:
 _PROJECTIONS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> GradProjection
 _PROJECTED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> accumulated R
 _HOOKS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> {handle id: hook}
+# layer -> its sharded (FSDP2) weight: the key of the entries above, which the optimizer holds,
+# while the layer's forward and backward see the gathered weight FSDP registers in its place.
+_SHARDED_WEIGHT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def mark_accepts_projected_grad(weight: torch.Tensor) -> None:
@@ -237,7 +249,7 @@ class _LowRankGradLinearFunction(torch.autograd.Function):
             db = dy2.sum(0)
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, n)
-            if project_weight_grad(ctx.module.weight, dy2, x2, weight.dtype) is None:
+            if project_weight_grad(_grad_key(ctx.module), dy2, x2, weight.dtype) is None:
                 dw = (dy2.t() @ x2.to(dy2.dtype)).to(weight.dtype)  # a refresh step (or no optimizer): G
         return dx, dw, db, None
 
@@ -266,6 +278,50 @@ class LowRankGradLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mark_accepts_projected_grad(self.weight)  # a deep copy / reloaded model has new Parameters
         return _LowRankGradLinearFunction.apply(x, self.weight, self.bias, self)
+
+
+def _grad_key(layer: nn.Module) -> torch.Tensor:
+    """The weight under which ``layer``'s projection and projected gradient are registered."""
+    return _SHARDED_WEIGHT.get(layer, layer.weight)
+
+
+def bind_sharded_weights(model: nn.Module) -> None:
+    """After ``fully_shard``: register each low-rank-gradient layer's sharded weight (the DTensor
+    Parameter the optimizer steps) as the key its backward delivers R under."""
+    from fastgrad.optim.sharding import is_dtensor  # here: fastgrad.optim imports this module
+
+    for layer in model.modules():
+        if isinstance(layer, LowRankGradLinear) and is_dtensor(layer.weight):
+            _SHARDED_WEIGHT[layer] = layer.weight
+            mark_accepts_projected_grad(layer.weight)
+
+
+@torch.no_grad()
+def reduce_projected_grads(params: Iterable[torch.Tensor]) -> None:
+    """Average the projected gradients of sharded ``params`` over the ranks, in place of FSDP's
+    reduce-scatter of their G: R (computed from this rank's batch for the whole weight) becomes the
+    rank's rows of the mean R, a DTensor laid out as the weight (right side: a reduce-scatter of
+    m×r'), or the mean R itself (left side, r'×n: an all-reduce), as the optimizer reads them."""
+    from torch.distributed.tensor import DTensor
+
+    from fastgrad.optim.sharding import row_shard
+
+    for p in params:
+        low, route, shard = _PROJECTED.get(p), _PROJECTIONS.get(p), row_shard(p)
+        if low is None or shard is None:
+            continue
+        world = torch.distributed.get_world_size(shard.group)
+        if route.side == "left":
+            shard.sum_(low).div_(world)
+            continue
+        chunk = -(-shard.shape[0] // world)  # FSDP's rows per rank; the last ones may hold fewer
+        padded = low.new_zeros((chunk * world, low.shape[1]))
+        padded[: low.shape[0]] = low
+        rows = low.new_empty((chunk, low.shape[1]))
+        torch.distributed.reduce_scatter_tensor(rows, padded, group=shard.group)
+        rows = rows[: shard.rows].div_(world)
+        shape = torch.Size((shard.shape[0], low.shape[1]))
+        _PROJECTED[p] = DTensor.from_local(rows, p.device_mesh, p.placements, shape=shape, stride=(low.shape[1], 1))
 
 
 def lowrank_grad_model(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS) -> nn.Module:

@@ -449,10 +449,9 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         shard = row_shard(p)
         item = ParamStep(group, local(p), state, self.index_of(p), source=p, shard=shard)
         grad = p.grad if grad is None else grad
-        if shard is not None and (low is not None or (proj is not None and not proj.dense)):
+        if shard is not None and proj is not None and not proj.dense:
             raise NotImplementedError(
-                f"{type(self).__name__}: a sharded (FSDP2) parameter with a projected gradient (LowRankGradLinear, "
-                "QLinear) or a quantized projector is not supported yet"
+                f"{type(self).__name__}: a sharded (FSDP2) parameter with a quantized projector is not supported yet"
             )
         if low is not None:
             return self._prepare_projected(item, proj, grad, low)
@@ -503,8 +502,14 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
                 "published by another optimizer, or the optimizer state reloaded mid-accumulation?)"
             )
         item.lowrank = True
-        p_mat = proj.matrix(state, item.param if grad is None else grad)
-        item.low = low if grad is None else low + lowrank_project(grad, p_mat, item.side)
+        p_mat = proj.matrix(state, proj_like(item.source, item.source if grad is None else grad))
+        low = local(low)  # a sharded R: this rank's rows (fastgrad.nn.lowrank.reduce_projected_grads)
+        if grad is not None:
+            more = lowrank_project(local(grad), self.proj_matrix(item, p_mat), item.side)
+            if item.shard is not None and not item.low_sharded:
+                item.shard.sum_(more)
+            low = low + more
+        item.low = low
         if proj.stores_matrix:
             item.proj = p_mat
         return item

@@ -106,8 +106,6 @@ class TrainConfig:
             cfg.scale = FIRA_LARGE_SCALE.get(name, SCALE["fira"]) if cfg.optim == "fira" else SCALE.get(cfg.optim, 1.0)
         if cfg.update_proj_gap is None:
             cfg.update_proj_gap = UPDATE_PROJ_GAP.get(name, 200)
-        if cfg.fsdp:  # layers that hand the optimizer R instead of G: not under FSDP yet
-            cfg.lowrank_grad = False
         if cfg.lr is None:
             cfg.lr = FULL_RANK_LR if cfg.optim in ("adamw", "adamw8bit", "frugal", "frugal-block") else LOW_RANK_LR
         if cfg.steps is None:

@@ -69,7 +69,13 @@ from tqdm import tqdm
 
 from fastgrad.data import prepare_data
 from fastgrad.models import LlamaForCausalLM, get_config
-from fastgrad.nn.lowrank import accepts_projected_grad, clip_grad_norm_, projected_grad
+from fastgrad.nn.lowrank import (
+    accepts_projected_grad,
+    bind_sharded_weights,
+    clip_grad_norm_,
+    projected_grad,
+    reduce_projected_grads,
+)
 from fastgrad.optim import LowRankOptimizer, layerwise
 from fastgrad.train.checkpoint import (
     find_checkpoint,
@@ -80,7 +86,7 @@ from fastgrad.train.checkpoint import (
     save_sharded_checkpoint,
 )
 from fastgrad.train.config import TrainConfig
-from fastgrad.train.optimizers import build_optimizer, state_bytes
+from fastgrad.train.optimizers import build_optimizer, lowrank_grad_layers, state_bytes
 
 MAX_CONSECUTIVE_NONFINITE = 20
 
@@ -347,9 +353,11 @@ def _train(
     if cfg.fsdp:  # each decoder layer all-gathered on its own, the rest (embedding, head, norm) with the root
         from torch.distributed.fsdp import fully_shard
 
+        lowrank_grad_layers(cfg, model)  # before sharding: FSDP keeps the layers it finds
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
+        bind_sharded_weights(model)
     optimizer = build_optimizer(cfg, model)  # may swap modules (Q-GaLore: QLinear): before any DDP wrapping
     # Layer-wise: the driver's hooks consume each gradient during backward (projected and
     # accumulated in low rank), then finish_step() clips, applies the NaN policy and updates
@@ -477,6 +485,8 @@ def _train(
             stop = interrupt.requested
             # [Σ loss, stop request], read once below with the gradient norm.
             agreed = torch.stack([loss_sum, torch.full((), float(stop), dtype=torch.float64, device=device)])
+            if cfg.fsdp:  # the projected gradients of low-rank-gradient layers, in place of FSDP's G
+                reduce_projected_grads(params)
             if env.enabled:
                 if ddp is not None:
                     _average_gradients([p for _, p in outside_ddp], env.world_size)

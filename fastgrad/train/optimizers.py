@@ -22,10 +22,15 @@ def _adamw8bit(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimize
     return AdamW8bit(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _lowrank_grad_layers(cfg: TrainConfig, model: torch.nn.Module) -> None:
-    """With cfg.lowrank_grad, the targeted Linear layers compute R = down(G, P) in backward
-    (fastgrad.nn.lowrank; converted in place, same parameters)."""
-    if cfg.lowrank_grad:
+# The optimizers whose targeted Linear layers compute R themselves with cfg.lowrank_grad.
+LOWRANK_GRAD = ("galore", "galore8bit")
+
+
+def lowrank_grad_layers(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """With cfg.lowrank_grad and an optimizer of LOWRANK_GRAD, the targeted Linear layers compute
+    R = down(G, P) in backward (fastgrad.nn.lowrank; converted in place, same parameters; a model
+    already converted is left as it is)."""
+    if cfg.lowrank_grad and cfg.optim in LOWRANK_GRAD:
         from fastgrad.nn import lowrank_grad_model
 
         lowrank_grad_model(model)
@@ -36,7 +41,7 @@ def _galore(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     --no-lowrank-grad."""
     from fastgrad.optim import GaLoreAdamW, galore_param_groups
 
-    _lowrank_grad_layers(cfg, model)
+    lowrank_grad_layers(cfg, model)
     groups = galore_param_groups(model, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale)
     return GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -45,7 +50,7 @@ def _galore8bit(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimiz
     """GaLoreAdamW with 8-bit blockwise moments (projected moments of ≥ 4096 elements)."""
     from fastgrad.optim import GaLoreAdamW8bit, galore_param_groups
 
-    _lowrank_grad_layers(cfg, model)
+    lowrank_grad_layers(cfg, model)
     groups = galore_param_groups(model, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale)
     return GaLoreAdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
