@@ -6,6 +6,7 @@ resume from a checkpoint (the same losses, weights and ops as a run that was nev
 What only one optimizer has (8-bit codes, the limiter norm, Q-GaLore's adaptive interval, the layers
 that deliver projected gradients) is checked by that optimizer's case."""
 
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from optim_common import (
     train,
 )
 
+from fastgrad import optim
 from fastgrad.nn import QLinear, lowrank_grad_model, projected_grad, qlinear_of
 from fastgrad.optim.galore8bit import M_CODES
 
@@ -324,3 +326,28 @@ def test_state_dict_resume_is_exact(case):
     for layer in resumed.modules():
         if isinstance(layer, QLinear):
             assert qlinear_of(layer.weight) is layer
+
+
+# The constructors that take their class's keyword options through one shared signature
+# (fastgrad.optim.base.options_signature): what inspect.signature shows, and Python's TypeError.
+OPTIONS = {
+    optim.FiraAdamW: {"variant": "code"},
+    optim.Apollo: {"scale_front": False, "disable_nl": False, "index_offset": 0},
+    optim.Frugal: {"density": 0.25, "reset_statistics": True, "inactive_update_rule": "sign_sgd",
+                   "inactive_lr_scale": 1.0},
+    optim.FrugalBlock: {"density": 0.25, "update_proj_gap": 200, "block_order": "descending",
+                        "inactive_update_rule": "sign_sgd", "inactive_lr_scale": 1.0, "seed": 0},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", list(OPTIONS), ids=lambda c: c.__name__)
+def test_declared_options_show_in_the_signature_and_unknown_ones_are_refused(cls):
+    params = inspect.signature(cls).parameters
+    assert list(params)[:5] == ["params", "lr", "betas", "eps", "weight_decay"]
+    declared = {k: q.default for k, q in params.items() if k in OPTIONS[cls]}
+    assert declared == OPTIONS[cls]
+    assert all(params[k].kind is inspect.Parameter.KEYWORD_ONLY for k in declared)
+    assert list(params)[-1] == "nonfinite"
+    weight = torch.nn.Parameter(torch.zeros(4, 4))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'rnak'"):
+        cls([weight], rnak=2)

@@ -81,34 +81,16 @@ class Apollo(ScaledLowRankAdam):
     #: group defaults of the low-rank groups (ApolloMini overrides them)
     group_defaults: dict[str, Any] = {"scale": 1.0, "scale_type": "channel", "projector": "random"}
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        *,
-        scale_front: bool = False,
-        disable_nl: bool = False,
-        index_offset: int = 0,
-        faithful: bool = False,
-        nonfinite: str = "skip",
-    ) -> None:
-        if not isinstance(index_offset, int) or index_offset < 0:
-            raise ValueError(f"{type(self).__name__}: index_offset must be a non-negative int, got {index_offset!r}")
-        self.index_offset = index_offset
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "correct_bias": correct_bias,
-            "scale_front": scale_front,
-            "disable_nl": disable_nl,
-        }
-        super().__init__(params, defaults, faithful=faithful, nonfinite=nonfinite)
+    options = {"scale_front": False, "disable_nl": False, "index_offset": 0}
+
+    def _check_options(self) -> None:
+        if isinstance(self.index_offset, bool) or not isinstance(self.index_offset, int) or self.index_offset < 0:
+            raise ValueError(
+                f"{type(self).__name__}: index_offset must be a non-negative int, got {self.index_offset!r}"
+            )
+
+    def _option_defaults(self) -> dict[str, Any]:
+        return {"scale_front": self.scale_front, "disable_nl": self.disable_nl}
 
     def _normalize_lowrank_group(self, group: dict[str, Any]) -> None:
         name = type(self).__name__

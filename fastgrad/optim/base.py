@@ -42,6 +42,7 @@ NaN), so the full gradient is only read again on refresh steps (where the SVD wo
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -246,6 +247,28 @@ def _share_subspace(proj: Projector, state: dict[str, Any], shard: RowShard) -> 
         value = state.get(key)
         if isinstance(value, torch.Tensor):
             shard.broadcast_(value)
+
+
+def take_options(name: str, declared: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """A constructor's ``declared`` keyword options (name -> default) with the ``given`` values; an
+    unknown name raises the TypeError Python raises for an unexpected keyword argument."""
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise TypeError(f"{name}.__init__() got an unexpected keyword argument {unknown[0]!r}")
+    return {key: given.get(key, default) for key, default in declared.items()}
+
+
+def options_signature(init: Any, options: dict[str, Any]) -> inspect.Signature:
+    """The signature (without ``self``) of a constructor ``init`` that takes its class's keyword
+    ``options`` through ``**options``: those as keyword-only parameters with their defaults, before
+    its other keyword-only ones. What ``help()`` and ``inspect.signature`` show for the class."""
+    params = [q for q in inspect.signature(init).parameters.values() if q.kind is not inspect.Parameter.VAR_KEYWORD]
+    cut = next((i for i, q in enumerate(params) if q.kind is inspect.Parameter.KEYWORD_ONLY), len(params))
+    declared = [
+        inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=type(default).__name__)
+        for key, default in options.items()
+    ]
+    return inspect.Signature([*params[1:cut], *declared, *params[cut:]])
 
 
 def check_adam_hyperparameters(name: str, lr: float, betas: tuple[float, float], eps: float) -> None:

@@ -15,7 +15,14 @@ from typing import Any
 import torch
 
 from fastgrad.ops import lowrank_project_back_add_
-from fastgrad.optim.base import LowRankOptimizer, ParamStep, adam_scalars, check_adam_hyperparameters
+from fastgrad.optim.base import (
+    LowRankOptimizer,
+    ParamStep,
+    adam_scalars,
+    check_adam_hyperparameters,
+    options_signature,
+    take_options,
+)
 from fastgrad.optim.projectors import RIGHT
 from fastgrad.optim.sharding import RowShard, sharded_norm
 
@@ -82,20 +89,42 @@ class ScaledLowRankAdam(LowRankOptimizer):
     moment_keys = ("exp_avg", "exp_avg_sq")
     keep_dtype_keys = (LIMITER_KEY,)
     update_reads_grad = True  # Fira's residual and APOLLO's G ⊙ s read the full gradient
+    #: the subclass's own keyword-only constructor options and their defaults (attributes of the
+    #: optimizer; they show in the class's signature)
+    options: dict[str, Any] = {}
 
     def __init__(
         self,
         params: Iterable,
-        defaults: dict[str, Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
         *,
         faithful: bool = False,
         nonfinite: str = "skip",
+        **options: Any,
     ) -> None:
         name = type(self).__name__
-        lr, betas, eps = defaults["lr"], defaults["betas"], defaults["eps"]
+        for key, value in take_options(name, self.options, options).items():
+            setattr(self, key, value)
+        self._check_options()
         check_adam_hyperparameters(name, lr, betas, eps)
         self.faithful = faithful
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "correct_bias": correct_bias}
+        super().__init__(params, defaults | self._option_defaults(), nonfinite=nonfinite)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.__signature__ = options_signature(ScaledLowRankAdam.__init__, cls.options)
+
+    def _check_options(self) -> None:
+        """Validate the subclass's options (set as attributes)."""
+
+    def _option_defaults(self) -> dict[str, Any]:
+        """The options that are also param-group defaults (read per group by the update)."""
+        return {}
 
     def _normalize_lowrank_group(self, group: dict[str, Any]) -> None:
         super()._normalize_lowrank_group(group)
@@ -179,24 +208,11 @@ class FiraAdamW(ScaledLowRankAdam):
       elements per moment. :meth:`state_bytes` sums the actual tensors.
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        *,
-        variant: str = "code",
-        faithful: bool = False,
-        nonfinite: str = "skip",
-    ) -> None:
-        if variant not in ("code", "paper"):
-            raise ValueError(f"FiraAdamW: variant must be 'code' or 'paper', got {variant!r}")
-        self.variant = variant
-        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "correct_bias": correct_bias}
-        super().__init__(params, defaults, faithful=faithful, nonfinite=nonfinite)
+    options = {"variant": "code"}
+
+    def _check_options(self) -> None:
+        if self.variant not in ("code", "paper"):
+            raise ValueError(f"FiraAdamW: variant must be 'code' or 'paper', got {self.variant!r}")
 
     def _normalize_lowrank_group(self, group: dict[str, Any]) -> None:
         if "alpha" in group:  # fira's name for GaLore's scale

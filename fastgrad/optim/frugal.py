@@ -9,7 +9,14 @@ from typing import Any
 import torch
 
 from fastgrad.ops import lowrank_project_back_add_
-from fastgrad.optim.base import LowRankOptimizer, ParamStep, adam_scalars, check_adam_hyperparameters
+from fastgrad.optim.base import (
+    LowRankOptimizer,
+    ParamStep,
+    adam_scalars,
+    check_adam_hyperparameters,
+    options_signature,
+    take_options,
+)
 from fastgrad.optim.projectors import RIGHT, resolve_side
 
 __all__ = ["Frugal"]
@@ -27,23 +34,30 @@ class FrugalBase(LowRankOptimizer):
 
     moment_keys = ("exp_avg", "exp_avg_sq")
     update_reads_grad = True  # the state-free update reads the full gradient
+    #: the variant's keyword-only constructor options: the defaults of its FRUGAL groups (they show
+    #: in the class's signature)
+    options: dict[str, Any] = {}
 
     def __init__(
         self,
         params: Iterable,
-        lr: float,
-        betas: tuple[float, float],
-        eps: float,
-        weight_decay: float,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
         *,
-        nonfinite: str,
-        **frugal_defaults: Any,
+        nonfinite: str = "skip",
+        **options: Any,
     ) -> None:
         check_adam_hyperparameters(type(self).__name__, lr, betas, eps)
         # Defaults of FRUGAL groups only (torch's ``defaults`` would put them into every group).
-        self.frugal_defaults = frugal_defaults
+        self.frugal_defaults = take_options(type(self).__name__, self.options, options)
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.__signature__ = options_signature(FrugalBase.__init__, cls.options)
 
     def _check_options(self, group: dict[str, Any]) -> None:
         """A FRUGAL group's ``density`` (when set) and ``inactive_update_rule``."""
@@ -131,25 +145,7 @@ class Frugal(FrugalBase):
     residual buffer E (freed before the next weight).
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        *,
-        density: float = 0.25,
-        reset_statistics: bool = True,
-        inactive_update_rule: str = "sign_sgd",
-        inactive_lr_scale: float = 1.0,
-        nonfinite: str = "skip",
-    ) -> None:
-        super().__init__(
-            params, lr, betas, eps, weight_decay, nonfinite=nonfinite, density=density,
-            reset_statistics=reset_statistics, inactive_update_rule=inactive_update_rule,
-            inactive_lr_scale=inactive_lr_scale,
-        )  # fmt: skip
+    options = {"density": 0.25, "reset_statistics": True, "inactive_update_rule": "sign_sgd", "inactive_lr_scale": 1.0}
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:

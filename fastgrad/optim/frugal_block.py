@@ -3,7 +3,6 @@ whole weight tensors, signSGD on all the others (Zaitsev et al., arXiv 2411.0783
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -53,27 +52,10 @@ class FrugalBlock(FrugalBase):
     skipped does not advance its counters.
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        *,
-        density: float = 0.25,
-        update_proj_gap: int = 200,
-        block_order: str = "descending",
-        inactive_update_rule: str = "sign_sgd",
-        inactive_lr_scale: float = 1.0,
-        seed: int = 0,
-        nonfinite: str = "skip",
-    ) -> None:
-        super().__init__(
-            params, lr, betas, eps, weight_decay, nonfinite=nonfinite, density=density,
-            update_proj_gap=update_proj_gap, block_order=block_order, inactive_update_rule=inactive_update_rule,
-            inactive_lr_scale=inactive_lr_scale, seed=seed,
-        )  # fmt: skip
+    options = {
+        "density": 0.25, "update_proj_gap": 200, "block_order": "descending", "inactive_update_rule": "sign_sgd",
+        "inactive_lr_scale": 1.0, "seed": 0,
+    }  # fmt: skip
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
