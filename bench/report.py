@@ -9,7 +9,8 @@ compare-table block is bench/results/compare-tiny.json, the compare.json of
 ``fastgrad compare --optims adamw,galore,q-galore`` (README, "Comparing optimizers"). The
 memory-example and memory-modes blocks are computed by the memory model itself (``fastgrad memory``),
 which needs no results file. The targets block computes each target's measured cell from the
-latest rows of bench/results/{quant,project,optim,lowrank}.csv.
+latest rows of bench/results/{quant,project,optim,lowrank}.csv. The fsdp-comm block is the latest
+run of ``python bench/comm_fsdp.py`` (bench/results/fsdp_comm.csv).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ COMPARE_RESULTS = ROOT / "bench" / "results" / "compare-tiny.json"
 TARGETS_BEGIN, TARGETS_END = "<!-- targets:begin -->", "<!-- targets:end -->"
 MEMORY_EXAMPLE_BEGIN, MEMORY_EXAMPLE_END = "<!-- memory-example:begin -->", "<!-- memory-example:end -->"
 MEMORY_MODES_BEGIN, MEMORY_MODES_END = "<!-- memory-modes:begin -->", "<!-- memory-modes:end -->"
+FSDP_COMM_BEGIN, FSDP_COMM_END = "<!-- fsdp-comm:begin -->", "<!-- fsdp-comm:end -->"
+FSDP_COMM_RESULTS = ROOT / "bench" / "results" / "fsdp_comm.csv"
 # The README's memory example: Q-GaLore's 7B recipe (8-bit moments, rank 1024) in its published setting.
 MEMORY_7B = [
     "--model", "7b", "--optim", "q-galore8bit", "--rank", "1024", "--layerwise", "--layerwise-streaming",
@@ -226,6 +229,33 @@ def render_memory_modes() -> str:
     return "\n".join(lines)
 
 
+def render_fsdp_comm() -> str:
+    """MiB per step under FSDP2 by collective, for the latest run of bench/comm_fsdp.py."""
+    with FSDP_COMM_RESULTS.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    latest = [r for r in rows if r["time"] == rows[-1]["time"]]
+    kinds = ("all_gather", "reduce_scatter", "all_reduce", "broadcast")
+
+    def mib(row: dict, *keys: str) -> float:
+        return sum(int(row[k]) for k in keys) / 2**20
+
+    lines = [
+        "| model | optimizer | step | all-gather | reduce-scatter | all-reduce + broadcast | total | vs AdamW |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in latest:
+        adamw = next(r for r in latest if (r["model"], r["optimizer"], r["step"]) == (row["model"], "adamw", "steady"))
+        if row["optimizer"] == "adamw" and row["step"] == "refresh":
+            continue  # AdamW has no refresh step
+        total, base = mib(row, *kinds), mib(adamw, *kinds)
+        lines.append(
+            f"| {row['model']} | {row['optimizer']} | {row['step']} | {mib(row, 'all_gather'):.1f} | "
+            f"{mib(row, 'reduce_scatter'):.1f} | {mib(row, 'all_reduce', 'broadcast'):.2f} | {total:.1f} | "
+            f"{total / base:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
 def replace_block(content: str, begin: str, end: str, text: str) -> str:
     head, rest = content.split(begin, 1)
     _, tail = rest.split(end, 1)
@@ -246,7 +276,8 @@ def main() -> None:
     content = replace_block(content, COMPARE_BEGIN, COMPARE_END, render_compare())
     content = replace_block(content, TARGETS_BEGIN, TARGETS_END, render_targets())
     content = replace_block(content, MEMORY_EXAMPLE_BEGIN, MEMORY_EXAMPLE_END, render_memory_example())
-    readme.write_text(replace_block(content, MEMORY_MODES_BEGIN, MEMORY_MODES_END, render_memory_modes()))
+    content = replace_block(content, MEMORY_MODES_BEGIN, MEMORY_MODES_END, render_memory_modes())
+    readme.write_text(replace_block(content, FSDP_COMM_BEGIN, FSDP_COMM_END, render_fsdp_comm()))
 
 
 if __name__ == "__main__":

@@ -95,6 +95,12 @@ def _add_training_arguments(p: argparse.ArgumentParser, only: set[str] | None = 
         "(adamw, galore, fira, apollo, apollo-mini, frugal, frugal-block)",
     )
     add(
+        "--mixed-precision",
+        choices=["bfloat16", "float16"],
+        help="with --fsdp: compute and all-gather the weights in this dtype, keep the weights and optimizer "
+        "states in float32, reduce gradients in float32 (MixedPrecisionPolicy)",
+    )
+    add(
         "--no-lowrank-grad",
         dest="lowrank_grad",
         action="store_const",

@@ -249,7 +249,8 @@ class _LowRankGradLinearFunction(torch.autograd.Function):
             db = dy2.sum(0)
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, n)
-            if project_weight_grad(_grad_key(ctx.module), dy2, x2, weight.dtype) is None:
+            key = _grad_key(ctx.module)  # its dtype: the gathered weight's, or under FSDP2 mixed precision fp32
+            if project_weight_grad(key, dy2, x2, weight.dtype, key.dtype) is None:
                 dw = (dy2.t() @ x2.to(dy2.dtype)).to(weight.dtype)  # a refresh step (or no optimizer): G
         return dx, dw, db, None
 
@@ -318,7 +319,11 @@ def reduce_projected_grads(params: Iterable[torch.Tensor]) -> None:
         padded = low.new_zeros((chunk * world, low.shape[1]))
         padded[: low.shape[0]] = low
         rows = low.new_empty((chunk, low.shape[1]))
-        torch.distributed.reduce_scatter_tensor(rows, padded, group=shard.group)
+        # reduce_scatter_single is reduce_scatter_tensor's name from torch 2.13 on
+        reduce_scatter = (
+            getattr(torch.distributed, "reduce_scatter_single", None) or torch.distributed.reduce_scatter_tensor
+        )
+        reduce_scatter(rows, padded, group=shard.group)
         rows = rows[: shard.rows].div_(world)
         shape = torch.Size((shard.shape[0], low.shape[1]))
         _PROJECTED[p] = DTensor.from_local(rows, p.device_mesh, p.placements, shape=shape, stride=(low.shape[1], 1))

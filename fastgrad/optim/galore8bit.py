@@ -11,6 +11,26 @@ with uint8 codes from :func:`fastgrad.ops.quantize_int8` (stochastic rounding) a
 zeros for V; M's zero is −128·scale and is not stored). Decoding: √V̂ = ŷ², V̂ = ŷ⁴, M̂ = r̂·√V̂.
 C = (1−β1)/√((1−β2)(1−β1²/β2)) (7.27 for β = (0.9, 0.999)) is the Cauchy–Schwarz bound of Adam's
 moments, |M| ≤ C·√V for any gradient sequence started from zero; it requires β1² < β2.
+
+Row-sharded (FSDP2) parameters. The blocks and the rounding stream are those of the *whole* moment
+tensor (the R of the whole weight), so W processes store the codes one process stores:
+
+* whether a moment is 8-bit is decided on its global number of elements;
+* a moment that holds only this rank's rows (a full-rank or right-side weight; rank k holds rows
+  [k·c, min((k+1)·c, m)), c = ⌈m/W⌉) is the global flat range [offset·cols, (offset+rows)·cols).
+  Its blocks are the global tensor's when every rank's start k·c·cols is a multiple of
+  ``block_size`` (i.e. ``block_size`` divides c·cols); otherwise the first step raises ValueError
+  before anything changes. The last rank's tail is zero-padded as the global tensor's tail;
+* element i of the global flat tensor draws its V rounding at stream position offset_t + i and its
+  M rounding at offset_t + n_pad + i (n_pad: the global padded size), on every rank;
+* a left-side moment (r'×n, the same on every rank) is encoded whole, as one process does.
+
+The state of such a row-sharded moment is stored by rows (dim 0 = the parameter's rows), so that a
+sharded checkpoint lays it out as the parameter and reshards it to any number of processes: the
+codes with the moment's local shape (rows, cols) (the tail padding is not stored: it decodes to 0),
+and each scale and zero as a (rows, t) table holding, for every row, the scales of the t blocks it
+touches (t = blocks one row can touch: cols/block_size if block_size divides cols, 1 if cols
+divides block_size; a block that spans several rows has its scale repeated in each).
 """
 
 from __future__ import annotations
@@ -22,11 +42,12 @@ from typing import Any
 
 import torch
 
+from fastgrad.nn.lowrank import projected_grad
 from fastgrad.ops import QuantizedTensor, dequantize_int8, quantize_int8
 from fastgrad.optim.base import ParamStep, adam_scalars, proj_like, transfer_moments
 from fastgrad.optim.galore import GaLoreAdamW
-from fastgrad.optim.projectors import Projector, effective_rank, lowrank_shape, mix_seed, resolve_side
-from fastgrad.optim.sharding import row_shard
+from fastgrad.optim.projectors import LEFT, Projector, effective_rank, lowrank_shape, mix_seed, resolve_side
+from fastgrad.optim.sharding import RowShard, row_shard
 
 __all__ = ["EightBitMoments", "GaLoreAdamW8bit", "AdamW8bit", "moment_bound", "encode_moments", "decode_moments"]
 
@@ -39,6 +60,8 @@ MIN_8BIT_SIZE = 4096  # default: moments of fewer elements stay fp32
 M_CODES, M_SCALES = "exp_avg_codes", "exp_avg_scales"
 V_CODES, V_SCALES, V_ZEROS = "exp_avg_sq_codes", "exp_avg_sq_scales", "exp_avg_sq_zeros"
 QSEED = "exp_avg_qseed"
+EIGHT_BIT_KEYS = (M_CODES, M_SCALES, V_CODES, V_SCALES, V_ZEROS)
+PER_BLOCK_KEYS = (M_SCALES, V_SCALES, V_ZEROS)
 
 
 def moment_bound(betas: tuple[float, float]) -> float:
@@ -55,17 +78,33 @@ def moment_bound(betas: tuple[float, float]) -> float:
 
 
 def encode_moments(
-    first: torch.Tensor, second: torch.Tensor, block_size: int, bound: float, seed: int, offset: int
+    first: torch.Tensor,
+    second: torch.Tensor,
+    block_size: int,
+    bound: float,
+    seed: int,
+    offset: int,
+    *,
+    start: int = 0,
+    total: int | None = None,
 ) -> tuple[QuantizedTensor, QuantizedTensor]:
     """Adam moments (M, V), fp32, contiguous, numel a multiple of ``block_size`` (both overwritten)
     -> (M codes, V codes): y = V^(1/4) asymmetric per block, then r = M/ŷ² clamped to ±``bound``
-    symmetric per block; stochastic rounding with Philox stream positions [offset, offset + 2·numel)."""
+    symmetric per block; stochastic rounding with Philox stream positions [offset, offset + 2·total).
+
+    The tensors are the flat elements [start, start + numel) of a moment of ``total`` (padded)
+    elements, ``total`` defaulting to their own numel (``start`` 0: the whole moment): element i
+    rounds V at position offset + start + i and M at offset + total + start + i, so a slice (a
+    rank's rows) draws exactly the numbers the whole tensor's elements draw."""
     n = first.numel()
+    total = n if total is None else total
+    if start < 0 or start + n > total:
+        raise ValueError(f"encode_moments: elements [{start}, {start + n}) are not within a moment of {total}")
     y = second.sqrt_().sqrt_()
-    qv = quantize_int8(y, block_size, stochastic=True, seed=seed, offset=offset)
+    qv = quantize_int8(y, block_size, stochastic=True, seed=seed, offset=offset + start)
     sqrt_v = dequantize_int8(qv.codes, qv.scales, qv.zeros).square_()
     ratio = first.div_(sqrt_v.clamp_min_(_TINY)).clamp_(-bound, bound)
-    qm = quantize_int8(ratio, block_size, symmetric=True, stochastic=True, seed=seed, offset=offset + n)
+    qm = quantize_int8(ratio, block_size, symmetric=True, stochastic=True, seed=seed, offset=offset + total + start)
     return qm, qv
 
 
@@ -135,11 +174,80 @@ class EightBitMoments:
     def _padded(self, n: int) -> int:
         return -(-n // self.block_size) * self.block_size
 
+    def _global_numel(self, it: ParamStep) -> int:
+        """Elements of ``it``'s whole moment tensor: all ranks' rows of a row-sharded one."""
+        if it.low is not None and not it.low_sharded:
+            return it.low.numel()
+        return math.prod(self._moment_shape(it.group, it.source))
+
     def _is_8bit(self, it: ParamStep) -> bool:
+        """Decided on the global size, so that every rank and one process decide alike."""
         st = it.state
         if M_CODES in st:
             return True
-        return "exp_avg" not in st and it.low.numel() >= self.min_8bit_size
+        return "exp_avg" not in st and self._global_numel(it) >= self.min_8bit_size
+
+    @staticmethod
+    def _rows_of_moments(group: dict[str, Any], p: torch.Tensor) -> RowShard | None:
+        """``p``'s RowShard when its moments hold only this rank's rows (a row-sharded full-rank or
+        right-side weight); None for a plain parameter or a left-side one (moments r'×n on every rank)."""
+        shard = row_shard(p)
+        if shard is None or ("rank" in group and resolve_side(group["proj_side"], p.shape) == LEFT):
+            return None
+        return shard
+
+    def _local_rows(self, it: ParamStep) -> tuple[int, tuple[int, ...], int] | None:
+        """For a moment that holds only this rank's rows: (its first global row, its local shape,
+        the global number of elements); None for a moment held whole."""
+        if not it.low_sharded:
+            return None
+        shape = self._moment_shape(it.group, it.source)
+        return it.shard.offset, (it.shard.rows, *shape[1:]), math.prod(shape)
+
+    def _table_width(self, cols: int) -> int:
+        """t: the most blocks one row of ``cols`` elements can touch in the flat tensor (its start
+        is a multiple of gcd(cols, block_size) modulo block_size)."""
+        step = math.gcd(cols, self.block_size)
+        return (self.block_size - step + cols - 1) // self.block_size + 1
+
+    def _block_index(self, row0: int, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+        """(rows, t) int64: for each local row (global row0 + i), the local indices of the blocks its
+        elements fall in, the last one repeated where it touches fewer than t. Local block 0 starts
+        at global element row0·cols (block-aligned: :meth:`_check_blocks`)."""
+        first = torch.arange(row0, row0 + rows, dtype=torch.int64, device=device) * cols
+        lo, hi = first // self.block_size, (first + cols - 1) // self.block_size
+        width = torch.arange(self._table_width(cols), dtype=torch.int64, device=device)
+        return torch.minimum(lo[:, None] + width, hi[:, None]) - (row0 * cols) // self.block_size
+
+    def _check_blocks(self, group: dict[str, Any], p: torch.Tensor) -> None:
+        """ValueError, before anything is changed, when ``p``'s moments are 8-bit and held by rows
+        but some rank's first element is not the start of a block of the whole flattened moment."""
+        shard = self._rows_of_moments(group, p)
+        st = self.state.get(p) or {}
+        if shard is None or "exp_avg" in st:
+            return
+        shape = self._moment_shape(group, p)
+        numel = math.prod(shape)
+        rows = shape[0] if shape else 0
+        if (M_CODES not in st and numel < self.min_8bit_size) or rows == 0:
+            return
+        cols = numel // rows
+        world = torch.distributed.get_world_size(shard.group)
+        chunk = -(-rows // world)  # the split of sharding.row_shard: rank k holds [k·c, min((k+1)·c, m))
+        starts = {k * chunk for k in range(world) if k * chunk < rows}
+        if shard.rows:
+            starts.add(shard.offset)
+        bad = sorted(r for r in starts if r * cols % self.block_size)
+        if bad:
+            split = ", ".join(f"[{r}, {min(r + chunk, rows)})" for r in range(0, rows, chunk))
+            raise ValueError(
+                f"{type(self).__name__}: parameter #{self.index_of(p)} of shape {tuple(p.shape)} keeps 8-bit moments "
+                f"of shape {tuple(shape)} split by rows over {world} ranks as {split}; the rank holding rows from "
+                f"{bad[0]} starts at element {bad[0] * cols} of the flattened moments, not a multiple of "
+                f"block_size={self.block_size}, so its quantization blocks would not be those of one process. "
+                f"Use a block_size that divides {chunk * cols} ({chunk} rows × {cols}), or keep tensors of this size "
+                f"in fp32 with min_8bit_size > {numel}"
+            )
 
     def _fuses(self, it: ParamStep) -> bool:
         """8-bit moments are decoded and encoded around the step: only fp32-moment items fuse."""
@@ -150,22 +258,75 @@ class EightBitMoments:
         """fp32 (M, V) from a state's codes, each of n_pad elements (the padding decodes to 0)."""
         return decode_moments(st[M_CODES], st[M_SCALES], st[V_CODES], st[V_SCALES], st[V_ZEROS])
 
+    def _decode_rows(self, st: dict[str, Any], row0: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_decode` of a state stored by rows (rows from global row ``row0``, moments of local
+        ``shape``): the flat codes and per-block scales rebuilt, fp32 (M, V) of the local n_pad."""
+        n = math.prod(shape)
+        n_pad = self._padded(n)
+        device = st[M_CODES].device
+        if n == 0:  # a rank that holds no rows (m < world size)
+            return torch.zeros(0, device=device), torch.zeros(0, device=device)
+        index = self._block_index(row0, shape[0], n // shape[0] if shape[0] else 0, device).reshape(-1)
+        flat: dict[str, torch.Tensor] = {}
+        for key in (M_CODES, V_CODES):
+            codes = st[key].reshape(-1)
+            flat[key] = codes if n_pad == n else torch.cat([codes, codes.new_zeros(n_pad - n)])
+        for key in PER_BLOCK_KEYS:
+            table = st[key]
+            flat[key] = table.new_empty(n_pad // self.block_size).scatter_(0, index, table.reshape(-1))
+        first, second = self._decode(flat)
+        first[n:] = 0.0  # the global tail's padding, which one process stores as codes of 0
+        second[n:] = 0.0
+        return first, second
+
     def _encode(self, group: dict[str, Any], it: ParamStep, first: torch.Tensor, second: torch.Tensor) -> None:
-        """Store the fp32 (M, V) of n_pad elements (both overwritten) as codes, after step t ≥ 1."""
+        """Store the fp32 (M, V) of n_pad elements (both overwritten) as codes, after step t ≥ 1.
+
+        Rounding positions are those of the whole moment: for this rank's rows of a row-sharded one,
+        a stream of 2·(global n_pad) per step and the rows' global flat start added (module docstring)."""
         st = it.state
-        offset = (st["step"] - 1) * 2 * first.numel()  # positions never reused: resume and reruns are exact
-        qm, qv = encode_moments(first, second, self.block_size, moment_bound(group["betas"]), st[QSEED], offset)
-        st[M_CODES], st[M_SCALES] = qm.codes, qm.scales
-        st[V_CODES], st[V_SCALES], st[V_ZEROS] = qv.codes, qv.scales, qv.zeros
+        bound = moment_bound(group["betas"])
+        rows = self._local_rows(it)
+        if rows is None:
+            offset = (st["step"] - 1) * 2 * first.numel()  # positions never reused: resume and reruns are exact
+            qm, qv = encode_moments(first, second, self.block_size, bound, st[QSEED], offset)
+            st[M_CODES], st[M_SCALES] = qm.codes, qm.scales
+            st[V_CODES], st[V_SCALES], st[V_ZEROS] = qv.codes, qv.scales, qv.zeros
+            return
+        row0, shape, numel = rows
+        n, total = math.prod(shape), self._padded(numel)
+        cols = n // shape[0] if shape[0] else 0
+        offset = (st["step"] - 1) * 2 * first.numel()
+        row0 = 0
+        if n == 0:  # a rank that holds no rows (m < world size): empty codes and tables
+            empty = first.new_zeros((0, self._table_width(math.prod(shape[1:]))))
+            st[M_CODES] = st[V_CODES] = torch.zeros(shape, dtype=torch.uint8, device=first.device)
+            st[M_SCALES], st[V_SCALES], st[V_ZEROS] = empty, empty.clone(), empty.clone()
+            return
+        qm, qv = encode_moments(
+            first, second, self.block_size, bound, st[QSEED], offset, start=row0 * cols, total=total
+        )
+        for key, codes in ((M_CODES, qm.codes), (V_CODES, qv.codes)):
+            st[key] = (codes if codes.numel() == n else codes[:n].clone()).view(shape)
+        index = self._block_index(row0, shape[0], cols, first.device)
+        for key, per_block in ((M_SCALES, qm.scales), (V_SCALES, qv.scales), (V_ZEROS, qv.zeros)):
+            st[key] = per_block[index]
 
     def dequantized_moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``p``'s (M, V) as fp32 tensors of the moment's shape (decoded, or copies of fp32 moments);
-        None before ``p``'s first step."""
+        None before ``p``'s first step. For a row-sharded ``p``: this rank's rows of them (a
+        left-side weight's moments whole)."""
         st = self.state.get(p, {})
         if M_CODES in st:
-            shape = self._moment_shape(self._group_of(p), p)
+            group = self._group_of(p)
+            shard = self._rows_of_moments(group, p)
+            if shard is not None:  # this rank's rows
+                shape = tuple(st[M_CODES].shape)
+                first, second = self._decode_rows(st, shard.offset, shape)
+            else:
+                shape = self._moment_shape(group, p)
+                first, second = self._decode(st)
             n = math.prod(shape)
-            first, second = self._decode(st)
             return first[:n].view(shape), second[:n].view(shape)
         if "exp_avg" in st:
             return st["exp_avg"].float().clone(), st["exp_avg_sq"].float().clone()
@@ -183,17 +344,26 @@ class EightBitMoments:
         return tuple(lowrank_shape(p.shape, side, effective_rank(group["rank"], p.shape)))
 
     # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None, *, grads_finite: bool = False):
+        """The base step, after checking that the 8-bit moments of every row-sharded parameter with
+        a gradient start a block on every rank (:meth:`_check_blocks`): a misaligned one raises
+        before any parameter's state or weight is changed."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None or ("rank" in group and projected_grad(p) is not None):
+                    self._check_blocks(group, p)
+        super().step(grads_finite=grads_finite)
+        return loss
+
     def prepare(
         self, group: dict[str, Any], p: torch.Tensor, proj: Projector | None, grad: torch.Tensor | None = None, **kw
     ) -> ParamStep:
-        if row_shard(p) is not None:
-            # Blocks and rounding streams over the local rows would make the trajectory depend on
-            # the number of ranks; until they follow the global element index, refuse (before any
-            # state of the step is changed).
-            raise NotImplementedError(
-                f"{type(self).__name__}: 8-bit moments of sharded (FSDP2) parameters are not supported yet; "
-                "use the fp32-moment optimizer"
-            )
+        self._check_blocks(group, p)  # (again, for drivers that call prepare without step)
         # The base class keeps P_old for state transfer only when it finds fp32 "exp_avg".
         state = self.state[p]
         if (
@@ -226,8 +396,9 @@ class EightBitMoments:
         low = it.low.float()
         it.low = None
         n = low.numel()
+        rows = self._local_rows(it)
         if M_CODES in st:
-            first_pad, second_pad = self._decode(st)
+            first_pad, second_pad = self._decode(st) if rows is None else self._decode_rows(st, rows[0], rows[1])
         else:
             st[QSEED] = mix_seed(self._param_seed(group, it.source, it.index), _SR_SALT)
             first_pad = torch.zeros(self._padded(n), dtype=torch.float32, device=low.device)
@@ -246,23 +417,37 @@ class EightBitMoments:
         self._encode(group, it, first_pad, second_pad)
 
     # ------------------------------------------------------------------ checkpoints
+    def sharded_state_keys(self, p: torch.Tensor) -> tuple[str, ...]:
+        """The base's keys plus the 8-bit ones: a row-sharded full-rank or right-side weight stores
+        its codes and its (rows, t) scale tables by rows (module docstring), dim 0 being the
+        parameter's rows, so a sharded checkpoint saves them as DTensors laid out as the parameter
+        and a resume on another number of processes reads each rank's rows of them (its first step
+        then checks that the new split is block-aligned). A left-side weight's 8-bit state is the
+        same on every rank and saved once, as its fp32 moments are."""
+        keys = super().sharded_state_keys(p)
+        return keys if self.state[p].get("proj_side") == LEFT else (*keys, *EIGHT_BIT_KEYS)
+
     def _check_param_state(
         self, name: str, gi: int, idx: int, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]
     ) -> None:
         super()._check_param_state(name, gi, idx, group, p, st)
         if M_CODES not in st:
             return
-        low_shape = self._moment_shape(group, p)
-        n_pad = self._padded(math.prod(low_shape))
-        blocks = n_pad // self.block_size
-        expected = {M_CODES: n_pad, V_CODES: n_pad, M_SCALES: blocks, V_SCALES: blocks, V_ZEROS: blocks}
+        low_shape = tuple(self._moment_shape(group, p))
+        if self._rows_of_moments(group, p) is not None:  # stored by rows (the global shapes of a sharded load)
+            table = (low_shape[0], self._table_width(math.prod(low_shape[1:])))
+            expected = {M_CODES: low_shape, V_CODES: low_shape, **dict.fromkeys(PER_BLOCK_KEYS, table)}
+        else:
+            n_pad = self._padded(math.prod(low_shape))
+            blocks = (n_pad // self.block_size,)
+            expected = {M_CODES: (n_pad,), V_CODES: (n_pad,), **dict.fromkeys(PER_BLOCK_KEYS, blocks)}
         for key, size in expected.items():
             t = st.get(key)
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (size,):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != size:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else t
                 raise ValueError(
                     f"{name}: parameter {idx} (group {gi}, shape {tuple(p.shape)}): saved '{key}' is {got}, "
-                    f"expected shape ({size},) for moments of shape {low_shape} in blocks of {self.block_size}: "
+                    f"expected shape {size} for moments of shape {low_shape} in blocks of {self.block_size}: "
                     "the state was saved for a different model, rank or block_size"
                 )
 

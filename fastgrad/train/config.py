@@ -79,6 +79,9 @@ class TrainConfig:
     # Shard weights, gradients and optimizer states over the processes (FSDP2, fully_shard), with
     # sharded checkpoints (torch.distributed.checkpoint) that resume on any number of processes.
     fsdp: bool = False
+    # With fsdp: compute (and all-gather the weights) in this dtype ("bfloat16", "float16"), keep the
+    # weights and optimizer states in `dtype` (float32 by default then) and reduce gradients in fp32.
+    mixed_precision: str | None = None
     max_memory_gb: float | None = None
     data: str | None = None
     tokenizer: str | None = None
@@ -132,13 +135,20 @@ class TrainConfig:
     def fsdp_error(self) -> str | None:
         """Why ``fsdp`` cannot be used with the rest of this config (None: it can)."""
         if not self.fsdp:
+            if self.mixed_precision:
+                return "--mixed-precision is FSDP2's (MixedPrecisionPolicy): add --fsdp"
             return None
         if self.layerwise:
             return "--fsdp with --layerwise is not supported yet: drop one of them"
         if self.optim in FSDP_NOT_YET:
             return (
                 f"--fsdp with --optim {self.optim} is not supported yet ({FSDP_NOT_YET[self.optim]}); "
-                f"use --optim {' or '.join(o for o in ('galore', 'fira', 'apollo', 'frugal', 'adamw'))}"
+                "use --optim galore, fira, apollo, apollo-mini, frugal, frugal-block or adamw"
+            )
+        if self.mixed_precision and self.dtype not in (None, "float32"):
+            return (
+                f"--mixed-precision {self.mixed_precision} keeps the weights in --dtype, which must then be float32 "
+                f"(got --dtype {self.dtype})"
             )
         return None
 

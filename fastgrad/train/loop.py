@@ -340,7 +340,9 @@ def _train(
     config_error = cfg.layerwise_streaming_error() or cfg.fsdp_error()
     if config_error:
         raise ValueError(config_error)
-    dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    # --mixed-precision keeps fp32 weights (the compute dtype is the policy's)
+    default = "bfloat16" if device.type == "cuda" and not cfg.mixed_precision else "float32"
+    dtype = getattr(torch, cfg.dtype or default)
     if cfg.max_memory_gb and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.max_memory_gb * 2**30 / total), device)
@@ -351,12 +353,15 @@ def _train(
     model = LlamaForCausalLM(get_config(cfg.model, data.vocab_size, cfg.seq_len)).to(device=device, dtype=dtype)
     model.gradient_checkpointing = cfg.activation_checkpointing
     if cfg.fsdp:  # each decoder layer all-gathered on its own, the rest (embedding, head, norm) with the root
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         lowrank_grad_layers(cfg, model)  # before sharding: FSDP keeps the layers it finds
+        policy = MixedPrecisionPolicy()
+        if cfg.mixed_precision:
+            policy = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.mixed_precision), reduce_dtype=torch.float32)
         for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         bind_sharded_weights(model)
     optimizer = build_optimizer(cfg, model)  # may swap modules (Q-GaLore: QLinear): before any DDP wrapping
     # Layer-wise: the driver's hooks consume each gradient during backward (projected and
