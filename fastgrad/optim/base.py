@@ -59,7 +59,7 @@ from fastgrad.nn.lowrank import (
     set_grad_projection,
     zero_projected_grads,
 )
-from fastgrad.ops import lowrank_project
+from fastgrad.ops import lowrank_project, lowrank_project_back_add_
 from fastgrad.optim.projectors import (
     LEFT,
     PROJECTOR_OPTIONS,
@@ -247,6 +247,22 @@ def _share_subspace(proj: Projector, state: dict[str, Any], shard: RowShard) -> 
         value = state.get(key)
         if isinstance(value, torch.Tensor):
             shard.broadcast_(value)
+
+
+def adamw_update(
+    group: dict[str, Any], it: ParamStep, first: torch.Tensor, second: torch.Tensor, t: int,
+    p_mat: torch.Tensor | None = None,
+) -> None:  # fmt: skip
+    """torch.optim.AdamW's update of ``it``'s weight from its updated moments at Adam step t (decay
+    is the caller's): W ← W − lr/(1−β1^t) · N, N = M / (√V/√(1−β2^t) + ε); with ``p_mat`` the
+    projected weight's W ← W − lr/(1−β1^t) · up(N, P), added straight into W."""
+    scalars = adam_scalars(group, t, "torch")
+    denom = second.sqrt().div_(scalars.v_divisor).add_(scalars.eps)
+    if p_mat is None:
+        it.param.addcdiv_(first, denom, value=-scalars.step_size)
+    else:
+        normed = torch.div(first, denom, out=denom)
+        lowrank_project_back_add_(it.param, normed, p_mat, it.side, -scalars.step_size)
 
 
 def take_options(name: str, declared: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from fastgrad.ops import lowrank_project_back_add_
 from fastgrad.optim.base import (
     LowRankOptimizer,
     ParamStep,
-    adam_scalars,
+    adamw_update,
     check_adam_hyperparameters,
     options_signature,
     take_options,
@@ -81,22 +81,6 @@ class FrugalBase(LowRankOptimizer):
             it.param.add_(update.sign_() if overwrite else update.sign(), alpha=alpha)
         elif rule == "sgd":
             it.param.add_(update, alpha=alpha)
-
-    @staticmethod
-    def _adamw_update(
-        group: dict[str, Any], it: ParamStep, first: torch.Tensor, second: torch.Tensor, t: int,
-        p_mat: torch.Tensor | None = None,
-    ) -> None:  # fmt: skip
-        """torch.optim.AdamW's update from the updated moments at Adam step t (decay is the
-        caller's): W ← W − lr/(1−β1^t) · N, N = M / (√V/√(1−β2^t) + ε); with ``p_mat`` the
-        projected weight's W ← W − lr/(1−β1^t) · up(N, P), added straight into W."""
-        scalars = adam_scalars(group, t, "torch")
-        denom = second.sqrt().div_(scalars.v_divisor).add_(scalars.eps)
-        if p_mat is None:
-            it.param.addcdiv_(first, denom, value=-scalars.step_size)
-        else:
-            normed = torch.div(first, denom, out=denom)
-            lowrank_project_back_add_(it.param, normed, p_mat, it.side, -scalars.step_size)
 
 
 class Frugal(FrugalBase):
@@ -221,7 +205,7 @@ class Frugal(FrugalBase):
                 self._state_free_update(group, it, p_mat, lr)  # reads R: before it is freed
             it.low = None
             st[step_key] += 1
-            self._adamw_update(group, it, first, second, st[step_key], p_mat if lowrank else None)
+            adamw_update(group, it, first, second, st[step_key], p_mat if lowrank else None)
             it.proj = it.proj_old = None
 
     def _state_free_update(self, group: dict[str, Any], it: ParamStep, p_mat: torch.Tensor, lr: float) -> None:

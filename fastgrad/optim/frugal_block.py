@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fastgrad.optim.base import ParamStep
+from fastgrad.optim.base import ParamStep, adamw_update
 from fastgrad.optim.frugal import FrugalBase
 from fastgrad.optim.projectors import mix_seed
 
@@ -128,5 +128,5 @@ class FrugalBlock(FrugalBase):
             st = it.state
             st["step"] += 1
             st["adam_step"] = st.get("adam_step", 0) + 1
-            self._adamw_update(group, it, first, second, st["adam_step"])
+            adamw_update(group, it, first, second, st["adam_step"])
             it.low = None

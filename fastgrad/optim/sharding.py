@@ -60,10 +60,19 @@ class RowShard:
     offset: int
     rows: int
     shape: torch.Size
+    mesh: torch.distributed.device_mesh.DeviceMesh
 
     def rows_of(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a tensor whose dim 0 spans the global rows (a view)."""
         return full.narrow(0, self.offset, self.rows)
+
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The whole tensor whose rows every rank holds its share of (an all-gather)."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        shape = torch.Size((self.shape[0], *rows.shape[1:]))
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(rows, self.mesh, [Shard(0)], shape=shape, stride=stride).full_tensor()
 
     def like(self, t: torch.Tensor) -> torch.Tensor:
         """A tensor of the global shape with ``t``'s dtype and device that owns no memory (an
@@ -97,7 +106,7 @@ def row_shard(p: torch.Tensor) -> RowShard | None:
             f"got placements {placements} over a {mesh.ndim}-D mesh"
         )
     local_shape, global_offset = compute_local_shape_and_global_offset(p.shape, mesh, placements)
-    return RowShard(mesh.get_group(), int(global_offset[0]), int(local_shape[0]), p.shape)
+    return RowShard(mesh.get_group(), int(global_offset[0]), int(local_shape[0]), p.shape, mesh)
 
 
 def sharded_norm(
