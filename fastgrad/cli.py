@@ -92,7 +92,7 @@ def _add_training_arguments(p: argparse.ArgumentParser, only: set[str] | None = 
         const=True,
         help="under torchrun (or alone): shard weights, gradients and optimizer states over the processes "
         "(FSDP2, fully_shard); sharded checkpoints resume on any number of processes "
-        "(adamw, galore, fira, apollo, apollo-mini, frugal, frugal-block)",
+        "(all optimizers but q-galore and q-galore8bit)",
     )
     add(
         "--mixed-precision",

@@ -9,7 +9,6 @@ the order of fp32 sums (two half-batch forward passes and FSDP's gradient averag
 all-reduced partial projections and norms).
 """
 
-import gc
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from dist_common import WORLD, run_on_ranks
 from optim_common import (
     FIRA_APOLLO,
     make_frugal,
@@ -39,7 +39,7 @@ from fastgrad.train.profiling import CollectiveBytes
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not dist.is_available(), reason="gloo")
 
 CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=165, num_layers=2, num_heads=4)
-STEPS, GAP, ROWS, WORLD = 20, 5, 4, 2  # ROWS sequences per rank and step
+STEPS, GAP, ROWS = 20, 5, 4  # ROWS sequences per rank and step
 LOWRANK_GRAD = ("galore-lowrank-grad",)
 
 CASES = {
@@ -172,32 +172,40 @@ def _refused(rank: int) -> dict:
     return {"state entries": sum(len(st) for st in opt.state.values())}
 
 
-def _worker(rank: int, store: str, out: str, cases: list[str]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        results = {case: _run(case, rank) for case in cases}
-        steps = [None] * WORLD
-        results["nonfinite"] = _nonfinite_on_one_rank(rank)
-        dist.all_gather_object(steps, results["nonfinite"]["step"])
-        results["nonfinite"]["steps"] = steps
-        results["refused"] = _refused(rank)
-        results["bytes"] = _step_bytes(rank)
-        if rank == 0:
-            torch.save(results, out)
-        del results
-        gc.collect()  # no FSDP state (and its pending collective work) outlives the process group
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _empty_rows(rank: int) -> list[torch.Tensor]:
+    """A 1×8 weight over 2 ranks (rank 1 holds no row of it) beside a 6×8 one, 3 AdamW-type steps of
+    GaLoreAdamW's full-rank path with the finiteness check on: the weights after the steps."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6, bias=False), torch.nn.Linear(6, 1, bias=False))
+    fully_shard(model)
+    opt = optim.GaLoreAdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank))
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    return [p.full_tensor() for p in model.parameters()]
+
+
+def _collect(rank: int, cases: list[str]) -> dict:
+    """What the tests below check, as this rank computed it (rank 0's is returned to them)."""
+    results = {case: _run(case, rank) for case in cases}
+    steps = [None] * WORLD
+    results["nonfinite"] = _nonfinite_on_one_rank(rank)
+    dist.all_gather_object(steps, results["nonfinite"]["step"])
+    results["nonfinite"]["steps"] = steps
+    results["refused"] = _refused(rank)
+    results["bytes"] = _step_bytes(rank)
+    results["empty rows"] = _empty_rows(rank)
+    return results
 
 
 @pytest.fixture(scope="module")
 def sharded_runs(tmp_path_factory):
-    """Every case under FSDP2 with 2 processes (one launch for all of them)."""
-    tmp = tmp_path_factory.mktemp("fsdp")
-    torch.multiprocessing.spawn(_worker, args=(str(tmp / "store"), str(tmp / "out.pt"), list(CASES)), nprocs=WORLD)
-    return torch.load(tmp / "out.pt", weights_only=True)
+    """Every case under FSDP2 with 2 processes (one launch for all of them): rank 0's results."""
+    return run_on_ranks(_collect, tmp_path_factory.mktemp("fsdp"), list(CASES))[0]
 
 
 @pytest.mark.usefixtures("single_thread")
@@ -227,6 +235,21 @@ def test_a_nonfinite_gradient_on_one_rank_skips_the_weight_on_every_rank(sharded
     result = sharded_runs["nonfinite"]
     assert torch.equal(result["after"], result["before"])
     assert result["steps"] == [1, 1]
+
+
+def test_a_rank_without_rows_of_a_weight_steps_it_like_one_process(sharded_runs):
+    """Rank 1 holds no row of the 1×8 weight (its local rows are empty): the step still runs on
+    every rank, and both weights end as one process with the two ranks' batches leaves them."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6, bias=False), torch.nn.Linear(6, 1, bias=False))
+    opt = optim.GaLoreAdamW(model.parameters(), lr=1e-2)
+    x = torch.cat([torch.randn(4, 8, generator=torch.Generator().manual_seed(r)) for r in range(WORLD)])
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    for sharded, single in zip(sharded_runs["empty rows"], model.parameters(), strict=True):
+        torch.testing.assert_close(sharded, single.detach(), rtol=1e-5, atol=1e-7)
 
 
 def test_what_is_not_supported_yet_is_refused_before_the_step_changes_anything(sharded_runs):

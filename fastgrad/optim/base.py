@@ -168,7 +168,8 @@ def finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
         return []
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
+        if t.numel():  # an empty tensor (a rank holding no rows of a parameter) is finite
+            by_device.setdefault(t.device, []).append(i)
     first = tensors[0].device
     order: list[int] = []
     parts: list[torch.Tensor] = []
@@ -178,7 +179,7 @@ def finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
         parts.append(torch.isfinite(torch.stack([n.float() for n in norms])).to(first))
         order += idx
     flags: list[bool] = [True] * len(tensors)
-    for i, ok in zip(order, torch.cat(parts).tolist(), strict=True):
+    for i, ok in zip(order, torch.cat(parts).tolist() if parts else [], strict=True):
         flags[i] = ok
     return flags
 

@@ -27,7 +27,7 @@ tensor (the R of the whole weight), so W processes store the codes one process s
 
 The state of such a row-sharded moment is stored by rows (dim 0 = the parameter's rows), so that a
 sharded checkpoint lays it out as the parameter and reshards it to any number of processes: the
-codes with the moment's local shape (rows, cols) (the tail padding is not stored: it decodes to 0),
+codes with the moment's local shape (rows, cols…) (the tail padding is not stored: it decodes to 0),
 and each scale and zero as a (rows, t) table holding, for every row, the scales of the t blocks it
 touches (t = blocks one row can touch: cols/block_size if block_size divides cols, 1 if cols
 divides block_size; a block that spans several rows has its scale repeated in each).
@@ -296,11 +296,11 @@ class EightBitMoments:
         row0, shape, numel = rows
         n, total = math.prod(shape), self._padded(numel)
         cols = n // shape[0] if shape[0] else 0
-        offset = (st["step"] - 1) * 2 * first.numel()
-        row0 = 0
+        offset = (st["step"] - 1) * 2 * total
         if n == 0:  # a rank that holds no rows (m < world size): empty codes and tables
             empty = first.new_zeros((0, self._table_width(math.prod(shape[1:]))))
-            st[M_CODES] = st[V_CODES] = torch.zeros(shape, dtype=torch.uint8, device=first.device)
+            st[M_CODES] = torch.zeros(shape, dtype=torch.uint8, device=first.device)
+            st[V_CODES] = torch.zeros(shape, dtype=torch.uint8, device=first.device)
             st[M_SCALES], st[V_SCALES], st[V_ZEROS] = empty, empty.clone(), empty.clone()
             return
         qm, qv = encode_moments(
@@ -510,6 +510,14 @@ class GaLoreAdamW8bit(EightBitMoments, GaLoreAdamW):
     uint8 (n_pad,), ``exp_avg_sq_scales`` and ``exp_avg_sq_zeros`` fp32 (blocks,); plus the
     projector's keys. Bytes: 2·n_pad + 12·blocks (≈ 2.05 per element for block 256, vs 8 for fp32
     moments and 4 for bf16) + the projector as in GaLoreAdamW. :meth:`state_bytes` sums the tensors.
+    A row-sharded (FSDP2) full-rank or right-side weight keeps, on each rank, its rows' moments stored
+    by rows (module docstring): codes uint8 of the local moment shape (rows, cols) and the three
+    fp32 scale/zero tensors as (rows, t) tables, 2·rows·cols + 12·rows·t bytes (t = 1 when cols
+    divides block_size, e.g. a projected R of r' = 128: 12 bytes per row, 0.09 per element); the
+    blocks, the 8-bit decision and the rounding stream are those of the whole moment, so the codes
+    are one process's (the layout requires block_size to divide c·cols, c = ⌈m/W⌉ rows per rank:
+    ValueError at the first step otherwise). A sharded checkpoint saves these by rows and resumes
+    on any number of processes whose split is block-aligned.
     Resume is bitwise (the rounding stream is a function of the seed and the step). Each step
     decodes one weight's moments to fp32 (transient, the size of that weight's moments), updates
     them, applies the update and re-encodes them before the next weight: fastgrad ops

@@ -5,6 +5,8 @@ schedule to 10% of the peak with 10% warmup. GaLore/Q-GaLore/Fira: lr 0.01, scal
 0.0625 at 1B/7B), projector refresh every 200 steps (500 at 7B), rank 128/256/256/512/1024.
 APOLLO: rank 128/192/256/256/256, scale 1; APOLLO-Mini: rank 1, scale 128. FRUGAL: density 0.25,
 lr 1e-3. AdamW baselines (adamw, adamw8bit) use lr 1e-3; galore8bit follows the GaLore recipe.
+Muon (Moonlight's recipe): AdamW's lr 1e-3 and weight decay for both its groups, Muon's steps scaled
+to AdamW's RMS.
 ``tiny`` is sized so that the default run finishes in minutes on a 2-core CPU.
 """
 
@@ -35,8 +37,6 @@ FULL_RANK_LR = 1e-3  # AdamW recipes
 
 # Optimizers that --fsdp refuses for now, and why.
 FSDP_NOT_YET = {
-    "adamw8bit": "8-bit moments of sharded weights",
-    "galore8bit": "8-bit moments of sharded weights",
     "q-galore": "INT8 weights sharded as INT8",
     "q-galore8bit": "INT8 weights sharded as INT8",
 }
@@ -110,7 +110,8 @@ class TrainConfig:
         if cfg.update_proj_gap is None:
             cfg.update_proj_gap = UPDATE_PROJ_GAP.get(name, 200)
         if cfg.lr is None:
-            cfg.lr = FULL_RANK_LR if cfg.optim in ("adamw", "adamw8bit", "frugal", "frugal-block") else LOW_RANK_LR
+            full_rank = ("adamw", "adamw8bit", "frugal", "frugal-block", "muon")
+            cfg.lr = FULL_RANK_LR if cfg.optim in full_rank else LOW_RANK_LR
         if cfg.steps is None:
             # --batch-size is per process: under torchrun a step takes WORLD_SIZE times as many tokens.
             world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -143,7 +144,7 @@ class TrainConfig:
         if self.optim in FSDP_NOT_YET:
             return (
                 f"--fsdp with --optim {self.optim} is not supported yet ({FSDP_NOT_YET[self.optim]}); "
-                "use --optim galore, fira, apollo, apollo-mini, frugal, frugal-block or adamw"
+                "use --optim galore, galore8bit, fira, apollo, apollo-mini, frugal, frugal-block, adamw, adamw8bit or muon"
             )
         if self.mixed_precision and self.dtype not in (None, "float32"):
             return (
