@@ -48,6 +48,7 @@ SCHEMAS: dict[str, str] = {
     " Tensor(e!) exp_avg_sq, Tensor r, Tensor p_codes, Tensor p_scales, Tensor p_zeros, int bits, str side,"
     " float beta1, float beta2, float eps, float denom_scale, float step_scale, float decay, bool stochastic,"
     " int seed, int offset) -> ()",
+    "newton_schulz": "(Tensor x, float[] coefficients, float eps) -> Tensor",
 }
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -437,3 +438,31 @@ def _adam_step_int8_checks(*args) -> int:
 
 
 _register("galore_adam_step_int8_", _adam_step_int8_checks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Newton–Schulz orthogonalization (Muon), see _reference.newton_schulz
+
+NEWTON_SCHULZ_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def check_newton_schulz(x: torch.Tensor, coefficients, eps: float) -> None:
+    """x (..., m, n) float32/bfloat16 (any strides: a non-contiguous x is made contiguous); the
+    coefficients a non-empty flat list of (a, b, c) triples, one per step, finite; eps finite > 0."""
+    op = "newton_schulz"
+    _check(x.dtype in NEWTON_SCHULZ_DTYPES, op, "x", "float32 or bfloat16", x.dtype)
+    _check(x.dim() >= 2, op, "x", "a tensor with at least 2 dimensions (..., m, n)", f"a {x.dim()}-d tensor")
+    k = len(coefficients)
+    _check(
+        k > 0 and k % 3 == 0,
+        op,
+        "coefficients",
+        "a non-empty list of (a, b, c) triples (length a multiple of 3)",
+        f"{k} values",
+    )
+    bad = [c for c in coefficients if not -float("inf") < c < float("inf")]
+    _check(not bad, op, "coefficients", "finite", bad[:1])
+    _check(0.0 < eps < float("inf"), op, "eps", "finite and > 0", eps)
+
+
+_register("newton_schulz", check_newton_schulz, lambda args, _: args[0].new_empty(args[0].shape))  # contiguous

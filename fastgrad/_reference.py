@@ -318,3 +318,41 @@ def galore_adam_step_int8_(
         w_codes[sl].copy_(codes)
         w_scales[sl].copy_(scales)
         w_zeros[sl].copy_(zeros)
+
+
+def _newton_schulz_matrix(y: torch.Tensor, coefficients, eps: float) -> torch.Tensor:
+    """One matrix (m×n, any strides): the op sequence of ``torch.optim.Muon`` (torch 2.13,
+    ``_zeropower_via_newtonschulz``), op for op, so that results are bitwise torch's. The result may
+    be a transposed view (m > n); the caller copies it out."""
+    transposed = y.size(0) > y.size(1)
+    if transposed:
+        y = y.T  # work on the wide side: the Gram matrix A is min(m, n)²
+    # torch.optim.Muon: y.div_(y.norm().clamp(min=eps)) on a fresh copy; y.norm() is
+    # linalg.vector_norm(y, 2) (the Frobenius norm), rounded to y's dtype.
+    y = y.div(y.norm().clamp(min=eps))
+    for i in range(0, len(coefficients), 3):
+        a, b, c = coefficients[i : i + 3]
+        gram = y @ y.T  # A = Y Yᵀ
+        update = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # B = b·A + c·A·A
+        y = torch.addmm(y, update, y, beta=a)  # Y = a·Y + B·Y
+    return y.T if transposed else y
+
+
+def newton_schulz(x: torch.Tensor, coefficients: list[float], eps: float) -> torch.Tensor:
+    """Newton–Schulz orthogonalization of every matrix of ``x`` (..., m, n), float32 or bfloat16:
+
+      Y = X (Xᵀ if m > n);  Y ← Y / max(‖Y‖_F, eps)
+      for (a, b, c) in coefficients (consecutive triples):  A = Y Yᵀ;  B = b·A + c·A·A;  Y = a·Y + B·Y
+      result: Y (transposed back if m > n), x's shape and dtype.
+
+    Every op computes in x's dtype as torch's CPU/GPU kernels do (matmuls accumulate in fp32 and round
+    the result to bf16), exactly the op sequence of ``torch.optim.Muon``: a 2-d contiguous x gives
+    torch's bits. A non-contiguous x is made contiguous first; the matrices of a batch are
+    processed one at a time, each bitwise its own 2-d result.
+    """
+    m, n = x.shape[-2], x.shape[-1]
+    flat = x.contiguous().reshape(x.shape[:-2].numel(), m, n)
+    out = torch.empty(flat.shape, dtype=x.dtype, device=x.device)
+    for i in range(flat.shape[0]):
+        out[i].copy_(_newton_schulz_matrix(flat[i], coefficients, eps))
+    return out.reshape(x.shape)

@@ -14,6 +14,8 @@ Philox stream: the same ``(seed, offset)`` gives the same codes on every backend
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -31,6 +33,8 @@ __all__ = [
     "lowrank_project_back_add_",
     "lowrank_grad",
     "galore_adam_step_",
+    "NS_COEFFICIENTS",
+    "newton_schulz",
 ]
 
 
@@ -244,3 +248,68 @@ def galore_adam_step_(
         )
     else:
         torch.ops.fastgrad.galore_adam_step_(w, exp_avg, exp_avg_sq, r, p, side, *hyper)
+
+
+# The quintic Newton–Schulz coefficients (a, b, c) of Muon (Keller Jordan), torch.optim.Muon's default
+# ``ns_coefficients``: chosen to maximize the slope at zero rather than to converge to exactly 1; 5
+# steps take the singular values of a matrix of condition number 10 into [0.68, 1.14] (measured, fp32
+# and bf16; tests/test_newton_schulz.py), not to 1. The classical cubic iteration is (1.5, -0.5, 0).
+NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.775, 2.0315)
+
+
+def _is_triple(c) -> bool:
+    return isinstance(c, Sequence) and len(c) == 3 and all(isinstance(v, numbers.Real) for v in c)
+
+
+def newton_schulz(
+    x: torch.Tensor,
+    steps: int | None = None,
+    coefficients: Sequence[float] | Sequence[Sequence[float]] = NS_COEFFICIENTS,
+    eps: float = 1e-7,
+) -> torch.Tensor:
+    """Newton–Schulz orthogonalization of every matrix of ``x`` (Muon's update direction).
+
+    ``x`` is ``(..., m, n)``, float32 or bfloat16 (leading dimensions are a batch of matrices); the
+    result has x's shape and dtype and is contiguous. Per matrix X (m×n)::
+
+        Y = X, or Xᵀ if m > n             (so that A below is min(m, n)²)
+        Y ← Y / max(‖Y‖_F, eps)           (Frobenius norm of the matrix)
+        for each step i with coefficients (a_i, b_i, c_i):
+            A = Y Yᵀ;  B = b_i·A + c_i·A·A;  Y = a_i·Y + B·Y
+        result: Y, transposed back if m > n
+
+    Each op computes in x's dtype (matmuls accumulate in fp32 and round their result to bf16 for a
+    bf16 x), in the op sequence of ``torch.optim.Muon``: for a contiguous 2-d bf16 ``x`` the result
+    is bitwise ``torch.optim.Muon``'s (which converts the update to bf16 first; do the same to match
+    it for fp32 gradients). The matrices of a batch are processed one by one, each bitwise its own
+    2-d result.
+
+    Args:
+        steps: the number of iterations when ``coefficients`` is one triple (None: 5, torch's);
+            with a sequence of triples, None or its length.
+        coefficients: one ``(a, b, c)`` triple used for every step (default :data:`NS_COEFFICIENTS`,
+            torch's), or a sequence of triples, one per step.
+        eps: floor of the norm (> 0): an all-zero matrix stays zero.
+    """
+    if _is_triple(coefficients):
+        steps = 5 if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+            raise ValueError(
+                "fastgrad.newton_schulz: argument 'steps' must be a positive int with one (a, b, c) triple, "
+                f"got {steps!r}"
+            )
+        flat = [float(v) for v in coefficients] * steps
+    else:
+        triples = list(coefficients)
+        if not triples or not all(_is_triple(t) for t in triples):
+            raise ValueError(
+                "fastgrad.newton_schulz: argument 'coefficients' must be one (a, b, c) triple or a non-empty "
+                f"sequence of triples (one per step), got {coefficients!r}"
+            )
+        if steps is not None and steps != len(triples):
+            raise ValueError(
+                f"fastgrad.newton_schulz: argument 'steps' must be None or {len(triples)} (the number of "
+                f"coefficient triples given, one per step), got {steps!r}"
+            )
+        flat = [float(v) for t in triples for v in t]
+    return torch.ops.fastgrad.newton_schulz(x, flat, eps)

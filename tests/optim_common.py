@@ -190,3 +190,9 @@ def block_groups(model, **kw):
 
 def make_frugal_block(model, *, lr=1e-2, opt_kwargs=None, **group_kwargs):
     return optim.FrugalBlock(block_groups(model, **group_kwargs), lr=lr, **(opt_kwargs or {}))
+
+
+def make_muon(model, *, lr=2e-2, adamw_lr=3e-3, weight_decay=0.1, opt_kwargs=None):
+    """Muon on the attention/MLP weights, AdamW at ``adamw_lr`` on the rest."""
+    groups = optim.muon_param_groups(model, lr=adamw_lr)
+    return optim.Muon(groups, lr=lr, weight_decay=weight_decay, **(opt_kwargs or {}))

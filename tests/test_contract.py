@@ -118,6 +118,10 @@ def _samples(device):
                 0,
             ),  # fmt: skip
         ],
+        "newton_schulz": [
+            (torch.randn(16, 40, device=device), [3.4445, -4.775, 2.0315] * 2, 1e-7),
+            (torch.randn(3, 40, 16, device=device).bfloat16(), [3.4445, -4.775, 2.0315, 1.5, -0.5, 0.0], 1e-3),
+        ],
         "lowrank_project_back_quantized_add_": [
             (
                 g.clone(),
@@ -258,6 +262,10 @@ def _bad_calls():
             lambda: F.dequantize_int4(q4.codes[:, :31].contiguous(), q4.scales, q4.zeros, torch.float32),
         ),
         ("round_bf16_stochastic", "x", lambda: F.round_bf16_stochastic(x.bfloat16(), 0, 0)),
+        ("newton_schulz", "x", lambda: F.newton_schulz(x.double(), [3.0, -3.0, 1.0], 1e-7)),
+        ("newton_schulz", "x", lambda: F.newton_schulz(x[0], [3.0, -3.0, 1.0], 1e-7)),
+        ("newton_schulz", "coefficients", lambda: F.newton_schulz(x, [3.0, -3.0], 1e-7)),
+        ("newton_schulz", "eps", lambda: F.newton_schulz(x, [3.0, -3.0, 1.0], 0.0)),
         ("lowrank_project", "side", lambda: F.lowrank_project(g, p_left, "up")),
         ("lowrank_project", "p", lambda: F.lowrank_project(g, p_left, "right")),  # wrong P shape for the side
         ("lowrank_project", "p", lambda: F.lowrank_project(g, p_left.bfloat16(), "left")),

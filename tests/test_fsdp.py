@@ -25,6 +25,7 @@ from optim_common import (
     make_frugal,
     make_frugal_block,
     make_galore,
+    make_muon,
     token_batches,
 )
 
@@ -59,6 +60,9 @@ CASES = {
     # so that 1 process splitting its batch in two differs by 1e-2 after 20 steps (measured).
     "frugal": lambda model: make_frugal(model, gap=GAP, projector="random", opt_kwargs={"inactive_update_rule": "sgd"}),
     "frugal-block": lambda model: make_frugal_block(model),
+    # the whole update gathered for Newton–Schulz, every rank keeps its rows; in fp32 (bf16 would
+    # round the two runs' rounding-level differences of G to different bf16 values)
+    "muon": lambda model: make_muon(model, opt_kwargs={"ns_dtype": torch.float32}),
 }
 
 

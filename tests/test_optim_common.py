@@ -23,6 +23,7 @@ from optim_common import (
     make_frugal_block,
     make_galore,
     make_galore8,
+    make_muon,
     make_qgalore,
     make_qgalore8,
     quantized_model,
@@ -138,6 +139,7 @@ SKIP = {
     "qgalore8bit": Skip(make_qgalore8, 3, {DOWN0: NAN, EMBED: INF}, Q1, refresh=True, model=quantized_model),
     "frugal": Skip(lambda m: make_frugal(m, gap=2), 2, {Q0: NAN}, DOWN1, refresh=True),
     "frugal-block": Skip(make_frugal_block, 0, {DOWN1: NAN}, Q0, refresh=False, check=_no_moments_created),
+    "muon": Skip(make_muon, 2, {DOWN0: NAN, EMBED: INF}, Q1, refresh=False),
 }
 
 
@@ -204,6 +206,7 @@ RAISES = {
     "qgalore8bit": Raise(lambda m: make_qgalore8(m, **RAISE), 2, UP1, model=quantized_model),
     "frugal": Raise(lambda m: make_frugal(m, gap=2, opt_kwargs=RAISE), 2, UP1),
     "frugal-block": Raise(lambda m: make_frugal_block(m, opt_kwargs=RAISE), 1, DOWN1),
+    "muon": Raise(lambda m: make_muon(m, opt_kwargs=RAISE), 2, UP1),
 }
 
 
@@ -283,6 +286,7 @@ RESUME = {
     "qgalore8bit": Resume(make_qgalore8, model=quantized_model),
     "frugal": Resume(lambda m: make_frugal(m, gap=2)),
     "frugal-block": Resume(lambda m: make_frugal_block(m, lr=3e-3, update_proj_gap=3, block_order="random")),
+    "muon": Resume(make_muon),
 }
 STEPS, SAVED_AT = 9, 5  # a refresh at step 6 (T = 3) after the checkpoint
 

@@ -15,6 +15,7 @@ from fastgrad.optim.layerwise import (
     StreamingLayerwiseOptimizer,
     layerwise,
 )
+from fastgrad.optim.muon import Muon, muon_param_groups
 from fastgrad.optim.param_groups import galore_param_groups, target_linear_weights
 from fastgrad.optim.projectors import (  # noqa: F401 (in __all__ through PUBLIC_API)
     PROJECTORS,
@@ -31,6 +32,8 @@ from fastgrad.optim.projectors import PUBLIC_API as _PROJECTOR_API
 from fastgrad.optim.qgalore import QGaLoreAdamW, QGaLoreAdamW8bit, qgalore_param_groups
 
 __all__ = [
+    "Muon",
+    "muon_param_groups",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
     "AdamW8bit",

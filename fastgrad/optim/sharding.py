@@ -1,4 +1,5 @@
-"""Row-sharded parameters: what the optimizers need to step an FSDP2 (``fully_shard``) parameter.
+"""Row-sharded parameters: what the optimizers need to step an FSDP2 (``fully_shard``) parameter
+(docs/algorithms.md §11).
 
 ``torch.distributed.fsdp.fully_shard`` turns every parameter into a DTensor sharded by rows
 (``Shard(0)`` over a 1-D mesh of the W ranks): rank k holds rows [k·c, min((k+1)·c, m)) with

@@ -5,8 +5,8 @@ schedule to 10% of the peak with 10% warmup. GaLore/Q-GaLore/Fira: lr 0.01, scal
 0.0625 at 1B/7B), projector refresh every 200 steps (500 at 7B), rank 128/256/256/512/1024.
 APOLLO: rank 128/192/256/256/256, scale 1; APOLLO-Mini: rank 1, scale 128. FRUGAL: density 0.25,
 lr 1e-3. AdamW baselines (adamw, adamw8bit) use lr 1e-3; galore8bit follows the GaLore recipe.
-Muon (Moonlight's recipe): AdamW's lr 1e-3 and weight decay for both its groups, Muon's steps scaled
-to AdamW's RMS.
+Muon (Keller Jordan's recipe): lr 0.02 for the attention and MLP weights (steps scaled by
+√max(1, m/n)), AdamW at lr 1e-3 for the embedding, head and norms.
 ``tiny`` is sized so that the default run finishes in minutes on a 2-core CPU.
 """
 
@@ -33,6 +33,7 @@ FIRA_LARGE_SCALE = {"1b": 0.0625, "7b": 0.0625}
 DEFAULT_STEPS = {"tiny": 300, "60m": 10_000, "130m": 20_000, "350m": 60_000, "1b": 100_000, "7b": 150_000}
 LOW_RANK_LR = 0.01  # GaLore/Q-GaLore/Fira/APOLLO recipes
 FULL_RANK_LR = 1e-3  # AdamW recipes
+MUON_LR = 0.02  # Muon's orthogonalized steps (its AdamW groups: FULL_RANK_LR)
 
 
 # Optimizers that --fsdp refuses for now, and why.
@@ -110,8 +111,8 @@ class TrainConfig:
         if cfg.update_proj_gap is None:
             cfg.update_proj_gap = UPDATE_PROJ_GAP.get(name, 200)
         if cfg.lr is None:
-            full_rank = ("adamw", "adamw8bit", "frugal", "frugal-block", "muon")
-            cfg.lr = FULL_RANK_LR if cfg.optim in full_rank else LOW_RANK_LR
+            full_rank = ("adamw", "adamw8bit", "frugal", "frugal-block")
+            cfg.lr = MUON_LR if cfg.optim == "muon" else FULL_RANK_LR if cfg.optim in full_rank else LOW_RANK_LR
         if cfg.steps is None:
             # --batch-size is per process: under torchrun a step takes WORLD_SIZE times as many tokens.
             world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -144,7 +145,7 @@ class TrainConfig:
         if self.optim in FSDP_NOT_YET:
             return (
                 f"--fsdp with --optim {self.optim} is not supported yet ({FSDP_NOT_YET[self.optim]}); "
-                "use --optim galore, galore8bit, fira, apollo, apollo-mini, frugal, frugal-block, adamw, adamw8bit or muon"
+                "use any other --optim (galore, fira, apollo, frugal, adamw, muon, ...)"
             )
         if self.mixed_precision and self.dtype not in (None, "float32"):
             return (

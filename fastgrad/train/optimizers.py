@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from fastgrad.train.config import TrainConfig
+from fastgrad.train.config import FULL_RANK_LR, TrainConfig
 
 QLINEAR_GROUP_SIZE = 256  # Q-GaLore's INT8 weights: groups of 256 values along each row
 
@@ -103,6 +103,15 @@ def _qgalore(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     return QGaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _muon(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Muon (lr = cfg.lr, 0.02 by default, steps scaled by √max(1, m/n)) on the attention and MLP
+    weights, AdamW at the AdamW recipe's lr on the rest; the same weight decay for both."""
+    from fastgrad.optim import Muon, muon_param_groups
+
+    groups = muon_param_groups(model, lr=FULL_RANK_LR)
+    return Muon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 OPTIMIZERS: dict[str, Callable[[TrainConfig, torch.nn.Module], torch.optim.Optimizer]] = {
     "adamw": _adamw,
     "adamw8bit": _adamw8bit,
@@ -115,6 +124,7 @@ OPTIMIZERS: dict[str, Callable[[TrainConfig, torch.nn.Module], torch.optim.Optim
     "apollo-mini": _apollo,
     "frugal": _frugal,
     "frugal-block": _frugal_block,
+    "muon": _muon,
 }
 # Optimizers whose layer-wise mode (fastgrad.optim.layerwise) is supported.
 LAYERWISE = {"galore", "galore8bit", "q-galore", "q-galore8bit", "fira", "apollo", "apollo-mini"}
