@@ -522,11 +522,7 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
                 if low is not None and item.low_sharded:
                     low = shard.rows_of(low).clone()  # not a view that keeps the whole R alive
         p_mat = proj.matrix(state, like)
-        if low is None:
-            low = lowrank_project(local(grad), self.proj_matrix(item, p_mat), item.side)
-            if shard is not None and not item.low_sharded:
-                shard.sum_(low)  # Pᵀ·G over all rows: the partial sums of every rank's rows
-        item.low = low
+        item.low = low if low is not None else self._project(item, grad, p_mat)
         if proj.stores_matrix:
             item.proj = p_mat
         return item
@@ -544,15 +540,18 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         item.lowrank = True
         p_mat = proj.matrix(state, proj_like(item.source, item.source if grad is None else grad))
         low = local(low)  # a sharded R: this rank's rows (fastgrad.nn.lowrank.reduce_projected_grads)
-        if grad is not None:
-            more = lowrank_project(local(grad), self.proj_matrix(item, p_mat), item.side)
-            if item.shard is not None and not item.low_sharded:
-                item.shard.sum_(more)
-            low = low + more
-        item.low = low
+        item.low = low if grad is None else low + self._project(item, grad, p_mat)
         if proj.stores_matrix:
             item.proj = p_mat
         return item
+
+    def _project(self, item: ParamStep, grad: torch.Tensor, p_mat: torch.Tensor) -> torch.Tensor:
+        """R = down(G, P) of the rows this rank holds; for a sharded left-side parameter the
+        partial sums Pᵀ·G of every rank's rows are added up (an all-reduce of r'×n)."""
+        low = lowrank_project(local(grad), self.proj_matrix(item, p_mat), item.side)
+        if item.shard is not None and not item.low_sharded:
+            item.shard.sum_(low)
+        return low
 
     def refresh_due(self, group: dict[str, Any], state: dict[str, Any]) -> bool:
         """Whether a parameter that has a basis refreshes it at this step (k % update_proj_gap == 0).
