@@ -303,8 +303,6 @@ def reduce_projected_grads(params: Iterable[torch.Tensor]) -> None:
     reduce-scatter of their G: R (computed from this rank's batch for the whole weight) becomes the
     rank's rows of the mean R, a DTensor laid out as the weight (right side: a reduce-scatter of
     m×r'), or the mean R itself (left side, r'×n: an all-reduce), as the optimizer reads them."""
-    from torch.distributed.tensor import DTensor
-
     from fastgrad.optim.sharding import row_shard
 
     for p in params:
@@ -324,9 +322,7 @@ def reduce_projected_grads(params: Iterable[torch.Tensor]) -> None:
             getattr(torch.distributed, "reduce_scatter_single", None) or torch.distributed.reduce_scatter_tensor
         )
         reduce_scatter(rows, padded, group=shard.group)
-        rows = rows[: shard.rows].div_(world)
-        shape = torch.Size((shard.shape[0], low.shape[1]))
-        _PROJECTED[p] = DTensor.from_local(rows, p.device_mesh, p.placements, shape=shape, stride=(low.shape[1], 1))
+        _PROJECTED[p] = shard.as_dtensor(rows[: shard.rows].div_(world))
 
 
 def lowrank_grad_model(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS) -> nn.Module:

@@ -67,13 +67,18 @@ class RowShard:
         """This rank's rows of a tensor whose dim 0 spans the global rows (a view)."""
         return full.narrow(0, self.offset, self.rows)
 
-    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """The whole tensor whose rows every rank holds its share of (an all-gather)."""
+    def as_dtensor(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` (this rank's rows of a tensor whose dim 0 is the parameter's) as a DTensor laid
+        out as the parameter: the whole contiguous tensor, sharded by rows."""
         from torch.distributed.tensor import DTensor, Shard
 
         shape = torch.Size((self.shape[0], *rows.shape[1:]))
         stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(rows, self.mesh, [Shard(0)], shape=shape, stride=stride).full_tensor()
+        return DTensor.from_local(rows, self.mesh, [Shard(0)], shape=shape, stride=stride)
+
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The whole tensor whose rows every rank holds its share of (an all-gather)."""
+        return self.as_dtensor(rows).full_tensor()
 
     def like(self, t: torch.Tensor) -> torch.Tensor:
         """A tensor of the global shape with ``t``'s dtype and device that owns no memory (an

@@ -175,12 +175,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict:
     return _read(trainer, lambda: json.loads(trainer.read_text()))
 
 
-def _global_layout(p: torch.Tensor, value: torch.Tensor) -> tuple[torch.Size, tuple[int, ...]]:
-    """Shape and (contiguous) strides of the whole tensor whose rows ``value`` holds, as ``p``'s."""
-    shape = torch.Size((p.shape[0], *value.shape[1:]))
-    return shape, torch.empty(shape, device="meta").stride()
-
-
 def _sharded_optimizer_state(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """The optimizer's state as DCP tensors (``"<param index>.<key>"``: the parameter's rows as a
     DTensor laid out as the parameter, others whole) and a JSON manifest of the rest."""
@@ -199,9 +193,9 @@ def _sharded_optimizer_state(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
             if not isinstance(value, torch.Tensor):
                 values[name] = value
                 continue
-            if not isinstance(value, DTensor) and key in rows and row_shard(p) is not None:
-                shape, stride = _global_layout(p, value)
-                value = DTensor.from_local(value, p.device_mesh, p.placements, shape=shape, stride=stride)
+            shard = row_shard(p)
+            if not isinstance(value, DTensor) and key in rows and shard is not None:
+                value = shard.as_dtensor(value)
             tensors[name] = value
             layout[name] = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch."),
                             "rows": isinstance(value, DTensor)}  # fmt: skip
@@ -212,7 +206,8 @@ def _sharded_optimizer_state(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
 def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict:
     """:func:`load_checkpoint` of an FSDP2 checkpoint, on any number of processes (every rank calls it)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.tensor import DTensor
+
+    from fastgrad.optim.sharding import row_shard
 
     manifest_file = path / "optimizer.json"
     manifest = _read(manifest_file, lambda: json.loads(manifest_file.read_text()))
@@ -222,10 +217,9 @@ def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> di
         p = params[int(name.split(".", 1)[0])]
         dtype = getattr(torch, meta["dtype"])
         if meta["rows"]:  # this rank's rows, laid out as the parameter
-            rows = p.to_local().shape[0]
-            local = torch.empty((rows, *meta["shape"][1:]), dtype=dtype, device=p.device)
-            shape, stride = _global_layout(p, local)
-            targets[name] = DTensor.from_local(local, p.device_mesh, p.placements, shape=shape, stride=stride)
+            shard = row_shard(p)
+            local = torch.empty((shard.rows, *meta["shape"][1:]), dtype=dtype, device=p.device)
+            targets[name] = shard.as_dtensor(local)
         else:
             targets[name] = torch.empty(meta["shape"], dtype=dtype, device=p.device)
     model_state = model.state_dict()
