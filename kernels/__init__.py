@@ -5,10 +5,12 @@
 One file per op family: ``quant.py`` (quantizers, bf16 stochastic rounding), ``project.py``
 (low-rank projections and the low-rank weight gradient, dense or with a fused-dequantized
 INT4/INT8 projector), ``adam_step.py`` (the fused projected-Adam step of GaLore / Q-GaLore, dense or
-INT8 weight). ``_common.py`` holds the one launch path (config choice, device guard); ``plans.py``
-the launch plans that size the kernels' workspaces (plain Python: the memory model imports it on
-machines without Triton, which is why the kernel modules load only when ``TRITON_KERNELS`` is first
-read); ``aot.py`` compiles every launch for GPU targets without a GPU (``python -m fastgrad.kernels.aot``).
+INT8 weight), ``newton_schulz.py`` (Muon's Newton–Schulz orthogonalization: the symmetric
+products Y Yᵀ and A·A on their upper tiles only, and the update a·Y + B·Y). ``_common.py`` holds
+the one launch path (config choice, device guard); ``plans.py`` the launch plans that size the
+kernels' workspaces (plain Python: the memory model imports it on machines without Triton, which
+is why the kernel modules load only when ``TRITON_KERNELS`` is first read); ``aot.py`` compiles
+every launch for GPU targets without a GPU (``python -m fastgrad.kernels.aot``).
 """
 
 
@@ -18,6 +20,7 @@ def _triton_kernels() -> dict:
         galore_adam_step_quantized_triton,
         galore_adam_step_triton,
     )
+    from .newton_schulz import newton_schulz_triton
     from .project import (
         lowrank_grad_quantized_triton,
         lowrank_grad_triton,
@@ -53,6 +56,7 @@ def _triton_kernels() -> dict:
         "galore_adam_step_": galore_adam_step_triton,
         "galore_adam_step_quantized_": galore_adam_step_quantized_triton,
         "galore_adam_step_int8_": galore_adam_step_int8_triton,
+        "newton_schulz": newton_schulz_triton,
     }
     return TRITON_KERNELS
 

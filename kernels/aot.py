@@ -3,12 +3,12 @@
 ``python -m fastgrad.kernels.aot`` drives the public launchers (``fastgrad.kernels.TRITON_KERNELS``)
 over the LLaMA 60M-7B shapes and every variant they take (input dtypes fp32/bf16/fp16, INT4/INT8,
 symmetric/affine, stochastic/round-to-nearest, both projection sides, dense/quantized projector,
-float/INT8 weight, the split paths) with meta tensors, for each GPU target below. The launchers
-run unchanged: ``launch`` (``_common.py``) compiles their kernels for the target, picks the config
-it would run on that GPU (the first of the kernel's ordered candidates that fits the target's
-shared memory without register spills) and stops before anything would execute. So the list of
-specializations is the launchers' own: a new constexpr, config or code path is compiled the day it
-is added, with no list here to keep in step.
+float/INT8 weight, the split paths, wide/tall Newton–Schulz) with meta tensors, for each GPU target
+below. The launchers run unchanged: ``launch`` (``_common.py``) compiles their kernels for the
+target, picks the config it would run on that GPU (the first of the kernel's ordered candidates
+that fits the target's shared memory without register spills) and stops before anything would
+execute. So the list of specializations is the launchers' own: a new constexpr, config or code
+path is compiled the day it is added, with no list here to keep in step.
 
 For every launch it asserts that a config was chosen that compiles, fits the per-block shared
 memory of the target, and does not spill; it writes one row per (target, kernel, specialization)
@@ -122,6 +122,20 @@ SHAPES = (
     ("7b-mlp", 11008, 4096, 1024),
 )
 TOKENS = 2048  # rows of dy and x in the low-rank weight gradient
+# (name, m, n) of the weights Muon orthogonalizes (newton_schulz): LLaMA 60M attention and MLP down
+# (wide) / gate-up (tall: transposed inside, the result stored through transposed strides), 1B and
+# 7B attention and MLP, wide and tall (5461 is not a multiple of 16).
+NS_SHAPES = (
+    ("60m-attn", 512, 512),
+    ("60m-mlp-down", 512, 1376),
+    ("60m-mlp-up", 1376, 512),
+    ("1b-attn", 2048, 2048),
+    ("1b-mlp-down", 2048, 5461),
+    ("1b-mlp-up", 5461, 2048),
+    ("7b-attn", 4096, 4096),
+    ("7b-mlp-down", 4096, 11008),
+    ("7b-mlp-up", 11008, 4096),
+)
 
 
 def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
@@ -178,6 +192,20 @@ def workloads() -> Iterator[tuple[str, Callable[[], object]]]:
         yield (
             f"round_bf16_stochastic offset={offset}",
             functools.partial(K["round_bf16_stochastic"], _meta(4096, 4096), 1, offset),
+        )
+
+    # Newton-Schulz (Muon): fp32 and bf16, five steps of torch's coefficients (one compiled kernel per
+    # specialization serves every step), and a batch (8 matrices of 64×512: the grid's batch axis).
+    for name, m, n in NS_SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            yield (
+                f"newton_schulz {name} {m}x{n} {dtype}",
+                functools.partial(K["newton_schulz"], _meta(m, n, dtype=dtype), [3.4445, -4.775, 2.0315] * 5, 1e-7),
+            )
+    for dtype in (torch.float32, torch.bfloat16):
+        yield (
+            f"newton_schulz batch 8x64x512 {dtype}",
+            functools.partial(K["newton_schulz"], _meta(8, 64, 512, dtype=dtype), [3.4445, -4.775, 2.0315] * 5, 1e-7),
         )
 
     for name, m, n, r in SHAPES:
