@@ -245,7 +245,7 @@ def render_fsdp_comm() -> str:
     ]
     for row in latest:
         adamw = next(r for r in latest if (r["model"], r["optimizer"], r["step"]) == (row["model"], "adamw", "steady"))
-        if row["optimizer"] == "adamw" and row["step"] == "refresh":
+        if row["optimizer"].startswith("adamw") and row["step"] == "refresh":
             continue  # AdamW has no refresh step
         total, base = mib(row, *kinds), mib(adamw, *kinds)
         lines.append(

@@ -1,6 +1,7 @@
 """Layers for memory-efficient training: :class:`QLinear` (INT8 weight), :class:`LowRankGradLinear`
 (projected weight gradients, :mod:`fastgrad.nn.lowrank`) and model conversion."""
 
+from fastgrad.nn.fsdp import fully_shard_model
 from fastgrad.nn.lowrank import (
     GradProjection,
     LowRankGradLinear,
@@ -25,4 +26,5 @@ __all__ = [
     "zero_projected_grads",
     "register_grad_ready_hook",
     "clip_grad_norm_",
+    "fully_shard_model",
 ]

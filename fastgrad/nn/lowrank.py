@@ -280,21 +280,35 @@ class LowRankGradLinear(nn.Linear):
         mark_accepts_projected_grad(self.weight)  # a deep copy / reloaded model has new Parameters
         return _LowRankGradLinearFunction.apply(x, self.weight, self.bias, self)
 
+    def bind_sharded_weight(self) -> None:
+        """See :func:`bind_sharded_weights`."""
+        register_sharded_weight(self)
+
 
 def _grad_key(layer: nn.Module) -> torch.Tensor:
     """The weight under which ``layer``'s projection and projected gradient are registered."""
     return _SHARDED_WEIGHT.get(layer, layer.weight)
 
 
+def register_sharded_weight(layer: nn.Module) -> None:
+    """For layers: ``layer.weight``, the sharded Parameter FSDP2 registers on the layer outside its
+    forward and backward, is the key the layer's backward delivers R under."""
+    _SHARDED_WEIGHT[layer] = layer.weight
+    mark_accepts_projected_grad(layer.weight)
+
+
 def bind_sharded_weights(model: nn.Module) -> None:
-    """After ``fully_shard``: register each low-rank-gradient layer's sharded weight (the DTensor
-    Parameter the optimizer steps) as the key its backward delivers R under."""
+    """After ``fully_shard``: for each layer of ``model`` that computes its projected gradient
+    (:class:`LowRankGradLinear`, :class:`~fastgrad.nn.QLinear`) and whose weight is sharded, make
+    the sharded weight (the DTensor Parameter the optimizer steps) the key its backward delivers R
+    under (in forward and backward the layer sees the gathered weight FSDP registers in its place).
+    :func:`fastgrad.nn.fully_shard_model` calls it."""
     from fastgrad.optim.sharding import is_dtensor  # here: fastgrad.optim imports this module
 
     for layer in model.modules():
-        if isinstance(layer, LowRankGradLinear) and is_dtensor(layer.weight):
-            _SHARDED_WEIGHT[layer] = layer.weight
-            mark_accepts_projected_grad(layer.weight)
+        bind = getattr(layer, "bind_sharded_weight", None)
+        if bind is not None and is_dtensor(layer.weight):
+            bind()
 
 
 @torch.no_grad()

@@ -3,9 +3,14 @@
 Storage (no float copy of the weight anywhere):
 
     weight  Parameter(uint8, (m, n), requires_grad=False)   the codes
-    scales  buffer fp32 (m, n // g)                          per group of g consecutive values of a row
-    zeros   buffer fp32 (m, n // g)                          the value code 0 decodes to
+    scales  Parameter(fp32, (m, n // g), requires_grad=False) per group of g consecutive values of a row
+    zeros   Parameter(fp32, (m, n // g), requires_grad=False) the value code 0 decodes to
     bias    optional float Parameter (m,)
+
+``scales`` and ``zeros`` are Parameters that never require grad rather than buffers so that FSDP2
+shards them by rows with the codes (a row's groups stay with the row) and all-gathers all three:
+about 1 + 8/g bytes per weight element instead of a float weight's 2 or 4 (see
+:func:`fastgrad.nn.fully_shard_model`).
 
 A value decodes as ``code·scale + zero`` (:func:`fastgrad.ops.dequantize_int8`, asymmetric min/max
 quantizer whose range always contains the group's values). ``scales``/``zeros`` stay fp32 through
@@ -49,7 +54,14 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from fastgrad.nn.lowrank import DEFAULT_TARGETS, deliver_grad, mark_accepts_projected_grad, project_weight_grad
+from fastgrad.nn.lowrank import (
+    DEFAULT_TARGETS,
+    _grad_key,
+    deliver_grad,
+    mark_accepts_projected_grad,
+    project_weight_grad,
+    register_sharded_weight,
+)
 from fastgrad.ops import QuantizedTensor, dequantize_int8, lowrank_project, lowrank_project_back, quantize_int8
 
 __all__ = ["QLinear", "quantize_model", "dequantize_model", "qlinear_of", "DEFAULT_TARGETS"]
@@ -87,7 +99,9 @@ class _QLinearFunction(torch.autograd.Function):
         m, n = codes.shape
         # y = x Ŵᵀ with the INT8 Ŵ decoded inside the matmul (Ŵ as the "right" projector, m×n).
         y = lowrank_project(x.reshape(-1, n), QuantizedTensor(codes, scales, zeros, 8), "right")
-        y = y.reshape(*x.shape[:-1], m)
+        # Not a view of the T×m result (as F.linear does it): FSDP2 warns about a unit's output
+        # that is a view, since an in-place op on it would drop its pre-backward hook.
+        y = torch.ops.aten._unsafe_view(y, (*x.shape[:-1], m))
         return y if bias is None else y + bias
 
     @staticmethod
@@ -139,8 +153,8 @@ class QLinear(nn.Module):
         with torch.no_grad():
             q = quantize_int8(weight.detach().float().contiguous(), self.group_size)
         self.weight = nn.Parameter(q.codes, requires_grad=False)
-        self.register_buffer("scales", q.scales)
-        self.register_buffer("zeros", q.zeros)
+        self.scales = nn.Parameter(q.scales, requires_grad=False)
+        self.zeros = nn.Parameter(q.zeros, requires_grad=False)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=weight.device))
             bound = 1 / math.sqrt(in_features)
@@ -178,7 +192,8 @@ class QLinear(nn.Module):
         and x2 in their own dtype (bf16 training: bf16 tensor-core products, fp32 accumulation) and
         only R (m×r or r×n) is converted to fp32, not the T×m and T×n activations."""
         w = self.weight
-        if project_weight_grad(w, dy2, x2, torch.promote_types(dy2.dtype, x2.dtype), torch.float32) is not None:
+        key = _grad_key(self)  # the sharded weight under FSDP2 (bind_sharded_weight), else w
+        if project_weight_grad(key, dy2, x2, torch.promote_types(dy2.dtype, x2.dtype), torch.float32) is not None:
             return
         if w.grad_dtype != torch.float32:  # a deep copy / load resets it to the codes' dtype
             w.grad_dtype = torch.float32
@@ -189,12 +204,33 @@ class QLinear(nn.Module):
             w.grad.addmm_(dy2.t(), x2)
         deliver_grad(w)
 
+    def bind_sharded_weight(self) -> None:
+        """After ``fully_shard`` (see :func:`fastgrad.nn.lowrank.bind_sharded_weights`): the sharded
+        codes are the optimizer's weight (:func:`qlinear_of` finds this layer from them), their
+        ``.grad`` is fp32 (FSDP reduce-scatters the fp32 G of a refresh step into it), and the layer's
+        backward delivers R under them. The layer must be a ``fully_shard`` unit of QLinear layers
+        only (:func:`fastgrad.nn.fully_shard_model`): FSDP reduce-scatters a unit's gradients in one
+        dtype and casts its parameters under mixed precision, and the scales must stay fp32."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(self, FSDPModule):
+            raise ValueError(
+                "QLinear under FSDP2: shard the QLinear layers in fully_shard units of their own, without "
+                "parameter casting, before their parent (fastgrad.nn.fully_shard_model does); this one was "
+                "sharded as part of its parent"
+            )
+        _OWNERS[self.weight] = weakref.ref(self)
+        self.weight.grad_dtype = torch.float32
+        register_sharded_weight(self)
+
     def _apply(self, fn, recurse: bool = True):
         # Keep scales/zeros fp32 (model.to(bf16) would cast them and the ops need fp32); follow devices.
-        scales, zeros = self.scales, self.zeros
+        kept = {name: getattr(self, name).data for name in ("scales", "zeros")}
         out = super()._apply(fn, recurse)
-        self.scales = scales.to(device=self.scales.device, dtype=torch.float32)
-        self.zeros = zeros.to(device=self.zeros.device, dtype=torch.float32)
+        for name, before in kept.items():
+            param = getattr(self, name)
+            if param.dtype != torch.float32:  # from the values before the cast, not a bf16 round trip
+                param.data = before.to(device=param.device, dtype=torch.float32)
         return out
 
     def extra_repr(self) -> str:

@@ -248,6 +248,7 @@ def _share_subspace(proj: Projector, state: dict[str, Any], shard: RowShard) -> 
         value = state.get(key)
         if isinstance(value, torch.Tensor):
             shard.broadcast_(value)
+    proj.subspace_shared(state)
 
 
 def adamw_update(
@@ -334,6 +335,12 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
             param_group["params"] = [p for _, p in named]
         if "param_names" in param_group and len(param_group["param_names"]) != len(param_group["params"]):
             raise ValueError(f"{type(self).__name__}: 'param_names' must name every parameter of its group")
+        for i, p in enumerate(param_group["params"]):
+            try:
+                row_shard(p)  # a DTensor layout the update cannot step is refused before any step
+            except ValueError as e:
+                where = f"parameter {i} {tuple(p.shape)} of param group {len(self.param_groups)}"
+                raise ValueError(f"{type(self).__name__}: {where}: {e}") from None
         if "rank" in param_group:
             self._normalize_lowrank_group(param_group)
         super().add_param_group(param_group)
@@ -489,10 +496,6 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         shard = row_shard(p)
         item = ParamStep(group, local(p), state, self.index_of(p), source=p, shard=shard)
         grad = p.grad if grad is None else grad
-        if shard is not None and proj is not None and not proj.dense:
-            raise NotImplementedError(
-                f"{type(self).__name__}: a sharded (FSDP2) parameter with a quantized projector is not supported yet"
-            )
         if low is not None:
             return self._prepare_projected(item, proj, grad, low)
         if not state:

@@ -172,8 +172,6 @@ class Projector(ABC):
     refresh_keys: ClassVar[tuple[str, ...]]
     # Whether ``matrix`` returns a stored tensor (True) or builds P anew at each call (False).
     stores_matrix: ClassVar[bool] = False
-    # Whether ``matrix`` is a dense tensor (rows of it can be taken), not a quantized one.
-    dense: ClassVar[bool] = True
 
     def init_state(self, state: ProjState, shape: torch.Size, rank: int, side: int, seed: int) -> None:
         """Write the fixed per-parameter entries: side, effective rank and seed."""
@@ -205,6 +203,11 @@ class Projector(ABC):
     def stored_shapes(self, shape: torch.Size, side: int, rank: int) -> dict[str, tuple[int, ...]]:
         """Expected shapes of the tensors this projector stores (for load_state_dict checks)."""
         return {}
+
+    def subspace_shared(self, state: ProjState) -> None:
+        """Called on every rank of a row-sharded parameter once the first rank's refresh tensors
+        have replaced its own: re-derive anything the refresh computed from them on the host."""
+        return None
 
 
 class SVDProjector(Projector):
@@ -384,7 +387,6 @@ class QuantizedSVDProjector(Projector):
         "proj_svd_count",
     )
     stores_matrix = True
-    dense = False
 
     def __init__(
         self, group_size: int, cos_threshold: float, gamma_proj: float, queue_size: int, signed_cos: bool
@@ -418,7 +420,7 @@ class QuantizedSVDProjector(Projector):
             state["proj_queue_len"] = n = min(state["proj_queue_len"] + 1, self.queue_size)
             if n == self.queue_size:
                 # Read here, at a refresh (its SVD synchronises anyway), not at the later steps that use it.
-                state["proj_pending"] = bool(queue.mean() >= self.cos_threshold)
+                state["proj_pending"] = self._grows(queue)
         elif "proj_queue" not in state:
             state["proj_queue"] = torch.zeros(self.queue_size, dtype=torch.float32, device=grad.device)
         state["proj_past"] = vec
@@ -427,6 +429,16 @@ class QuantizedSVDProjector(Projector):
         state["proj_svd_count"] += 1
         state["proj_step"] = step
         return None
+
+    def _grows(self, queue: torch.Tensor) -> bool:
+        """Whether a full queue of cosines grows the interval T (one host read)."""
+        return bool(queue.mean() >= self.cos_threshold)
+
+    def subspace_shared(self, state: ProjState) -> None:
+        """The growth decision from the first rank's queue, as every rank now holds it (each rank's
+        own SVD could have put its cosines on the other side of the threshold)."""
+        if "proj_pending" in state:
+            state["proj_pending"] = self._grows(state["proj_queue"])
 
     def matrix(self, state: ProjState, grad: torch.Tensor) -> QuantizedTensor:
         return QuantizedTensor(state["proj_codes"], state["proj_scales"], state["proj_zeros"], 4)

@@ -56,6 +56,7 @@ from fastgrad.optim.projectors import (
     proj_shape,
     resolve_side,
 )
+from fastgrad.optim.sharding import local
 
 __all__ = ["QGaLoreAdamW", "QGaLoreAdamW8bit", "qgalore_param_groups"]
 
@@ -87,7 +88,12 @@ class QGaLoreAdamW(GaLoreAdamW):
 
     The weight gradient of a QLinear is ``weight.grad`` (fp32 m×n, accumulated by the layer's
     backward; see :mod:`fastgrad.nn.qlinear`); the layer's scales/zeros are found with
-    :func:`fastgrad.nn.qlinear_of`, so the layer must be alive and have run a forward.
+    :func:`fastgrad.nn.qlinear_of`, so the layer must be alive (it registers its weight when built
+    and at each forward, a copied or reloaded model at its first forward).
+
+    FSDP2 (:func:`fastgrad.nn.fully_shard_model`): each rank updates its rows of the codes, scales and
+    zeros, at the stochastic-rounding stream positions of their elements in the whole weight, so the
+    codes do not depend on the number of ranks (docs/algorithms.md §11).
 
     Step of a QLinear weight (codes q, scales s, zeros z; k the 0-based step; t = k + 1):
         if k % T == 0:  P = INT4(top-r' singular vectors of G), adapt T (module docstring, (B))
@@ -200,31 +206,37 @@ class QGaLoreAdamW(GaLoreAdamW):
         advances the stream once the op has run)."""
         if it.param.dtype != torch.uint8:
             return it.param, {}
-        layer = self._layer_of(it)
+        weight, first = self._int8_rows(it)
         seed, offset = self._sr_stream(group, it)
-        rounding = dict(stochastic=bool(group.get("stochastic_round", True)), seed=seed, offset=offset)
-        return QuantizedTensor(it.param, layer.scales, layer.zeros, 8), rounding
+        rounding = dict(stochastic=bool(group.get("stochastic_round", True)), seed=seed, offset=offset + first)
+        return weight, rounding
 
     def _fused_step(self, group: dict[str, Any], it: ParamStep, firsts: list, seconds: list) -> None:
         super()._fused_step(group, it, firsts, seconds)
         if it.param.dtype == torch.uint8:
-            it.state["sr_offset"] += it.param.numel()
+            it.state["sr_offset"] += it.source.numel()  # the whole weight's m·n, whatever rows this rank holds
 
     def update_writes(self, it: ParamStep) -> list[torch.Tensor]:
         """An INT8 weight's update rewrites its layer's scales and zeros too."""
         if it.param.dtype == torch.uint8:
-            layer = self._layer_of(it)
-            return [it.param, layer.scales, layer.zeros]
+            return list(self._int8_rows(it)[0][:3])
         return [it.param]
 
-    def _layer_of(self, it: ParamStep) -> QLinear:
-        layer = qlinear_of(it.param)
+    def _int8_rows(self, it: ParamStep) -> tuple[QuantizedTensor, int]:
+        """The INT8 weight this rank updates: its rows of the layer's codes, scales and zeros (all
+        of them unless the layer is row-sharded by FSDP2), and the index of their first element in
+        the whole m×n weight. Stochastic rounding draws element (i, j) of the weight at stream
+        position offset + i·n + j, so the codes do not depend on how the rows are split."""
+        layer = qlinear_of(it.source)
         if layer is None:
             raise RuntimeError(
-                f"QGaLoreAdamW: uint8 parameter #{it.index} {tuple(it.param.shape)} is not the weight of a live "
-                "fastgrad.nn.QLinear (run a forward/backward through the layer before stepping)"
+                f"QGaLoreAdamW: uint8 parameter #{it.index} {tuple(it.source.shape)} is not the weight of a live "
+                "fastgrad.nn.QLinear (run a forward/backward through the layer before stepping; under FSDP2 call "
+                "fastgrad.nn.bind_sharded_weights after fully_shard)"
             )
-        return layer
+        first_row = it.shard.offset if it.shard is not None else 0
+        rows = QuantizedTensor(it.param, local(layer.scales), local(layer.zeros), 8)
+        return rows, first_row * it.source.shape[1]
 
     def _sr_stream(self, group: dict[str, Any], it: ParamStep) -> tuple[int, int]:
         """(seed, offset) of the weight's stochastic-rounding stream (seeded on its first update)."""
@@ -244,26 +256,26 @@ class QGaLoreAdamW(GaLoreAdamW):
         if it.param.dtype != torch.uint8:
             super()._apply_direction(group, it, normed, step_size)
             return
-        layer = self._layer_of(it)
+        (codes, scales, zeros, _), first = self._int8_rows(it)
+        group_size = qlinear_of(it.source).group_size
         seed, offset = self._sr_stream(group, it)
         lr, wd = group["lr"], group["weight_decay"]
         stochastic = bool(group.get("stochastic_round", True))
-        codes = it.param
         m, n = codes.shape
         block = max(1, UPDATE_BLOCK_ELEMS // max(n, 1))
         for r0 in range(0, m, block):
             rows = slice(r0, min(m, r0 + block))
-            w = dequantize_int8(codes[rows], layer.scales[rows], layer.zeros[rows], torch.float32)
+            w = dequantize_int8(codes[rows], scales[rows], zeros[rows], torch.float32)
             if wd != 0.0 and not self.faithful:
                 w.mul_(1.0 - lr * wd)
             w.add_(normed[rows], alpha=-step_size)
             if wd != 0.0 and self.faithful:
                 w.add_(w, alpha=-lr * wd)
-            q = quantize_int8(w, layer.group_size, stochastic=stochastic, seed=seed, offset=offset + r0 * n)
+            q = quantize_int8(w, group_size, stochastic=stochastic, seed=seed, offset=offset + first + r0 * n)
             codes[rows].copy_(q.codes)
-            layer.scales[rows].copy_(q.scales)
-            layer.zeros[rows].copy_(q.zeros)
-        it.state["sr_offset"] += m * n
+            scales[rows].copy_(q.scales)
+            zeros[rows].copy_(q.zeros)
+        it.state["sr_offset"] += it.source.numel()
 
 
 class QGaLoreAdamW8bit(EightBitMoments, QGaLoreAdamW):

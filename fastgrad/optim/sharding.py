@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastgrad.ops import QuantizedTensor
+
 __all__ = ["RowShard", "row_shard", "sharded_norm"]
 
 
@@ -63,8 +65,11 @@ class RowShard:
     shape: torch.Size
     mesh: torch.distributed.device_mesh.DeviceMesh
 
-    def rows_of(self, full: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a tensor whose dim 0 spans the global rows (a view)."""
+    def rows_of(self, full: torch.Tensor | QuantizedTensor) -> torch.Tensor | QuantizedTensor:
+        """This rank's rows of a tensor whose dim 0 spans the global rows (a view); of a quantized
+        one, the rows of its codes, scales and zeros (its groups lie within rows)."""
+        if isinstance(full, QuantizedTensor):
+            return QuantizedTensor(*(t.narrow(0, self.offset, self.rows) for t in full[:3]), full.bits)
         return full.narrow(0, self.offset, self.rows)
 
     def as_dtensor(self, rows: torch.Tensor) -> torch.Tensor:

@@ -36,13 +36,6 @@ FULL_RANK_LR = 1e-3  # AdamW recipes
 MUON_LR = 0.02  # Muon's orthogonalized steps (its AdamW groups: FULL_RANK_LR)
 
 
-# Optimizers that --fsdp refuses for now, and why.
-FSDP_NOT_YET = {
-    "q-galore": "INT8 weights sharded as INT8",
-    "q-galore8bit": "INT8 weights sharded as INT8",
-}
-
-
 @dataclass
 class TrainConfig:
     """Everything that determines a run; saved as runs/<name>/config.json and checked on resume."""
@@ -142,11 +135,6 @@ class TrainConfig:
             return None
         if self.layerwise:
             return "--fsdp with --layerwise is not supported yet: drop one of them"
-        if self.optim in FSDP_NOT_YET:
-            return (
-                f"--fsdp with --optim {self.optim} is not supported yet ({FSDP_NOT_YET[self.optim]}); "
-                "use any other --optim (galore, fira, apollo, frugal, adamw, muon, ...)"
-            )
         if self.mixed_precision and self.dtype not in (None, "float32"):
             return (
                 f"--mixed-precision {self.mixed_precision} keeps the weights in --dtype, which must then be float32 "

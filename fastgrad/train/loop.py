@@ -69,9 +69,9 @@ from tqdm import tqdm
 
 from fastgrad.data import prepare_data
 from fastgrad.models import LlamaForCausalLM, get_config
+from fastgrad.nn import fully_shard_model
 from fastgrad.nn.lowrank import (
     accepts_projected_grad,
-    bind_sharded_weights,
     clip_grad_norm_,
     projected_grad,
     reduce_projected_grads,
@@ -86,7 +86,7 @@ from fastgrad.train.checkpoint import (
     save_sharded_checkpoint,
 )
 from fastgrad.train.config import TrainConfig
-from fastgrad.train.optimizers import build_optimizer, lowrank_grad_layers, state_bytes
+from fastgrad.train.optimizers import build_optimizer, convert_layers, state_bytes
 
 MAX_CONSECUTIVE_NONFINITE = 20
 
@@ -353,16 +353,13 @@ def _train(
     model = LlamaForCausalLM(get_config(cfg.model, data.vocab_size, cfg.seq_len)).to(device=device, dtype=dtype)
     model.gradient_checkpointing = cfg.activation_checkpointing
     if cfg.fsdp:  # each decoder layer all-gathered on its own, the rest (embedding, head, norm) with the root
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        lowrank_grad_layers(cfg, model)  # before sharding: FSDP keeps the layers it finds
-        policy = MixedPrecisionPolicy()
+        convert_layers(cfg, model)  # before sharding: FSDP keeps the layers it finds
+        policy = None
         if cfg.mixed_precision:
             policy = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.mixed_precision), reduce_dtype=torch.float32)
-        for layer in model.model.layers:
-            fully_shard(layer, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
-        bind_sharded_weights(model)
+        fully_shard_model(model, mp_policy=policy)
     optimizer = build_optimizer(cfg, model)  # may swap modules (Q-GaLore: QLinear): before any DDP wrapping
     # Layer-wise: the driver's hooks consume each gradient during backward (projected and
     # accumulated in low rank), then finish_step() clips, applies the NaN policy and updates

@@ -24,13 +24,21 @@ def _adamw8bit(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimize
 
 # The optimizers whose targeted Linear layers compute R themselves with cfg.lowrank_grad.
 LOWRANK_GRAD = ("galore", "galore8bit")
+# The optimizers that train INT8 weights: their targeted Linear layers become QLinear.
+QUANTIZED = ("q-galore", "q-galore8bit")
 
 
-def lowrank_grad_layers(cfg: TrainConfig, model: torch.nn.Module) -> None:
-    """With cfg.lowrank_grad and an optimizer of LOWRANK_GRAD, the targeted Linear layers compute
-    R = down(G, P) in backward (fastgrad.nn.lowrank; converted in place, same parameters; a model
-    already converted is left as it is)."""
-    if cfg.lowrank_grad and cfg.optim in LOWRANK_GRAD:
+def convert_layers(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """Swap the targeted Linear layers (attention and MLP projections) for the optimizer's layers, in
+    place: QLinear (INT8 weights) for Q-GaLore; LowRankGradLinear (R = down(G, P) in backward, same
+    parameters; fastgrad.nn.lowrank) with cfg.lowrank_grad for the optimizers of LOWRANK_GRAD. A
+    model already converted is left as it is, so this runs before sharding and again when the
+    optimizer is built."""
+    if cfg.optim in QUANTIZED:
+        from fastgrad.nn import quantize_model
+
+        quantize_model(model, group_size=QLINEAR_GROUP_SIZE)
+    elif cfg.lowrank_grad and cfg.optim in LOWRANK_GRAD:
         from fastgrad.nn import lowrank_grad_model
 
         lowrank_grad_model(model)
@@ -41,7 +49,7 @@ def _galore(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     --no-lowrank-grad."""
     from fastgrad.optim import GaLoreAdamW, galore_param_groups
 
-    lowrank_grad_layers(cfg, model)
+    convert_layers(cfg, model)
     groups = galore_param_groups(model, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale)
     return GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -50,7 +58,7 @@ def _galore8bit(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimiz
     """GaLoreAdamW with 8-bit blockwise moments (projected moments of ≥ 4096 elements)."""
     from fastgrad.optim import GaLoreAdamW8bit, galore_param_groups
 
-    lowrank_grad_layers(cfg, model)
+    convert_layers(cfg, model)
     groups = galore_param_groups(model, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale)
     return GaLoreAdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -91,10 +99,9 @@ def _frugal_block(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optim
 
 def _qgalore(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Converts the model's attention and MLP Linear layers to INT8 QLinear (in place) first."""
-    from fastgrad.nn import quantize_model
     from fastgrad.optim import QGaLoreAdamW, QGaLoreAdamW8bit, qgalore_param_groups
 
-    quantize_model(model, group_size=QLINEAR_GROUP_SIZE)
+    convert_layers(cfg, model)
     groups = qgalore_param_groups(
         model, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale, seed=cfg.seed
     )
