@@ -27,6 +27,11 @@ Cases and their baselines (``bench/report.py`` divides by the ``galore-torch`` r
     GaLoreAdamW step of galore-torch and fastgrad on the same shape and rank. (Between refreshes of
     a real Q-GaLore run the layer's backward already delivers R = down(G), so the optimizer's
     projection is skipped; this case includes it.)
+  * Muon step: one optimizer over the seven weights of one LLaMA 60M decoder layer (q, k, v, o
+    512×512; gate, up 1376×512; down 512×1376), lr 0.02, μ 0.95, nesterov, 5 Newton–Schulz steps:
+    ``torch.optim.Muon`` (the baseline) vs fastgrad ``Muon`` with ``ns_dtype`` bf16 (torch's
+    behaviour, bitwise the same weights) and fp32, and ``Muon8bit`` (8-bit momentum, bf16 NS).
+    Steps after the first (the buffers exist); flops count the iteration's products.
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ import pytest
 import torch
 
 from fastgrad.nn import QLinear
-from fastgrad.optim import Apollo, ApolloMini, FiraAdamW, GaLoreAdamW, QGaLoreAdamW
+from fastgrad.optim import Apollo, ApolloMini, FiraAdamW, GaLoreAdamW, Muon, Muon8bit, QGaLoreAdamW
 
 SHAPES = {"60m-attn": (512, 512, 128), "1b-attn": (2048, 2048, 128), "1b-mlp": (5461, 2048, 512)}
+# The attention and MLP weights of one LLaMA 60M decoder layer (fastgrad.models.get_config("60m", ...)).
+MUON_LAYER_60M = [(512, 512)] * 4 + [(1376, 512), (1376, 512), (512, 1376)]
 
 
 def _galore_torch():
@@ -153,4 +160,32 @@ def test_qgalore_step(compare, shape_name):
     note = "q-galore-torch not timed (fails with bitsandbytes 0.50; CUDA 8-bit Adam); GaLore fp32 as context"
     compare(
         "optim", "QGaLoreAdamW step", shape, torch.float32, "cpu", providers, flops=4 * m * n * r, note=note, rounds=20
+    )
+
+
+def _muon_step(make):
+    """``make(weights)``'s step on fresh weights of MUON_LAYER_60M with fixed fp32 gradients, after
+    one untimed step (which creates the momentum buffers)."""
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(m, n, generator=gen) * 0.02) for m, n in MUON_LAYER_60M]
+    for w in weights:
+        w.grad = torch.randn(w.shape, generator=gen) * 1e-3
+    opt = make(weights)
+    opt.step()
+    return opt.step
+
+
+def test_muon_step(compare):
+    options = {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True}
+    steps = 5
+    flops = sum(2 * steps * (2 * min(s) ** 2 * max(s) + min(s) ** 3) for s in MUON_LAYER_60M)
+    providers = {
+        "torch.optim.Muon": _muon_step(lambda ws: torch.optim.Muon(ws, **options)),
+        "fastgrad Muon (bf16 NS)": _muon_step(lambda ws: Muon(ws, **options)),
+        "fastgrad Muon (fp32 NS)": _muon_step(lambda ws: Muon(ws, **options, ns_dtype=torch.float32)),
+        "fastgrad Muon8bit (bf16 NS)": _muon_step(lambda ws: Muon8bit(ws, **options)),
+    }
+    note = "one LLaMA 60M layer: 4x512x512, 2x1376x512, 512x1376; baseline torch.optim.Muon"
+    compare(
+        "optim", "Muon step", ("llama60m-layer",), torch.float32, "cpu", providers, flops=flops, note=note, rounds=10
     )

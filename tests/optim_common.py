@@ -196,3 +196,10 @@ def make_muon(model, *, lr=2e-2, adamw_lr=3e-3, weight_decay=0.1, opt_kwargs=Non
     """Muon on the attention/MLP weights, AdamW at ``adamw_lr`` on the rest."""
     groups = optim.muon_param_groups(model, lr=adamw_lr)
     return optim.Muon(groups, lr=lr, weight_decay=weight_decay, **(opt_kwargs or {}))
+
+
+def make_muon8(model, *, lr=2e-2, adamw_lr=3e-3, weight_decay=0.1, opt_kwargs=None):
+    """Muon8bit as :func:`make_muon`: every Muon weight (≥ 4096 elements) keeps an 8-bit momentum,
+    the embedding and the head (AdamW) 8-bit moments, the norms fp32 moments."""
+    groups = optim.muon_param_groups(model, lr=adamw_lr)
+    return optim.Muon8bit(groups, lr=lr, weight_decay=weight_decay, **(opt_kwargs or {}))

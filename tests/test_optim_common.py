@@ -24,6 +24,7 @@ from optim_common import (
     make_galore,
     make_galore8,
     make_muon,
+    make_muon8,
     make_qgalore,
     make_qgalore8,
     quantized_model,
@@ -37,6 +38,7 @@ from optim_common import (
 from fastgrad import optim
 from fastgrad.nn import QLinear, lowrank_grad_model, projected_grad, qlinear_of
 from fastgrad.optim.galore8bit import M_CODES
+from fastgrad.optim.muon8bit import B_CODES
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -105,6 +107,15 @@ def _eight_bit_moments(case, opt, model, before) -> None:
     assert not torch.equal(now, before[case.healthy][1][M_CODES])
 
 
+def _eight_bit_momentum(case, opt, model, before) -> None:
+    """Muon8bit: the poisoned Muon weight and the healthy one keep 8-bit momenta (the poisoned
+    embedding 8-bit AdamW moments); the healthy one's codes moved."""
+    assert all(B_CODES in state for name, (_, state) in before.items() if name != EMBED)
+    assert M_CODES in before[EMBED][1]
+    now = opt.state[model.get_parameter(case.healthy)][B_CODES]
+    assert not torch.equal(now, before[case.healthy][1][B_CODES])
+
+
 def _no_moments_created(case, opt, model, before) -> None:
     """FrugalBlock's poisoned tensor is state-full at step 0: skipping it creates no moments."""
     assert all("exp_avg" not in opt.state[model.get_parameter(name)] for name in case.poison)
@@ -140,6 +151,7 @@ SKIP = {
     "frugal": Skip(lambda m: make_frugal(m, gap=2), 2, {Q0: NAN}, DOWN1, refresh=True),
     "frugal-block": Skip(make_frugal_block, 0, {DOWN1: NAN}, Q0, refresh=False, check=_no_moments_created),
     "muon": Skip(make_muon, 2, {DOWN0: NAN, EMBED: INF}, Q1, refresh=False),
+    "muon8bit": Skip(make_muon8, 2, {DOWN0: NAN, EMBED: INF}, Q1, refresh=False, check=_eight_bit_momentum),
 }
 
 
@@ -207,6 +219,7 @@ RAISES = {
     "frugal": Raise(lambda m: make_frugal(m, gap=2, opt_kwargs=RAISE), 2, UP1),
     "frugal-block": Raise(lambda m: make_frugal_block(m, opt_kwargs=RAISE), 1, DOWN1),
     "muon": Raise(lambda m: make_muon(m, opt_kwargs=RAISE), 2, UP1),
+    "muon8bit": Raise(lambda m: make_muon8(m, opt_kwargs=RAISE), 2, UP1),
 }
 
 
@@ -240,6 +253,10 @@ def _tensors_and_ints_only(saved: dict) -> None:
 
 def _has_limiter_norm(saved: dict) -> None:
     assert any("limiter_norm" in st for st in saved["state"].values())
+
+
+def _has_8bit_momentum(saved: dict) -> None:
+    assert sum(B_CODES in st for st in saved["state"].values()) == N_LOWRANK
 
 
 def _interval_has_grown(saved: dict) -> None:
@@ -287,6 +304,7 @@ RESUME = {
     "frugal": Resume(lambda m: make_frugal(m, gap=2)),
     "frugal-block": Resume(lambda m: make_frugal_block(m, lr=3e-3, update_proj_gap=3, block_order="random")),
     "muon": Resume(make_muon),
+    "muon8bit": Resume(make_muon8, check_saved=_has_8bit_momentum),
 }
 STEPS, SAVED_AT = 9, 5  # a refresh at step 6 (T = 3) after the checkpoint
 

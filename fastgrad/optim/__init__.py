@@ -1,5 +1,6 @@
 """Memory-efficient optimizers over low-rank gradient projections (GaLore, Q-GaLore, Fira, APOLLO,
-FRUGAL with projected or block subspaces), 8-bit-moment GaLoreAdamW / AdamW, and their projectors."""
+FRUGAL with projected or block subspaces), 8-bit-moment GaLoreAdamW / AdamW, Muon (and Muon8bit), and
+their projectors."""
 
 from fastgrad.optim.apollo import Apollo, ApolloMini, apollo_param_groups
 from fastgrad.optim.base import LowRankOptimizer, transfer_moments
@@ -16,6 +17,7 @@ from fastgrad.optim.layerwise import (
     layerwise,
 )
 from fastgrad.optim.muon import Muon, muon_param_groups
+from fastgrad.optim.muon8bit import Muon8bit
 from fastgrad.optim.param_groups import galore_param_groups, target_linear_weights
 from fastgrad.optim.projectors import (  # noqa: F401 (in __all__ through PUBLIC_API)
     PROJECTORS,
@@ -33,6 +35,7 @@ from fastgrad.optim.qgalore import QGaLoreAdamW, QGaLoreAdamW8bit, qgalore_param
 
 __all__ = [
     "Muon",
+    "Muon8bit",
     "muon_param_groups",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",

@@ -38,6 +38,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,7 +50,9 @@ from fastgrad.optim.galore import GaLoreAdamW
 from fastgrad.optim.projectors import LEFT, Projector, effective_rank, lowrank_shape, mix_seed, resolve_side
 from fastgrad.optim.sharding import RowShard, row_shard
 
-__all__ = ["EightBitMoments", "GaLoreAdamW8bit", "AdamW8bit", "moment_bound", "encode_moments", "decode_moments"]
+__all__ = [
+    "EightBitMoments", "GaLoreAdamW8bit", "AdamW8bit", "Layout", "moment_bound", "encode_moments", "decode_moments",
+]  # fmt: skip
 
 _SR_SALT = 0x3842_4954_4D4F  # separates the moments' rounding stream from the projector's seed
 _TINY = torch.finfo(torch.float32).tiny
@@ -62,6 +65,24 @@ V_CODES, V_SCALES, V_ZEROS = "exp_avg_sq_codes", "exp_avg_sq_scales", "exp_avg_s
 QSEED = "exp_avg_qseed"
 EIGHT_BIT_KEYS = (M_CODES, M_SCALES, V_CODES, V_SCALES, V_ZEROS)
 PER_BLOCK_KEYS = (M_SCALES, V_SCALES, V_ZEROS)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The state keys of one 8-bit representation of a tensor of n elements: ``codes``, uint8 with
+    one code per element; ``per_block``, fp32 with one value per block; ``dense``, the key of the
+    float state a tensor below ``min_8bit_size`` keeps instead. A state holding ``codes[0]`` is 8-bit."""
+
+    dense: str
+    codes: tuple[str, ...]
+    per_block: tuple[str, ...]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (*self.codes, *self.per_block)
+
+
+ADAM_LAYOUT = Layout("exp_avg", (M_CODES, V_CODES), PER_BLOCK_KEYS)
 
 
 def moment_bound(betas: tuple[float, float]) -> float:
@@ -163,7 +184,10 @@ class EightBitMoments:
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        betas = self.param_groups[-1]["betas"]
+        group = self.param_groups[-1]
+        if self._layout(group) is not ADAM_LAYOUT:  # the bound is that of Adam's moments only
+            return
+        betas = group["betas"]
         if not moment_bound(betas) < math.inf:
             raise ValueError(
                 f"{type(self).__name__}: betas must satisfy beta1² < beta2 for 8-bit moments (the bound "
@@ -171,6 +195,15 @@ class EightBitMoments:
             )
 
     # ------------------------------------------------------------------ layout
+    def _layout(self, group: dict[str, Any]) -> Layout:
+        """The 8-bit representation of ``group``'s state (Adam's moments; a subclass with other
+        state, e.g. Muon8bit's momentum, returns its own for those groups)."""
+        return ADAM_LAYOUT
+
+    def _rounding_seed(self, group: dict[str, Any], it: ParamStep) -> int:
+        """The Philox key of ``it``'s stochastic rounding (its parameter's seed, salted)."""
+        return mix_seed(self._param_seed(group, it.source, it.index), _SR_SALT)
+
     def _padded(self, n: int) -> int:
         return -(-n // self.block_size) * self.block_size
 
@@ -183,9 +216,10 @@ class EightBitMoments:
     def _is_8bit(self, it: ParamStep) -> bool:
         """Decided on the global size, so that every rank and one process decide alike."""
         st = it.state
-        if M_CODES in st:
+        layout = self._layout(it.group)
+        if layout.codes[0] in st:
             return True
-        return "exp_avg" not in st and self._global_numel(it) >= self.min_8bit_size
+        return layout.dense not in st and self._global_numel(it) >= self.min_8bit_size
 
     @staticmethod
     def _rows_of_moments(group: dict[str, Any], p: torch.Tensor) -> RowShard | None:
@@ -224,12 +258,13 @@ class EightBitMoments:
         but some rank's first element is not the start of a block of the whole flattened moment."""
         shard = self._rows_of_moments(group, p)
         st = self.state.get(p) or {}
-        if shard is None or "exp_avg" in st:
+        layout = self._layout(group)
+        if shard is None or layout.dense in st:
             return
         shape = self._moment_shape(group, p)
         numel = math.prod(shape)
         rows = shape[0] if shape else 0
-        if (M_CODES not in st and numel < self.min_8bit_size) or rows == 0:
+        if (layout.codes[0] not in st and numel < self.min_8bit_size) or rows == 0:
             return
         cols = numel // rows
         world = torch.distributed.get_world_size(shard.group)
@@ -262,22 +297,58 @@ class EightBitMoments:
         """:meth:`_decode` of a state stored by rows (rows from global row ``row0``, moments of local
         ``shape``): the flat codes and per-block scales rebuilt, fp32 (M, V) of the local n_pad."""
         n = math.prod(shape)
-        n_pad = self._padded(n)
-        device = st[M_CODES].device
         if n == 0:  # a rank that holds no rows (m < world size)
+            device = st[M_CODES].device
             return torch.zeros(0, device=device), torch.zeros(0, device=device)
-        index = self._block_index(row0, shape[0], n // shape[0] if shape[0] else 0, device).reshape(-1)
-        flat: dict[str, torch.Tensor] = {}
-        for key in (M_CODES, V_CODES):
-            codes = st[key].reshape(-1)
-            flat[key] = codes if n_pad == n else torch.cat([codes, codes.new_zeros(n_pad - n)])
-        for key in PER_BLOCK_KEYS:
-            table = st[key]
-            flat[key] = table.new_empty(n_pad // self.block_size).scatter_(0, index, table.reshape(-1))
-        first, second = self._decode(flat)
+        first, second = self._decode(self._flat_from_rows(st, ADAM_LAYOUT, row0, shape))
         first[n:] = 0.0  # the global tail's padding, which one process stores as codes of 0
         second[n:] = 0.0
         return first, second
+
+    def _flat_from_rows(
+        self, st: dict[str, Any], layout: Layout, row0: int, shape: tuple[int, ...]
+    ) -> dict[str, torch.Tensor]:
+        """The flat tensors of a ``layout`` state stored by rows (rows from global row ``row0``, local
+        shape ``shape`` of n > 0 elements): each code tensor (n_pad,), its tail padded with code 0
+        (decode it, then zero elements [n, n_pad)), each per-block table back to (n_pad/block_size,)."""
+        n = math.prod(shape)
+        n_pad = self._padded(n)
+        device = st[layout.codes[0]].device
+        index = self._block_index(row0, shape[0], n // shape[0], device).reshape(-1)
+        flat: dict[str, torch.Tensor] = {}
+        for key in layout.codes:
+            codes = st[key].reshape(-1)
+            flat[key] = codes if n_pad == n else torch.cat([codes, codes.new_zeros(n_pad - n)])
+        for key in layout.per_block:
+            table = st[key]
+            flat[key] = table.new_empty(n_pad // self.block_size).scatter_(0, index, table.reshape(-1))
+        return flat
+
+    def _store_rows(
+        self,
+        st: dict[str, Any],
+        layout: Layout,
+        row0: int,
+        shape: tuple[int, ...],
+        flat: dict[str, torch.Tensor],
+        device: torch.device,
+    ) -> None:
+        """Store this rank's rows of a ``layout`` state by rows (module docstring), from its flat
+        tensors (``flat``: each code tensor of ≥ n elements, each per-block one of the local blocks;
+        empty for a rank that holds no rows): the codes with the local ``shape``, each per-block
+        tensor as a (rows, t) table."""
+        n = math.prod(shape)
+        if n == 0:  # a rank that holds no rows (m < world size): empty codes and tables
+            empty = torch.zeros((0, self._table_width(math.prod(shape[1:]))), device=device)
+            st.update({key: torch.zeros(shape, dtype=torch.uint8, device=device) for key in layout.codes})
+            st.update({key: empty.clone() for key in layout.per_block})
+            return
+        for key in layout.codes:
+            codes = flat[key]
+            st[key] = (codes if codes.numel() == n else codes[:n].clone()).view(shape)
+        index = self._block_index(row0, shape[0], n // shape[0], device)
+        for key in layout.per_block:
+            st[key] = flat[key][index]
 
     def _encode(self, group: dict[str, Any], it: ParamStep, first: torch.Tensor, second: torch.Tensor) -> None:
         """Store the fp32 (M, V) of n_pad elements (both overwritten) as codes, after step t ≥ 1.
@@ -295,22 +366,15 @@ class EightBitMoments:
             return
         row0, shape, numel = rows
         n, total = math.prod(shape), self._padded(numel)
-        cols = n // shape[0] if shape[0] else 0
-        offset = (st["step"] - 1) * 2 * total
-        if n == 0:  # a rank that holds no rows (m < world size): empty codes and tables
-            empty = first.new_zeros((0, self._table_width(math.prod(shape[1:]))))
-            st[M_CODES] = torch.zeros(shape, dtype=torch.uint8, device=first.device)
-            st[V_CODES] = torch.zeros(shape, dtype=torch.uint8, device=first.device)
-            st[M_SCALES], st[V_SCALES], st[V_ZEROS] = empty, empty.clone(), empty.clone()
-            return
-        qm, qv = encode_moments(
-            first, second, self.block_size, bound, st[QSEED], offset, start=row0 * cols, total=total
-        )
-        for key, codes in ((M_CODES, qm.codes), (V_CODES, qv.codes)):
-            st[key] = (codes if codes.numel() == n else codes[:n].clone()).view(shape)
-        index = self._block_index(row0, shape[0], cols, first.device)
-        for key, per_block in ((M_SCALES, qm.scales), (V_SCALES, qv.scales), (V_ZEROS, qv.zeros)):
-            st[key] = per_block[index]
+        flat: dict[str, torch.Tensor] = {}
+        if n:  # (a rank that holds no rows stores empty codes and tables)
+            offset = (st["step"] - 1) * 2 * total
+            cols = n // shape[0]
+            qm, qv = encode_moments(
+                first, second, self.block_size, bound, st[QSEED], offset, start=row0 * cols, total=total
+            )
+            flat = {M_CODES: qm.codes, V_CODES: qv.codes, M_SCALES: qm.scales, V_SCALES: qv.scales, V_ZEROS: qv.zeros}
+        self._store_rows(st, ADAM_LAYOUT, row0, shape, flat, first.device)
 
     def dequantized_moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``p``'s (M, V) as fp32 tensors of the moment's shape (decoded, or copies of fp32 moments);
@@ -400,7 +464,7 @@ class EightBitMoments:
         if M_CODES in st:
             first_pad, second_pad = self._decode(st) if rows is None else self._decode_rows(st, rows[0], rows[1])
         else:
-            st[QSEED] = mix_seed(self._param_seed(group, it.source, it.index), _SR_SALT)
+            st[QSEED] = self._rounding_seed(group, it)
             first_pad = torch.zeros(self._padded(n), dtype=torch.float32, device=low.device)
             second_pad = torch.zeros_like(first_pad)
         first, second = first_pad[:n].view(low.shape), second_pad[:n].view(low.shape)
@@ -425,22 +489,22 @@ class EightBitMoments:
         then checks that the new split is block-aligned). A left-side weight's 8-bit state is the
         same on every rank and saved once, as its fp32 moments are."""
         keys = super().sharded_state_keys(p)
-        return keys if self.state[p].get("proj_side") == LEFT else (*keys, *EIGHT_BIT_KEYS)
+        return keys if self.state[p].get("proj_side") == LEFT else (*keys, *self._layout(self._group_of(p)).keys)
 
     def _check_param_state(
         self, name: str, gi: int, idx: int, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]
     ) -> None:
         super()._check_param_state(name, gi, idx, group, p, st)
-        if M_CODES not in st:
+        layout = self._layout(group)
+        if layout.codes[0] not in st:
             return
         low_shape = tuple(self._moment_shape(group, p))
         if self._rows_of_moments(group, p) is not None:  # stored by rows (the global shapes of a sharded load)
-            table = (low_shape[0], self._table_width(math.prod(low_shape[1:])))
-            expected = {M_CODES: low_shape, V_CODES: low_shape, **dict.fromkeys(PER_BLOCK_KEYS, table)}
+            codes, per_block = low_shape, (low_shape[0], self._table_width(math.prod(low_shape[1:])))
         else:
             n_pad = self._padded(math.prod(low_shape))
-            blocks = (n_pad // self.block_size,)
-            expected = {M_CODES: (n_pad,), V_CODES: (n_pad,), **dict.fromkeys(PER_BLOCK_KEYS, blocks)}
+            codes, per_block = (n_pad,), (n_pad // self.block_size,)
+        expected = {**dict.fromkeys(layout.codes, codes), **dict.fromkeys(layout.per_block, per_block)}
         for key, size in expected.items():
             t = st.get(key)
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != size:

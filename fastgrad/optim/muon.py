@@ -117,27 +117,43 @@ class Muon(LowRankOptimizer):
         if wd != 0.0:  # decoupled, before the update (torch.optim.Muon and AdamW)
             torch._foreach_mul_([it.param for it in items], 1.0 - lr * wd)
         if not group["use_muon"]:
-            adam = {**group, "eps": group["adam_eps"]}
-            firsts, seconds = self._update_moments(adam, items)
-            for it, first, second in zip(items, firsts, seconds, strict=True):
-                it.state["step"] += 1
-                adamw_update(adam, it, first, second, it.state["step"])
+            self._step_items({**group, "eps": group["adam_eps"]}, items)
             return
-        for it in items:
-            self._muon_step(group, it)
+        for it in items:  # one weight at a time: one m×n update U alive, not all of them
+            self._orthogonal_step(group, it, self._momentum_update(group, it))
 
-    def _muon_step(self, group: dict[str, Any], it: ParamStep) -> None:
+    def _step_items(self, group: dict[str, Any], items: list[ParamStep]) -> None:
+        """The AdamW items of a step (``group``'s ``eps`` is ``adam_eps``): the moments of all of
+        them at once (foreach), then each weight's step (:meth:`_weight_step`)."""
+        firsts, seconds = self._update_moments(group, items)
+        for it, first, second in zip(items, firsts, seconds, strict=True):
+            self._weight_step(group, it, first, second)
+
+    def _weight_step(self, group: dict[str, Any], it: ParamStep, first: torch.Tensor, second: torch.Tensor) -> None:
+        """t ← t + 1 and torch.optim.AdamW's update from the updated moments (decay is the caller's)."""
+        it.low = None
+        it.state["step"] += 1
+        adamw_update(group, it, first, second, it.state["step"])
+
+    def _momentum_update(self, group: dict[str, Any], it: ParamStep) -> torch.Tensor:
+        """B ← μ·B + (1−μ)·G in the state (created at zero); returns U = (1−μ)·G + μ·B (nesterov) or
+        B. Consumes ``it.low`` (G)."""
         momentum = group["momentum"]
         grad = it.low
+        it.low = None
         buf = it.state.get("momentum_buffer")
         if buf is None:
             buf = it.state["momentum_buffer"] = torch.zeros_like(grad)
         buf.lerp_(grad, 1.0 - momentum)
-        update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-        it.low = None
-        if it.shard is not None:  # the whole matrix, the same on every rank; this rank keeps its rows
+        return grad.lerp(buf, momentum) if group["nesterov"] else buf
+
+    def _orthogonal_step(self, group: dict[str, Any], it: ParamStep, update: torch.Tensor) -> None:
+        """W ← W − η'·NS(U) (decay is the caller's), then t ← t + 1. A row-sharded weight gathers U
+        from every rank, runs the same iteration on every rank and keeps its rows."""
+        if it.shard is not None:
             update = it.shard.gather_rows(update)
         ortho = newton_schulz(update.to(self.ns_dtype), group["ns_steps"], group["ns_coefficients"], group["eps"])
+        del update  # U is freed before the iteration's buffers are allocated
         if it.shard is not None:
             ortho = it.shard.rows_of(ortho)
         it.param.add_(ortho, alpha=-adjusted_lr(group["lr"], group["adjust_lr_fn"], it.source.shape))

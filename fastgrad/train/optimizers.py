@@ -112,11 +112,13 @@ def _qgalore(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 def _muon(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Muon (lr = cfg.lr, 0.02 by default, steps scaled by √max(1, m/n)) on the attention and MLP
-    weights, AdamW at the AdamW recipe's lr on the rest; the same weight decay for both."""
-    from fastgrad.optim import Muon, muon_param_groups
+    weights, AdamW at the AdamW recipe's lr on the rest; the same weight decay for both. muon8bit:
+    Muon8bit (8-bit momentum buffers, 8-bit AdamW moments; tensors of ≥ 4096 elements)."""
+    from fastgrad.optim import Muon, Muon8bit, muon_param_groups
 
     groups = muon_param_groups(model, lr=FULL_RANK_LR)
-    return Muon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    cls = Muon8bit if cfg.optim == "muon8bit" else Muon
+    return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 OPTIMIZERS: dict[str, Callable[[TrainConfig, torch.nn.Module], torch.optim.Optimizer]] = {
@@ -132,6 +134,7 @@ OPTIMIZERS: dict[str, Callable[[TrainConfig, torch.nn.Module], torch.optim.Optim
     "frugal": _frugal,
     "frugal-block": _frugal_block,
     "muon": _muon,
+    "muon8bit": _muon,
 }
 # Optimizers whose layer-wise mode (fastgrad.optim.layerwise) is supported.
 LAYERWISE = {"galore", "galore8bit", "q-galore", "q-galore8bit", "fira", "apollo", "apollo-mini"}
