@@ -24,7 +24,7 @@ ROOT = Path(__file__).parent.parent
 BASELINE = {
     "quant": "reference",
     "project": "torch-matmul",
-    "optim": ("galore-torch", "fira"),
+    "optim": ("galore-torch", "fira", "torch.optim.Muon"),
     "lowrank": ("full-G-then-project", "dequantize-then-matmul"),
 }
 REFRESH_BASELINE = "svd"  # refresh steps compare to the exact SVD
