@@ -23,6 +23,7 @@ from optim_common import (
     make_frugal_block,
     make_galore,
     make_galore8,
+    make_galore_muon,
     make_muon,
     make_muon8,
     make_qgalore,
@@ -151,6 +152,7 @@ SKIP = {
     "frugal": Skip(lambda m: make_frugal(m, gap=2), 2, {Q0: NAN}, DOWN1, refresh=True),
     "frugal-block": Skip(make_frugal_block, 0, {DOWN1: NAN}, Q0, refresh=False, check=_no_moments_created),
     "muon": Skip(make_muon, 2, {DOWN0: NAN, EMBED: INF}, Q1, refresh=False),
+    "galore-muon": Skip(make_galore_muon, 3, {DOWN0: NAN, EMBED: INF}, Q1, refresh=True),
     "muon8bit": Skip(make_muon8, 2, {DOWN0: NAN, EMBED: INF}, Q1, refresh=False, check=_eight_bit_momentum),
 }
 
@@ -219,6 +221,7 @@ RAISES = {
     "frugal": Raise(lambda m: make_frugal(m, gap=2, opt_kwargs=RAISE), 2, UP1),
     "frugal-block": Raise(lambda m: make_frugal_block(m, opt_kwargs=RAISE), 1, DOWN1),
     "muon": Raise(lambda m: make_muon(m, opt_kwargs=RAISE), 2, UP1),
+    "galore-muon": Raise(lambda m: make_galore_muon(m, opt_kwargs=RAISE), 2, UP1),
     "muon8bit": Raise(lambda m: make_muon8(m, opt_kwargs=RAISE), 2, UP1),
 }
 
@@ -304,6 +307,7 @@ RESUME = {
     "frugal": Resume(lambda m: make_frugal(m, gap=2)),
     "frugal-block": Resume(lambda m: make_frugal_block(m, lr=3e-3, update_proj_gap=3, block_order="random")),
     "muon": Resume(make_muon),
+    "galore-muon": Resume(make_galore_muon),
     "muon8bit": Resume(make_muon8, check_saved=_has_8bit_momentum),
 }
 STEPS, SAVED_AT = 9, 5  # a refresh at step 6 (T = 3) after the checkpoint

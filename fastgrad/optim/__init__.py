@@ -9,6 +9,7 @@ from fastgrad.optim.frugal import Frugal
 from fastgrad.optim.frugal_block import FrugalBlock
 from fastgrad.optim.galore import GaLoreAdamW
 from fastgrad.optim.galore8bit import AdamW8bit, GaLoreAdamW8bit
+from fastgrad.optim.galore_muon import GaLoreMuon, galore_muon_param_groups
 from fastgrad.optim.layerwise import (
     LayerwiseAsOptimizer,
     LayerwiseOptimizer,
@@ -35,6 +36,8 @@ from fastgrad.optim.qgalore import QGaLoreAdamW, QGaLoreAdamW8bit, qgalore_param
 
 __all__ = [
     "Muon",
+    "GaLoreMuon",
+    "galore_muon_param_groups",
     "Muon8bit",
     "muon_param_groups",
     "GaLoreAdamW",

@@ -136,9 +136,10 @@ class ParamStep:
 
 
 def transfer_moments(
-    first: torch.Tensor, second: torch.Tensor, proj_old: torch.Tensor, proj_new: torch.Tensor, side: int
+    first: torch.Tensor, second: torch.Tensor | None, proj_old: torch.Tensor, proj_new: torch.Tensor, side: int
 ) -> None:
-    """Re-express Adam moments kept in the basis ``proj_old`` in the basis ``proj_new``, in place.
+    """Re-express Adam moments kept in the basis ``proj_old`` in the basis ``proj_new``, in place
+    (``second`` None: a first moment alone, e.g. Muon's momentum).
 
     Right side (P r'×n, moments m×r'): C = P_old P_newᵀ, M ← M C, V ← V (C∘C).
     Left side (P m×r', moments r'×n):  C = P_newᵀ P_old, M ← C M, V ← (C∘C) V.
@@ -147,13 +148,14 @@ def transfer_moments(
     basis vectors (a DCT refresh that keeps some frequencies).
     """
     rot = lowrank_project(proj_old, proj_new, SIDE_NAMES[side]).float()  # r'×r'
-    rot_sq = rot.square()
     if side == LEFT:
         first.copy_(rot @ first.float())
-        second.copy_(rot_sq @ second.float())
+        if second is not None:
+            second.copy_(rot.square() @ second.float())
     else:
         first.copy_(first.float() @ rot)
-        second.copy_(second.float() @ rot_sq)
+        if second is not None:
+            second.copy_(second.float() @ rot.square())
 
 
 def name_key(name: str) -> int:

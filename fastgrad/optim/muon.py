@@ -148,16 +148,20 @@ class Muon(LowRankOptimizer):
         return grad.lerp(buf, momentum) if group["nesterov"] else buf
 
     def _orthogonal_step(self, group: dict[str, Any], it: ParamStep, update: torch.Tensor) -> None:
-        """W ← W − η'·NS(U) (decay is the caller's), then t ← t + 1. A row-sharded weight gathers U
-        from every rank, runs the same iteration on every rank and keeps its rows."""
-        if it.shard is not None:
-            update = it.shard.gather_rows(update)
-        ortho = newton_schulz(update.to(self.ns_dtype), group["ns_steps"], group["ns_coefficients"], group["eps"])
-        del update  # U is freed before the iteration's buffers are allocated
-        if it.shard is not None:
-            ortho = it.shard.rows_of(ortho)
+        """W ← W − η'·NS(U) (decay is the caller's), then t ← t + 1."""
+        ortho = self._orthogonalize(group, it, update)
         it.param.add_(ortho, alpha=-adjusted_lr(group["lr"], group["adjust_lr_fn"], it.source.shape))
         it.state["step"] += 1
+
+    def _orthogonalize(self, group: dict[str, Any], it: ParamStep, update: torch.Tensor) -> torch.Tensor:
+        """NS(U) in ``ns_dtype``, this rank's rows of it. A U sharded by rows (a row-sharded weight's;
+        under :class:`~fastgrad.optim.GaLoreMuon` a right-side R's) is gathered from every rank first,
+        and every rank runs the same iteration."""
+        if it.low_sharded:
+            update = it.shard.gather_rows(update)
+        ortho = newton_schulz(update.to(self.ns_dtype), group["ns_steps"], group["ns_coefficients"], group["eps"])
+        del update  # U is freed before the caller's update
+        return it.shard.rows_of(ortho) if it.low_sharded else ortho
 
 
 def muon_param_groups(

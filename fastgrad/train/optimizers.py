@@ -23,7 +23,7 @@ def _adamw8bit(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimize
 
 
 # The optimizers whose targeted Linear layers compute R themselves with cfg.lowrank_grad.
-LOWRANK_GRAD = ("galore", "galore8bit")
+LOWRANK_GRAD = ("galore", "galore8bit", "galore-muon")
 # The optimizers that train INT8 weights: their targeted Linear layers become QLinear.
 QUANTIZED = ("q-galore", "q-galore8bit")
 
@@ -121,6 +121,19 @@ def _muon(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _galore_muon(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """GaLoreMuon (lr = cfg.lr, 0.02 by default; rank, refresh gap and scale as cfg) on the attention
+    and MLP weights, converted to LowRankGradLinear first unless --no-lowrank-grad; AdamW at the
+    AdamW recipe's lr on the rest."""
+    from fastgrad.optim import GaLoreMuon, galore_muon_param_groups
+
+    convert_layers(cfg, model)
+    groups = galore_muon_param_groups(
+        model, cfg.rank, cfg.update_proj_gap, cfg.scale, adamw_options={"lr": FULL_RANK_LR}
+    )
+    return GaLoreMuon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 OPTIMIZERS: dict[str, Callable[[TrainConfig, torch.nn.Module], torch.optim.Optimizer]] = {
     "adamw": _adamw,
     "adamw8bit": _adamw8bit,
@@ -135,6 +148,7 @@ OPTIMIZERS: dict[str, Callable[[TrainConfig, torch.nn.Module], torch.optim.Optim
     "frugal-block": _frugal_block,
     "muon": _muon,
     "muon8bit": _muon,
+    "galore-muon": _galore_muon,
 }
 # Optimizers whose layer-wise mode (fastgrad.optim.layerwise) is supported.
 LAYERWISE = {"galore", "galore8bit", "q-galore", "q-galore8bit", "fira", "apollo", "apollo-mini"}

@@ -1,0 +1,96 @@
+"""GaLoreMuon: Muon in a GaLore subspace (docs/algorithms.md §10.4).
+
+For a weight W (m×n) of a group with ``rank``, P its projector (r'×n right, m×r' left; any GaLore
+projector: svd, randomized, dct, random), step t:
+
+    R = down(G, P)                          R = G·Pᵀ (m×r') or Pᵀ·G (r'×n): from the gradient, or
+                                            computed by a LowRankGradLinear layer without forming G
+    B ← μ·B + (1−μ)·R                       the momentum, kept in the subspace (r'·max(m, n) values)
+    U = (1−μ)·R + μ·B  (nesterov)  or  B
+    O = NS_k(U)                             Newton–Schulz on the r'-wide matrix: O(r'²·max(m, n))
+                                            multiply-adds per step instead of O(min(m, n)²·max(m, n))
+    W ← W·(1 − η·λ) − η'·α·up(O, P)         back-projected into W in place (no m×n temporary)
+
+with η' Muon's adjusted lr of the whole m×n weight (:func:`~fastgrad.optim.muon.adjusted_lr`) and α
+the group's ``scale`` (1 by default: P has orthonormal rows or columns, so up(O, P) has the unit
+singular values of O, as a Muon step). At a refresh the momentum is carried into the new basis (B ←
+B·P_oldP_newᵀ on the right, P_newᵀP_old·B on the left: the part of up(B) the new subspace keeps)
+unless the group sets ``state_transfer=False``. Groups without ``rank`` are Muon's (``use_muon``) or
+AdamW's (``use_muon=False``), as in :class:`~fastgrad.optim.Muon`.
+
+State per low-rank weight: the momentum B (r'·max(m, n)) and the projector's (P: r'·min(m, n) for
+svd/randomized, r' indices for dct, a seed for random). FSDP2: a right-side R is sharded by rows and
+gathered (m×r') for the iteration; a left-side R is the same on every rank (docs/algorithms.md §11).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastgrad.ops import lowrank_project_back_add_
+from fastgrad.optim.base import LowRankOptimizer, ParamStep, transfer_moments
+from fastgrad.optim.muon import Muon, adjusted_lr
+from fastgrad.optim.param_groups import galore_param_groups
+
+__all__ = ["GaLoreMuon", "galore_muon_param_groups"]
+
+
+class GaLoreMuon(Muon):
+    """Muon whose momentum and orthogonalization live in each weight's GaLore subspace (module
+    docstring). Same constructor as :class:`~fastgrad.optim.Muon`; a group with ``rank`` takes the
+    GaLore group keys (``rank``, ``update_proj_gap``, ``scale``, ``proj_side``, ``projector``,
+    ``state_transfer``, ...); build the groups with :func:`galore_muon_param_groups`."""
+
+    # momentum_buffer first: the refresh keeps the old basis for the transfer when it exists
+    moment_keys = ("momentum_buffer", "exp_avg", "exp_avg_sq")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "rank" not in param_group:
+            super().add_param_group(param_group)
+            return
+        if not param_group.get("use_muon", True):
+            raise ValueError("GaLoreMuon: a group with 'rank' is a Muon group (use_muon=True)")
+        param_group.setdefault("state_transfer", True)
+        param_group.setdefault("scale", 1.0)
+        LowRankOptimizer.add_param_group(self, param_group)
+
+    def _momentum_update(self, group: dict[str, Any], it: ParamStep) -> torch.Tensor:
+        """Muon's momentum on R; after a refresh the buffer is first carried into the new basis."""
+        buf = it.state.get("momentum_buffer")
+        if buf is not None and it.proj_old is not None:
+            transfer_moments(buf, None, it.proj_old, self.full_proj_matrix(it), it.state["proj_side"])
+        return super()._momentum_update(group, it)
+
+    def _orthogonal_step(self, group: dict[str, Any], it: ParamStep, update: torch.Tensor) -> None:
+        """W ← W − η'·α·up(NS(U), P) for a low-rank weight (decay is the caller's), then t ← t + 1."""
+        if not it.lowrank:
+            super()._orthogonal_step(group, it, update)
+            return
+        ortho = self._orthogonalize(group, it, update)
+        p_mat = self.proj_matrix(it)
+        step = adjusted_lr(group["lr"], group["adjust_lr_fn"], it.source.shape) * group["scale"]
+        lowrank_project_back_add_(it.param, ortho.to(p_mat.dtype).contiguous(), p_mat, it.side, -step)
+        it.proj = it.proj_old = None
+        it.state["step"] += 1
+
+
+def galore_muon_param_groups(
+    model: nn.Module,
+    rank: int,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    target_modules: str | Iterable[str] = ("attn", "mlp"),
+    *,
+    adamw_options: dict[str, Any] | None = None,
+    **group_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """``[low-rank Muon group, AdamW group]`` for :class:`GaLoreMuon`: the targeted Linear weights
+    (:func:`~fastgrad.optim.param_groups.target_linear_weights`) with ``rank``, ``update_proj_gap``,
+    ``scale`` and ``group_kwargs`` (e.g. ``projector="dct"``); every other trainable parameter with
+    ``use_muon=False`` and ``adamw_options`` (e.g. ``{"lr": 1e-3}``)."""
+    lowrank, rest = galore_param_groups(model, rank, update_proj_gap, scale, target_modules, **group_kwargs)
+    return [lowrank, {**rest, "use_muon": False, **(adamw_options or {})}]
