@@ -52,6 +52,10 @@ class QuantizedTensor(NamedTuple):
     zeros: torch.Tensor
     bits: int
 
+    def narrow_rows(self, start: int, length: int) -> QuantizedTensor:
+        """Rows [start, start + length) of the quantized tensor (views; groups lie within rows)."""
+        return QuantizedTensor(*(t.narrow(0, start, length) for t in self[:3]), self.bits)
+
     @property
     def shape(self) -> torch.Size:
         """Shape of the dense tensor this stores."""

@@ -205,6 +205,16 @@ def make_galore_muon(model, *, rank=16, gap=3, lr=2e-2, adamw_lr=3e-3, weight_de
     return optim.GaLoreMuon(groups, lr=lr, weight_decay=weight_decay, **(opt_kwargs or {}))
 
 
+def make_qgalore_muon(
+    model, *, rank=16, gap=3, lr=2e-2, adamw_lr=3e-3, weight_decay=0.1, opt_kwargs=None, **group_kwargs
+):
+    """QGaLoreMuon on the QLinear weights of a quantized model, AdamW at ``adamw_lr`` on the rest."""
+    groups = optim.qgalore_muon_param_groups(
+        model, rank=rank, update_proj_gap=gap, adamw_options={"lr": adamw_lr}, **group_kwargs
+    )
+    return optim.QGaLoreMuon(groups, lr=lr, weight_decay=weight_decay, **(opt_kwargs or {}))
+
+
 def make_muon8(model, *, lr=2e-2, adamw_lr=3e-3, weight_decay=0.1, opt_kwargs=None):
     """Muon8bit as :func:`make_muon`: every Muon weight (≥ 4096 elements) keeps an 8-bit momentum,
     the embedding and the head (AdamW) 8-bit moments, the norms fp32 moments."""

@@ -241,7 +241,19 @@ def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, text_file, capsys, 
 
 @pytest.mark.parametrize(
     "optim",
-    ["adamw", "galore", "q-galore", "fira", "apollo", "apollo-mini", "frugal", "muon", "muon8bit", "galore-muon"],
+    [
+        "adamw",
+        "galore",
+        "q-galore",
+        "fira",
+        "apollo",
+        "apollo-mini",
+        "frugal",
+        "muon",
+        "muon8bit",
+        "galore-muon",
+        "q-galore-muon",
+    ],
 )
 def test_every_optimizer_trains(tmp_path, text_file, untrained_val_loss, optim):
     assert _run(tmp_path, text_file, "--optim", optim, "--rank", "8", "--steps", "4", "--name", optim) == 0

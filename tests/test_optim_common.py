@@ -28,6 +28,7 @@ from optim_common import (
     make_muon8,
     make_qgalore,
     make_qgalore8,
+    make_qgalore_muon,
     quantized_model,
     roundtrip,
     state_tensors,
@@ -153,6 +154,7 @@ SKIP = {
     "frugal-block": Skip(make_frugal_block, 0, {DOWN1: NAN}, Q0, refresh=False, check=_no_moments_created),
     "muon": Skip(make_muon, 2, {DOWN0: NAN, EMBED: INF}, Q1, refresh=False),
     "galore-muon": Skip(make_galore_muon, 3, {DOWN0: NAN, EMBED: INF}, Q1, refresh=True),
+    "qgalore-muon": Skip(make_qgalore_muon, 3, {DOWN0: NAN, EMBED: INF}, Q1, refresh=True, model=quantized_model),
     "muon8bit": Skip(make_muon8, 2, {DOWN0: NAN, EMBED: INF}, Q1, refresh=False, check=_eight_bit_momentum),
 }
 
@@ -222,6 +224,7 @@ RAISES = {
     "frugal-block": Raise(lambda m: make_frugal_block(m, opt_kwargs=RAISE), 1, DOWN1),
     "muon": Raise(lambda m: make_muon(m, opt_kwargs=RAISE), 2, UP1),
     "galore-muon": Raise(lambda m: make_galore_muon(m, opt_kwargs=RAISE), 2, UP1),
+    "qgalore-muon": Raise(lambda m: make_qgalore_muon(m, opt_kwargs=RAISE), 2, UP1, model=quantized_model),
     "muon8bit": Raise(lambda m: make_muon8(m, opt_kwargs=RAISE), 2, UP1),
 }
 
@@ -308,6 +311,9 @@ RESUME = {
     "frugal-block": Resume(lambda m: make_frugal_block(m, lr=3e-3, update_proj_gap=3, block_order="random")),
     "muon": Resume(make_muon),
     "galore-muon": Resume(make_galore_muon),
+    "qgalore-muon": Resume(
+        lambda m: make_qgalore_muon(m, gap=1, queue_size=2, cos_threshold=0.0), model=quantized_model
+    ),
     "muon8bit": Resume(make_muon8, check_saved=_has_8bit_momentum),
 }
 STEPS, SAVED_AT = 9, 5  # a refresh at step 6 (T = 3) after the checkpoint

@@ -9,7 +9,7 @@ from fastgrad.optim.frugal import Frugal
 from fastgrad.optim.frugal_block import FrugalBlock
 from fastgrad.optim.galore import GaLoreAdamW
 from fastgrad.optim.galore8bit import AdamW8bit, GaLoreAdamW8bit
-from fastgrad.optim.galore_muon import GaLoreMuon, galore_muon_param_groups
+from fastgrad.optim.galore_muon import GaLoreMuon, QGaLoreMuon, galore_muon_param_groups, qgalore_muon_param_groups
 from fastgrad.optim.layerwise import (
     LayerwiseAsOptimizer,
     LayerwiseOptimizer,
@@ -38,6 +38,8 @@ __all__ = [
     "Muon",
     "GaLoreMuon",
     "galore_muon_param_groups",
+    "QGaLoreMuon",
+    "qgalore_muon_param_groups",
     "Muon8bit",
     "muon_param_groups",
     "GaLoreAdamW",

@@ -31,12 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastgrad.ops import lowrank_project_back_add_
+from fastgrad.ops import lowrank_project_back, lowrank_project_back_add_
 from fastgrad.optim.base import LowRankOptimizer, ParamStep, transfer_moments
 from fastgrad.optim.muon import Muon, adjusted_lr
 from fastgrad.optim.param_groups import galore_param_groups
+from fastgrad.optim.qgalore import QuantizedWeights, qgalore_param_groups
 
-__all__ = ["GaLoreMuon", "galore_muon_param_groups"]
+__all__ = ["GaLoreMuon", "galore_muon_param_groups", "QGaLoreMuon", "qgalore_muon_param_groups"]
 
 
 class GaLoreMuon(Muon):
@@ -47,6 +48,7 @@ class GaLoreMuon(Muon):
 
     # momentum_buffer first: the refresh keeps the old basis for the transfer when it exists
     moment_keys = ("momentum_buffer", "exp_avg", "exp_avg_sq")
+    default_state_transfer = True  # of a group with rank that does not set it
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "rank" not in param_group:
@@ -54,7 +56,7 @@ class GaLoreMuon(Muon):
             return
         if not param_group.get("use_muon", True):
             raise ValueError("GaLoreMuon: a group with 'rank' is a Muon group (use_muon=True)")
-        param_group.setdefault("state_transfer", True)
+        param_group.setdefault("state_transfer", self.default_state_transfer)
         param_group.setdefault("scale", 1.0)
         LowRankOptimizer.add_param_group(self, param_group)
 
@@ -93,4 +95,72 @@ def galore_muon_param_groups(
     ``scale`` and ``group_kwargs`` (e.g. ``projector="dct"``); every other trainable parameter with
     ``use_muon=False`` and ``adamw_options`` (e.g. ``{"lr": 1e-3}``)."""
     lowrank, rest = galore_param_groups(model, rank, update_proj_gap, scale, target_modules, **group_kwargs)
+    return [lowrank, {**rest, "use_muon": False, **(adamw_options or {})}]
+
+
+class QGaLoreMuon(QuantizedWeights, GaLoreMuon):
+    """:class:`GaLoreMuon` with Q-GaLore's storage: the uint8 weights of :class:`fastgrad.nn.QLinear`
+    layers, updated by stochastic rounding, and the INT4 SVD projector with the adaptive refresh
+    interval (:class:`~fastgrad.optim.QGaLoreAdamW`'s group keys and defaults, ``scale`` 1). Step
+    of an INT8 weight, a block of rows at a time (no m×n temporary):
+
+        Ŵ = dequant(codes) (fp32);  Ŵ ← Ŵ·(1 − η·λ) − η'·α·up(O, P̂);  codes ← SR-quantize(Ŵ)
+
+    with O the Newton–Schulz iteration of the projected momentum, as GaLoreMuon's. The momentum is
+    not carried into a new basis at a refresh (Q-GaLore keeps its states; ``state_transfer`` is
+    refused), and a QLinear weight in a Muon group without ``rank`` takes Muon's full update the
+    same way. State per INT8 weight: the momentum r'·max(m, n) fp32, the INT4 projector r'·d/2 +
+    8·r'·d/g, the past vector and the queue (:class:`~fastgrad.optim.QGaLoreAdamW`). Build the
+    groups with :func:`qgalore_muon_param_groups`."""
+
+    default_state_transfer = False
+
+    def update_group(self, group: dict[str, Any], items: list[ParamStep]) -> None:
+        """Muon's update for the float weights; the INT8 ones decay inside their re-quantization."""
+        floats = [it for it in items if it.param.dtype != torch.uint8]
+        if floats:
+            super().update_group(group, floats)
+        for it in items:
+            if it.param.dtype == torch.uint8:
+                self._orthogonal_step(group, it, self._momentum_update(group, it))
+
+    def _orthogonal_step(self, group: dict[str, Any], it: ParamStep, update: torch.Tensor) -> None:
+        if it.param.dtype != torch.uint8:
+            super()._orthogonal_step(group, it, update)
+            return
+        ortho = self._orthogonalize(group, it, update).float()
+        step = adjusted_lr(group["lr"], group["adjust_lr_fn"], it.source.shape)
+        if not it.lowrank:
+
+            def delta(r0: int, r1: int) -> torch.Tensor:
+                return ortho[r0:r1]
+
+        else:
+            step *= group["scale"]
+            p_mat = self.proj_matrix(it)  # INT4; a sharded left-side weight's: its rows
+
+            def delta(r0: int, r1: int) -> torch.Tensor:  # rows r0..r1 of up(O, P)
+                if it.side == "left":  # P's rows · O
+                    return lowrank_project_back(ortho, p_mat.narrow_rows(r0, r1 - r0), "left")
+                return lowrank_project_back(ortho[r0:r1].contiguous(), p_mat, "right")  # O's rows · P
+
+        self._update_int8(group, it, delta, step)
+        it.proj = it.proj_old = None
+        it.state["step"] += 1
+
+
+def qgalore_muon_param_groups(
+    model: nn.Module,
+    rank: int,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    *,
+    adamw_options: dict[str, Any] | None = None,
+    **group_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """``[low-rank Muon group, AdamW group]`` for :class:`QGaLoreMuon` on a model converted with
+    :func:`fastgrad.nn.quantize_model`: the uint8 weights of its QLinear layers with ``rank`` and
+    the Q-GaLore keys (``group_kwargs``, e.g. ``cos_threshold``), every other trainable parameter
+    with ``use_muon=False`` and ``adamw_options``."""
+    lowrank, rest = qgalore_param_groups(model, rank, update_proj_gap, scale, **group_kwargs)
     return [lowrank, {**rest, "use_muon": False, **(adamw_options or {})}]

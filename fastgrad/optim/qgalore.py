@@ -32,7 +32,7 @@ the INT4 projector, in place in its own dtype.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -74,7 +74,130 @@ _SR_SALT = 0x5152_4F55_4E44  # separates the SR stream's seed from the projector
 UPDATE_BLOCK_ELEMS = 1 << 20
 
 
-class QGaLoreAdamW(GaLoreAdamW):
+class QuantizedWeights:
+    """What Q-GaLore's optimizers share, over a :class:`~fastgrad.optim.base.LowRankOptimizer`: the
+    uint8 weights of :class:`fastgrad.nn.QLinear` layers, updated by stochastic rounding (each
+    weight's own Philox stream), and the low-rank groups' INT4 SVD projector with the adaptive
+    refresh interval (module docstring, (A)-(C)). Subclasses: :class:`QGaLoreAdamW` and
+    :class:`QGaLoreMuon`."""
+
+    keep_dtype_keys = ("proj_scales", "proj_zeros", "proj_past", "proj_queue")
+    extra_defaults = {"seed": 0, "stochastic_round": True}
+
+    # the refresh statistic's cosine: signed, or its absolute value (QG-4)
+    signed_cosine = False
+
+    def _normalize_lowrank_group(self, group: dict[str, Any]) -> None:
+        if group.get("state_transfer"):
+            raise ValueError(f"{type(self).__name__}: state_transfer is not supported (Q-GaLore keeps the moments)")
+        super()._normalize_lowrank_group(group)
+        if group["projector"] != "svd":
+            raise ValueError(f"{type(self).__name__}: only projector='svd' is supported, got {group['projector']!r}")
+        for key, value in QGALORE_DEFAULTS.items():
+            group.setdefault(key, value)
+        if not isinstance(group["queue_size"], int) or group["queue_size"] < 1:
+            raise ValueError(f"{type(self).__name__}: queue_size must be a positive int, got {group['queue_size']!r}")
+        if group["gamma_proj"] <= 0:
+            raise ValueError(f"{type(self).__name__}: gamma_proj must be > 0, got {group['gamma_proj']!r}")
+        if not isinstance(group["proj_group_size"], int) or group["proj_group_size"] < 2:
+            size = group["proj_group_size"]
+            raise ValueError(f"{type(self).__name__}: proj_group_size must be an int >= 2, got {size!r}")
+        for p in group["params"]:  # INT4 rows must have an even length: fail here, not at the first step
+            side = resolve_side(group["proj_side"], p.shape)
+            proj_group_size(proj_shape(p.shape, side, effective_rank(group["rank"], p.shape))[1], 2)
+
+    def projector(self, group: dict[str, Any]) -> QuantizedSVDProjector:
+        opts = (group["proj_group_size"], group["cos_threshold"], group["gamma_proj"], group["queue_size"])
+        key = ("qsvd", *opts, self.signed_cosine)
+        proj = self._projector_cache.get(key)
+        if proj is None:
+            proj = self._projector_cache[key] = QuantizedSVDProjector(*opts, signed_cos=self.signed_cosine)
+        return proj
+
+    def refresh_due(self, group: dict[str, Any], state: dict[str, Any]) -> bool:
+        """k % T == 0 with the parameter's own T; resolves a pending growth of T first.
+
+        A growth decided at the last refresh (a host bool) is applied at the first step that is a
+        multiple of the old or of the grown T: the schedule of applying it at the refresh."""
+        gap = state.setdefault("proj_gap", group["update_proj_gap"])
+        k = state["step"]
+        pending = state.get("proj_pending")
+        if pending is not None:
+            grown = max(1, int(gap * group["gamma_proj"]))
+            if k % gap == 0 or k % grown == 0:
+                if pending:
+                    gap = state["proj_gap"] = grown
+                del state["proj_pending"]
+        return k % gap == 0
+
+    def update_writes(self, it: ParamStep) -> list[torch.Tensor]:
+        """An INT8 weight's update rewrites its layer's scales and zeros too."""
+        if it.param.dtype == torch.uint8:
+            return list(self._int8_rows(it)[0][:3])
+        return [it.param]
+
+    def _int8_rows(self, it: ParamStep) -> tuple[QuantizedTensor, int]:
+        """The INT8 weight this rank updates: its rows of the layer's codes, scales and zeros (all
+        of them unless the layer is row-sharded by FSDP2), and the index of their first element in
+        the whole m×n weight. Stochastic rounding draws element (i, j) of the weight at stream
+        position offset + i·n + j, so the codes do not depend on how the rows are split."""
+        layer = qlinear_of(it.source)
+        if layer is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: uint8 parameter #{it.index} {tuple(it.source.shape)} is not the weight of "
+                "a live fastgrad.nn.QLinear (run a forward/backward through the layer before stepping; under "
+                "FSDP2 shard the model with fastgrad.nn.fully_shard_model)"
+            )
+        first_row = it.shard.offset if it.shard is not None else 0
+        rows = QuantizedTensor(it.param, local(layer.scales), local(layer.zeros), 8)
+        return rows, first_row * it.source.shape[1]
+
+    def _sr_stream(self, group: dict[str, Any], it: ParamStep) -> tuple[int, int]:
+        """(seed, offset) of the weight's stochastic-rounding stream (seeded on its first update)."""
+        st = it.state
+        if "sr_seed" not in st:
+            st["sr_seed"] = mix_seed(self._param_seed(group, it.param, it.index), _SR_SALT)
+            st["sr_offset"] = 0
+        return st["sr_seed"], st["sr_offset"]
+
+    def _update_int8(
+        self,
+        group: dict[str, Any],
+        it: ParamStep,
+        delta_rows: Callable[[int, int], torch.Tensor],
+        step_size: float,
+        *,
+        decay_after: bool = False,
+    ) -> None:
+        """An INT8 weight's step, a block of its rows at a time: Ŵ dequantized to fp32, decayed by
+        (1 − lr·wd) (before the update, or ``decay_after`` it), Ŵ − ``step_size``·Δ with Δ's rows
+        [r0, r1) from ``delta_rows(r0, r1)`` (fp32), re-quantized with stochastic rounding into the
+        layer's codes/scales/zeros in place; the stream then advances by the whole weight's m·n.
+        Groups lie within rows and element (i, j) is drawn at stream position offset + i·n + j, so
+        the result is that of updating the whole matrix at once, with no m×n temporary."""
+        (codes, scales, zeros, _), first = self._int8_rows(it)
+        group_size = qlinear_of(it.source).group_size
+        seed, offset = self._sr_stream(group, it)
+        decay = 1.0 - group["lr"] * group["weight_decay"]
+        stochastic = bool(group.get("stochastic_round", True))
+        m, n = codes.shape
+        block = max(1, UPDATE_BLOCK_ELEMS // max(n, 1))
+        for r0 in range(0, m, block):
+            r1 = min(m, r0 + block)
+            w = dequantize_int8(codes[r0:r1], scales[r0:r1], zeros[r0:r1], torch.float32)
+            if decay != 1.0 and not decay_after:
+                w.mul_(decay)
+            w.add_(delta_rows(r0, r1), alpha=-step_size)
+            if decay != 1.0 and decay_after:
+                w.mul_(decay)
+            q = quantize_int8(w, group_size, stochastic=stochastic, seed=seed, offset=offset + first + r0 * n)
+            codes[r0:r1].copy_(q.codes)
+            scales[r0:r1].copy_(q.scales)
+            zeros[r0:r1].copy_(q.zeros)
+        it.state["sr_offset"] += it.source.numel()
+
+
+class QGaLoreAdamW(QuantizedWeights, GaLoreAdamW):
     """Q-GaLore AdamW: INT4 projector, adaptive refresh, INT8 weights with stochastic rounding.
 
     Param groups: a group with ``rank`` is low-rank (build them with :func:`qgalore_param_groups`):
@@ -135,9 +258,6 @@ class QGaLoreAdamW(GaLoreAdamW):
     weight's update the fused op's fp32 block of its rows (≤ 1 MiB on CPU).
     """
 
-    keep_dtype_keys = ("proj_scales", "proj_zeros", "proj_past", "proj_queue")
-    extra_defaults = {"seed": 0, "stochastic_round": True}
-
     def __init__(
         self,
         params: Iterable,
@@ -156,48 +276,9 @@ class QGaLoreAdamW(GaLoreAdamW):
         """torch.optim.AdamW's bias corrections; bitsandbytes' (Q-GaLore's reference) if faithful."""
         return "bnb" if self.faithful else "torch"
 
-    # ------------------------------------------------------------------ groups and projector
-    def _normalize_lowrank_group(self, group: dict[str, Any]) -> None:
-        if group.get("state_transfer"):
-            raise ValueError("QGaLoreAdamW: state_transfer is not supported (Q-GaLore keeps the moments)")
-        super()._normalize_lowrank_group(group)
-        if group["projector"] != "svd":
-            raise ValueError(f"QGaLoreAdamW: only projector='svd' is supported, got {group['projector']!r}")
-        for key, value in QGALORE_DEFAULTS.items():
-            group.setdefault(key, value)
-        if not isinstance(group["queue_size"], int) or group["queue_size"] < 1:
-            raise ValueError(f"QGaLoreAdamW: queue_size must be a positive int, got {group['queue_size']!r}")
-        if group["gamma_proj"] <= 0:
-            raise ValueError(f"QGaLoreAdamW: gamma_proj must be > 0, got {group['gamma_proj']!r}")
-        if not isinstance(group["proj_group_size"], int) or group["proj_group_size"] < 2:
-            raise ValueError(f"QGaLoreAdamW: proj_group_size must be an int >= 2, got {group['proj_group_size']!r}")
-        for p in group["params"]:  # INT4 rows must have an even length: fail here, not at the first step
-            side = resolve_side(group["proj_side"], p.shape)
-            proj_group_size(proj_shape(p.shape, side, effective_rank(group["rank"], p.shape))[1], 2)
-
-    def projector(self, group: dict[str, Any]) -> QuantizedSVDProjector:
-        opts = (group["proj_group_size"], group["cos_threshold"], group["gamma_proj"], group["queue_size"])
-        key = ("qsvd", *opts, self.faithful)
-        proj = self._projector_cache.get(key)
-        if proj is None:
-            proj = self._projector_cache[key] = QuantizedSVDProjector(*opts, signed_cos=self.faithful)
-        return proj
-
-    def refresh_due(self, group: dict[str, Any], state: dict[str, Any]) -> bool:
-        """k % T == 0 with the parameter's own T; resolves a pending growth of T first.
-
-        A growth decided at the last refresh (a host bool) is applied at the first step that is a
-        multiple of the old or of the grown T: the schedule of applying it at the refresh."""
-        gap = state.setdefault("proj_gap", group["update_proj_gap"])
-        k = state["step"]
-        pending = state.get("proj_pending")
-        if pending is not None:
-            grown = max(1, int(gap * group["gamma_proj"]))
-            if k % gap == 0 or k % grown == 0:
-                if pending:
-                    gap = state["proj_gap"] = grown
-                del state["proj_pending"]
-        return k % gap == 0
+    @property
+    def signed_cosine(self) -> bool:
+        return self.faithful
 
     # ------------------------------------------------------------------ update
     def _fused_target(self, group: dict[str, Any], it: ParamStep) -> tuple[Any, dict[str, Any]]:
@@ -216,66 +297,15 @@ class QGaLoreAdamW(GaLoreAdamW):
         if it.param.dtype == torch.uint8:
             it.state["sr_offset"] += it.source.numel()  # the whole weight's m·n, whatever rows this rank holds
 
-    def update_writes(self, it: ParamStep) -> list[torch.Tensor]:
-        """An INT8 weight's update rewrites its layer's scales and zeros too."""
-        if it.param.dtype == torch.uint8:
-            return list(self._int8_rows(it)[0][:3])
-        return [it.param]
-
-    def _int8_rows(self, it: ParamStep) -> tuple[QuantizedTensor, int]:
-        """The INT8 weight this rank updates: its rows of the layer's codes, scales and zeros (all
-        of them unless the layer is row-sharded by FSDP2), and the index of their first element in
-        the whole m×n weight. Stochastic rounding draws element (i, j) of the weight at stream
-        position offset + i·n + j, so the codes do not depend on how the rows are split."""
-        layer = qlinear_of(it.source)
-        if layer is None:
-            raise RuntimeError(
-                f"QGaLoreAdamW: uint8 parameter #{it.index} {tuple(it.source.shape)} is not the weight of a live "
-                "fastgrad.nn.QLinear (run a forward/backward through the layer before stepping; under FSDP2 call "
-                "fastgrad.nn.bind_sharded_weights after fully_shard)"
-            )
-        first_row = it.shard.offset if it.shard is not None else 0
-        rows = QuantizedTensor(it.param, local(layer.scales), local(layer.zeros), 8)
-        return rows, first_row * it.source.shape[1]
-
-    def _sr_stream(self, group: dict[str, Any], it: ParamStep) -> tuple[int, int]:
-        """(seed, offset) of the weight's stochastic-rounding stream (seeded on its first update)."""
-        st = it.state
-        if "sr_seed" not in st:
-            st["sr_seed"] = mix_seed(self._param_seed(group, it.param, it.index), _SR_SALT)
-            st["sr_offset"] = 0
-        return st["sr_seed"], st["sr_offset"]
-
     def _apply_direction(self, group: dict[str, Any], it: ParamStep, normed: torch.Tensor, step_size: float) -> None:
-        """A full-rank INT8 weight (a QLinear weight in a group without ``rank``): a block of rows
-        at a time, dequantized to fp32, decayed (:attr:`faithful`: after the update), updated by
-        −η·N and re-quantized (SR) into the layer's codes/scales/zeros in place. Groups lie within
-        rows and the stream position of element (i, j) is offset + i·n + j, so the result is that of
-        updating the whole matrix at once, without an m×n temporary. Low-rank INT8 weights take the
-        fused op (:meth:`_fused_target`); float weights GaLoreAdamW's update."""
+        """A full-rank INT8 weight (a QLinear weight in a group without ``rank``): −η·N applied by
+        :meth:`~QuantizedWeights._update_int8` (decayed first, or after the update if
+        :attr:`faithful`). Low-rank INT8 weights take the fused op (:meth:`_fused_target`); float
+        weights GaLoreAdamW's update."""
         if it.param.dtype != torch.uint8:
             super()._apply_direction(group, it, normed, step_size)
             return
-        (codes, scales, zeros, _), first = self._int8_rows(it)
-        group_size = qlinear_of(it.source).group_size
-        seed, offset = self._sr_stream(group, it)
-        lr, wd = group["lr"], group["weight_decay"]
-        stochastic = bool(group.get("stochastic_round", True))
-        m, n = codes.shape
-        block = max(1, UPDATE_BLOCK_ELEMS // max(n, 1))
-        for r0 in range(0, m, block):
-            rows = slice(r0, min(m, r0 + block))
-            w = dequantize_int8(codes[rows], scales[rows], zeros[rows], torch.float32)
-            if wd != 0.0 and not self.faithful:
-                w.mul_(1.0 - lr * wd)
-            w.add_(normed[rows], alpha=-step_size)
-            if wd != 0.0 and self.faithful:
-                w.add_(w, alpha=-lr * wd)
-            q = quantize_int8(w, group_size, stochastic=stochastic, seed=seed, offset=offset + first + r0 * n)
-            codes[rows].copy_(q.codes)
-            scales[rows].copy_(q.scales)
-            zeros[rows].copy_(q.zeros)
-        it.state["sr_offset"] += it.source.numel()
+        self._update_int8(group, it, lambda r0, r1: normed[r0:r1], step_size, decay_after=self.faithful)
 
 
 class QGaLoreAdamW8bit(EightBitMoments, QGaLoreAdamW):

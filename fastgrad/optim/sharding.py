@@ -69,7 +69,7 @@ class RowShard:
         """This rank's rows of a tensor whose dim 0 spans the global rows (a view); of a quantized
         one, the rows of its codes, scales and zeros (its groups lie within rows)."""
         if isinstance(full, QuantizedTensor):
-            return QuantizedTensor(*(t.narrow(0, self.offset, self.rows) for t in full[:3]), full.bits)
+            return full.narrow_rows(self.offset, self.rows)
         return full.narrow(0, self.offset, self.rows)
 
     def as_dtensor(self, rows: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ APOLLO: rank 128/192/256/256/256, scale 1; APOLLO-Mini: rank 1, scale 128. FRUGA
 lr 1e-3. AdamW baselines (adamw, adamw8bit) use lr 1e-3; galore8bit follows the GaLore recipe.
 Muon (Keller Jordan's recipe): lr 0.02 for the attention and MLP weights (steps scaled by
 √max(1, m/n)), AdamW at lr 1e-3 for the embedding, head and norms; muon8bit likewise, and
-galore-muon (Muon in a GaLore subspace: the GaLore recipe's rank and refresh gap, scale 1).
+galore-muon (Muon in a GaLore subspace: the GaLore recipe's rank and refresh gap, scale 1) and
+q-galore-muon (the same with INT8 weights and the INT4 projector).
 ``tiny`` is sized so that the default run finishes in minutes on a 2-core CPU.
 """
 
@@ -106,7 +107,7 @@ class TrainConfig:
             cfg.update_proj_gap = UPDATE_PROJ_GAP.get(name, 200)
         if cfg.lr is None:
             full_rank = ("adamw", "adamw8bit", "frugal", "frugal-block")
-            muon = ("muon", "muon8bit", "galore-muon")
+            muon = ("muon", "muon8bit", "galore-muon", "q-galore-muon")
             cfg.lr = MUON_LR if cfg.optim in muon else FULL_RANK_LR if cfg.optim in full_rank else LOW_RANK_LR
         if cfg.steps is None:
             # --batch-size is per process: under torchrun a step takes WORLD_SIZE times as many tokens.

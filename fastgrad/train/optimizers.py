@@ -25,7 +25,7 @@ def _adamw8bit(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimize
 # The optimizers whose targeted Linear layers compute R themselves with cfg.lowrank_grad.
 LOWRANK_GRAD = ("galore", "galore8bit", "galore-muon")
 # The optimizers that train INT8 weights: their targeted Linear layers become QLinear.
-QUANTIZED = ("q-galore", "q-galore8bit")
+QUANTIZED = ("q-galore", "q-galore8bit", "q-galore-muon")
 
 
 def convert_layers(cfg: TrainConfig, model: torch.nn.Module) -> None:
@@ -134,6 +134,18 @@ def _galore_muon(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimi
     return GaLoreMuon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _qgalore_muon(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """QGaLoreMuon: GaLoreMuon on INT8 QLinear weights (converted in place first) with the INT4
+    projector and adaptive refresh interval; AdamW at the AdamW recipe's lr on the rest."""
+    from fastgrad.optim import QGaLoreMuon, qgalore_muon_param_groups
+
+    convert_layers(cfg, model)
+    groups = qgalore_muon_param_groups(
+        model, cfg.rank, cfg.update_proj_gap, cfg.scale, adamw_options={"lr": FULL_RANK_LR}, seed=cfg.seed
+    )
+    return QGaLoreMuon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 OPTIMIZERS: dict[str, Callable[[TrainConfig, torch.nn.Module], torch.optim.Optimizer]] = {
     "adamw": _adamw,
     "adamw8bit": _adamw8bit,
@@ -149,6 +161,7 @@ OPTIMIZERS: dict[str, Callable[[TrainConfig, torch.nn.Module], torch.optim.Optim
     "muon": _muon,
     "muon8bit": _muon,
     "galore-muon": _galore_muon,
+    "q-galore-muon": _qgalore_muon,
 }
 # Optimizers whose layer-wise mode (fastgrad.optim.layerwise) is supported.
 LAYERWISE = {"galore", "galore8bit", "q-galore", "q-galore8bit", "fira", "apollo", "apollo-mini"}
