@@ -235,3 +235,23 @@ def test_qgalore_muon_refuses_state_transfer():
     layer = QLinear(8, 12, group_size=8)
     with pytest.raises(ValueError, match="QGaLoreMuon: state_transfer is not supported"):
         optim.QGaLoreMuon([{"params": [layer.weight], "rank": 4, "state_transfer": True}])
+
+
+def test_qgalore_muon_state_bytes_are_the_formula():
+    """Per INT8 weight m×n (d = min, D = max, r' = min(r, d), g the projector's group along P's rows,
+    Q the queue): the momentum D·r'·4 + the INT4 P r'·d/2 + 8·r'·d/g + the past vector + 4·Q, half
+    of QGaLoreAdamW's moments; per AdamW parameter two moments."""
+    model = quantize_model(tiny_model(), group_size=32)
+    opt = make_qgalore_muon(model, rank=16, gap=3)
+    train(model, opt, token_batches(2))
+    expected = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if "rank" not in group:
+                expected += 2 * p.numel() * 4
+                continue
+            m, n = p.shape
+            d, big, r = min(m, n), max(m, n), opt.state[p]["proj_rank"]
+            g = proj_group_size(r if m < n else n, group["proj_group_size"])
+            expected += big * r * 4 + r * d // 2 + 8 * r * d // g + 4 * (n if m >= n else m) + 4 * group["queue_size"]
+    assert opt.state_bytes() == expected
