@@ -40,6 +40,7 @@ from fastgrad.nn.lowrank import bind_sharded_weights, projected_grad, reduce_pro
 from fastgrad.nn.qlinear import fit_group_size
 from fastgrad.optim.projectors import LEFT, resolve_side
 from fastgrad.optim.sharding import row_shard
+from fastgrad.train.optimizers import state_bytes
 from fastgrad.train.profiling import CollectiveBytes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not dist.is_available(), reason="gloo")
@@ -65,6 +66,8 @@ STOCHASTIC = ("q-galore", "muon8bit", "q-galore-muon")
 WEIGHT_RTOL: dict[str, float] = {"q-galore": 1e-2, "muon8bit": 1e-2, "q-galore-muon": 3e-2}
 
 CASES = {
+    # torch's own AdamW (what `pretrain --optim adamw --fsdp` steps): the reference of the byte counts
+    "adamw": lambda model: torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1),
     "galore": lambda model: make_galore(model, rank=8, gap=GAP),
     "galore-dct": lambda model: make_galore(model, rank=8, gap=GAP, projector="dct"),
     "galore-randomized": lambda model: make_galore(model, rank=8, gap=GAP, projector="randomized"),
@@ -143,7 +146,7 @@ def _run(case: str, rank: int | None, *, halves: bool = False) -> dict:
     weights = {n: (p.full_tensor() if rank is not None else p).detach().clone() for n, p in model.named_parameters()}
     sharded = [p for g in opt.param_groups for p in g["params"] if row_shard(p) is not None]
     return {
-        "losses": losses, "weights": weights, "state_bytes": opt.state_bytes(), "sharded": len(sharded),
+        "losses": losses, "weights": weights, "state_bytes": state_bytes(opt), "sharded": len(sharded),
         "projected": projected, "int8": len(quantized), "codes": codes,
     }  # fmt: skip
 

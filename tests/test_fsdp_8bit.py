@@ -26,10 +26,11 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_common import WORLD, run_on_ranks
-from optim_common import make_adamw8bit, make_galore8, make_muon8, token_batches
+from optim_common import make_adamw8bit, make_galore8, make_muon8, make_qgalore8, token_batches
 from test_fsdp import GAP, ROWS, STEPS
 
 from fastgrad.models import LlamaConfig, LlamaForCausalLM
+from fastgrad.nn import fully_shard_model, quantize_model
 from fastgrad.optim import AdamW8bit, GaLoreAdamW8bit, Muon8bit
 from fastgrad.optim.galore8bit import M_CODES, M_SCALES, QSEED, V_CODES, V_SCALES, V_ZEROS
 from fastgrad.optim.muon8bit import B_CODES, B_QSEED, B_SCALES
@@ -42,8 +43,15 @@ CASES = {
     "galore8bit": lambda model: make_galore8(model, rank=16, gap=GAP),
     "adamw8bit": lambda model: make_adamw8bit(model),
     "muon8bit": lambda model: make_muon8(model, opt_kwargs={"ns_dtype": torch.float32, "min_8bit_size": 1024}),
+    # INT8 weights too (sharded and all-gathered as INT8), refreshes at steps 1, 4, 7, ...
+    "q-galore8bit": make_qgalore8,
 }
-N_8BIT = {"galore8bit": 16, "adamw8bit": 16, "muon8bit": 16}  # 14 projections + embedding + head (norms: fp32)
+N_8BIT = {
+    "galore8bit": 16,
+    "adamw8bit": 16,
+    "muon8bit": 16,
+    "q-galore8bit": 16,
+}  # 14 projections + embedding + head (norms: fp32)
 SAVE_AT = STEPS // 2  # the sharded checkpoint the resume tests start from
 EIGHT = (M_CODES, M_SCALES, V_CODES, V_SCALES, V_ZEROS)
 MOMENTUM = (B_CODES, B_SCALES)
@@ -66,17 +74,13 @@ LOSS_RTOL = 5e-4
 CASE_LOSS_RTOL = {"muon8bit": 2e-3}
 
 
-def _model() -> LlamaForCausalLM:
+def _model(case: str | None = None) -> LlamaForCausalLM:
+    """The tiny LLaMA; for Q-GaLore with INT8 weights (QLinear, groups of 32)."""
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**CONFIG))
-
-
-def _shard(model: torch.nn.Module) -> None:
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG))
+    if case == "q-galore8bit":
+        quantize_model(model, group_size=32)
+    return model
 
 
 def _eight_bit_state(opt) -> dict[int, dict[str, torch.Tensor]]:
@@ -100,9 +104,9 @@ def _run(case: str, rank: int | None, ckpt=None, *, steps: int = STEPS, resume=N
 
     ckpt, resume = (Path(x) if x is not None else None for x in (ckpt, resume))
 
-    model = _model()
+    model = _model(case)
     if rank is not None:
-        _shard(model)
+        fully_shard_model(model)
     opt = CASES[case](model)
     if resume is not None:
         load_sharded_checkpoint(resume, model, opt)
@@ -113,7 +117,7 @@ def _run(case: str, rank: int | None, ckpt=None, *, steps: int = STEPS, resume=N
         opt.zero_grad(set_to_none=True)
         loss = model(ids, ids)
         loss.backward()
-        opt.step()
+        opt.step()  # averages the QLinear layers' R over the ranks itself (no reduce_projected_grads here)
         loss = loss.detach()
         if rank is not None:
             dist.all_reduce(loss)
@@ -297,7 +301,8 @@ def sharded_runs(tmp_path_factory):
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_sharded_processes_train_like_one(sharded_runs, case):
     single, sharded = _run(case, None), sharded_runs["ranks"][0][case]
-    assert sharded["sharded"] == sum(1 for _ in _model().parameters())  # every parameter was a DTensor
+    trained = [p for g in CASES[case](_model(case)).param_groups for p in g["params"]]
+    assert sharded["sharded"] == len(trained)  # every parameter the optimizer steps was a DTensor
     # the 8-bit decision is the global one: the same parameters on both ranks as in one process
     assert single["eight_bit"] == sharded["eight_bit"] == sharded_runs["ranks"][1][case]["eight_bit"]
     assert len(single["eight_bit"]) == N_8BIT[case]

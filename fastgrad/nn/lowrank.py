@@ -78,6 +78,7 @@ class GradProjection:
 _CAPABLE: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> True: a layer computes R itself
 _PROJECTIONS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> GradProjection
 _PROJECTED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> accumulated R
+_REDUCED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # sharded weight -> its R is averaged
 _HOOKS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> {handle id: hook}
 # layer -> its sharded (FSDP2) weight: the key of the entries above, which the optimizer holds,
 # while the layer's forward and backward see the gathered weight FSDP registers in its place.
@@ -112,6 +113,7 @@ def projected_grad(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def pop_projected_grad(weight: torch.Tensor) -> torch.Tensor | None:
+    _REDUCED.pop(weight, None)
     return _PROJECTED.pop(weight, None)
 
 
@@ -119,6 +121,7 @@ def zero_projected_grads(params: Iterable[torch.Tensor]) -> None:
     """Drop the projected gradients of ``params`` (e.g. ``model.parameters()``)."""
     for p in params:
         _PROJECTED.pop(p, None)
+        _REDUCED.pop(p, None)
 
 
 class _HookHandle:
@@ -150,6 +153,11 @@ def deliver_grad(weight: torch.Tensor) -> None:
 
 def deliver_projected_grad(weight: torch.Tensor, low: torch.Tensor) -> None:
     """For layers: add ``low`` to ``weight``'s projected gradient, then run its grad-ready hooks."""
+    if weight in _REDUCED:
+        raise RuntimeError(
+            "a projected gradient was delivered after the ranks' ones were averaged (reduce_projected_grads): "
+            "step the optimizer (or zero the gradients) before the next backward"
+        )
     acc = _PROJECTED.get(weight)
     if acc is None:
         _PROJECTED[weight] = low
@@ -316,15 +324,22 @@ def reduce_projected_grads(params: Iterable[torch.Tensor]) -> None:
     """Average the projected gradients of sharded ``params`` over the ranks, in place of FSDP's
     reduce-scatter of their G: R (computed from this rank's batch for the whole weight) becomes the
     rank's rows of the mean R, a DTensor laid out as the weight (right side: a reduce-scatter of
-    m×r'), or the mean R itself (left side, r'×n: an all-reduce), as the optimizer reads them."""
+    m×r'), or the mean R itself (left side, r'×n: an all-reduce), as the optimizer reads them.
+    Once per accumulation: a weight whose R is averaged already is left as it is, so a training loop
+    calls this after its last micro-batch (before clipping), and the optimizer's ``step`` calls it
+    again, which then sends nothing."""
     from fastgrad.optim.sharding import row_shard
 
     for p in params:
-        low, route, shard = _PROJECTED.get(p), _PROJECTIONS.get(p), row_shard(p)
-        if low is None or shard is None:
+        low = _PROJECTED.get(p)
+        if low is None or p in _REDUCED:
             continue
+        shard = row_shard(p)
+        if shard is None:
+            continue
+        _REDUCED[p] = True
         world = torch.distributed.get_world_size(shard.group)
-        if route.side == "left":
+        if _PROJECTIONS[p].side == "left":
             shard.sum_(low).div_(world)
             continue
         chunk = -(-shard.shape[0] // world)  # FSDP's rows per rank; the last ones may hold fewer

@@ -56,6 +56,7 @@ from fastgrad.nn.lowrank import (
     accepts_projected_grad,
     pop_projected_grad,
     projected_grad,
+    reduce_projected_grads,
     set_grad_projection,
     zero_projected_grads,
 )
@@ -427,6 +428,8 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
                 loss = closure()
         items: list[ParamStep] = []
         bad: list[ParamStep] = []
+        # sharded weights' R, averaged over the ranks unless the training loop has done it already
+        reduce_projected_grads(p for group in self.param_groups if "rank" in group for p in group["params"])
         for group in self.param_groups:
             proj = self.projector(group) if "rank" in group else None
             for p in group["params"]:

@@ -174,12 +174,14 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in the optimizer state."""
+    """Bytes of every tensor in the optimizer state, on this process (a DTensor's local shard)."""
     if hasattr(optimizer, "state_bytes"):
         return optimizer.state_bytes()
+    from fastgrad.optim.sharding import local
+
     total = 0
     for state in optimizer.state.values():
         for value in state.values():
             if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
+                total += local(value).numel() * value.element_size()
     return total
