@@ -2,7 +2,8 @@
 bf16 mixed precision) against GaLore (G reduce-scattered by FSDP), GaLore with low-rank-gradient
 layers (R averaged by fastgrad) and Q-GaLore (INT8 weights all-gathered as INT8, R averaged).
 
-    python bench/comm_fsdp.py            # 2 gloo processes on CPU; appends to bench/results/fsdp_comm.csv
+    python bench/comm_fsdp.py [--models 60m,130m,350m]   # 2 gloo processes on CPU; appends to
+                                                          # bench/results/fsdp_comm.csv
 
 Each configuration runs fastgrad's LLaMA (fp32, rank = the model's recipe, sharded by
 :func:`fastgrad.nn.fully_shard_model`: one unit per decoder layer, and one for its INT8 layers) for
@@ -26,7 +27,7 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "fsdp_comm.csv"
-MODELS = ("60m", "350m")
+MODELS = ("60m", "130m", "350m")
 OPTIMS = ("adamw", "adamw-bf16", "galore", "galore-lowrank-grad", "q-galore")
 KINDS = ("all_gather", "reduce_scatter", "all_reduce", "broadcast")
 VOCAB, SEQ_LEN, WORLD = 32000, 64, 2
@@ -74,11 +75,11 @@ def _measure(model_name: str, optim: str, rank: int) -> list[dict]:
     return rows
 
 
-def _worker(rank: int, store: str, out: str) -> None:
+def _worker(rank: int, store: str, out: str, models: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        rows = [row for m in MODELS for o in OPTIMS for row in _measure(m, o, rank)]
+        rows = [row for m in models for o in OPTIMS for row in _measure(m, o, rank)]
         if rank == 0:
             torch.save(rows, out)
         dist.barrier()
@@ -87,10 +88,14 @@ def _worker(rank: int, store: str, out: str) -> None:
 
 
 def main() -> None:
+    import argparse
     import tempfile
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated model names")
+    models = parser.parse_args().models.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        torch.multiprocessing.spawn(_worker, args=(f"{tmp}/store", f"{tmp}/rows.pt"), nprocs=WORLD)
+        torch.multiprocessing.spawn(_worker, args=(f"{tmp}/store", f"{tmp}/rows.pt", models), nprocs=WORLD)
         rows = torch.load(f"{tmp}/rows.pt")
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     new = not RESULTS.exists()

@@ -230,10 +230,13 @@ def render_memory_modes() -> str:
 
 
 def render_fsdp_comm() -> str:
-    """MiB per step under FSDP2 by collective, for the latest run of bench/comm_fsdp.py."""
+    """MiB per step under FSDP2 by collective: the latest measurement of each (model, optimizer,
+    step) of bench/comm_fsdp.py, models in size order."""
     with FSDP_COMM_RESULTS.open(newline="") as f:
         rows = list(csv.DictReader(f))
-    latest = [r for r in rows if r["time"] == rows[-1]["time"]]
+    by_key = {(r["model"], r["optimizer"], r["step"]): r for r in rows}  # later rows replace earlier ones
+    order = {name: i for i, name in enumerate(("tiny", "60m", "130m", "350m", "1b", "7b"))}
+    latest = sorted(by_key.values(), key=lambda r: order.get(r["model"], len(order)))
     kinds = ("all_gather", "reduce_scatter", "all_reduce", "broadcast")
 
     def mib(row: dict, *keys: str) -> float:
