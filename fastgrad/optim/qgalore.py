@@ -82,7 +82,6 @@ class QuantizedWeights:
     :class:`QGaLoreMuon`."""
 
     keep_dtype_keys = ("proj_scales", "proj_zeros", "proj_past", "proj_queue")
-    extra_defaults = {"seed": 0, "stochastic_round": True}
 
     # the refresh statistic's cosine: signed, or its absolute value (QG-4)
     signed_cosine = False
@@ -189,7 +188,7 @@ class QuantizedWeights:
                 w.mul_(decay)
             w.add_(delta_rows(r0, r1), alpha=-step_size)
             if decay != 1.0 and decay_after:
-                w.mul_(decay)
+                w.add_(w, alpha=-group["lr"] * group["weight_decay"])  # Ŵ − lr·wd·Ŵ, as the reference writes it
             q = quantize_int8(w, group_size, stochastic=stochastic, seed=seed, offset=offset + first + r0 * n)
             codes[r0:r1].copy_(q.codes)
             scales[r0:r1].copy_(q.scales)
@@ -257,6 +256,8 @@ class QGaLoreAdamW(QuantizedWeights, GaLoreAdamW):
     between refreshes only R (the layer computes it, :mod:`fastgrad.nn.lowrank`); and during a
     weight's update the fused op's fp32 block of its rows (≤ 1 MiB on CPU).
     """
+
+    extra_defaults = {"seed": 0, "stochastic_round": True}
 
     def __init__(
         self,
