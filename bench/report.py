@@ -259,6 +259,47 @@ def render_fsdp_comm() -> str:
     return "\n".join(lines)
 
 
+def render_memory_fsdp() -> str:
+    """Per-process memory under FSDP2 for the latest run of bench/memory_fsdp.py
+    (bench/results/memory_fsdp.csv): the memory model's estimates by process count, then its persistent
+    bytes against those measured with 2 processes."""
+    with (ROOT / "bench" / "results" / "memory_fsdp.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    latest = [r for r in rows if r["time"] == rows[-1]["time"]]
+    estimates = [r for r in latest if r["device"] == "cuda"]
+    counts = sorted({int(r["processes"]) for r in estimates})
+
+    def gib(nbytes: int) -> str:
+        return f"{nbytes / 2**30:.2f}"
+
+    lines = [
+        "| model | optimizer | " + " | ".join(f"{n} process{'es' if n > 1 else ''}" for n in counts) + " |",
+        "|---|---|" + "---:|" * len(counts),
+    ]
+    for key in dict.fromkeys((r["model"], r["optimizer"]) for r in estimates):
+        cells = []
+        for n in counts:
+            r = next(r for r in estimates if (r["model"], r["optimizer"], int(r["processes"])) == (*key, n))
+            peak = max(int(r["peak"]), int(r["peak_between_refreshes"]))
+            persistent = sum(int(r[k]) for k in ("weights", "gradients", "optimizer_states"))
+            cells.append(f"{gib(peak)} ({gib(persistent)})")
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    measured = [r for r in latest if r["device"] == "cpu"]
+    lines += [
+        "",
+        "| model | optimizer | weights (MiB) | gradients (MiB) | optimizer states (MiB) | model = measured |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    kinds = ("weights", "gradients", "optimizer_states")
+    modelled = {(m["model"], m["optimizer"]): m for m in measured if m["source"] == "model"}
+    for r in (r for r in measured if r["source"] == "measured"):
+        est = modelled[(r["model"], r["optimizer"])]
+        same = all(int(est[k]) == int(r[k]) for k in kinds)
+        cells = " | ".join(f"{int(r[k]) / 2**20:.2f}" for k in kinds)
+        lines.append(f"| {r['model']} | {r['optimizer']} | {cells} | {'yes, byte for byte' if same else 'no'} |")
+    return "\n".join(lines)
+
+
 def replace_block(content: str, begin: str, end: str, text: str) -> str:
     head, rest = content.split(begin, 1)
     _, tail = rest.split(end, 1)

@@ -38,6 +38,7 @@ _MEMORY_FLAGS = {
     "--layerwise-streaming",
     "--vocab-size",
     "--no-lowrank-grad",
+    "--mixed-precision",
 }
 # Boolean config fields whose command-line flag turns them off.
 _NEGATIVE_FLAGS = {"lowrank_grad": "--no-lowrank-grad"}
@@ -194,6 +195,15 @@ def _memory_parser(sub) -> argparse.ArgumentParser:
         "--sm-count",
         type=int,
         help="SMs of the GPU the kernels' split-K workspaces are sized for (default: the visible GPU's, else 128)",
+    )
+    # pretrain's --fsdp is a switch (the process count is torchrun's); here the count is the question
+    p.add_argument(
+        "--fsdp",
+        dest="fsdp_processes",
+        type=int,
+        metavar="N",
+        help="the memory of one of N processes of `fastgrad pretrain --fsdp` (FSDP2: weights, gradients and "
+        "optimizer states sharded by rows; the per-process batch is --batch-size)",
     )
     p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
     return p
@@ -368,7 +378,10 @@ def memory(args: argparse.Namespace) -> int:
     from fastgrad.train.memory import estimate, format_report
 
     explicit = _explicit_config(args)
-    cfg = TrainConfig(**explicit).resolved()
+    processes = args.fsdp_processes
+    if processes is not None and processes < 1:
+        raise ValueError(f"--fsdp takes the number of processes, a positive integer; got {processes}")
+    cfg = TrainConfig(**explicit, fsdp=processes is not None).resolved()
     get_config(cfg.model, vocab_size=cfg.vocab_size)  # raises for an unknown model
     for name in ("batch_size", "seq_len", "grad_accum", "rank", "vocab_size"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
@@ -384,12 +397,12 @@ def memory(args: argparse.Namespace) -> int:
                 f"fastgrad pretrain does not take --layerwise with {cfg.optim} yet; this is the step of "
                 "fastgrad.optim.layerwise driving it (as from Python)"
             )
-    streaming_error = cfg.layerwise_streaming_error()
-    if streaming_error:
-        raise ValueError(streaming_error)
+    config_error = cfg.layerwise_streaming_error() or cfg.fsdp_error()  # pretrain's refusals, in its words
+    if config_error:
+        raise ValueError(config_error)
     if args.sm_count is not None and args.sm_count < 1:
         raise ValueError(f"--sm-count must be a positive integer, got {args.sm_count}")
-    breakdown = estimate(cfg, device=args.device, sm_count=args.sm_count)
+    breakdown = estimate(cfg, device=args.device, sm_count=args.sm_count, processes=processes)
     if args.json:
         print(json.dumps({**dataclasses.asdict(breakdown), "total": breakdown.total}, indent=1))
     else:

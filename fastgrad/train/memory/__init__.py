@@ -61,6 +61,14 @@ seq tokens, C hidden, I intermediate, V vocabulary, e bytes of the model dtype:
   the fused op on the decoded moments), re-encoded. Fira's and FRUGAL's
   m×n residual; torch's AdamW: per tensor on CPU, ``foreach`` on CUDA (a copy of every second
   moment at once).
+* **Muon** (the attention and MLP weights; AdamW for the rest): one weight at a time, U = lerp(G, B)
+  in the gradient's dtype, its copy in ns_dtype (bf16), the Newton–Schulz op's result and buffers
+  (CPU, csrc/cpu/newton_schulz.cpp: A and B, s×s, two s×l iterates and the normalised X; GPU, the
+  Triton launcher's: A, B and the iterates with aligned rows), then W.add_ (on CPU an fp32 W adds an
+  fp32 copy of the bf16 result); AdamW's denominator per weight.
+* **FSDP** (``cfg.fsdp``, ``fastgrad memory --fsdp N``): one process's step, the replay above with
+  FSDP2's all-gathers and reduce-scatters at its units' boundaries and the optimizer on the rank's
+  rows (:mod:`fastgrad.train.memory.fsdp`).
 * **Projector refresh**: the SVD (``full_matrices=False``) of the fp32 gradient: LAPACK's copy of
   the input, U, S, Vᴴ, then the new P (two copies for GaLore's strided slice; Q-GaLore's fp32 basis
   and INT4 codes). APOLLO's random P is regenerated (r'·d fp32) whenever it is needed.
@@ -84,14 +92,15 @@ memory events on CPU).
 Validation (tests/test_memory.py): the peak of each phase against the live-memory peak of real steps
 measured with the profiler on CPU, to a relative 1e-4 (what is left is a few bytes of scalar
 tensors, and the later micro-batches' token tensors that the measurement keeps): small LLaMAs,
-AdamW, GaLore (with and without LowRankGradLinear), Q-GaLore, their 8-bit-moment variants, with
+AdamW, GaLore (with and without LowRankGradLinear), Q-GaLore, their 8-bit-moment variants, Muon, with
 and without activation checkpointing, fp32 and bf16, gradient accumulation, refresh steps and steps
 between refreshes, layer-wise and layer-wise streaming, and a model whose QLinear weights exceed
 one 2^18-element block of the fused INT8 step; and exactly the weights and
 ``optimizer.state_bytes()`` after a step, for every optimizer. Fira, APOLLO and FRUGAL are modelled
 the same way but not held to the measured peaks: a few of their temporaries are missing (on the
 tests' wide model their steps come out up to 0.2% low; FRUGAL's bf16 step between refreshes 3.4%).
-"""
+Under FSDP (tests/test_memory_fsdp.py, 2 gloo processes): the persistent bytes byte for byte and the
+peak of each phase to 1e-4, Fira and APOLLO included."""
 
 from fastgrad.train.memory.figures import ANCHORS, Anchor, anchors_for
 from fastgrad.train.memory.model import LOWRANK_OPTIMIZERS, MODELLED_OPTIMIZERS, MemoryBreakdown, estimate, format_bytes

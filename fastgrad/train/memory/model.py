@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +13,7 @@ import torch
 from fastgrad.models.llama import LlamaConfig, get_config
 from fastgrad.nn.qlinear import fit_group_size
 from fastgrad.optim.galore8bit import BLOCK_SIZE, MIN_8BIT_SIZE
+from fastgrad.optim.muon import Muon
 from fastgrad.optim.projectors import proj_group_size
 from fastgrad.optim.qgalore import QGALORE_DEFAULTS
 from fastgrad.train.config import TrainConfig
@@ -29,6 +32,7 @@ MODELLED_OPTIMIZERS = (
     "apollo",
     "apollo-mini",
     "frugal",
+    "muon",
 )
 LOWRANK_OPTIMIZERS = {"galore", "galore8bit", "q-galore", "q-galore8bit", "fira", "apollo", "apollo-mini", "frugal"}
 _READS_GRAD = {"fira", "apollo", "apollo-mini", "frugal"}  # update_reads_grad: keep G until the update
@@ -48,6 +52,8 @@ MIN_8BIT_NUMEL = MIN_8BIT_SIZE  # moments of fewer elements stay dense
 QUEUE_SIZE = QGALORE_DEFAULTS["queue_size"]  # Q-GaLore's cosine queue
 SVD_SCRATCH = 14_400  # bytes: the small LAPACK buffers torch allocates besides U, S, Vh and the input copy
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Muon's Newton–Schulz dtype as ``fastgrad pretrain --optim muon`` builds it (Muon's default, bf16).
+NS_BYTES = inspect.signature(Muon).parameters["ns_dtype"].default.itemsize
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,9 @@ class MemoryBreakdown:
     phases_between_refreshes: dict[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     config: dict = field(default_factory=dict)
+    # FSDP (``cfg.fsdp``): the categories above are one rank's; this holds what sharding adds or
+    # splits (fastgrad.train.memory.fsdp), by name, in bytes. Empty without FSDP.
+    sharding: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -98,10 +107,17 @@ class _Weight:
     name: str
     shape: tuple[int, ...]
     proj: bool = False
+    # The parameter's shape when ``shape`` is one rank's rows of it (FSDP); None: the whole parameter.
+    whole: tuple[int, ...] | None = None
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def full_shape(self) -> tuple[int, ...]:
+        """The whole parameter's shape: its rank r', projection side and projector follow from it."""
+        return self.whole or self.shape
 
 
 def _weights(mc: LlamaConfig) -> list[_Weight]:
@@ -233,16 +249,28 @@ class _Step:
         return self.lowrank and w.proj
 
     def rank(self, w: _Weight) -> int:
-        return _rank_of(self.optim, self.cfg.rank, w.shape)
+        return _rank_of(self.optim, self.cfg.rank, w.full_shape)
+
+    @staticmethod
+    def is_left(w: _Weight) -> bool:
+        """Whether ``w`` is projected on the left (P m×r', R r'×n): m < n (the default side rule)."""
+        m, n = w.full_shape
+        return m < n
+
+    def low_numel(self, w: _Weight) -> int:
+        """Elements of R: D×r' (D = max(m, n)); of a rank's rows (FSDP), rows×r' on the right side,
+        the whole r'×n on the left."""
+        m, n = w.shape
+        return (n if self.is_left(w) else m) * self.rank(w)
 
     def low_bytes(self, w: _Weight) -> int:
         """R = down(G, P): D×r' in the gradient's dtype."""
-        return max(w.shape) * self.rank(w) * (4 if self.quantized else self.e)
+        return self.low_numel(w) * (4 if self.quantized else self.e)
 
     def proj_bytes(self, w: _Weight) -> int:
         """The stored projector of a low-rank weight."""
         r = self.rank(w)
-        m, n = w.shape
+        m, n = w.full_shape
         d = min(m, n)
         if self.optim in ("apollo", "apollo-mini"):
             return 0  # random P: regenerated from its seed
@@ -255,23 +283,28 @@ class _Step:
 
     def _proj_group(self, w: _Weight) -> int:
         """Group size of Q-GaLore's INT4 P, along P's rows (m×r left, r×n right)."""
-        m, n = w.shape
+        m, n = w.full_shape
         return proj_group_size(self.rank(w) if m < n else n, QGALORE_DEFAULTS["proj_group_size"])
 
     def qgalore_refresh_extra_bytes(self, w: _Weight) -> int:
         """What a Q-GaLore refresh keeps besides P: P's first singular vector (proj_past, min(m, n)
         fp32) and the cosine queue; 0 for the other optimizers."""
-        return 4 * min(w.shape) + 4 * QUEUE_SIZE if self.quantized else 0
+        return 4 * min(w.full_shape) + 4 * QUEUE_SIZE if self.quantized else 0
+
+    def is_muon(self, w: _Weight) -> bool:
+        """Whether Muon orthogonalizes ``w`` (muon_param_groups: the attention and MLP weights)."""
+        return self.optim == "muon" and w.proj
 
     def state_bytes(self, w: _Weight) -> int:
         """What the optimizer's state holds for ``w`` after a step (the tensors only)."""
         if self.optim == "adamw":
             return 2 * w.numel * self.e + 4  # torch keeps the step count as a 0-d fp32 tensor
+        if self.optim == "muon":  # the momentum buffer, or AdamW's two moments (gradient's dtype; int step)
+            return w.numel * self.e * (1 if self.is_muon(w) else 2)
         if not self.is_lowrank(w):
             return _moments_bytes(w.numel, self.e, self.eight_bit)
-        low_numel = max(w.shape) * self.rank(w)
         elem = 4 if self.quantized else self.e
-        total = _moments_bytes(low_numel, elem, self.eight_bit) + self.proj_bytes(w)
+        total = _moments_bytes(self.low_numel(w), elem, self.eight_bit) + self.proj_bytes(w)
         if self.optim in ("fira", "apollo", "apollo-mini"):
             total += 4  # the norm-growth limiter's remembered norm (0-d fp32)
         return total + self.qgalore_refresh_extra_bytes(w)
@@ -294,15 +327,15 @@ class _Step:
 
     def regenerated_bytes(self, w: _Weight) -> int:
         """APOLLO's random P, drawn in fp32 (and cast) whenever it is needed; never stored."""
-        r, d = self.rank(w), min(w.shape)
+        r, d = self.rank(w), min(w.full_shape)
         return r * d * 4 + (r * d * self.e if self.cast else 0)
 
     def _refresh(self, tape: _Tape, w: _Weight) -> None:
         """A projector refresh from ``w``'s full gradient, replacing the stored P: the SVD of the
         gradient in fp32 (``full_matrices=False``: LAPACK factorises a copy into U, S, Vh), then P
         (GaLore: ``.to(copy=True)`` keeps the slice's strides and ``.contiguous()`` copies again;
-        Q-GaLore: a contiguous fp32 basis, quantized to INT4)."""
-        m, n = w.shape
+        Q-GaLore: a contiguous fp32 basis, quantized to INT4). Sharded: of the gathered G."""
+        m, n = w.full_shape
         d, r = min(m, n), self.rank(w)
         usv = 4 * (m * d + d + d * n)
         g32 = m * n * 4 if (self.cast and not self.quantized) else 0
@@ -531,7 +564,7 @@ class _Step:
             side = "right" if right else "left"
             tape.temp(self.scratch.lowrank_grad(a, m, n, r, side, itemsize))
             tape.free(casts)
-            self._hook(tape, w)
+            self._deliver(tape, w)
             return
         tape.alloc(a * r * 4)  # Z
         p_f32 = not quantized and not self.cast
@@ -548,7 +581,12 @@ class _Step:
             tape.alloc(low)
             tape.free(out32)
         tape.free(a * r * 4 + casts)
-        self._hook(tape, w)  # deliver_projected_grad: the grad-ready hooks run before the layer returns
+        self._deliver(tape, w)
+
+    def _deliver(self, tape: _Tape, w: _Weight) -> None:
+        """deliver_projected_grad: R added to the weight's projected gradient, then its grad-ready
+        hooks run, before the layer returns."""
+        self._hook(tape, w)
 
     def _hook(self, tape: _Tape, w: _Weight) -> None:
         """The gradient of ``w`` for this micro-batch is complete: autograd's AccumulateGrad (a
@@ -604,7 +642,7 @@ class _Step:
         if not (self.layerwise and self.is_lowrank(w)):
             return 0
         if self.cfg.grad_accum > 1 and self.cast and not self.quantized and not self.reads_grad and not self._due:
-            return max(w.shape) * self.rank(w) * 4
+            return self.low_numel(w) * 4
         return 0
 
     def _node_hook(self, tape: _Tape, w: _Weight) -> None:
@@ -618,19 +656,19 @@ class _Step:
         """LowRankOptimizer.prepare: refresh the projector if due, then R = down(G, P) (kept)."""
         if refresh:
             self._refresh(tape, w)
-        m, n = w.shape
+        m, n = w.shape  # (a rank's rows of) G
         r, low = self.rank(w), self.low_bytes(w)
-        red, other = (n, m) if m >= n else (m, n)  # right side: G Pᵀ reduces over n; left: Pᵀ G over m
+        red, other = (m, n) if self.is_left(w) else (n, m)  # right side: G Pᵀ reduces over n; left: Pᵀ G over m
         if self.optim in ("apollo", "apollo-mini"):
             tape.alloc(self.regenerated_bytes(w))  # P regenerated from its seed
         g_f32 = self.quantized or not self.cast
         p_f32 = not self.quantized and not self.cast
         scratch = self.scratch.down(red=red, rank=r, other=other, g_f32=g_f32, p_f32=p_f32)
         if not g_f32 and self.device == "cpu":  # the C++ kernel's fp32 result, cast to G's dtype before it returns
-            tape.alloc(max(m, n) * r * 4)
+            tape.alloc(self.low_numel(w) * 4)
             tape.alloc(scratch)
             tape.alloc(low)
-            tape.free(scratch + max(m, n) * r * 4)
+            tape.free(scratch + self.low_numel(w) * 4)
         else:
             tape.alloc(low)
             tape.temp(scratch)
@@ -748,7 +786,9 @@ class _Step:
         tape.alloc(X)
         tape.free(2 * X)
         self._linear_backward(tape, ws["q_proj"], X)
-        tape.free(3 * X)  # gradient of q, h1; the third gradient of h1 is summed in place
+        tape.free(2 * X)  # gradient of q, h1
+        self._attention_inputs_done(tape, n)
+        tape.free(X)  # the third gradient of h1 is summed in place
         self._node_hook(tape, ws["q_proj"])
         self._norm_backward(tape, ws["input_layernorm"], residual=True)
 
@@ -768,6 +808,7 @@ class _Step:
             self._node_hook(tape, head)
         self._norm_backward(tape, ws["model.norm.weight"], residual=False)
         for n in reversed(range(self.mc.num_layers)):
+            self._pre_layer_backward(tape, n)
             if self.cfg.activation_checkpointing:  # the recomputation runs under fork_rng: a second RNG state
                 tape.alloc(self._rng_state)
                 self._layer_forward(tape, n, keep=True, recompute=True)
@@ -776,13 +817,33 @@ class _Step:
             tape.free(self._rng_state if self.cfg.activation_checkpointing else 0)  # the checkpoint's, at last
             if self.cfg.activation_checkpointing and self.cast:
                 tape.free(X)  # the checkpoint's input (fp32: freed with the first norm's saved input)
+            self._post_layer_backward(tape, n)
         self._new_grad(tape, ws["model.embed_tokens.weight"])
         tape.free(X)  # the embedding output's gradient
         self._hook(tape, ws["model.embed_tokens.weight"])
 
+    def _pre_layer_backward(self, tape: _Tape, n: int) -> None:
+        """Where layer ``n``'s backward starts (before a checkpoint's recomputation): nothing here;
+        FSDP unshards the layer (fastgrad.train.memory.fsdp)."""
+
+    def _post_layer_backward(self, tape: _Tape, n: int) -> None:
+        """Where layer ``n``'s input gradient is complete: nothing here; FSDP reduce-scatters."""
+
+    def _attention_inputs_done(self, tape: _Tape, n: int) -> None:
+        """Where the gradient of layer ``n``'s q, k, v projections' input is complete: nothing here;
+        FSDP reduce-scatters the layer's QLinear unit."""
+
     # ------------------------------------------------------------------ optimizer step
     def _optimizer_step(self, tape: _Tape) -> None:
         e = self.e
+        if self.optim == "muon":  # Muon.update_group: the Muon group, then the AdamW group
+            for w in self.weights:
+                if self.is_muon(w):
+                    self._muon_update(tape, w)
+            for w in self.weights:
+                if not self.is_muon(w):
+                    tape.temp(w.numel * e)  # adamw_update: the denominator √V/√(1−β2^t) + ε
+            return
         if self.optim == "adamw":  # torch.optim.AdamW
             if self.device == "cuda":  # foreach: sqrt of every second moment at once, in place after
                 tape.temp(sum(w.numel * e for w in self.weights))
@@ -831,11 +892,31 @@ class _Step:
         tape.free(self._snapshots)
         self._snapshots = 0
 
+    def _muon_update(self, tape: _Tape, w: _Weight) -> None:
+        """Muon._muon_step of one weight (its gradient alive in p.grad): U = lerp(G, B) in the
+        gradient's dtype, U in ns_dtype (a copy unless the same), the Newton–Schulz op (its result
+        and its buffers), W.add_(O); U and O are freed when the method returns."""
+        m, n = w.shape
+        u = w.numel * self.e
+        cast = w.numel * NS_BYTES if self.e != NS_BYTES else 0
+        tape.alloc(u)  # grad.lerp(buf, momentum), held by the caller until the step returns
+        tape.alloc(cast)  # update.to(ns_dtype)
+        self._newton_schulz(tape, m, n)
+        tape.free(cast)  # the argument, once the op returns
+        if self.e != NS_BYTES and self.device == "cpu":
+            tape.temp(w.numel * self.e)  # W.add_(O): O in W's dtype (CPU)
+        tape.free(u + w.numel * NS_BYTES)
+
+    def _newton_schulz(self, tape: _Tape, m: int, n: int) -> None:
+        """fastgrad.ops.newton_schulz of an m×n matrix in ns_dtype: leaves its result alive."""
+        tape.alloc(m * n * NS_BYTES)
+        tape.temp(self.scratch.newton_schulz(m, n, NS_BYTES))
+
     def _consumed(self, w: _Weight) -> tuple[int, int]:
         """(elements, bytes per element) of what the optimizer consumes for ``w``: R (fp32 for a
         QLinear, else the gradient's dtype) or the full gradient."""
         if self.is_lowrank(w):
-            return max(w.shape) * self.rank(w), 4 if self.quantized else self.e
+            return self.low_numel(w), 4 if self.quantized else self.e
         return w.numel, self.e
 
     def _norm(self, tape: _Tape, w: _Weight) -> None:
@@ -926,15 +1007,16 @@ class _Step:
         decoded INT4 P. The GPU kernels need only N."""
         numel, elem = self._consumed(w)
         self._fused_op(tape, w)
-        tape.free(numel * elem)  # R when the step returns
+        if self._owned(w):
+            tape.free(numel * elem)  # R when the step returns
 
     def _fused_op(self, tape: _Tape, w: _Weight) -> None:
         """The transient of one galore_adam_step_ call: N (R-sized fp32), and on CPU the C++
         kernel's scratch (kernels/plans.py: N is all the Triton kernels need)."""
         numel, _ = self._consumed(w)
-        m, n = w.shape
+        m, n = w.shape  # (a rank's rows of) W
         r = self.rank(w)
-        left = m < n
+        left = self.is_left(w)
         tape.alloc(self.scratch.adam_step(numel))  # N
         if self.device == "cpu":
             if self.quantized:
@@ -960,10 +1042,11 @@ class _Step:
             tape.alloc(numel * 4)  # it.low.float()
             if owned:
                 tape.free(numel * elem)  # it.low = None
+        tables = self._load_8bit(tape, w, blocks)
         tape.alloc(n_pad * 4)  # decode_moments: √V̂ (squared in place to V̂)
         tape.alloc(blocks * 4)  # M's zeros, −128·scale
         tape.alloc(n_pad * 4)  # M̂
-        tape.free(blocks * 4)
+        tape.free(blocks * 4 + tables)
         if lowrank and self.quantized:
             self._fused_op(tape, w)
             if elem != 4 or owned:
@@ -974,9 +1057,18 @@ class _Step:
         tape.alloc(n_pad * 4)  # √V̂
         tape.alloc(n_pad + 8 * blocks)  # M / √V̂ quantized
         tape.free(n_pad * 4)  # √V̂
-        tape.free(2 * n_pad + 12 * blocks)  # the old codes, replaced in the state
-        tape.free(4 * blocks)  # M's unused zeros
+        self._store_8bit(tape, w, n_pad, blocks)
         tape.free(2 * n_pad * 4)  # the decoded M and V
+
+    def _load_8bit(self, tape: _Tape, w: _Weight, blocks: int) -> int:
+        """What decoding ``w``'s 8-bit moments needs besides their codes (bytes, released with M's
+        zeros): nothing here; moments stored by rows rebuild their flat per-block tables (FSDP)."""
+        return 0
+
+    def _store_8bit(self, tape: _Tape, w: _Weight, n_pad: int, blocks: int) -> None:
+        """The new codes replace the old ones in the state."""
+        tape.free(2 * n_pad + 12 * blocks)  # the old codes
+        tape.free(4 * blocks)  # M's unused zeros
 
     def _unfused_8bit_step(self, tape: _Tape, w: _Weight, owned: bool) -> None:
         """The decoded moments updated, then ``_weight_step``: N, then W (unfused)."""
@@ -989,7 +1081,7 @@ class _Step:
             tape.temp(numel * 4)  # √V / √(1−β2^t)
         if self.is_lowrank(w):  # lowrank_project_back_add_(W, N.to(P's dtype), P, side, −η·α)
             m, n = w.shape
-            split, other = (m, n) if m < n else (n, m)
+            split, other = (m, n) if self.is_left(w) else (n, m)
             cast = numel * e if e != 4 else 0
             tape.alloc(cast)
             tape.temp(self.scratch.up(split, self.rank(w), other, numel, out_f32=not self.cast, p_f32=not self.cast))
@@ -1004,7 +1096,7 @@ class _Step:
         e = self.e
         m, n = w.shape if len(w.shape) == 2 else (1, w.numel)
         r = self.rank(w) if lowrank else 0
-        numel = max(m, n) * r if lowrank else w.numel
+        numel = self.low_numel(w) if lowrank else w.numel
         low = numel * e  # moments, R and N: the gradient's dtype
         # a full-rank weight's gradient kept by the layer-wise driver is freed with it.low = None
         kept = not lowrank and self.layerwise and not self.reads_grad
@@ -1016,8 +1108,7 @@ class _Step:
         tape.free(self._prev)
         self._prev = low
         if lowrank:
-            right = m >= n
-            split, other = (n, m) if right else (m, n)
+            split, other = (m, n) if self.is_left(w) else (n, m)
             mixed = 4 * m * n if (self.cast and self.device == "cpu") else 0
             if self.optim == "fira":
                 tape.alloc(m * n * e)  # the residual G − α·up(R)
@@ -1084,6 +1175,7 @@ def estimate(
     model_config: LlamaConfig | None = None,
     device: str | None = None,
     sm_count: int | None = None,
+    processes: int | None = None,
 ) -> MemoryBreakdown:
     """The memory of one training step of ``cfg`` (see the module docstring for the model).
 
@@ -1094,32 +1186,50 @@ def estimate(
     the default dtype (``cfg.dtype``, else bfloat16 on CUDA, float32 on CPU). Nothing is allocated.
     On CUDA the kernels' workspaces are those the Triton launchers allocate on a GPU with
     ``sm_count`` SMs (default: the visible GPU's, else ``DEFAULT_SM_COUNT``).
-    Raises ValueError for an unknown model or optimizer.
+    With ``cfg.fsdp`` the step is one process's of ``processes`` (default: ``WORLD_SIZE``, else 1)
+    under FSDP2, as ``fastgrad pretrain --fsdp`` runs it (fastgrad.train.memory.fsdp): the
+    categories are that rank's, and ``sharding`` details what sharding adds.
+    Raises ValueError for an unknown model or optimizer, or a configuration pretrain refuses.
     """
     if cfg.optim not in MODELLED_OPTIMIZERS:
         raise ValueError(f"no memory model for --optim {cfg.optim!r}; known: {', '.join(MODELLED_OPTIMIZERS)}")
+    config_error = cfg.fsdp_error()  # what fastgrad pretrain refuses, in its words
+    if config_error:
+        raise ValueError(config_error)
+    if processes is None:
+        processes = int(os.environ.get("WORLD_SIZE", "1")) if cfg.fsdp else 1
+    if not cfg.fsdp and processes != 1:
+        raise ValueError(f"processes={processes} models FSDP's sharding: set cfg.fsdp (fastgrad memory --fsdp N)")
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"--fsdp takes the number of processes, a positive integer; got {processes!r}")
     cfg = cfg.resolved()
     mc = model_config or get_config(cfg.model, vocab_size=cfg.vocab_size, max_seq_len=cfg.seq_len)
     dev = (device or cfg.device or "cuda").split(":")[0]
     if dev not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda for the memory model, got {device or cfg.device!r}")
-    if cfg.dtype is None:
-        cfg.dtype = "bfloat16" if dev == "cuda" else "float32"
+    if cfg.dtype is None:  # as fastgrad pretrain: --mixed-precision keeps fp32 weights
+        cfg.dtype = "bfloat16" if dev == "cuda" and not cfg.mixed_precision else "float32"
     if cfg.dtype not in _DTYPE_BYTES:
         raise ValueError(f"--dtype must be one of {', '.join(_DTYPE_BYTES)}, got {cfg.dtype!r}")
     if cfg.seq_len > mc.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {mc.max_seq_len}")
     if sm_count is None:
         sm_count = _visible_sm_count() if dev == "cuda" else DEFAULT_SM_COUNT
-    step = _Step(cfg, mc, dev, sm_count)
+    if cfg.fsdp:
+        from fastgrad.train.memory.fsdp import _FsdpStep  # it builds on this module
+
+        step = _FsdpStep(cfg, mc, dev, sm_count, processes)
+        state = step.opt  # the optimizer on the rank's rows
+    else:
+        step = state = _Step(cfg, mc, dev, sm_count)
     phases = step.run(refresh=True)
     phases_between = step.run(refresh=False)
     notes = []
     if cfg.layerwise and not step.lowrank:
         notes.append(f"--layerwise has no effect for {cfg.optim} (not a low-rank optimizer): modelled without it")
-    lowrank = [w for w in step.weights if step.is_lowrank(w)]
+    lowrank = [w for w in state.weights if state.is_lowrank(w)]
     if step.quantized and not step.eight_bit:
-        moments = sum(_moments_bytes(max(w.shape) * step.rank(w), 4, False) for w in lowrank)
+        moments = sum(_moments_bytes(state.low_numel(w), 4, False) for w in lowrank)
         notes.append(
             f"QGaLoreAdamW keeps the Adam moments of the projected gradients in fp32 ({format_bytes(moments)}); "
             "the Q-GaLore paper's are 8-bit: --optim q-galore8bit"
@@ -1147,7 +1257,13 @@ def estimate(
     if dev == "cuda":
         notes.append(
             "what torch.cuda.max_memory_allocated counts: the CUDA context (~0.5 GiB), the caching allocator's "
-            "fragmentation and cuBLAS/cuSOLVER workspaces come on top"
+            "fragmentation and cuBLAS/cuSOLVER workspaces come on top" + (", and NCCL's buffers" if cfg.fsdp else "")
+        )
+    if cfg.fsdp and step.lowrank and max(phases_between.values()) > max(phases.values()):
+        notes.append(
+            "under --fsdp the layers that compute R keep each weight's whole R (from this process's batch) until "
+            "backward ends, when they are averaged: between refreshes that can exceed a refresh step's "
+            "reduce-scattered G"
         )
     peak_phase = max(phases, key=phases.get)
     config = {
@@ -1164,6 +1280,8 @@ def estimate(
         "device": dev,
         "vocab_size": mc.vocab_size,
         "parameters": sum(w.numel for w in step.weights),
+        "fsdp": processes if cfg.fsdp else None,
+        "mixed_precision": cfg.mixed_precision,
     }
     return MemoryBreakdown(
         weights=step.weight_bytes(),
@@ -1178,4 +1296,5 @@ def estimate(
         phases_between_refreshes=dict(phases_between),
         notes=tuple(notes),
         config=config,
+        sharding=step.sharding() if cfg.fsdp else {},
     )

@@ -22,6 +22,9 @@ def format_report(b: MemoryBreakdown, notes: tuple[str, ...] = ()) -> str:
     accum = f" × {c['grad_accum']} micro-batches" if c["grad_accum"] > 1 else ""
     what += [f"batch {c['batch_size']} × seq {c['seq_len']}{accum}", c["dtype"], f"vocabulary {c['vocab_size']}"]
     what += [f"device {c['device']}"]
+    if c.get("fsdp"):
+        mixed = f", compute in {c['mixed_precision']}" if c.get("mixed_precision") else ""
+        what += [f"FSDP2 over {c['fsdp']} processes (one process's memory{mixed})"]
     lines = ["memory of one training step: " + ", ".join(what), ""]
     rows = [(name, format_bytes(v)) for name, v in b.rows()]
     rows += [("total (sum)", format_bytes(b.total))]
@@ -33,8 +36,16 @@ def format_report(b: MemoryBreakdown, notes: tuple[str, ...] = ()) -> str:
     lines += [f"| {'category':<{width}} | {'bytes':>{vwidth}} |", f"|{'-' * (width + 2)}|{'-' * (vwidth + 1)}:|"]
     lines += [f"| {k:<{width}} | {v:>{vwidth}} |" for k, v in rows]
     lines += ["", "peak by phase: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in b.phases.items())]
-    anchors = anchors_for(c["model"], c["optim"])
-    if anchors:
+    if b.sharding:
+        lines += ["", f"FSDP2, rank 0 of {b.sharding['processes']} (it holds the most rows of every weight):", ""]
+        table = [(k, format_bytes(v)) for k, v in b.sharding.items() if k != "processes"]
+        width, vwidth = max(len(k) for k, _ in table), max(len(v) for _, v in table)
+        lines += [f"| {'':<{width}} | {'bytes':>{vwidth}} |", f"|{'-' * (width + 2)}|{'-' * (vwidth + 1)}:|"]
+        lines += [f"| {k:<{width}} | {v:>{vwidth}} |" for k, v in table]
+    anchors = [] if b.sharding else anchors_for(c["model"], c["optim"])  # the papers' are one device's
+    if b.sharding:
+        lines += ["", "published figures are one device's: not shown under --fsdp"]
+    elif anchors:
         lines += ["", "published figures (as quoted in docs/algorithms.md §9; GB as printed; ours in GB = 1e9 bytes):"]
         lines += [""]
         table = [("method", "figure", "what", "setting", "source", "this estimate")]
