@@ -178,7 +178,7 @@ def _step_bytes(rank: int) -> dict:
 
     measured = {}
     ids = token_batches(1, rows=ROWS)[0]
-    for case in ("adamw", "adamw-bf16", "galore", "galore-lowrank-grad", "q-galore"):
+    for case in ("adamw", "adamw-bf16", "galore", "galore-lowrank-grad", "q-galore", "apollo-refresh"):
         model = _model(case)
         policy = None
         if case == "adamw-bf16":  # fp32 weights and reduction, bf16 compute and all-gathers
@@ -188,6 +188,8 @@ def _step_bytes(rank: int) -> dict:
             opt = torch.optim.AdamW(model.parameters())
         elif case == "q-galore":
             opt = make_qgalore(model, rank=8, gap=100)
+        elif case == "apollo-refresh":  # a refresh at every step, of a projector drawn from its seed
+            opt = FIRA_APOLLO["apollo"](model, gap=1)
         else:
             opt = make_galore(model, rank=8, gap=100)
         for _ in range(2):
@@ -473,6 +475,8 @@ def test_low_rank_gradient_layers_send_r_instead_of_g(sharded_runs):
     assert sent["adamw"]["all_gather"] - qgalore["all_gather"] == 2 * (g_bytes - int8_bytes)
     assert qgalore["reduce_scatter"] == lowrank["reduce_scatter"]
     assert qgalore["all_reduce"] == lowrank["all_reduce"]
+    # APOLLO's random projector reads no G at a refresh: nothing is gathered beside FSDP's weights
+    assert sent["apollo-refresh"]["all_gather"] == sent["adamw"]["all_gather"]
     print(f"per step: reduce-scatter AdamW {sent['adamw']['reduce_scatter']} B, GaLore with the layers "
           f"{lowrank['reduce_scatter']} B; all-gather AdamW {sent['adamw']['all_gather']} B, Q-GaLore "
           f"{qgalore['all_gather']} B")  # fmt: skip

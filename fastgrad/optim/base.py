@@ -178,10 +178,14 @@ def finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
     parts: list[torch.Tensor] = []
     for device, idx in by_device.items():
         if device.type == "cpu":
-            # An fp32 sum propagates NaN and ±inf, in a quarter of aminmax's time and a fiftieth of
-            # linalg's inf-norm's (torch 2.13). It overflows only for elements near fp32's max/numel,
-            # which count as non-finite then.
-            ok = [torch.isfinite(tensors[i].sum(dtype=torch.float32)) for i in idx]
+            # An fp32 tensor's sum propagates NaN and ±inf, in a quarter of aminmax's time and a fiftieth
+            # of linalg's inf-norm's (torch 2.13); it overflows only for elements near fp32's max/numel,
+            # which count as non-finite then. A 16-bit tensor: min and max (its fp32 sum would first
+            # make an fp32 copy of it).
+            ok = [
+                torch.isfinite(t.sum() if t.dtype == torch.float32 else torch.stack(torch.aminmax(t))).all()
+                for t in (tensors[i] for i in idx)
+            ]
             parts.append(torch.stack(ok).to(first))
         else:  # one kernel launch for the list; max |x| propagates NaN and never overflows
             norms = torch._foreach_norm([tensors[i] for i in idx], math.inf)
@@ -521,11 +525,13 @@ class LowRankOptimizer(torch.optim.Optimizer, ABC):
         low = None
         like = proj_like(p, grad)
         if not proj.has_basis(state) or self.refresh_due(group, state):
-            full = grad.full_tensor() if shard is not None else grad  # a sharded G is gathered from every rank
-            # Refresh steps read G once more (and synchronise): an SVD of a non-finite G would fail.
-            # max|G| (a reduction, NaN-propagating) rather than isfinite(G).all(), which makes m×n temporaries.
-            if not grads_finite and not finite_flags([full])[0]:
-                return item
+            if proj.refresh_reads_grad:
+                full = grad.full_tensor() if shard is not None else grad  # a sharded G is gathered from every rank
+                # Refresh steps read G once more (and synchronise): an SVD of a non-finite G would fail.
+                if not grads_finite and not finite_flags([full])[0]:
+                    return item
+            else:  # nothing to gather; a non-finite G shows in R, and the step's checks roll the refresh back
+                full = like
             if group["state_transfer"] and self.moment_keys and self.moment_keys[0] in state:
                 item.proj_old = proj.matrix(state, like)
             item.snapshot = proj.snapshot(state)

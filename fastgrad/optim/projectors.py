@@ -179,6 +179,10 @@ class Projector(ABC):
         state["proj_rank"] = effective_rank(rank, shape)
         state["proj_seed"] = seed
 
+    # Whether ``refresh`` reads the gradient (a row-sharded one is gathered for it); the random
+    # projector draws its subspace from the seed alone.
+    refresh_reads_grad: ClassVar[bool] = True
+
     def has_basis(self, state: ProjState) -> bool:
         return "proj_step" in state
 
@@ -318,6 +322,8 @@ class RandomProjector(Projector):
 
     name = "random"
     refresh_keys = ("proj_step",)
+
+    refresh_reads_grad = False
 
     def refresh(self, state: ProjState, grad: torch.Tensor, step: int) -> None:
         state["proj_step"] = step

@@ -201,13 +201,6 @@ class _ShardedOptimizer(_Step):
         gathered = self.optim not in ("apollo", "apollo-mini")
         return super().refresh_transient(w) + (w.numel * self.world * self.grad_elem(w) if gathered else 0)
 
-    def _project(self, tape: _Tape, w: _Weight, refresh: bool) -> None:
-        """At a refresh step prepare() gathers G whatever the projector: APOLLO's random P, which
-        reads none of it, too (the gathered G released at once)."""
-        if self._refresh_step and self.optim in ("apollo", "apollo-mini"):
-            tape.free(self._gather(tape, w))
-        super()._project(tape, w, refresh)
-
     def _muon_update(self, tape: _Tape, w: _Weight) -> None:
         """Muon's step of a sharded weight: U of the rank's rows (held by the caller until the step
         returns), gathered (the whole m×n, the same on every rank), its ns_dtype copy, Newton–Schulz
