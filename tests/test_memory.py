@@ -255,12 +255,23 @@ def test_fused_step_matches_measured_step(optim, extra):
 # weight, AdamW for the rest; one weight at a time, U = lerp(G, B), its bf16 copy and the Newton–Schulz
 # op's buffers (csrc/cpu/newton_schulz.cpp). `5m` peaks in the optimizer step (its 688×256 MLP
 # weights are worked on transposed), `tiny` at 256 tokens in backward.
-MUON = [("5m", "float32", 1, 32), ("5m", "bfloat16", 1, 32), ("tiny", "float32", 4, 64)]
+# muon8bit (Muon8bit): each Muon weight's 8-bit momentum decoded to fp32, U in fp32, re-encoded; the
+# AdamW groups' 8-bit moments (the embedding and head) decoded, updated and re-encoded one at a time.
+MUON = [
+    ("muon", "5m", "float32", 1, 32),
+    ("muon", "5m", "bfloat16", 1, 32),
+    ("muon", "tiny", "float32", 4, 64),
+    ("muon8bit", "5m", "float32", 1, 32),
+    ("muon8bit", "5m", "bfloat16", 1, 32),
+    ("muon8bit", "tiny", "float32", 4, 64),
+]
 
 
-@pytest.mark.parametrize(("model", "dtype", "batch", "seq"), MUON, ids=[f"{m}-{d}" for m, d, _, _ in MUON])
-def test_muon_step_matches_measured_step(model, dtype, batch, seq):
-    cfg = _config("muon", dtype=dtype, batch_size=batch, seq_len=seq)
+@pytest.mark.parametrize(
+    ("optim", "model", "dtype", "batch", "seq"), MUON, ids=[f"{o}-{m}-{d}" for o, m, d, _, _ in MUON]
+)
+def test_muon_step_matches_measured_step(optim, model, dtype, batch, seq):
+    cfg = _config(optim, dtype=dtype, batch_size=batch, seq_len=seq)
     b = _check(MODELS[model], cfg)
     if model == "5m":
         assert b.peak_phase == "optimizer step"

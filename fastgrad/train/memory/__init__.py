@@ -65,7 +65,10 @@ seq tokens, C hidden, I intermediate, V vocabulary, e bytes of the model dtype:
   in the gradient's dtype, its copy in ns_dtype (bf16), the Newton–Schulz op's result and buffers
   (CPU, csrc/cpu/newton_schulz.cpp: A and B, s×s, two s×l iterates and the normalised X; GPU, the
   Triton launcher's: A, B and the iterates with aligned rows), then W.add_ (on CPU an fp32 W adds an
-  fp32 copy of the bf16 result); AdamW's denominator per weight.
+  fp32 copy of the bf16 result); AdamW's denominator per weight. ``muon8bit`` (Muon8bit): a momentum
+  of ≥ 4096 elements in 8 bits (n_pad + 4·blocks bytes), decoded to fp32 (n_pad) around the update, U
+  in fp32, re-encoded (codes, scales, an unused zeros); the AdamW groups' moments as AdamW8bit's
+  (decoded, updated, re-encoded one weight at a time). One process only (not yet with --fsdp).
 * **FSDP** (``cfg.fsdp``, ``fastgrad memory --fsdp N``): one process's step, the replay above with
   FSDP2's all-gathers and reduce-scatters at its units' boundaries and the optimizer on the rank's
   rows (:mod:`fastgrad.train.memory.fsdp`).
@@ -92,7 +95,7 @@ memory events on CPU).
 Validation (tests/test_memory.py): the peak of each phase against the live-memory peak of real steps
 measured with the profiler on CPU, to a relative 1e-4 (what is left is a few bytes of scalar
 tensors, and the later micro-batches' token tensors that the measurement keeps): small LLaMAs,
-AdamW, GaLore (with and without LowRankGradLinear), Q-GaLore, their 8-bit-moment variants, Muon, with
+AdamW, GaLore (with and without LowRankGradLinear), Q-GaLore, their 8-bit-moment variants, Muon, Muon8bit, with
 and without activation checkpointing, fp32 and bf16, gradient accumulation, refresh steps and steps
 between refreshes, layer-wise and layer-wise streaming, and a model whose QLinear weights exceed
 one 2^18-element block of the fused INT8 step; and exactly the weights and

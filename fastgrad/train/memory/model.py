@@ -33,10 +33,17 @@ MODELLED_OPTIMIZERS = (
     "apollo-mini",
     "frugal",
     "muon",
+    "muon8bit",
 )
 LOWRANK_OPTIMIZERS = {"galore", "galore8bit", "q-galore", "q-galore8bit", "fira", "apollo", "apollo-mini", "frugal"}
 _READS_GRAD = {"fira", "apollo", "apollo-mini", "frugal"}  # update_reads_grad: keep G until the update
-_EIGHT_BIT = {"adamw8bit", "galore8bit", "q-galore8bit"}
+_EIGHT_BIT = {"adamw8bit", "galore8bit", "q-galore8bit", "muon8bit"}
+# Muon's optimizers: Muon on the attention and MLP weights, AdamW for the rest (muon8bit: Muon8bit,
+# the momentum of a Muon weight of ≥ min_8bit_size elements and the AdamW moments in 8 bits).
+_MUON = {"muon", "muon8bit"}
+# Modelled for one process only: under --fsdp, Muon8bit's momentum stored by rows (its (rows, t)
+# scale tables rebuilt and re-gathered around each decode and encode) is not replayed yet.
+_NOT_SHARDED = {"muon8bit"}
 # Layers that compute R = down(G, P) in backward between refreshes (fastgrad.nn.lowrank): QLinear
 # always; LowRankGradLinear for the GaLore optimizers with cfg.lowrank_grad (fastgrad.train.optimizers).
 _PROJECTED_GRAD = {"q-galore", "q-galore8bit"}
@@ -293,14 +300,22 @@ class _Step:
 
     def is_muon(self, w: _Weight) -> bool:
         """Whether Muon orthogonalizes ``w`` (muon_param_groups: the attention and MLP weights)."""
-        return self.optim == "muon" and w.proj
+        return self.optim in _MUON and w.proj
+
+    def momentum_bytes(self, w: _Weight) -> int:
+        """Muon's momentum buffer of ``w``: in the gradient's dtype, or (Muon8bit, ≥ min_8bit_size
+        elements) uint8 codes padded to whole blocks and an fp32 scale per block."""
+        if self._is_8bit(w):
+            n_pad = _padded(w.numel)
+            return n_pad + 4 * (n_pad // BLOCK_8BIT)
+        return w.numel * self.e
 
     def state_bytes(self, w: _Weight) -> int:
         """What the optimizer's state holds for ``w`` after a step (the tensors only)."""
         if self.optim == "adamw":
             return 2 * w.numel * self.e + 4  # torch keeps the step count as a 0-d fp32 tensor
-        if self.optim == "muon":  # the momentum buffer, or AdamW's two moments (gradient's dtype; int step)
-            return w.numel * self.e * (1 if self.is_muon(w) else 2)
+        if self.optim in _MUON:  # the momentum buffer, or AdamW's two moments (int step)
+            return self.momentum_bytes(w) if self.is_muon(w) else _moments_bytes(w.numel, self.e, self.eight_bit)
         if not self.is_lowrank(w):
             return _moments_bytes(w.numel, self.e, self.eight_bit)
         elem = 4 if self.quantized else self.e
@@ -836,13 +851,17 @@ class _Step:
     # ------------------------------------------------------------------ optimizer step
     def _optimizer_step(self, tape: _Tape) -> None:
         e = self.e
-        if self.optim == "muon":  # Muon.update_group: the Muon group, then the AdamW group
+        if self.optim in _MUON:  # Muon.update_group: the Muon group, then the AdamW group
             for w in self.weights:
                 if self.is_muon(w):
                     self._muon_update(tape, w)
-            for w in self.weights:
-                if not self.is_muon(w):
+            adamw = [w for w in self.weights if not self.is_muon(w)]
+            for w in adamw:  # Muon8bit: the fp32/16-bit-moment items first (EightBitMoments._step_items)
+                if not self._is_8bit(w):
                     tape.temp(w.numel * e)  # adamw_update: the denominator √V/√(1−β2^t) + ε
+            for w in adamw:
+                if self._is_8bit(w):
+                    self._step_8bit(tape, w)  # decoded, updated, adamw_update (_unfused_8bit_step), re-encoded
             return
         if self.optim == "adamw":  # torch.optim.AdamW
             if self.device == "cuda":  # foreach: sqrt of every second moment at once, in place after
@@ -892,14 +911,38 @@ class _Step:
         tape.free(self._snapshots)
         self._snapshots = 0
 
+    def _muon_momentum(self, tape: _Tape, w: _Weight) -> int:
+        """Muon._momentum_update of one weight (its gradient alive in p.grad): B updated in place and
+        U = lerp(G, B) allocated, in the gradient's dtype; Muon8bit's 8-bit momentum: G in fp32, B
+        decoded to fp32 (n_pad), updated, U in fp32, B re-encoded (quantize_int8: codes, scales and
+        an unused zeros) replacing the old codes; the decoded B and fp32 G freed at return. Leaves U
+        alive (held by the caller until the step returns); returns its bytes per element."""
+        if not self._is_8bit(w):
+            tape.alloc(w.numel * self.e)  # grad.lerp(buf, momentum)
+            return self.e
+        numel = w.numel
+        n_pad = _padded(numel)
+        blocks = n_pad // BLOCK_8BIT
+        g32 = numel * 4 if self.e != 4 else 0
+        tape.alloc(g32)  # it.low.float()
+        tape.alloc(4 * blocks)  # dequantize_int8's zeros, −128·scale
+        tape.alloc(n_pad * 4)  # the decoded B
+        tape.free(4 * blocks)
+        tape.alloc(numel * 4)  # U = grad.lerp(buf, momentum), fp32
+        tape.alloc(n_pad + 8 * blocks)  # quantize_int8: codes, scales, zeros
+        tape.free(n_pad + 4 * blocks)  # the old codes and scales
+        tape.free(4 * blocks)  # the unused zeros
+        tape.free(n_pad * 4 + g32)  # the decoded B, the fp32 G
+        return 4
+
     def _muon_update(self, tape: _Tape, w: _Weight) -> None:
-        """Muon._muon_step of one weight (its gradient alive in p.grad): U = lerp(G, B) in the
-        gradient's dtype, U in ns_dtype (a copy unless the same), the Newton–Schulz op (its result
-        and its buffers), W.add_(O); U and O are freed when the method returns."""
+        """Muon._muon_step of one weight (its gradient alive in p.grad): U (:meth:`_muon_momentum`),
+        U in ns_dtype (a copy unless the same), the Newton–Schulz op (its result and its buffers),
+        W.add_(O); U and O are freed when the method returns."""
         m, n = w.shape
-        u = w.numel * self.e
-        cast = w.numel * NS_BYTES if self.e != NS_BYTES else 0
-        tape.alloc(u)  # grad.lerp(buf, momentum), held by the caller until the step returns
+        u_elem = self._muon_momentum(tape, w)  # held by the caller until the step returns
+        u = w.numel * u_elem
+        cast = w.numel * NS_BYTES if u_elem != NS_BYTES else 0
         tape.alloc(cast)  # update.to(ns_dtype)
         self._newton_schulz(tape, m, n)
         tape.free(cast)  # the argument, once the op returns
@@ -1193,6 +1236,8 @@ def estimate(
     """
     if cfg.optim not in MODELLED_OPTIMIZERS:
         raise ValueError(f"no memory model for --optim {cfg.optim!r}; known: {', '.join(MODELLED_OPTIMIZERS)}")
+    if cfg.fsdp and cfg.optim in _NOT_SHARDED:
+        raise ValueError(f"no memory model for --optim {cfg.optim!r} with --fsdp (only without it)")
     config_error = cfg.fsdp_error()  # what fastgrad pretrain refuses, in its words
     if config_error:
         raise ValueError(config_error)
