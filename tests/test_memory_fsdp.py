@@ -51,6 +51,7 @@ CASES = [
     ("apollo", {}),  # its random P needs no G, but prepare() gathers it at a refresh
     ("muon", {}),  # each update gathered for its Newton–Schulz iteration
     ("muon", {"model": "uneven"}),
+    ("muon8bit", {}),  # 8-bit momentum and AdamW moments stored by rows (blocks of 256 start every rank's rows)
     ("q-galore", {}),  # INT8 weights: QLinear units of uint8 codes and fp32 scales, fp32 G reduce-scattered
     ("q-galore8bit", {"mixed_precision": "bfloat16", "update_proj_gap": 2}),
     ("adamw", {"mixed_precision": "bfloat16", "grad_accum": 2}),  # fp32 unsharded gradients kept between
@@ -140,7 +141,7 @@ def _json(capsys, *args: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("optim", ["adamw", "galore", "q-galore8bit", "muon"])
+@pytest.mark.parametrize("optim", ["adamw", "galore", "q-galore8bit", "muon", "muon8bit"])
 def test_memory_command_fsdp_shards_per_process(capsys, optim):
     """--fsdp N: one process's bytes. The weights are about 1/N of one process's (the rotary tables
     stay whole), the sharded gradients too; the activations of the per-process batch do not shrink."""

@@ -68,7 +68,11 @@ seq tokens, C hidden, I intermediate, V vocabulary, e bytes of the model dtype:
   fp32 copy of the bf16 result); AdamW's denominator per weight. ``muon8bit`` (Muon8bit): a momentum
   of ≥ 4096 elements in 8 bits (n_pad + 4·blocks bytes), decoded to fp32 (n_pad) around the update, U
   in fp32, re-encoded (codes, scales, an unused zeros); the AdamW groups' moments as AdamW8bit's
-  (decoded, updated, re-encoded one weight at a time). One process only (not yet with --fsdp).
+  (decoded, updated, re-encoded one weight at a time); under FSDP stored by rows (a (rows, t) scale
+  table). ``galore-muon`` (GaLoreMuon): GaLore's projection (svd P, LowRankGradLinear's R between
+  refreshes), a momentum of R's shape and dtype, at a refresh carried into the new basis (the r'×r'
+  rotation, an fp32 product), U = lerp(R, B), Newton–Schulz of the r'-wide U (m×r' or r'×n), O cast
+  to P's dtype and added back into W in place; AdamW for the rest (one process only, not yet --fsdp).
 * **FSDP** (``cfg.fsdp``, ``fastgrad memory --fsdp N``): one process's step, the replay above with
   FSDP2's all-gathers and reduce-scatters at its units' boundaries and the optimizer on the rank's
   rows (:mod:`fastgrad.train.memory.fsdp`).
@@ -95,10 +99,10 @@ memory events on CPU).
 Validation (tests/test_memory.py): the peak of each phase against the live-memory peak of real steps
 measured with the profiler on CPU, to a relative 1e-4 (what is left is a few bytes of scalar
 tensors, and the later micro-batches' token tensors that the measurement keeps): small LLaMAs,
-AdamW, GaLore (with and without LowRankGradLinear), Q-GaLore, their 8-bit-moment variants, Muon, Muon8bit, with
-and without activation checkpointing, fp32 and bf16, gradient accumulation, refresh steps and steps
-between refreshes, layer-wise and layer-wise streaming, and a model whose QLinear weights exceed
-one 2^18-element block of the fused INT8 step; and exactly the weights and
+AdamW, GaLore (with and without LowRankGradLinear), Q-GaLore, their 8-bit-moment variants, Muon,
+Muon8bit, GaLoreMuon, with and without activation checkpointing, fp32 and bf16, gradient
+accumulation, refresh steps and steps between refreshes, layer-wise and layer-wise streaming, and a
+model whose QLinear weights exceed one 2^18-element block of the fused INT8 step; and exactly the weights and
 ``optimizer.state_bytes()`` after a step, for every optimizer. Fira, APOLLO and FRUGAL are modelled
 the same way but not held to the measured peaks: a few of their temporaries are missing (on the
 tests' wide model their steps come out up to 0.2% low; FRUGAL's bf16 step between refreshes 3.4%).

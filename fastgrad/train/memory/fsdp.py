@@ -45,7 +45,7 @@ Validation (tests/test_memory_fsdp.py, two gloo processes on CPU stepped as ``fa
 --fsdp`` steps them): rank 0's weights, gradients after backward and optimizer state byte for byte,
 and the profiler's peak of each phase within a relative 1e-4 (with --grad-accum, to the later
 micro-batch's token tensors, which the measurement keeps), for AdamW, GaLore (a refresh, and
-between refreshes), GaLore8bit, Fira, APOLLO, Muon, Q-GaLore and Q-GaLore8bit, with --mixed-precision,
+between refreshes), GaLore8bit, Fira, APOLLO, Muon, Muon8bit, Q-GaLore and Q-GaLore8bit, with --mixed-precision,
 --grad-accum, activation checkpointing and uneven splits.
 """
 
@@ -165,6 +165,11 @@ class _ShardedOptimizer(_Step):
         total = super().state_bytes(w)
         if not self.eight_bit:
             return total
+        if self.is_muon(w):  # Muon8bit's momentum: the codes of the rows, one (rows, t) scale table
+            if not self._is_8bit(w) or not self._by_rows(w):
+                return total
+            rows, t = self._table_rows(w)
+            return w.numel + rows * t * 4
         numel, elem = self._consumed(w)
         if not self._is_8bit(w):
             moments = 2 * numel * elem
@@ -174,15 +179,16 @@ class _ShardedOptimizer(_Step):
             moments = _moments_bytes(numel, elem, True)
         return total - _moments_bytes(numel, elem, True) + moments
 
-    def _gather(self, tape: _Tape, w: _Weight) -> int:
-        """``full_tensor()`` of a tensor laid out as ``w`` (rows sharded) in the gradient's dtype:
-        the all-gather's output of N × c rows, of which the whole tensor is a view (its first m
-        rows), and on CPU gloo's copies (the coalesced input, the output). Leaves it alive, returns
-        its bytes."""
-        padded = w.numel * self.world * self.grad_elem(w)
+    def _gather(self, tape: _Tape, w: _Weight, elem: int | None = None) -> int:
+        """``full_tensor()`` of a tensor laid out as ``w`` (rows sharded) in the gradient's dtype (or
+        ``elem`` bytes per element): the all-gather's output of N × c rows, of which the whole tensor
+        is a view (its first m rows), and on CPU gloo's copies (the coalesced input, the output).
+        Leaves it alive, returns its bytes."""
+        elem = self.grad_elem(w) if elem is None else elem
+        padded = w.numel * self.world * elem
         tape.alloc(padded)
         if self.device == "cpu":
-            tape.temp(w.numel * self.grad_elem(w))  # the coalesced input
+            tape.temp(w.numel * elem)  # the coalesced input
             tape.temp(padded)  # gloo's output
         return padded
 
@@ -206,16 +212,34 @@ class _ShardedOptimizer(_Step):
         returns), gathered (the whole m×n, the same on every rank), its ns_dtype copy, Newton–Schulz
         of the whole matrix (the gathered U released after it), its rows added to W."""
         m, n = w.full_shape
-        rows = w.numel * self.e
-        tape.alloc(rows)  # grad.lerp(buf, momentum)
-        whole = self._gather(tape, w)
-        cast = m * n * NS_BYTES if self.e != NS_BYTES else 0
+        u_elem = self._muon_momentum(tape, w)  # U of the rows: grad.lerp(buf, momentum)
+        rows = w.numel * u_elem
+        whole = self._gather(tape, w, u_elem)
+        cast = m * n * NS_BYTES if u_elem != NS_BYTES else 0
         tape.alloc(cast)  # update.to(ns_dtype)
         self._newton_schulz(tape, m, n)
         tape.free(cast + whole)  # the argument, then `del update`
         if self.e != NS_BYTES and self.device == "cpu":
-            tape.temp(rows)  # W.add_(O's rows): in W's dtype (CPU)
+            tape.temp(w.numel * self.e)  # W.add_(O's rows): in W's dtype (CPU)
         tape.free(m * n * NS_BYTES + rows)
+
+    def _load_momentum(self, tape: _Tape, w: _Weight, blocks: int) -> int:
+        """Muon8bit's momentum stored by rows: the flat scales rebuilt from the (rows, t) table
+        through the block index (as :meth:`_load_8bit`, one per-block table)."""
+        rows, t = self._table_rows(w)
+        tape.alloc(rows * t * 8)  # _block_index
+        tape.alloc(blocks * 4)
+        tape.free(rows * t * 8)
+        return blocks * 4
+
+    def _store_momentum(self, tape: _Tape, w: _Weight, n_pad: int, blocks: int) -> None:
+        """The new codes and the (rows, t) table gathered from the flat scales; the old state is
+        released when the step returns (as :meth:`_store_8bit`)."""
+        rows, t = self._table_rows(w)
+        tape.alloc(rows * t * 8)  # _block_index
+        tape.alloc(rows * t * 4)  # the table
+        tape.free(rows * t * 8 + 8 * blocks)  # and the flat scales and the unused zeros
+        self._replaced += w.numel + rows * t * 4
 
     def _table_rows(self, w: _Weight) -> tuple[int, int]:
         """(rows, t) of the per-block tables of a moment stored by rows."""
@@ -351,8 +375,9 @@ class _FsdpStep(_Step):
         for w in opt.weights:
             if opt.is_muon(w):
                 m, n = w.full_shape
-                cast = m * n * NS_BYTES if opt.e != NS_BYTES else 0
-                gathered = w.numel * world * opt.e  # N × c rows
+                u_elem = 4 if opt._is_8bit(w) else opt.e  # Muon8bit's decoded momentum: U in fp32
+                cast = m * n * NS_BYTES if u_elem != NS_BYTES else 0
+                gathered = w.numel * world * u_elem  # N × c rows
                 muon = max(muon, gathered + m * n * NS_BYTES + cast + opt.scratch.newton_schulz(m, n, NS_BYTES))
         return {
             "processes": world,

@@ -34,20 +34,23 @@ MODELLED_OPTIMIZERS = (
     "frugal",
     "muon",
     "muon8bit",
+    "galore-muon",
 )
-LOWRANK_OPTIMIZERS = {"galore", "galore8bit", "q-galore", "q-galore8bit", "fira", "apollo", "apollo-mini", "frugal"}
+LOWRANK_OPTIMIZERS = {
+    "galore", "galore8bit", "q-galore", "q-galore8bit", "fira", "apollo", "apollo-mini", "frugal", "galore-muon",
+}  # fmt: skip
 _READS_GRAD = {"fira", "apollo", "apollo-mini", "frugal"}  # update_reads_grad: keep G until the update
 _EIGHT_BIT = {"adamw8bit", "galore8bit", "q-galore8bit", "muon8bit"}
 # Muon's optimizers: Muon on the attention and MLP weights, AdamW for the rest (muon8bit: Muon8bit,
 # the momentum of a Muon weight of ≥ min_8bit_size elements and the AdamW moments in 8 bits).
-_MUON = {"muon", "muon8bit"}
-# Modelled for one process only: under --fsdp, Muon8bit's momentum stored by rows (its (rows, t)
-# scale tables rebuilt and re-gathered around each decode and encode) is not replayed yet.
-_NOT_SHARDED = {"muon8bit"}
+# galore-muon (GaLoreMuon): Muon on each attention/MLP weight's projected gradient R (GaLore's svd P).
+_MUON = {"muon", "muon8bit", "galore-muon"}
+# Optimizers modelled for one process only (refused with --fsdp).
+_NOT_SHARDED = {"galore-muon"}
 # Layers that compute R = down(G, P) in backward between refreshes (fastgrad.nn.lowrank): QLinear
 # always; LowRankGradLinear for the GaLore optimizers with cfg.lowrank_grad (fastgrad.train.optimizers).
 _PROJECTED_GRAD = {"q-galore", "q-galore8bit"}
-_PROJECTED_GRAD_OPTIONAL = {"galore", "galore8bit"}
+_PROJECTED_GRAD_OPTIONAL = {"galore", "galore8bit", "galore-muon"}
 # Optimizers stepped per param group by LowRankOptimizer ``_step_items`` (GaLoreAdamW, QGaLoreAdamW,
 # their 8-bit-moment variants, AdamW8bit): each weight's step is a method call (its temporaries are
 # freed when it returns) and a low-rank weight with fp32/16-bit moments is one fused op call. The
@@ -304,7 +307,10 @@ class _Step:
 
     def momentum_bytes(self, w: _Weight) -> int:
         """Muon's momentum buffer of ``w``: in the gradient's dtype, or (Muon8bit, ≥ min_8bit_size
-        elements) uint8 codes padded to whole blocks and an fp32 scale per block."""
+        elements) uint8 codes padded to whole blocks and an fp32 scale per block; a low-rank
+        weight's (GaLoreMuon) zeros_like(R), plus its projector."""
+        if self.is_lowrank(w):
+            return self.low_bytes(w) + self.proj_bytes(w)
         if self._is_8bit(w):
             n_pad = _padded(w.numel)
             return n_pad + 4 * (n_pad // BLOCK_8BIT)
@@ -852,8 +858,13 @@ class _Step:
     def _optimizer_step(self, tape: _Tape) -> None:
         e = self.e
         if self.optim in _MUON:  # Muon.update_group: the Muon group, then the AdamW group
+            for w in self.weights:  # GaLoreMuon: every R projected first (unless a layer computed it)
+                if self.is_lowrank(w) and not self._projected(w):
+                    self._project(tape, w, self._due)
             for w in self.weights:
-                if self.is_muon(w):
+                if self.is_lowrank(w):
+                    self._lowrank_muon_update(tape, w)
+                elif self.is_muon(w):
                     self._muon_update(tape, w)
             adamw = [w for w in self.weights if not self.is_muon(w)]
             for w in adamw:  # Muon8bit: the fp32/16-bit-moment items first (EightBitMoments._step_items)
@@ -862,6 +873,8 @@ class _Step:
             for w in adamw:
                 if self._is_8bit(w):
                     self._step_8bit(tape, w)  # decoded, updated, adamw_update (_unfused_8bit_step), re-encoded
+            tape.free(self._snapshots)  # the projectors a refresh replaced
+            self._snapshots = 0
             return
         if self.optim == "adamw":  # torch.optim.AdamW
             if self.device == "cuda":  # foreach: sqrt of every second moment at once, in place after
@@ -925,15 +938,25 @@ class _Step:
         blocks = n_pad // BLOCK_8BIT
         g32 = numel * 4 if self.e != 4 else 0
         tape.alloc(g32)  # it.low.float()
+        tables = self._load_momentum(tape, w, blocks)
         tape.alloc(4 * blocks)  # dequantize_int8's zeros, −128·scale
         tape.alloc(n_pad * 4)  # the decoded B
-        tape.free(4 * blocks)
+        tape.free(4 * blocks + tables)
         tape.alloc(numel * 4)  # U = grad.lerp(buf, momentum), fp32
         tape.alloc(n_pad + 8 * blocks)  # quantize_int8: codes, scales, zeros
-        tape.free(n_pad + 4 * blocks)  # the old codes and scales
-        tape.free(4 * blocks)  # the unused zeros
+        self._store_momentum(tape, w, n_pad, blocks)
         tape.free(n_pad * 4 + g32)  # the decoded B, the fp32 G
         return 4
+
+    def _load_momentum(self, tape: _Tape, w: _Weight, blocks: int) -> int:
+        """What decoding an 8-bit momentum needs besides its codes (bytes, released with the
+        dequantization's zeros): nothing here; stored by rows (FSDP), its flat scales rebuilt."""
+        return 0
+
+    def _store_momentum(self, tape: _Tape, w: _Weight, n_pad: int, blocks: int) -> None:
+        """The new codes and scales replace the old ones; the quantizer's zeros are dropped."""
+        tape.free(n_pad + 4 * blocks)  # the old codes and scales
+        tape.free(4 * blocks)  # the unused zeros
 
     def _muon_update(self, tape: _Tape, w: _Weight) -> None:
         """Muon._muon_step of one weight (its gradient alive in p.grad): U (:meth:`_muon_momentum`),
@@ -949,6 +972,50 @@ class _Step:
         if self.e != NS_BYTES and self.device == "cpu":
             tape.temp(w.numel * self.e)  # W.add_(O): O in W's dtype (CPU)
         tape.free(u + w.numel * NS_BYTES)
+
+    def _lowrank_muon_update(self, tape: _Tape, w: _Weight) -> None:
+        """GaLoreMuon's step of a low-rank weight (its R alive, owned by the step): at a refresh the
+        momentum carried into the new basis (transfer_moments), U = lerp(R, B) (R freed when the
+        momentum update returns), Newton–Schulz of the r'-wide U (m×r' right, r'×n left), O cast to
+        P's dtype and added back into W in place (lowrank_project_back_add_)."""
+        m, n = w.shape
+        r, left = self.rank(w), self.is_left(w)
+        low = self.low_numel(w)
+        elem = 4 if self.quantized else self.e
+        if self._due:
+            self._transfer(tape, w)
+        tape.alloc(low * elem)  # U = grad.lerp(buf, momentum)
+        tape.free(low * elem)  # R (it.low = None), when the momentum update returns
+        cast = low * NS_BYTES if elem != NS_BYTES else 0
+        tape.alloc(cast)  # update.to(ns_dtype)
+        self._newton_schulz(tape, *((r, n) if left else (m, r)))
+        tape.free(cast)
+        back = low * self.e if self.e != NS_BYTES else 0
+        tape.alloc(back)  # ortho.to(P's dtype)
+        split, other = (m, n) if left else (n, m)
+        tape.temp(self.scratch.up(split, r, other, low, out_f32=not self.cast, p_f32=not self.cast))
+        tape.free(back)
+        tape.free(low * elem + low * NS_BYTES)  # U, O
+
+    def _transfer(self, tape: _Tape, w: _Weight) -> None:
+        """transfer_moments(B, None, P_old, P_new, side): the r'×r' rotation lowrank_project(P_old,
+        P_new) (the C++ kernel's fp32 result, cast to P's dtype, then .float()), then B ← B·C (right)
+        or C·B (left) through an fp32 copy of B (16-bit) and the fp32 product, copied back."""
+        m, n = w.full_shape
+        r, low = self.rank(w), self.low_numel(w)
+        red = m if self.is_left(w) else n
+        if self.cast:
+            tape.alloc(r * r * 4)
+            tape.alloc(self.scratch.down(red=red, rank=r, other=r, g_f32=False, p_f32=False))
+            tape.alloc(r * r * self.e)
+            tape.free(self.scratch.down(red=red, rank=r, other=r, g_f32=False, p_f32=False) + r * r * 4)
+            tape.alloc(r * r * 4)  # .float()
+            tape.free(r * r * self.e)
+            tape.alloc(low * 4)  # B.float()
+        else:
+            tape.alloc(r * r * 4)
+        tape.temp(low * 4)  # the product
+        tape.free(r * r * 4 + (low * 4 if self.cast else 0))
 
     def _newton_schulz(self, tape: _Tape, m: int, n: int) -> None:
         """fastgrad.ops.newton_schulz of an m×n matrix in ns_dtype: leaves its result alive."""
