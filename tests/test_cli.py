@@ -436,4 +436,6 @@ def test_readme_compare_table_is_the_results_file():
     readme = (root / "README.md").read_text()
     block = readme.split("<!-- compare-table:begin -->\n", 1)[1].split("\n<!-- compare-table:end -->", 1)[0]
     assert block == compare_table(rows)
-    assert [r["optimizer"] for r in rows] == ["adamw", "galore", "q-galore"]
+    assert [r["optimizer"] for r in rows] == [
+        "adamw", "galore", "q-galore", "muon", "muon8bit", "galore-muon", "q-galore-muon"
+    ]  # fmt: skip
