@@ -72,7 +72,7 @@ seq tokens, C hidden, I intermediate, V vocabulary, e bytes of the model dtype:
   table). ``galore-muon`` (GaLoreMuon): GaLore's projection (svd P, LowRankGradLinear's R between
   refreshes), a momentum of R's shape and dtype, at a refresh carried into the new basis (the r'×r'
   rotation, an fp32 product), U = lerp(R, B), Newton–Schulz of the r'-wide U (m×r' or r'×n), O cast
-  to P's dtype and added back into W in place; AdamW for the rest (one process only, not yet --fsdp).
+  to P's dtype and added back into W in place; AdamW for the rest (FSDP: a right-side U gathered, m×r').
 * **FSDP** (``cfg.fsdp``, ``fastgrad memory --fsdp N``): one process's step, the replay above with
   FSDP2's all-gathers and reduce-scatters at its units' boundaries and the optimizer on the rank's
   rows (:mod:`fastgrad.train.memory.fsdp`).

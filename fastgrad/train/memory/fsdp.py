@@ -45,7 +45,8 @@ Validation (tests/test_memory_fsdp.py, two gloo processes on CPU stepped as ``fa
 --fsdp`` steps them): rank 0's weights, gradients after backward and optimizer state byte for byte,
 and the profiler's peak of each phase within a relative 1e-4 (with --grad-accum, to the later
 micro-batch's token tensors, which the measurement keeps), for AdamW, GaLore (a refresh, and
-between refreshes), GaLore8bit, Fira, APOLLO, Muon, Muon8bit, Q-GaLore and Q-GaLore8bit, with --mixed-precision,
+between refreshes), GaLore8bit, Fira, APOLLO, Muon, Muon8bit (persistent bytes; its peak varies from run to
+run), GaLoreMuon, Q-GaLore and Q-GaLore8bit, with --mixed-precision,
 --grad-accum, activation checkpointing and uneven splits.
 """
 
@@ -223,6 +224,13 @@ class _ShardedOptimizer(_Step):
             tape.temp(w.numel * self.e)  # W.add_(O's rows): in W's dtype (CPU)
         tape.free(m * n * NS_BYTES + rows)
 
+    def _gather_low(self, tape: _Tape, w: _Weight, elem: int) -> int:
+        """GaLoreMuon: a right-side U (the rank's rows of m×r') gathered (N × c rows) for the
+        iteration; a left-side U (r'×n) is whole on every rank."""
+        if self.is_left(w):
+            return 0
+        return self._gather(tape, _Weight(w.name, (w.shape[0], self.rank(w))), elem)
+
     def _load_momentum(self, tape: _Tape, w: _Weight, blocks: int) -> int:
         """Muon8bit's momentum stored by rows: the flat scales rebuilt from the (rows, t) table
         through the block index (as :meth:`_load_8bit`, one per-block table)."""
@@ -376,8 +384,12 @@ class _FsdpStep(_Step):
             if opt.is_muon(w):
                 m, n = w.full_shape
                 u_elem = 4 if opt._is_8bit(w) else opt.e  # Muon8bit's decoded momentum: U in fp32
-                cast = m * n * NS_BYTES if u_elem != NS_BYTES else 0
                 gathered = w.numel * world * u_elem  # N × c rows
+                if opt.is_lowrank(w):  # GaLoreMuon: the r'-wide U, gathered on the right side only
+                    r = opt.rank(w)
+                    m, n = (r, n) if opt.is_left(w) else (m, r)
+                    gathered = 0 if opt.is_left(w) else w.shape[0] * r * world * u_elem
+                cast = m * n * NS_BYTES if u_elem != NS_BYTES else 0
                 muon = max(muon, gathered + m * n * NS_BYTES + cast + opt.scratch.newton_schulz(m, n, NS_BYTES))
         return {
             "processes": world,

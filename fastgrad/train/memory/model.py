@@ -46,7 +46,7 @@ _EIGHT_BIT = {"adamw8bit", "galore8bit", "q-galore8bit", "muon8bit"}
 # galore-muon (GaLoreMuon): Muon on each attention/MLP weight's projected gradient R (GaLore's svd P).
 _MUON = {"muon", "muon8bit", "galore-muon"}
 # Optimizers modelled for one process only (refused with --fsdp).
-_NOT_SHARDED = {"galore-muon"}
+_NOT_SHARDED: set[str] = set()
 # Layers that compute R = down(G, P) in backward between refreshes (fastgrad.nn.lowrank): QLinear
 # always; LowRankGradLinear for the GaLore optimizers with cfg.lowrank_grad (fastgrad.train.optimizers).
 _PROJECTED_GRAD = {"q-galore", "q-galore8bit"}
@@ -978,7 +978,7 @@ class _Step:
         momentum carried into the new basis (transfer_moments), U = lerp(R, B) (R freed when the
         momentum update returns), Newton–Schulz of the r'-wide U (m×r' right, r'×n left), O cast to
         P's dtype and added back into W in place (lowrank_project_back_add_)."""
-        m, n = w.shape
+        m, n = w.shape  # (a rank's rows of) W
         r, left = self.rank(w), self.is_left(w)
         low = self.low_numel(w)
         elem = 4 if self.quantized else self.e
@@ -986,16 +986,22 @@ class _Step:
             self._transfer(tape, w)
         tape.alloc(low * elem)  # U = grad.lerp(buf, momentum)
         tape.free(low * elem)  # R (it.low = None), when the momentum update returns
-        cast = low * NS_BYTES if elem != NS_BYTES else 0
+        whole = self._gather_low(tape, w, elem)
+        ns_rows, ns_cols = (r, n) if left else (w.full_shape[0], r)  # sharded: the gathered right-side U
+        cast = ns_rows * ns_cols * NS_BYTES if elem != NS_BYTES else 0
         tape.alloc(cast)  # update.to(ns_dtype)
-        self._newton_schulz(tape, *((r, n) if left else (m, r)))
-        tape.free(cast)
+        self._newton_schulz(tape, ns_rows, ns_cols)
+        tape.free(cast + whole)  # the argument, then `del update` (the gathered one)
         back = low * self.e if self.e != NS_BYTES else 0
-        tape.alloc(back)  # ortho.to(P's dtype)
+        tape.alloc(back)  # ortho (its rows).to(P's dtype)
         split, other = (m, n) if left else (n, m)
         tape.temp(self.scratch.up(split, r, other, low, out_f32=not self.cast, p_f32=not self.cast))
         tape.free(back)
-        tape.free(low * elem + low * NS_BYTES)  # U, O
+        tape.free(low * elem + ns_rows * ns_cols * NS_BYTES)  # U, O
+
+    def _gather_low(self, tape: _Tape, w: _Weight, elem: int) -> int:
+        """The whole U of a row-sharded R (FSDP, right side), gathered for Newton–Schulz: nothing here."""
+        return 0
 
     def _transfer(self, tape: _Tape, w: _Weight) -> None:
         """transfer_moments(B, None, P_old, P_new, side): the r'×r' rotation lowrank_project(P_old,

@@ -103,13 +103,15 @@ class KernelScratch:
         elements (s = min(m, n), l = max(m, n)). CPU (csrc/cpu/newton_schulz.cpp): A and B (s×s) and
         the two iterates (s×l) allocated once per call, the normalised X (s×l) until the first step
         replaces it, with its 0-d norm; for a tall matrix (worked on as Xᵀ) the first step's addmm
-        copies the column-major X with copy_'s 60×60 transpose block. GPU (the Triton launcher,
+        copies the column-major X with copy_'s 60×60 transpose block (a matrix of at least that many
+        elements: copy_transpose_valid; a smaller one, e.g. GaLoreMuon's r'-wide U, is copied
+        without). GPU (the Triton launcher,
         kernels/newton_schulz.py ``_newton_schulz``): A and B (s×s), two iterates (s×l; one when a
         wide output's rows are aligned: the output is the other), each row padded to a multiple of
         64 elements, and the fp32 partial sums of the norm."""
         s, big = min(m, n), max(m, n)
         if self.device == "cpu":
-            transpose_block = TRANSPOSE_BLOCK if m > n else 0
+            transpose_block = TRANSPOSE_BLOCK if m > n and m * n >= TRANSPOSE_BLOCK else 0
             return itemsize * (2 * s * s + 3 * s * big + 1 + transpose_block)
 
         def buffer(rows: int, cols: int) -> int:
