@@ -59,6 +59,8 @@ CASES = [
     ("galore-muon", {}),  # a refresh: G gathered for the SVD; right-side U gathered (m×r') for Newton–Schulz
     ("galore-muon", {"model": "uneven"}),
     ("galore-muon", {"update_proj_gap": 2}),  # between refreshes: the layers' R
+    ("q-galore-muon", {}),  # INT8 rows updated by blocks from O's rows (right) or P̂'s rows (left)
+    ("q-galore-muon", {"model": "uneven", "update_proj_gap": 2}),
 ]
 IDS = ["-".join([o, *(f"{k}={v}" for k, v in kw.items())]) for o, kw in CASES]
 
@@ -153,7 +155,9 @@ def _json(capsys, *args: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("optim", ["adamw", "galore", "q-galore8bit", "muon", "muon8bit"])
+@pytest.mark.parametrize(
+    "optim", ["adamw", "galore", "q-galore8bit", "muon", "muon8bit", "galore-muon", "q-galore-muon"]
+)
 def test_memory_command_fsdp_shards_per_process(capsys, optim):
     """--fsdp N: one process's bytes. The weights are about 1/N of one process's (the rotary tables
     stay whole), the sharded gradients too; the activations of the per-process batch do not shrink."""

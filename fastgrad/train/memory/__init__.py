@@ -73,6 +73,10 @@ seq tokens, C hidden, I intermediate, V vocabulary, e bytes of the model dtype:
   refreshes), a momentum of R's shape and dtype, at a refresh carried into the new basis (the r'×r'
   rotation, an fp32 product), U = lerp(R, B), Newton–Schulz of the r'-wide U (m×r' or r'×n), O cast
   to P's dtype and added back into W in place; AdamW for the rest (FSDP: a right-side U gathered, m×r').
+  ``q-galore-muon`` (QGaLoreMuon): Q-GaLore's INT8 weights, INT4 projector and refresh state, the
+  momentum r'·max(m, n) fp32, O in fp32, and the INT8 update by blocks of whole rows (≤ 2^20
+  elements): Ŵ dequantized, Δ = up(O's rows, P̂) or up(O, P̂'s rows) with the kernel's scratch, the
+  re-quantized codes, scales and zeros.
 * **FSDP** (``cfg.fsdp``, ``fastgrad memory --fsdp N``): one process's step, the replay above with
   FSDP2's all-gathers and reduce-scatters at its units' boundaries and the optimizer on the rank's
   rows (:mod:`fastgrad.train.memory.fsdp`).
@@ -100,7 +104,7 @@ Validation (tests/test_memory.py): the peak of each phase against the live-memor
 measured with the profiler on CPU, to a relative 1e-4 (what is left is a few bytes of scalar
 tensors, and the later micro-batches' token tensors that the measurement keeps): small LLaMAs,
 AdamW, GaLore (with and without LowRankGradLinear), Q-GaLore, their 8-bit-moment variants, Muon,
-Muon8bit, GaLoreMuon, with and without activation checkpointing, fp32 and bf16, gradient
+Muon8bit, GaLoreMuon, QGaLoreMuon, with and without activation checkpointing, fp32 and bf16, gradient
 accumulation, refresh steps and steps between refreshes, layer-wise and layer-wise streaming, and a
 model whose QLinear weights exceed one 2^18-element block of the fused INT8 step; and exactly the weights and
 ``optimizer.state_bytes()`` after a step, for every optimizer. Fira, APOLLO and FRUGAL are modelled

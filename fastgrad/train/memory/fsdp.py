@@ -46,7 +46,7 @@ Validation (tests/test_memory_fsdp.py, two gloo processes on CPU stepped as ``fa
 and the profiler's peak of each phase within a relative 1e-4 (with --grad-accum, to the later
 micro-batch's token tensors, which the measurement keeps), for AdamW, GaLore (a refresh, and
 between refreshes), GaLore8bit, Fira, APOLLO, Muon, Muon8bit (persistent bytes; its peak varies from run to
-run), GaLoreMuon, Q-GaLore and Q-GaLore8bit, with --mixed-precision,
+run), GaLoreMuon, QGaLoreMuon, Q-GaLore and Q-GaLore8bit, with --mixed-precision,
 --grad-accum, activation checkpointing and uneven splits.
 """
 

@@ -15,7 +15,7 @@ from fastgrad.nn.qlinear import fit_group_size
 from fastgrad.optim.galore8bit import BLOCK_SIZE, MIN_8BIT_SIZE
 from fastgrad.optim.muon import Muon
 from fastgrad.optim.projectors import proj_group_size
-from fastgrad.optim.qgalore import QGALORE_DEFAULTS
+from fastgrad.optim.qgalore import QGALORE_DEFAULTS, UPDATE_BLOCK_ELEMS
 from fastgrad.train.config import TrainConfig
 from fastgrad.train.memory.scratch import DEFAULT_SM_COUNT, KernelScratch
 from fastgrad.train.optimizers import QLINEAR_GROUP_SIZE
@@ -35,21 +35,24 @@ MODELLED_OPTIMIZERS = (
     "muon",
     "muon8bit",
     "galore-muon",
+    "q-galore-muon",
 )
 LOWRANK_OPTIMIZERS = {
     "galore", "galore8bit", "q-galore", "q-galore8bit", "fira", "apollo", "apollo-mini", "frugal", "galore-muon",
+    "q-galore-muon",
 }  # fmt: skip
 _READS_GRAD = {"fira", "apollo", "apollo-mini", "frugal"}  # update_reads_grad: keep G until the update
 _EIGHT_BIT = {"adamw8bit", "galore8bit", "q-galore8bit", "muon8bit"}
 # Muon's optimizers: Muon on the attention and MLP weights, AdamW for the rest (muon8bit: Muon8bit,
 # the momentum of a Muon weight of ≥ min_8bit_size elements and the AdamW moments in 8 bits).
 # galore-muon (GaLoreMuon): Muon on each attention/MLP weight's projected gradient R (GaLore's svd P).
-_MUON = {"muon", "muon8bit", "galore-muon"}
+# q-galore-muon (QGaLoreMuon): the same on Q-GaLore's INT8 weights and INT4 projector.
+_MUON = {"muon", "muon8bit", "galore-muon", "q-galore-muon"}
 # Optimizers modelled for one process only (refused with --fsdp).
 _NOT_SHARDED: set[str] = set()
 # Layers that compute R = down(G, P) in backward between refreshes (fastgrad.nn.lowrank): QLinear
 # always; LowRankGradLinear for the GaLore optimizers with cfg.lowrank_grad (fastgrad.train.optimizers).
-_PROJECTED_GRAD = {"q-galore", "q-galore8bit"}
+_PROJECTED_GRAD = {"q-galore", "q-galore8bit", "q-galore-muon"}
 _PROJECTED_GRAD_OPTIONAL = {"galore", "galore8bit", "galore-muon"}
 # Optimizers stepped per param group by LowRankOptimizer ``_step_items`` (GaLoreAdamW, QGaLoreAdamW,
 # their 8-bit-moment variants, AdamW8bit): each weight's step is a method call (its temporaries are
@@ -230,7 +233,7 @@ class _Step:
         self.e = _DTYPE_BYTES[cfg.dtype]
         self.scratch = KernelScratch(device, self.e, sm_count)
         self.cast = self.e != 4
-        self.quantized = cfg.optim in ("q-galore", "q-galore8bit")  # QLinear (INT8) weights
+        self.quantized = cfg.optim in ("q-galore", "q-galore8bit", "q-galore-muon")  # QLinear (INT8) weights
         self.lowrank = cfg.optim in LOWRANK_OPTIMIZERS
         self.layerwise = cfg.layerwise and self.lowrank
         self.streaming = self.layerwise and cfg.layerwise_streaming  # each weight updated in its hook
@@ -309,8 +312,8 @@ class _Step:
         """Muon's momentum buffer of ``w``: in the gradient's dtype, or (Muon8bit, ≥ min_8bit_size
         elements) uint8 codes padded to whole blocks and an fp32 scale per block; a low-rank
         weight's (GaLoreMuon) zeros_like(R), plus its projector."""
-        if self.is_lowrank(w):
-            return self.low_bytes(w) + self.proj_bytes(w)
+        if self.is_lowrank(w):  # (QGaLoreMuon: fp32, and Q-GaLore's refresh state)
+            return self.low_bytes(w) + self.proj_bytes(w) + self.qgalore_refresh_extra_bytes(w)
         if self._is_8bit(w):
             n_pad = _padded(w.numel)
             return n_pad + 4 * (n_pad // BLOCK_8BIT)
@@ -992,12 +995,42 @@ class _Step:
         tape.alloc(cast)  # update.to(ns_dtype)
         self._newton_schulz(tape, ns_rows, ns_cols)
         tape.free(cast + whole)  # the argument, then `del update` (the gathered one)
+        if self.quantized:  # QGaLoreMuon: O (its rows) in fp32, then the INT8 update by blocks of rows
+            tape.alloc(low * 4)
+            tape.free(ns_rows * ns_cols * NS_BYTES)
+            self._int8_update(tape, w)
+            tape.free(low * 4 + low * elem)  # O, U
+            return
         back = low * self.e if self.e != NS_BYTES else 0
         tape.alloc(back)  # ortho (its rows).to(P's dtype)
         split, other = (m, n) if left else (n, m)
         tape.temp(self.scratch.up(split, r, other, low, out_f32=not self.cast, p_f32=not self.cast))
         tape.free(back)
         tape.free(low * elem + ns_rows * ns_cols * NS_BYTES)  # U, O
+
+    def _int8_update(self, tape: _Tape, w: _Weight) -> None:
+        """QuantizedWeights._update_int8 with QGaLoreMuon's Δ: per block of whole rows (≤ 2^20
+        elements) Ŵ dequantized (fp32), Δ = lowrank_project_back of O's rows (right) or of P̂'s rows
+        (left), fp32, with the kernel's scratch, then the re-quantized codes, scales and zeros (copied
+        into the layer); a block's Ŵ and codes are released as the next block's replace them."""
+        m, n = w.shape
+        r, left = self.rank(w), self.is_left(w)
+        groups = n // fit_group_size(QLINEAR_GROUP_SIZE, n)
+        block = max(1, UPDATE_BLOCK_ELEMS // max(n, 1))
+        prev = (0, 0)
+        for r0 in range(0, m, block):
+            rows = min(m, r0 + block) - r0
+            tape.alloc(rows * n * 4)  # Ŵ's rows
+            tape.free(prev[0])
+            tape.alloc(rows * n * 4)  # Δ's rows
+            split, other = (rows, n) if left else (n, rows)
+            tape.temp(self.scratch.up(split, r, other, 0, out_f32=True, p_f32=False, accumulate=False))
+            tape.free(rows * n * 4)
+            q = rows * n + 8 * rows * groups
+            tape.alloc(q)  # quantize_int8: codes, scales, zeros
+            tape.free(prev[1])
+            prev = (rows * n * 4, q)
+        tape.free(sum(prev))
 
     def _gather_low(self, tape: _Tape, w: _Weight, elem: int) -> int:
         """The whole U of a row-sharded R (FSDP, right side), gathered for Newton–Schulz: nothing here."""
