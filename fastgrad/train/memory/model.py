@@ -48,8 +48,6 @@ _EIGHT_BIT = {"adamw8bit", "galore8bit", "q-galore8bit", "muon8bit"}
 # galore-muon (GaLoreMuon): Muon on each attention/MLP weight's projected gradient R (GaLore's svd P).
 # q-galore-muon (QGaLoreMuon): the same on Q-GaLore's INT8 weights and INT4 projector.
 _MUON = {"muon", "muon8bit", "galore-muon", "q-galore-muon"}
-# Optimizers modelled for one process only (refused with --fsdp).
-_NOT_SHARDED: set[str] = set()
 # Layers that compute R = down(G, P) in backward between refreshes (fastgrad.nn.lowrank): QLinear
 # always; LowRankGradLinear for the GaLore optimizers with cfg.lowrank_grad (fastgrad.train.optimizers).
 _PROJECTED_GRAD = {"q-galore", "q-galore8bit", "q-galore-muon"}
@@ -235,7 +233,7 @@ class _Step:
         self.cast = self.e != 4
         self.quantized = cfg.optim in ("q-galore", "q-galore8bit", "q-galore-muon")  # QLinear (INT8) weights
         self.lowrank = cfg.optim in LOWRANK_OPTIMIZERS
-        self.layerwise = cfg.layerwise and self.lowrank
+        self.layerwise = cfg.layerwise and self.lowrank and cfg.optim not in _MUON  # (pretrain refuses those)
         self.streaming = self.layerwise and cfg.layerwise_streaming  # each weight updated in its hook
         self.reads_grad = cfg.optim in _READS_GRAD
         self.eight_bit = cfg.optim in _EIGHT_BIT
@@ -1342,8 +1340,6 @@ def estimate(
     """
     if cfg.optim not in MODELLED_OPTIMIZERS:
         raise ValueError(f"no memory model for --optim {cfg.optim!r}; known: {', '.join(MODELLED_OPTIMIZERS)}")
-    if cfg.fsdp and cfg.optim in _NOT_SHARDED:
-        raise ValueError(f"no memory model for --optim {cfg.optim!r} with --fsdp (only without it)")
     config_error = cfg.fsdp_error()  # what fastgrad pretrain refuses, in its words
     if config_error:
         raise ValueError(config_error)
@@ -1378,8 +1374,10 @@ def estimate(
     notes = []
     if cfg.layerwise and not step.lowrank:
         notes.append(f"--layerwise has no effect for {cfg.optim} (not a low-rank optimizer): modelled without it")
+    elif cfg.layerwise and not step.layerwise:
+        notes.append(f"--layerwise is not supported for {cfg.optim} (pretrain refuses it): modelled without it")
     lowrank = [w for w in state.weights if state.is_lowrank(w)]
-    if step.quantized and not step.eight_bit:
+    if step.quantized and not step.eight_bit and cfg.optim not in _MUON:
         moments = sum(_moments_bytes(state.low_numel(w), 4, False) for w in lowrank)
         notes.append(
             f"QGaLoreAdamW keeps the Adam moments of the projected gradients in fp32 ({format_bytes(moments)}); "
