@@ -43,10 +43,10 @@ q, k, v projections' backward (they are, a little earlier, in the rotary embeddi
 
 Validation (tests/test_memory_fsdp.py, two gloo processes on CPU stepped as ``fastgrad pretrain
 --fsdp`` steps them): rank 0's weights, gradients after backward and optimizer state byte for byte,
-and the profiler's peak of each phase within a relative 1e-4 (with --grad-accum, to the later
-micro-batch's token tensors, which the measurement keeps), for AdamW, GaLore (a refresh, and
-between refreshes), GaLore8bit, Fira, APOLLO, Muon, Muon8bit (persistent bytes; its peak varies from run to
-run), GaLoreMuon, QGaLoreMuon, Q-GaLore and Q-GaLore8bit, with --mixed-precision,
+and the profiler's peak of each phase within 2% (gloo releases its buffers, and Muon8bit its
+replaced codes, at times that vary between runs by up to 11 KB; one process's replay is held to
+1e-4 in tests/test_memory.py), for AdamW, GaLore (a refresh, and between refreshes), GaLore8bit,
+Fira, APOLLO, Muon, Muon8bit, GaLoreMuon, QGaLoreMuon, Q-GaLore and Q-GaLore8bit, with --mixed-precision,
 --grad-accum, activation checkpointing and uneven splits.
 """
 
