@@ -33,7 +33,7 @@ from torch import nn
 
 from fastgrad.ops import lowrank_project_back, lowrank_project_back_add_
 from fastgrad.optim.base import LowRankOptimizer, ParamStep, transfer_moments
-from fastgrad.optim.muon import Muon, adjusted_lr
+from fastgrad.optim.muon import Muon, adjusted_lr, with_adamw_rest
 from fastgrad.optim.param_groups import galore_param_groups
 from fastgrad.optim.qgalore import QuantizedWeights, qgalore_param_groups
 
@@ -94,8 +94,8 @@ def galore_muon_param_groups(
     (:func:`~fastgrad.optim.param_groups.target_linear_weights`) with ``rank``, ``update_proj_gap``,
     ``scale`` and ``group_kwargs`` (e.g. ``projector="dct"``); every other trainable parameter with
     ``use_muon=False`` and ``adamw_options`` (e.g. ``{"lr": 1e-3}``)."""
-    lowrank, rest = galore_param_groups(model, rank, update_proj_gap, scale, target_modules, **group_kwargs)
-    return [lowrank, {**rest, "use_muon": False, **(adamw_options or {})}]
+    groups = galore_param_groups(model, rank, update_proj_gap, scale, target_modules, **group_kwargs)
+    return with_adamw_rest(groups, adamw_options)
 
 
 class QGaLoreMuon(QuantizedWeights, GaLoreMuon):
@@ -162,5 +162,4 @@ def qgalore_muon_param_groups(
     :func:`fastgrad.nn.quantize_model`: the uint8 weights of its QLinear layers with ``rank`` and
     the Q-GaLore keys (``group_kwargs``, e.g. ``cos_threshold``), every other trainable parameter
     with ``use_muon=False`` and ``adamw_options``."""
-    lowrank, rest = qgalore_param_groups(model, rank, update_proj_gap, scale, **group_kwargs)
-    return [lowrank, {**rest, "use_muon": False, **(adamw_options or {})}]
+    return with_adamw_rest(qgalore_param_groups(model, rank, update_proj_gap, scale, **group_kwargs), adamw_options)

@@ -171,5 +171,11 @@ def muon_param_groups(
     MLP projections, :func:`~fastgrad.optim.param_groups.target_linear_weights`) are orthogonalized;
     every other trainable parameter (embeddings, norms, biases, the output head) takes AdamW with
     ``adamw_options`` (e.g. ``lr=3e-4``) over the optimizer's defaults."""
-    muon, rest = lowrank_and_rest(model, target_linear_weights(model, target_modules), {})
-    return [muon, {**rest, "use_muon": False, **adamw_options}]
+    return with_adamw_rest(lowrank_and_rest(model, target_linear_weights(model, target_modules), {}), adamw_options)
+
+
+def with_adamw_rest(groups: list[dict[str, Any]], adamw_options: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """``[Muon group, rest group]`` with the rest group made AdamW's (``use_muon=False``) with
+    ``adamw_options`` over the optimizer's defaults: the rule of every Muon param-groups helper."""
+    muon, rest = groups
+    return [muon, {**rest, "use_muon": False, **(adamw_options or {})}]
