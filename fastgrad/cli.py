@@ -390,7 +390,7 @@ def memory(args: argparse.Namespace) -> int:
     if cfg.layerwise:
         from fastgrad.train.memory import LOWRANK_OPTIMIZERS
 
-        if cfg.optim not in LOWRANK_OPTIMIZERS:
+        if cfg.optim not in LOWRANK_OPTIMIZERS | LAYERWISE:  # (the model replays frugal layer-wise too)
             raise ValueError(f"--layerwise works with --optim {', '.join(sorted(LAYERWISE))}, not {cfg.optim}")
         if cfg.optim not in LAYERWISE:
             notes.append(

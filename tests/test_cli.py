@@ -287,7 +287,7 @@ def test_layerwise_streaming_needs_layerwise_and_no_clipping(tmp_path, text_file
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("optim", ["galore", "q-galore"])
+@pytest.mark.parametrize("optim", ["galore", "q-galore", "muon", "muon8bit", "galore-muon", "q-galore-muon"])
 def test_layerwise_streaming_trains_as_layerwise(tmp_path, text_file, untrained_val_loss, optim):
     """--layerwise-streaming (updates in the gradient hooks) is the same training as --layerwise
     without clipping: bitwise the same losses and optimizer state, across projector refreshes and

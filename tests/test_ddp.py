@@ -33,6 +33,10 @@ CASES = {
     # DDP under no_sync() for the first micro-batch; the gradients of QLinear's INT8 codes (full on
     # refresh steps, projected by the layer in between) averaged by the loop, not DDP
     "q-galore": ["--optim", "q-galore", *GALORE, "--grad-accum", "2"],
+    # Muon under DDP: G averaged by DDP, then every rank orthogonalizes the same momentum
+    "muon": ["--optim", "muon"],
+    # GaLoreMuon layer-wise: the driver all-reduces the R of the LowRankGradLinear layers
+    "galore-muon-layerwise": ["--optim", "galore-muon", *GALORE, "--layerwise", "--grad-accum", "2"],
 }
 # Relative tolerance on the losses. Measured (relative): adamw 1.2e-7, galore 4.5e-7, q-galore
 # 1.9e-7 to 5e-6 (4 steps), galore-layerwise 9e-8 (30 steps). One fp32 ulp of a loss of ~6 is
@@ -43,7 +47,13 @@ CASES = {
 # other way with probability δ, a whole quantum (1/255 of its group's range), so a few weights
 # differ by one quantum after each step; 2e-4 bounds the effect on the loss with a 40× margin.
 # (Replicas that drift apart, e.g. a gradient left out of the average, differ by ~1e-3 at once.)
-RTOL = {"adamw": 1e-5, "galore": 1e-5, "galore-layerwise": 1e-5, "q-galore": 2e-4}
+# Muon's Newton–Schulz runs in bf16: a gradient entry whose fp32 rounding differs can round U to
+# the neighbouring bf16 value (2^-8 relative); measured 9.6e-6 (muon) and 6.9e-6 (galore-muon
+# layer-wise) over 4 steps, so 2e-4 keeps a 20× margin and stays below a replica's drift.
+RTOL = {
+    "adamw": 1e-5, "galore": 1e-5, "galore-layerwise": 1e-5, "q-galore": 2e-4,
+    "muon": 2e-4, "galore-muon-layerwise": 2e-4,
+}  # fmt: skip
 STEPS = 4
 
 
@@ -75,7 +85,7 @@ def _assert_same_losses(single: list[dict], ddp: list[dict], rtol: float, what: 
 
 
 # galore-layerwise is compared, over 30 steps, by the Ctrl-C test below (a torchrun launch costs ~10 s here).
-@pytest.mark.parametrize("case", ["adamw", "galore", "q-galore"])
+@pytest.mark.parametrize("case", ["adamw", "galore", "q-galore", "muon", "galore-muon-layerwise"])
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, text_file, case):
     common = ["--data", str(text_file), "--out", str(tmp_path), *SMALL, *CASES[case], "--steps", str(STEPS)]
     assert main(["pretrain", *common, "--batch-size", "4", "--name", "one"]) == 0

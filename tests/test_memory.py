@@ -26,8 +26,10 @@ MARK = 7777  # bytes of the marker allocation that separates the profiled steps
 PHASE_MARKS = {7771: "forward", 7772: "backward", 7773: "optimizer step"}
 _MARK_OF = {phase: size for size, phase in PHASE_MARKS.items()}
 
-# The `tiny` recipe model (2.1M parameters with this vocabulary), a 5.3M-parameter one, and a wide
-# one whose MLP weights (1024×512) exceed one 2^18-element block of the fused INT8 step.
+# The `tiny` recipe model (2.1M parameters with this vocabulary), a 5.3M-parameter one, a wide one
+# whose MLP weights (1024×512) exceed one 2^18-element block of the fused INT8 step, and a tall one
+# whose MLP weights (4096×64, 64×4096) outweigh its activations and embeddings while Muon's
+# Newton–Schulz of them (64×64 Gram matrices) stays fast on CPU.
 MODELS = {
     "tiny": get_config("tiny", vocab_size=2048, max_seq_len=64),
     "5m": LlamaConfig(
@@ -35,6 +37,9 @@ MODELS = {
     ),
     "wide": LlamaConfig(
         vocab_size=512, hidden_size=512, intermediate_size=1024, num_layers=2, num_heads=4, max_seq_len=64
+    ),
+    "tall": LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=4096, num_layers=2, num_heads=4, max_seq_len=64
     ),
 }
 
@@ -166,7 +171,7 @@ def _check(mc, cfg, between_refreshes=False):
 # the peak against measured steps
 # ------------------------------------------------------------------------------------------------
 
-CASES = [("adamw", False), ("galore", False), ("q-galore", False), ("galore", True)]
+CASES = [("adamw", False), ("galore", False), ("q-galore", False), ("galore", True), ("galore-muon", True)]
 
 
 @pytest.mark.parametrize("ckpt", [False, True], ids=["no-ckpt", "ckpt"])
@@ -242,6 +247,8 @@ FUSED = [
     ("galore-muon", {"lowrank_grad": False}),
     ("q-galore-muon", {}),  # INT8 W: one block of whole rows dequantized, Δ from O's or P̂'s rows, re-quantized
     ("q-galore-muon", {"dtype": "bfloat16"}),
+    ("galore-muon", {"layerwise": True, "dtype": "bfloat16", "grad_accum": 2}),  # fp32 buffers of R; U from R
+    ("q-galore-muon", {"layerwise": True}),  # finish_step: fp32 norms, then the INT8 updates
 ]
 
 
@@ -264,28 +271,48 @@ def test_fused_step_matches_measured_step(optim, extra):
 # weights are worked on transposed), `tiny` at 256 tokens in backward.
 # muon8bit (Muon8bit): each Muon weight's 8-bit momentum decoded to fp32, U in fp32, re-encoded; the
 # AdamW groups' 8-bit moments (the embedding and head) decoded, updated and re-encoded one at a time.
+# Layer-wise (--layerwise): Muon's and Muon8bit's parameters are all full-rank slots, every gradient
+# kept by the driver until finish_step (deferred; its fp32 norms first) and freed as the update
+# consumes it, or each weight updated in its hook with a copy of what the update writes (streaming:
+# on `tall` the MLP weights' updates, beside the activations, set the backward peak).
+LW, STREAM = {"layerwise": True}, {"layerwise": True, "layerwise_streaming": True}
 MUON = [
-    ("muon", "5m", "float32", 1, 32),
-    ("muon", "5m", "bfloat16", 1, 32),
-    ("muon", "tiny", "float32", 4, 64),
-    ("muon8bit", "5m", "float32", 1, 32),
-    ("muon8bit", "5m", "bfloat16", 1, 32),
-    ("muon8bit", "tiny", "float32", 4, 64),
-    ("galore-muon", "5m", "float32", 1, 32),
-    ("galore-muon", "5m", "bfloat16", 1, 32),
-    ("q-galore-muon", "5m", "float32", 1, 32),
-    ("q-galore-muon", "5m", "bfloat16", 1, 32),
+    ("muon", "5m", "float32", 1, 32, {}),
+    ("muon", "5m", "bfloat16", 1, 32, {}),
+    ("muon", "tiny", "float32", 4, 64, {}),
+    ("muon8bit", "5m", "float32", 1, 32, {}),
+    ("muon8bit", "5m", "bfloat16", 1, 32, {}),
+    ("muon8bit", "tiny", "float32", 4, 64, {}),
+    ("galore-muon", "5m", "float32", 1, 32, {}),
+    ("galore-muon", "5m", "bfloat16", 1, 32, {}),
+    ("q-galore-muon", "5m", "float32", 1, 32, {}),
+    ("q-galore-muon", "5m", "bfloat16", 1, 32, {}),
+    ("muon", "tall", "float32", 1, 16, LW),
+    ("muon", "tall", "bfloat16", 1, 16, STREAM),
+    ("muon", "tall", "float32", 1, 16, {**STREAM, "grad_accum": 2, "activation_checkpointing": True}),
+    ("muon8bit", "tall", "bfloat16", 1, 16, {**LW, "grad_accum": 2}),  # the 16-bit G freed once upcast
+    ("muon8bit", "tall", "float32", 1, 16, STREAM),  # the copy: the weight, the momentum's codes and scales
+    ("q-galore-muon", "5m", "bfloat16", 1, 32, {**LW, "grad_accum": 2}),  # a refresh from the accumulated G
 ]
 
 
+def _muon_id(optim, model, dtype, extra):
+    mode = ("-streaming" if extra.get("layerwise_streaming") else "-layerwise") if extra.get("layerwise") else ""
+    accum = f"-x{extra['grad_accum']}" if extra.get("grad_accum", 1) > 1 else ""
+    return f"{optim}-{model}-{dtype}{mode}{accum}{'-ckpt' if extra.get('activation_checkpointing') else ''}"
+
+
 @pytest.mark.parametrize(
-    ("optim", "model", "dtype", "batch", "seq"), MUON, ids=[f"{o}-{m}-{d}" for o, m, d, _, _ in MUON]
+    ("optim", "model", "dtype", "batch", "seq", "extra"), MUON, ids=[_muon_id(o, m, d, e) for o, m, d, _, _, e in MUON]
 )
-def test_muon_step_matches_measured_step(optim, model, dtype, batch, seq):
-    cfg = _config(optim, dtype=dtype, batch_size=batch, seq_len=seq)
+def test_muon_step_matches_measured_step(optim, model, dtype, batch, seq, extra):
+    cfg = _config(optim, dtype=dtype, batch_size=batch, seq_len=seq, **extra)
     b = _check(MODELS[model], cfg)
+    assert b.config["layerwise"] == cfg.layerwise and b.config["layerwise_streaming"] == cfg.layerwise_streaming
     if model == "5m" and optim in ("muon", "muon8bit"):
         assert b.peak_phase == "optimizer step"
+    if cfg.layerwise_streaming:
+        assert b.phases["optimizer step"] < b.phases["backward"]
 
 
 # Layer-wise streaming: every weight updated in its hook of the last micro-batch's backward.
@@ -303,6 +330,12 @@ STREAMING = [
     ("q-galore", True, 2, False, "float32", True),
     ("q-galore8bit", True, 1, True, "float32", False),
     ("galore8bit", True, 2, False, "bfloat16", True),
+    # GaLoreMuon, QGaLoreMuon: the R a layer delivers is held by it until the update in its hook returns
+    ("galore-muon", True, 1, False, "bfloat16", False),
+    ("galore-muon", True, 1, False, "float32", True),  # the momentum carried into the refreshed basis
+    ("galore-muon", False, 2, True, "bfloat16", False),
+    ("q-galore-muon", True, 1, False, "float32", False),
+    ("q-galore-muon", True, 2, False, "float32", True),
 ]
 
 

@@ -14,11 +14,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from optim_common import N_LOWRANK, OpCounter, tiny_model
+from optim_common import N_LOWRANK, OpCounter, make_galore_muon, make_muon, make_muon8, make_qgalore_muon, tiny_model
 from optim_common import token_batches as shared_token_batches
 
-from fastgrad.nn import lowrank_grad_model, quantize_model
+from fastgrad.nn import lowrank_grad_model, projected_grad, qlinear_of, quantize_model
 from fastgrad.optim import FiraAdamW, GaLoreAdamW, QGaLoreAdamW, galore_param_groups, layerwise, qgalore_param_groups
+from fastgrad.optim.layerwise import StreamingLayerwiseOptimizer
 from fastgrad.train.profiling import live_peak, measured_memory_events
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -468,13 +469,22 @@ DDP_STEPS = 5
 DDP_POISONED = 1  # at this step rank 1 alone gets a NaN gradient: every rank must skip it
 
 
-def _ddp_worker(rank, world, init_file, out_dir, streaming=False):
+def muon_fp32(model):
+    """Muon with Newton–Schulz in fp32: a bf16 cast would turn the all-reduce's fp32 rounding of G
+    into bf16 ulps (4e-3) of a few entries of U."""
+    return make_muon(model, opt_kwargs={"ns_dtype": torch.float32})
+
+
+DDP_FACTORIES = {"galore": galore, "muon": muon_fp32}
+
+
+def _ddp_worker(rank, world, init_file, out_dir, streaming=False, setup="galore"):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = tiny_model(seed=rank)  # rank 1 starts elsewhere: the driver broadcasts rank 0's weights
         clip = None if streaming else 0.1
-        lw = layerwise(model, galore, grad_accum_steps=2, max_grad_norm=clip, streaming=streaming)
+        lw = layerwise(model, DDP_FACTORIES[setup], grad_accum_steps=2, max_grad_norm=clip, streaming=streaming)
         rows = 8 // world
         stats = []
         for k, ids in enumerate(token_batches(DDP_STEPS)):
@@ -496,16 +506,18 @@ def _ddp_worker(rank, world, init_file, out_dir, streaming=False):
         dist.destroy_process_group()
 
 
-def test_ddp_two_processes_match_one():
-    """2 ranks × 2 micro-batches of 2 sequences, gradients averaged by the driver (low-rank ones in
-    low rank), vs. one process stepping on the 8-sequence batches (the poisoned step left out)."""
+@pytest.mark.parametrize("setup", list(DDP_FACTORIES))
+def test_ddp_two_processes_match_one(setup):
+    """2 ranks × 2 micro-batches of 2 sequences, gradients averaged by the driver (GaLore's low-rank
+    ones in low rank; Muon's full ones, orthogonalized by every rank alike), vs. one process
+    stepping on the 8-sequence batches (the poisoned step left out)."""
     start = tiny_model()
     single = copy.deepcopy(start)
-    lw = layerwise(single, galore, grad_accum_steps=1, max_grad_norm=0.1)
+    lw = layerwise(single, DDP_FACTORIES[setup], grad_accum_steps=1, max_grad_norm=0.1)
     batches = token_batches(DDP_STEPS)
     norms = [lw_step(single, lw, ids, 1).grad_norm for k, ids in enumerate(batches) if k != DDP_POISONED]
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ddp_worker, args=(2, f"{tmp}/rendezvous", tmp), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(2, f"{tmp}/rendezvous", tmp, False, setup), nprocs=2, join=True)
         results = [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for a, b in zip(results[0]["params"], results[1]["params"], strict=True):
         assert torch.equal(a, b)  # the replicas stay identical
@@ -518,7 +530,9 @@ def test_ddp_two_processes_match_one():
     with torch.no_grad():
         for p, w in zip(ddp.parameters(), results[0]["params"], strict=True):
             p.copy_(w)
-    assert update_error(ddp, single, start) < 1e-4
+    error = update_error(ddp, single, start)
+    print(f"{setup}: update error {error:.1e}")
+    assert error < 1e-4
 
 
 def test_ddp_wrapped_model_is_rejected():
@@ -579,7 +593,17 @@ STREAMING_SETUPS = {
     "qgalore-int8": (lambda: quantize_model(tiny_model(), 32), qgalore),  # QLinear: grad-ready hooks
     "lowrank-grad": (lambda: lowrank_grad_model(tiny_model()), galore),  # R delivered by the layers
     "adamw": (tiny_model, adamw_only),
+    # the Muon family: Muon and Muon8bit (every weight a full-rank slot, Newton–Schulz in the
+    # update), GaLoreMuon on R delivered by the layers, QGaLoreMuon on INT8 QLinear weights
+    "muon": (tiny_model, make_muon),
+    "muon8bit": (tiny_model, make_muon8),
+    "galore-muon": (lambda: lowrank_grad_model(tiny_model()), lambda m: make_galore_muon(m, rank=8, gap=GAP)),
+    "q-galore-muon": (
+        lambda: quantize_model(tiny_model(), 32),
+        lambda m: make_qgalore_muon(m, rank=8, gap=GAP, proj_group_size=8),
+    ),
 }
+MUON_FAMILY = ("muon", "muon8bit", "galore-muon", "q-galore-muon")
 
 
 def _steps(model, lw, batches, accum, lrs=None):
@@ -935,3 +959,131 @@ def test_ddp_streaming_two_processes_match_one():
         for p, w in zip(ddp.parameters(), results[0]["params"], strict=True):
             p.copy_(w)
     assert update_error(ddp, single, start) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# the Muon family layer-wise: the plain step's arithmetic, per weight in the hooks
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("setup", MUON_FAMILY)
+def test_muon_family_layerwise_is_the_plain_step(setup, streaming):
+    """One backward per step: the driver's updates (all in finish_step, or each weight's in its
+    hook) are bitwise the optimizer's own step over 7 steps, refreshes at k = 0, 3, 6 included
+    (GaLoreMuon's momentum carried into each new basis; QGaLoreMuon's INT8 codes, scales and zeros
+    by stochastic rounding), with a learning rate that changes every step. Midway the driver's
+    state is saved and loaded into a driver of the other kind (streaming <-> deferred), which goes
+    on bitwise."""
+    build, factory = STREAMING_SETUPS[setup]
+    batches = token_batches(7, rows=6)
+    plain, driven = build(), build()
+    opt = factory(plain)
+    lw = layerwise(driven, factory, streaming=streaming)
+    for k, ids in enumerate(batches):
+        lr = 0.01 * (k + 1)
+        for group in opt.param_groups:
+            group["lr"] = lr if group["use_muon"] else lr / 10
+        for group in lw.param_groups:
+            group["lr"] = lr if group["use_muon"] else lr / 10
+        plain_step(plain, opt, ids)
+        stats = lw_step(driven, lw, ids, 1)
+        assert not stats.skipped and math.isfinite(stats.grad_norm)
+        if k == 3:
+            saved = _roundtrip(lw.state_dict())
+            lw.remove_hooks()
+            lw = layerwise(driven, factory, streaming=not streaming)
+            lw.load_state_dict(saved)
+    for (name, a), b in zip(plain.state_dict().items(), driven.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    ref = opt.state_dict()["state"]
+    got = lw.optimizer.state_dict()["state"]
+    assert ref.keys() == got.keys()
+    for idx, st in ref.items():
+        for key, value in st.items():
+            other = got[idx][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (idx, key)
+
+
+def test_muon_layerwise_accumulation_and_clipping_match_the_plain_step():
+    """3 micro-batches, clipped to 0.05 by the global norm: Muon's consumed gradients are the full
+    ones, so the driver's norm is clip_grad_norm_'s and the training is ordinary accumulation with
+    clipping, up to the fp32 summation order of the accumulated gradients (Newton–Schulz in fp32
+    here: the bf16 cast would round a 1-ulp difference to a bf16 ulp, 4e-3, in a few entries).
+    Measured 7e-7 relative to the update after 6 steps; we require 1e-5."""
+    max_norm = 0.05
+
+    def factory(model):
+        return make_muon(model, opt_kwargs={"ns_dtype": torch.float32})
+
+    start = tiny_model()
+    model, ref = copy.deepcopy(start), copy.deepcopy(start)
+    lw = layerwise(model, factory, grad_accum_steps=3, max_grad_norm=max_norm)
+    opt = factory(ref)
+    for ids in token_batches(6, rows=6):
+        stats = lw_step(model, lw, ids, 3)
+        opt.zero_grad(set_to_none=True)
+        for i in range(3):
+            (ref(ids[2 * i : 2 * i + 2], ids[2 * i : 2 * i + 2]) / 3).backward()
+        norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm).item()
+        opt.step()
+        assert stats.grad_norm == pytest.approx(norm, rel=1e-5)
+        assert stats.clip_coef == pytest.approx(max_norm / (norm + 1e-6), rel=1e-5) and stats.clip_coef < 0.5
+    assert update_error(model, ref, start) < 1e-5
+
+
+def _weight_and_state(lw, p) -> list:
+    """The weight (a QLinear's codes, scales and zeros) and its optimizer state, copied."""
+    layer = qlinear_of(p)
+    weights = [p, layer.scales, layer.zeros] if layer is not None else [p]
+    state = lw.optimizer.state[p]
+    return [w.detach().clone() for w in weights] + [
+        (k, v.clone() if isinstance(v, torch.Tensor) else v) for k, v in sorted(state.items())
+    ]
+
+
+def _assert_same_copy(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y)
+        else:
+            assert x[0] == y[0] and (torch.equal(x[1], y[1]) if isinstance(x[1], torch.Tensor) else x[1] == y[1]), x[0]
+
+
+@pytest.mark.parametrize("setup", MUON_FAMILY)
+def test_muon_family_streaming_nonfinite_gradient_skips_that_weight_only(setup, monkeypatch):
+    """Streaming, with accumulation: a NaN in one Muon weight's gradient (G, or the R its layer
+    delivers) leaves that weight (QLinear: codes, scales and zeros) and its state (momentum, 8-bit
+    codes and scales, projector) bitwise as they were, at a refresh step (k = 3: the low-rank
+    weights' refresh finds G non-finite and is undone) and between refreshes (k = 4: the update ran
+    before its flag was read, and is put back on the device); the other weights take their update,
+    and the next clean step updates the skipped one too."""
+    build, factory = STREAMING_SETUPS[setup]
+    poison_now = []
+    hook = StreamingLayerwiseOptimizer._hook
+
+    def poisoning_hook(self, p):  # the gradient the driver receives, poisoned in place
+        grad = p.grad if p.grad is not None else projected_grad(p)
+        if poison_now and p is poison_now[0] and grad is not None:  # (a layer's R comes without p.grad)
+            grad.view(-1)[0] = math.nan
+        hook(self, p)
+
+    monkeypatch.setattr(StreamingLayerwiseOptimizer, "_hook", poisoning_hook)
+    model = build()
+    lw = layerwise(model, factory, grad_accum_steps=2, streaming=True)
+    batches = token_batches(6)
+    _steps(model, lw, batches[:3], 2)
+    healthy = model.model.layers[1].self_attn.q_proj.weight
+    layers = model.model.layers
+    for k, bad in ((3, layers[0].mlp.down_proj.weight), (4, layers[1].mlp.up_proj.weight)):
+        bad_before, healthy_before = _weight_and_state(lw, bad), _weight_and_state(lw, healthy)
+        poison_now.append(bad)
+        stats = lw_step(model, lw, batches[k], 2)
+        poison_now.clear()
+        assert math.isnan(stats.grad_norm) and not stats.skipped and lw.optimizer.nonfinite_steps == k - 2
+        _assert_same_copy(_weight_and_state(lw, bad), bad_before)
+        assert not torch.equal(healthy, healthy_before[0]) and lw.optimizer.state[healthy]["step"] == k + 1
+    assert not lw_step(model, lw, batches[5], 2).skipped  # and on it goes: the skipped weight steps
+    assert lw.optimizer.state[bad]["step"] == 5 and not torch.equal(bad, bad_before[0])
+    assert lw.optimizer.nonfinite_steps == 2

@@ -164,7 +164,10 @@ OPTIMIZERS: dict[str, Callable[[TrainConfig, torch.nn.Module], torch.optim.Optim
     "q-galore-muon": _qgalore_muon,
 }
 # Optimizers whose layer-wise mode (fastgrad.optim.layerwise) is supported.
-LAYERWISE = {"galore", "galore8bit", "q-galore", "q-galore8bit", "fira", "apollo", "apollo-mini"}
+LAYERWISE = {
+    "galore", "galore8bit", "q-galore", "q-galore8bit", "fira", "apollo", "apollo-mini",
+    "muon", "muon8bit", "galore-muon", "q-galore-muon",
+}  # fmt: skip
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

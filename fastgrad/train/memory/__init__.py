@@ -41,14 +41,18 @@ seq tokens, C hidden, I intermediate, V vocabulary, e bytes of the model dtype:
 * **Gradients, layer-wise**: a low-rank weight's gradient is projected in its hook (after a refresh
   from it, on refresh steps) and freed; its R is kept until ``finish_step``, as are the full
   gradients of the full-rank parameters (embeddings, norms, head); optimizers whose update reads
-  the full gradient (Fira, APOLLO, FRUGAL) keep every full gradient until then. ``finish_step``
-  takes the fp32 norm of each (an fp32 copy of a 16-bit tensor on CPU) before updating.
+  the full gradient (Fira, APOLLO, FRUGAL) keep every full gradient until then, and Muon and
+  Muon8bit, which project none, have only full-rank parameters (the driver keeps every gradient).
+  ``finish_step`` takes the fp32 norm of each (an fp32 copy of a 16-bit tensor on CPU) before
+  updating; the step frees each R and each full-rank parameter's gradient as it consumes it.
 * **Layer-wise streaming** (``--layerwise-streaming``): in the last micro-batch each parameter's
   hook (autograd's AccumulateGrad of a Linear, norm or embedding weight; inside a QLinear's
   backward; as a layer delivers R) finalizes its accumulation, takes its norm and runs the
   optimizer's update of that weight alone, then frees its R or full gradient (and the projector
-  its refresh replaced): nothing is held until ``finish_step``, and the update's temporaries come
-  during backward, with the activations not yet freed.
+  its refresh replaced; an R a layer delivered is freed when the layer returns): nothing is held
+  until ``finish_step``, and the update's temporaries come during backward, with the activations
+  not yet freed, beside a copy of what the update writes (the weight, its optimizer state but the
+  projector: Adam's moments, Muon's momentum buffer, Muon8bit's codes and scales).
 * **Optimizer step**: the GaLore family projects every gradient first (all R alive, and the
   replaced projectors, which the step's rollback snapshot keeps), then updates param group by
   param group (low-rank, then the rest), in each the weights with fp32/16-bit moments first, then
@@ -76,7 +80,11 @@ seq tokens, C hidden, I intermediate, V vocabulary, e bytes of the model dtype:
   ``q-galore-muon`` (QGaLoreMuon): Q-GaLore's INT8 weights, INT4 projector and refresh state, the
   momentum r'·max(m, n) fp32, O in fp32, and the INT8 update by blocks of whole rows (≤ 2^20
   elements): Ŵ dequantized, Δ = up(O's rows, P̂) or up(O, P̂'s rows) with the kernel's scratch, the
-  re-quantized codes, scales and zeros.
+  re-quantized codes, scales and zeros. Layer-wise (``--layerwise``, ``--layerwise-streaming``):
+  Muon's and Muon8bit's every parameter is a full-rank slot, its gradient freed as the momentum
+  update returns (Muon8bit's 16-bit G once upcast to fp32; an AdamW parameter's before its
+  denominator); GaLoreMuon and QGaLoreMuon accumulate and refresh as GaLore and Q-GaLore do and
+  update as above, each weight in its hook when streaming.
 * **FSDP** (``cfg.fsdp``, ``fastgrad memory --fsdp N``): one process's step, the replay above with
   FSDP2's all-gathers and reduce-scatters at its units' boundaries and the optimizer on the rank's
   rows (:mod:`fastgrad.train.memory.fsdp`).
@@ -105,11 +113,12 @@ measured with the profiler on CPU, to a relative 1e-4 (what is left is a few byt
 tensors, and the later micro-batches' token tensors that the measurement keeps): small LLaMAs,
 AdamW, GaLore (with and without LowRankGradLinear), Q-GaLore, their 8-bit-moment variants, Muon,
 Muon8bit, GaLoreMuon, QGaLoreMuon, with and without activation checkpointing, fp32 and bf16, gradient
-accumulation, refresh steps and steps between refreshes, layer-wise and layer-wise streaming, and a
-model whose QLinear weights exceed one 2^18-element block of the fused INT8 step; and exactly the weights and
-``optimizer.state_bytes()`` after a step, for every optimizer. Fira, APOLLO and FRUGAL are modelled
-the same way but not held to the measured peaks: a few of their temporaries are missing (on the
-tests' wide model their steps come out up to 0.2% low; FRUGAL's bf16 step between refreshes 3.4%).
+accumulation, refresh steps and steps between refreshes, layer-wise and layer-wise streaming (the
+Muon family too), and a model whose QLinear weights exceed one 2^18-element block of the fused INT8
+step; and exactly the weights and ``optimizer.state_bytes()`` after a step, for every optimizer.
+Fira, APOLLO and FRUGAL are modelled the same way but not held to the measured peaks: a few of their
+temporaries are missing (on the tests' wide model their steps come out up to 0.2% low; FRUGAL's bf16
+step between refreshes 3.4%).
 Under FSDP (tests/test_memory_fsdp.py, 2 gloo processes): the persistent bytes byte for byte and the
 peak of each phase to 1e-4, Fira and APOLLO included."""
 

@@ -233,7 +233,9 @@ class _Step:
         self.cast = self.e != 4
         self.quantized = cfg.optim in ("q-galore", "q-galore8bit", "q-galore-muon")  # QLinear (INT8) weights
         self.lowrank = cfg.optim in LOWRANK_OPTIMIZERS
-        self.layerwise = cfg.layerwise and self.lowrank and cfg.optim not in _MUON  # (pretrain refuses those)
+        # Layer-wise stepping drives a LowRankOptimizer: the low-rank ones and the Muon family (whose
+        # plain Muon and Muon8bit have only full-rank slots); plain AdamW is refused by pretrain.
+        self.layerwise = cfg.layerwise and (self.lowrank or cfg.optim in _MUON)
         self.streaming = self.layerwise and cfg.layerwise_streaming  # each weight updated in its hook
         self.reads_grad = cfg.optim in _READS_GRAD
         self.eight_bit = cfg.optim in _EIGHT_BIT
@@ -250,6 +252,7 @@ class _Step:
         self.batch = 2 * a * 8  # input ids and labels (int64)
         # torch.utils.checkpoint keeps torch.get_rng_state() per checkpointed layer: a CPU tensor
         self._rng_state = torch.get_rng_state().numel() if device == "cpu" else 0
+        self._held: _Weight | None = None  # streaming: the weight whose R its layer holds during the update
 
     # ------------------------------------------------------------------ per-weight quantities
     def grad_bytes(self, w: _Weight) -> int:
@@ -627,6 +630,9 @@ class _Step:
             elif self.layerwise and self._fp32_buffer(w):
                 tape.alloc(self._fp32_buffer(w))  # accumulated (and all-reduced) in fp32
                 delivered = low
+            elif self.streaming and self._last:  # the update takes the very R the layer holds until it returns
+                delivered = low
+                self._held = w
         elif not self.layerwise:
             if self._micro > 0 and not (self.quantized and w.proj):
                 tape.free(g)  # added into p.grad
@@ -652,6 +658,7 @@ class _Step:
             tape.free(g)
         if self.streaming and self._last:
             self._stream(tape, w)
+        self._held = None
         tape.free(delivered)
 
     def _mixed_add(self, w: _Weight) -> int:
@@ -858,22 +865,24 @@ class _Step:
     # ------------------------------------------------------------------ optimizer step
     def _optimizer_step(self, tape: _Tape) -> None:
         e = self.e
-        if self.optim in _MUON:  # Muon.update_group: the Muon group, then the AdamW group
-            for w in self.weights:  # GaLoreMuon: every R projected first (unless a layer computed it)
-                if self.is_lowrank(w) and not self._projected(w):
+        if self.streaming:  # finish_step: every weight was updated in its hook; the norm of the norms
+            tape.temp(self._norms)  # torch.stack of the per-weight norms
+            tape.free(self._norms)
+            self._norms = 0
+            return
+        lowrank = [w for w in self.weights if self.is_lowrank(w)]
+        rest = [w for w in self.weights if not self.is_lowrank(w)]
+        if self.layerwise:  # finish_step: the consumed gradients finalized, their global norm
+            self._finish_layerwise(tape, lowrank + rest)
+        else:  # LowRankOptimizer.step: refresh and project every low-rank gradient (all R held), then update
+            for w in lowrank:
+                if not self._projected(w):  # else R is already there, computed in backward
                     self._project(tape, w, self._due)
+        if self.optim in _MUON:  # Muon.update_group: the Muon group, then the AdamW group
             for w in self.weights:
-                if self.is_lowrank(w):
-                    self._lowrank_muon_update(tape, w)
-                elif self.is_muon(w):
-                    self._muon_update(tape, w)
-            adamw = [w for w in self.weights if not self.is_muon(w)]
-            for w in adamw:  # Muon8bit: the fp32/16-bit-moment items first (EightBitMoments._step_items)
-                if not self._is_8bit(w):
-                    tape.temp(w.numel * e)  # adamw_update: the denominator √V/√(1−β2^t) + ε
-            for w in adamw:
-                if self._is_8bit(w):
-                    self._step_8bit(tape, w)  # decoded, updated, adamw_update (_unfused_8bit_step), re-encoded
+                if self.is_muon(w):
+                    self._muon_family_update(tape, w)
+            self._step_items(tape, [w for w in self.weights if not self.is_muon(w)])
             tape.free(self._snapshots)  # the projectors a refresh replaced
             self._snapshots = 0
             return
@@ -888,28 +897,6 @@ class _Step:
                 prev = w.numel * e
             tape.free(prev)
             return
-        if self.streaming:  # finish_step: every weight was updated in its hook; the norm of the norms
-            tape.temp(self._norms)  # torch.stack of the per-weight norms
-            tape.free(self._norms)
-            self._norms = 0
-            return
-        # LowRankOptimizer.step: refresh and project every low-rank gradient (all R held), then update
-        lowrank = [w for w in self.weights if self.is_lowrank(w)]
-        rest = [w for w in self.weights if not self.is_lowrank(w)]
-        if not self.layerwise:
-            for w in lowrank:
-                if not self._projected(w):  # else R is already there, computed in backward
-                    self._project(tape, w, self._due)
-        else:
-            for w in lowrank:  # finish_step: the fp32 accumulation buffers back to the gradient's dtype
-                if self._fp32_buffer(w):
-                    tape.alloc(self.low_bytes(w))
-                    tape.free(self._fp32_buffer(w))
-            for w in lowrank + rest:  # the global norm: each consumed gradient's (fp32), then theirs
-                self._norm(tape, w)
-            tape.temp(self._norms)
-            tape.free(self._norms)
-            self._norms = 0
         if self.optim in _STEP_ITEMS:
             for group in (lowrank, rest):  # the param groups: [low-rank, the rest]
                 self._step_items(tape, group)
@@ -925,20 +912,54 @@ class _Step:
         tape.free(self._snapshots)
         self._snapshots = 0
 
+    def _finish_layerwise(self, tape: _Tape, weights: list[_Weight]) -> None:
+        """LayerwiseOptimizer._finish before the updates: each slot finalized (a low-rank weight's fp32
+        accumulation buffer back to the gradient's dtype; a full-rank gradient handed to the step as
+        it is), then the global norm: each consumed gradient's (fp32), then theirs."""
+        for w in weights:
+            if self._fp32_buffer(w):
+                tape.alloc(self.low_bytes(w))
+                tape.free(self._fp32_buffer(w))
+        for w in weights:
+            self._norm(tape, w)
+        tape.temp(self._norms)
+        tape.free(self._norms)
+        self._norms = 0
+
+    def _muon_family_update(self, tape: _Tape, w: _Weight) -> None:
+        """The step of ``w`` by Muon, Muon8bit, GaLoreMuon or QGaLoreMuon: a low-rank weight's
+        (:meth:`_lowrank_muon_update`), a Muon weight's (:meth:`_muon_update`), or an AdamW
+        parameter's (the AdamW group's ``_step_items``, as GaLoreAdamW's full-rank items: the moments,
+        then ``adamw_update``'s denominator √V/√(1−β2^t) + ε; Muon8bit's 8-bit moments decoded,
+        updated and re-encoded); ``w``'s consumed gradient alive on entry."""
+        if self.is_lowrank(w):
+            self._lowrank_muon_update(tape, w)
+        elif self.is_muon(w):
+            self._muon_update(tape, w)
+        else:
+            self._step_items(tape, [w])
+
     def _muon_momentum(self, tape: _Tape, w: _Weight) -> int:
-        """Muon._momentum_update of one weight (its gradient alive in p.grad): B updated in place and
-        U = lerp(G, B) allocated, in the gradient's dtype; Muon8bit's 8-bit momentum: G in fp32, B
-        decoded to fp32 (n_pad), updated, U in fp32, B re-encoded (quantize_int8: codes, scales and
-        an unused zeros) replacing the old codes; the decoded B and fp32 G freed at return. Leaves U
-        alive (held by the caller until the step returns); returns its bytes per element."""
+        """Muon._momentum_update of one weight (its gradient alive: in p.grad, or owned by the step
+        under the layer-wise driver, which frees it with ``it.low = None`` and the method's locals):
+        B updated in place and U = lerp(G, B) allocated, in the gradient's dtype; Muon8bit's 8-bit
+        momentum: G in fp32, B decoded to fp32 (n_pad), updated, U in fp32, B re-encoded
+        (quantize_int8: codes, scales and an unused zeros) replacing the old codes; the decoded B and
+        fp32 G freed at return. Leaves U alive (held by the caller until the step returns); returns
+        its bytes per element."""
+        owned = self.grad_bytes(w) if self._owned(w) else 0
         if not self._is_8bit(w):
             tape.alloc(w.numel * self.e)  # grad.lerp(buf, momentum)
+            tape.free(owned)  # G, at return
             return self.e
         numel = w.numel
         n_pad = _padded(numel)
         blocks = n_pad // BLOCK_8BIT
         g32 = numel * 4 if self.e != 4 else 0
         tape.alloc(g32)  # it.low.float()
+        if g32:
+            tape.free(owned)  # it.low = None: the 16-bit G
+            owned = 0
         tables = self._load_momentum(tape, w, blocks)
         tape.alloc(4 * blocks)  # dequantize_int8's zeros, −128·scale
         tape.alloc(n_pad * 4)  # the decoded B
@@ -946,7 +967,7 @@ class _Step:
         tape.alloc(numel * 4)  # U = grad.lerp(buf, momentum), fp32
         tape.alloc(n_pad + 8 * blocks)  # quantize_int8: codes, scales, zeros
         self._store_momentum(tape, w, n_pad, blocks)
-        tape.free(n_pad * 4 + g32)  # the decoded B, the fp32 G
+        tape.free(n_pad * 4 + g32 + owned)  # the decoded B, the fp32 G
         return 4
 
     def _load_momentum(self, tape: _Tape, w: _Weight, blocks: int) -> int:
@@ -975,10 +996,11 @@ class _Step:
         tape.free(u + w.numel * NS_BYTES)
 
     def _lowrank_muon_update(self, tape: _Tape, w: _Weight) -> None:
-        """GaLoreMuon's step of a low-rank weight (its R alive, owned by the step): at a refresh the
-        momentum carried into the new basis (transfer_moments), U = lerp(R, B) (R freed when the
-        momentum update returns), Newton–Schulz of the r'-wide U (m×r' right, r'×n left), O cast to
-        P's dtype and added back into W in place (lowrank_project_back_add_)."""
+        """GaLoreMuon's step of a low-rank weight (its R alive, owned by the step unless the layer that
+        delivered it holds it, :meth:`_owned`): at a refresh the momentum carried into the new basis
+        (transfer_moments), U = lerp(R, B) (R freed when the momentum update returns), Newton–Schulz
+        of the r'-wide U (m×r' right, r'×n left), O cast to P's dtype and added back into W in place
+        (lowrank_project_back_add_)."""
         m, n = w.shape  # (a rank's rows of) W
         r, left = self.rank(w), self.is_left(w)
         low = self.low_numel(w)
@@ -986,7 +1008,8 @@ class _Step:
         if self._due:
             self._transfer(tape, w)
         tape.alloc(low * elem)  # U = grad.lerp(buf, momentum)
-        tape.free(low * elem)  # R (it.low = None), when the momentum update returns
+        if self._owned(w):
+            tape.free(low * elem)  # R (it.low = None), when the momentum update returns
         whole = self._gather_low(tape, w, elem)
         ns_rows, ns_cols = (r, n) if left else (w.full_shape[0], r)  # sharded: the gathered right-side U
         cast = ns_rows * ns_cols * NS_BYTES if elem != NS_BYTES else 0
@@ -1086,7 +1109,9 @@ class _Step:
         lowrank = self.is_lowrank(w)
         copy = self.skip_copy_bytes(w)
         tape.alloc(copy)
-        if self.optim in _STEP_ITEMS:
+        if self.optim in _MUON:  # update_group(group, [item])
+            self._muon_family_update(tape, w)
+        elif self.optim in _STEP_ITEMS:
             self._step_items(tape, [w])
         else:  # an inline update loop over one weight; an update that reads G had it kept until now
             self._prev = 0
@@ -1129,9 +1154,12 @@ class _Step:
                 self._step_8bit(tape, w)
 
     def _owned(self, w: _Weight) -> bool:
-        """Whether the consumed gradient is freed by the step (``it.low = None``): R always; a
-        full-rank gradient when the layer-wise driver held it (else p.grad keeps it)."""
-        return self.is_lowrank(w) or (self.layerwise and not self.reads_grad)
+        """Whether the consumed gradient is freed by the step (``it.low = None``): R, unless the layer
+        that delivered it still holds it (streaming, the update in the layer's hook: freed when the
+        layer returns); a full-rank gradient when the layer-wise driver held it (else p.grad keeps it)."""
+        if self.is_lowrank(w):
+            return w is not self._held
+        return self.layerwise and not self.reads_grad
 
     def _full_step(self, tape: _Tape, w: _Weight) -> None:
         """``_weight_step`` of a full-rank weight with moments in its gradient's dtype: √V + ε (then
@@ -1372,10 +1400,8 @@ def estimate(
     phases = step.run(refresh=True)
     phases_between = step.run(refresh=False)
     notes = []
-    if cfg.layerwise and not step.lowrank:
+    if cfg.layerwise and not step.layerwise:  # (AdamW: pretrain refuses it)
         notes.append(f"--layerwise has no effect for {cfg.optim} (not a low-rank optimizer): modelled without it")
-    elif cfg.layerwise and not step.layerwise:
-        notes.append(f"--layerwise is not supported for {cfg.optim} (pretrain refuses it): modelled without it")
     lowrank = [w for w in state.weights if state.is_lowrank(w)]
     if step.quantized and not step.eight_bit and cfg.optim not in _MUON:
         moments = sum(_moments_bytes(state.low_numel(w), 4, False) for w in lowrank)
@@ -1391,6 +1417,13 @@ def estimate(
             "(the update's temporaries come with the activations still alive) and its R or full gradient is freed "
             "at once; no gradient clipping, NaN/Inf skips per weight (decided on the device: a copy of what the "
             "update writes, weight and state, is alive during it)"
+        )
+    elif step.layerwise and not lowrank:  # Muon, Muon8bit: every parameter is a full-rank slot
+        grads = sum(step.grad_bytes(w) for w in step.weights)
+        notes.append(
+            f"layer-wise, {cfg.optim} projects no gradient: every full gradient is kept until finish_step (for the "
+            f"exact global norm and the NaN/Inf policy): {format_bytes(grads)}; --layerwise-streaming frees each "
+            "one in its hook"
         )
     elif step.layerwise:
         lows = sum(step.low_bytes(w) for w in lowrank)
