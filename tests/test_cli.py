@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastgrad.cli import main
+from fastgrad.train.config import MUON_ADAMW_LR, MUON_LR
 
 SMALL = ["--seq-len", "32", "--batch-size", "4", "--vocab-size", "512", "--eval-every", "3", "--eval-batches", "2"]
 
@@ -303,6 +304,24 @@ def test_layerwise_streaming_trains_as_layerwise(tmp_path, text_file, untrained_
     b = torch.load(tmp_path / "streaming/checkpoint/optimizer.pt", weights_only=True)["optimizer"]
     for sa, sb in zip(a["state"].values(), b["state"].values(), strict=True):
         assert all(torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k] for k in sa)
+
+
+@pytest.mark.parametrize("layerwise", [[], ["--layerwise"]])
+def test_the_schedule_scales_each_groups_own_learning_rate(tmp_path, text_file, layerwise):
+    """Muon's AdamW group (embeddings, norms, head) keeps the AdamW recipe's lr beside Muon's 0.02:
+    the warmup/cosine schedule scales every group's lr as built, it does not give them all Muon's.
+    Checked at the last step's saved groups, and again after a resume (whose loaded groups hold the
+    scheduled lr of the step saved, not the base)."""
+    args = ["--optim", "muon", *layerwise, "--steps", "3", "--save-every", "3"]
+    assert _run(tmp_path, text_file, *args, "--name", "run") == 0
+    assert main(["pretrain", "--resume", str(tmp_path / "run"), "--steps", "5", "--no-progress"]) == 0
+    saved = torch.load(tmp_path / "run/checkpoint/optimizer.pt", weights_only=True)
+    groups = (saved["optimizer"] if layerwise else saved)["param_groups"]
+    assert [g["use_muon"] for g in groups] == [True, False]
+    logged = _records(tmp_path / "run")[-1]["lr"]  # step 5's, the schedule's value for cfg.lr = MUON_LR
+    assert 0 < logged < MUON_LR
+    assert groups[0]["lr"] == pytest.approx(logged, rel=1e-12)
+    assert groups[1]["lr"] == pytest.approx(MUON_ADAMW_LR * logged / MUON_LR, rel=1e-12)
 
 
 RESUME_CASES = {

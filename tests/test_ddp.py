@@ -48,11 +48,12 @@ CASES = {
 # differ by one quantum after each step; 2e-4 bounds the effect on the loss with a 40× margin.
 # (Replicas that drift apart, e.g. a gradient left out of the average, differ by ~1e-3 at once.)
 # Muon's Newton–Schulz runs in bf16: a gradient entry whose fp32 rounding differs can round U to
-# the neighbouring bf16 value (2^-8 relative); measured 9.6e-6 (muon) and 6.9e-6 (galore-muon
-# layer-wise) over 4 steps, so 2e-4 keeps a 20× margin and stays below a replica's drift.
+# the neighbouring bf16 value (2^-8 relative); measured 1.8e-5 (muon) and 4.2e-5 (galore-muon
+# layer-wise) over 4 steps, so 5e-4 keeps a 12× margin; a layer-wise driver that does not average
+# the gradients moves them by 1.5e-2.
 RTOL = {
     "adamw": 1e-5, "galore": 1e-5, "galore-layerwise": 1e-5, "q-galore": 2e-4,
-    "muon": 2e-4, "galore-muon-layerwise": 2e-4,
+    "muon": 5e-4, "galore-muon-layerwise": 5e-4,
 }  # fmt: skip
 STEPS = 4
 

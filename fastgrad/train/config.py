@@ -35,7 +35,10 @@ FIRA_LARGE_SCALE = {"1b": 0.0625, "7b": 0.0625}
 DEFAULT_STEPS = {"tiny": 300, "60m": 10_000, "130m": 20_000, "350m": 60_000, "1b": 100_000, "7b": 150_000}
 LOW_RANK_LR = 0.01  # GaLore/Q-GaLore/Fira/APOLLO recipes
 FULL_RANK_LR = 1e-3  # AdamW recipes
-MUON_LR = 0.02  # Muon's orthogonalized steps (its AdamW groups: FULL_RANK_LR)
+MUON_LR = 0.02  # Muon's orthogonalized steps
+# The Muon family's AdamW group (embeddings, norms, head): the lr GaLore's recipe gives the same
+# parameters, so the comparison with GaLore differs in the attention and MLP updates alone.
+MUON_ADAMW_LR = LOW_RANK_LR
 
 
 @dataclass

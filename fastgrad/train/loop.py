@@ -361,6 +361,10 @@ def _train(
             policy = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.mixed_precision), reduce_dtype=torch.float32)
         fully_shard_model(model, mp_policy=policy)
     optimizer = build_optimizer(cfg, model)  # may swap modules (Q-GaLore: QLinear): before any DDP wrapping
+    # Each group's learning rate as built, which the schedule scales: a group may have its own (Muon's
+    # AdamW group: the AdamW recipe's lr beside Muon's). Taken before a resume loads the groups,
+    # whose saved lr is the scheduled one of the last step.
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     # Layer-wise: the driver's hooks consume each gradient during backward (projected and
     # accumulated in low rank), then finish_step() clips, applies the NaN policy and updates
     # (streaming: each weight is updated in its hook of the last micro-batch instead).
@@ -467,10 +471,10 @@ def _train(
     )
     with InterruptAtStepBoundary() as interrupt:
         while step < cfg.steps:
-            lr = lr_at(cfg, step)
+            lr = lr_at(cfg, step)  # logged: the lr of the groups built with cfg.lr
             # Before any backward of the step: the streaming layer-wise driver updates during the last one.
-            for group in optimizer.param_groups:  # the layer-wise driver shares these groups
-                group["lr"] = lr
+            for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):  # shared with the driver
+                group["lr"] = base_lr * (lr / cfg.lr)
             step_start = time.perf_counter()
             # Σ of the micro-batch losses on the device, in float64 (as Python floats would add them).
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from fastgrad.train.config import FULL_RANK_LR, TrainConfig
+from fastgrad.train.config import MUON_ADAMW_LR, TrainConfig
 
 QLINEAR_GROUP_SIZE = 256  # Q-GaLore's INT8 weights: groups of 256 values along each row
 
@@ -112,36 +112,36 @@ def _qgalore(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 def _muon(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Muon (lr = cfg.lr, 0.02 by default, steps scaled by √max(1, m/n)) on the attention and MLP
-    weights, AdamW at the AdamW recipe's lr on the rest; the same weight decay for both. muon8bit:
-    Muon8bit (8-bit momentum buffers, 8-bit AdamW moments; tensors of ≥ 4096 elements)."""
+    weights, AdamW at MUON_ADAMW_LR (GaLore's 0.01) on the rest; the same weight decay for both.
+    muon8bit: Muon8bit (8-bit momentum buffers, 8-bit AdamW moments; tensors of ≥ 4096 elements)."""
     from fastgrad.optim import Muon, Muon8bit, muon_param_groups
 
-    groups = muon_param_groups(model, lr=FULL_RANK_LR)
+    groups = muon_param_groups(model, lr=MUON_ADAMW_LR)
     cls = Muon8bit if cfg.optim == "muon8bit" else Muon
     return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _galore_muon(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """GaLoreMuon (lr = cfg.lr, 0.02 by default; rank, refresh gap and scale as cfg) on the attention
-    and MLP weights, converted to LowRankGradLinear first unless --no-lowrank-grad; AdamW at the
-    AdamW recipe's lr on the rest."""
+    and MLP weights, converted to LowRankGradLinear first unless --no-lowrank-grad; AdamW at
+    MUON_ADAMW_LR on the rest."""
     from fastgrad.optim import GaLoreMuon, galore_muon_param_groups
 
     convert_layers(cfg, model)
     groups = galore_muon_param_groups(
-        model, cfg.rank, cfg.update_proj_gap, cfg.scale, adamw_options={"lr": FULL_RANK_LR}
+        model, cfg.rank, cfg.update_proj_gap, cfg.scale, adamw_options={"lr": MUON_ADAMW_LR}
     )
     return GaLoreMuon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _qgalore_muon(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """QGaLoreMuon: GaLoreMuon on INT8 QLinear weights (converted in place first) with the INT4
-    projector and adaptive refresh interval; AdamW at the AdamW recipe's lr on the rest."""
+    projector and adaptive refresh interval; AdamW at MUON_ADAMW_LR on the rest."""
     from fastgrad.optim import QGaLoreMuon, qgalore_muon_param_groups
 
     convert_layers(cfg, model)
     groups = qgalore_muon_param_groups(
-        model, cfg.rank, cfg.update_proj_gap, cfg.scale, adamw_options={"lr": FULL_RANK_LR}, seed=cfg.seed
+        model, cfg.rank, cfg.update_proj_gap, cfg.scale, adamw_options={"lr": MUON_ADAMW_LR}, seed=cfg.seed
     )
     return QGaLoreMuon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
