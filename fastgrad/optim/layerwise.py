@@ -323,8 +323,11 @@ class LayerwiseOptimizer:
         return self.optimizer.param_groups
 
     def set_lr(self, lr: float) -> None:
-        """Set the learning rate of every param group; call it once per optimizer step (streaming:
-        before the step's last backward pass, during which the updates read it)."""
+        """Set the learning rate of every param group to ``lr``; call it once per optimizer step
+        (streaming: before the step's last backward pass, during which the updates read it). Groups
+        with learning rates of their own (Muon's AdamW group) are scheduled through ``param_groups``
+        instead, each ``group["lr"]`` scaled from its initial value, as ``fastgrad pretrain`` and
+        torch's LR schedulers (through :class:`LayerwiseAsOptimizer`) do."""
         for group in self.optimizer.param_groups:
             group["lr"] = float(lr)
 
