@@ -39,7 +39,7 @@ from fastgrad.nn import QLinear, fully_shard_model, lowrank_grad_model, quantize
 from fastgrad.nn.lowrank import bind_sharded_weights, projected_grad, reduce_projected_grads
 from fastgrad.nn.qlinear import fit_group_size
 from fastgrad.optim.projectors import LEFT, resolve_side
-from fastgrad.optim.sharding import row_shard
+from fastgrad.optim.sharding import is_dtensor, local, row_shard
 from fastgrad.train.optimizers import state_bytes
 from fastgrad.train.profiling import CollectiveBytes
 
@@ -202,6 +202,47 @@ def _step_bytes(rank: int) -> dict:
     return measured
 
 
+def _reduced_in_backward(rank: int) -> dict:
+    """GaLore with low-rank-gradient layers, a step of two micro-batches after the one that chose
+    the subspace, the gradient sync off for the first (as pretrain accumulates): the collectives of
+    each backward and of reduce_projected_grads after them, and what each weight's R is after each
+    backward (whole, or this rank's rows)."""
+    model = _model("galore-lowrank-grad")
+    fully_shard_model(model)
+    opt = make_galore(model, rank=8, gap=100)
+    ids = token_batches(1, rows=ROWS)[0]
+    model(ids, ids).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    targeted = opt.param_groups[0]["params"]
+
+    def layouts() -> list[str]:
+        return ["rows" if is_dtensor(projected_grad(p)) else "whole" for p in targeted]
+
+    counted, seen = {}, {}
+    for micro, sync in enumerate((False, True)):
+        model.set_requires_gradient_sync(sync)
+        with CollectiveBytes() as collectives:
+            part = ids[2 * micro : 2 * micro + 2]
+            model(part, part).backward()
+        counted[f"backward {micro}"], seen[f"backward {micro}"] = collectives.bytes, layouts()
+    with CollectiveBytes() as collectives:
+        reduce_projected_grads(model.parameters())
+    counted["after"] = collectives.bytes
+    averaged = [local(projected_grad(p)).clone() for p in targeted]
+    # The same two micro-batches with the sync on for both (what FSDP2 does when the loop never
+    # turns it off): each R averaged in each backward, the averages summed.
+    opt.zero_grad(set_to_none=True)
+    for micro in range(2):
+        part = ids[2 * micro : 2 * micro + 2]
+        model(part, part).backward()
+    both = [local(projected_grad(p)) for p in targeted]
+    error = max(((a - b).norm() / b.norm()).item() for a, b in zip(both, averaged, strict=True))
+    opt.step()
+    sides = ["left" if resolve_side("std", p.shape) == LEFT else "right" for p in targeted]
+    return {"bytes": counted, "layouts": seen, "sides": sides, "synced twice": error}
+
+
 def _refused(rank: int) -> dict:
     """The errors of what the optimizers and layers cannot run sharded: a parameter sharded by
     columns (or over a 2-D mesh, as tensor parallelism does), and a QLinear sharded as part of its
@@ -250,6 +291,7 @@ def _collect(rank: int, cases: list[str]) -> dict:
     results["nonfinite"]["steps"] = steps
     results["refused"] = _refused(rank)
     results["bytes"] = _step_bytes(rank)
+    results["reduced in backward"] = _reduced_in_backward(rank)
     results["empty rows"] = _empty_rows(rank)
     return results
 
@@ -480,6 +522,28 @@ def test_low_rank_gradient_layers_send_r_instead_of_g(sharded_runs):
     print(f"per step: reduce-scatter AdamW {sent['adamw']['reduce_scatter']} B, GaLore with the layers "
           f"{lowrank['reduce_scatter']} B; all-gather AdamW {sent['adamw']['all_gather']} B, Q-GaLore "
           f"{qgalore['all_gather']} B")  # fmt: skip
+
+
+def test_projected_gradients_are_averaged_in_backward_when_the_unit_syncs(sharded_runs):
+    """With the sync off (a micro-batch before the last) R accumulates whole and nothing is
+    reduced; in the backward pass that syncs, each weight's R is averaged as soon as its layer has
+    it, before the backward moves on: afterwards a right-side R is this rank's rows and the steady
+    step's reduce-scatters and all-reduces have all happened, so reduce_projected_grads sends
+    nothing. Each rank holds the whole R of one weight at a time, not all of them until the end."""
+    got = sharded_runs["reduced in backward"]
+    steady = sharded_runs["bytes"]["galore-lowrank-grad"]
+    first, last = got["bytes"]["backward 0"], got["bytes"]["backward 1"]
+    assert first.get("reduce_scatter", 0) == 0 and first.get("all_reduce", 0) == 0
+    assert got["layouts"]["backward 0"] == ["whole"] * len(got["sides"])
+    flags = 4 * sum(1 for _ in _model().parameters())  # the step's finiteness flags, all-reduced by step()
+    assert last["reduce_scatter"] == steady["reduce_scatter"]
+    assert last["all_reduce"] == steady["all_reduce"] - flags  # the left-side R's
+    assert got["bytes"]["after"] == {}
+    assert got["layouts"]["backward 1"] == ["rows" if side == "right" else "whole" for side in got["sides"]]
+    assert "right" in got["sides"] and "left" in got["sides"]
+    # every micro-batch synced: the sum of the two averages, the same R up to fp32 rounding (measured: equal)
+    print(f"R synced at both micro-batches vs the last: {got['synced twice']:.1e}")
+    assert got["synced twice"] < 1e-6
 
 
 @pytest.mark.usefixtures("single_thread")

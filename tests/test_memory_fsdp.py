@@ -45,6 +45,10 @@ CASES = [
     ("adamw", {}),
     ("galore", {}),  # a refresh: each G gathered for its SVD
     ("galore", {"update_proj_gap": 2}),  # between refreshes: the layers' R averaged instead of G
+    # R summed whole while the gradient sync is off, averaged as the last micro-batch delivers it
+    ("galore", {"update_proj_gap": 2, "grad_accum": 2, "mixed_precision": "bfloat16"}),
+    ("galore", {"update_proj_gap": 2, "grad_accum": 3, "model": "uneven", "activation_checkpointing": True}),
+    ("q-galore", {"update_proj_gap": 2, "rank": 32}),  # each R averaged in its layer's backward: the peak
     ("galore8bit", {"model": "tiny", "rank": 32}),
     ("fira", {}),
     ("apollo", {}),  # its random P needs no G, but prepare() gathers it at a refresh

@@ -27,10 +27,14 @@ the same parameters and ``state_dict``; with no optimizer publishing projections
 exactly like ``nn.Linear``.
 
 Under FSDP2 (``fully_shard``): convert before sharding, then call :func:`bind_sharded_weights`; the
-layer computes R of its whole (gathered) weight from this rank's batch, and after the last
-micro-batch :func:`reduce_projected_grads` averages the R's over the ranks instead of FSDP
-reduce-scattering G (m×n): a reduce-scatter of R's rows (m×r', right side) or an all-reduce of R
-(r'×n, left side), n/r' or m/r' times fewer bytes.
+layer computes R of its whole (gathered) weight from this rank's batch and averages it over the
+ranks instead of FSDP reduce-scattering G (m×n): a reduce-scatter of R's rows (m×r', right side)
+or an all-reduce of R (r'×n, left side), n/r' or m/r' times fewer bytes. The average is taken in
+the layer's backward, as soon as R is complete, whenever the weight's FSDP unit reduces the
+gradients of this backward pass (``set_requires_gradient_sync``: the last micro-batch), so each
+rank holds the whole R of one weight at a time and its rows of the others'; R accumulated while
+the unit does not reduce is averaged with the next one that does, or by
+:func:`reduce_projected_grads`, which the optimizer's ``step`` calls for what is left.
 """
 
 from __future__ import annotations
@@ -80,6 +84,10 @@ _PROJECTIONS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> G
 _PROJECTED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> accumulated R
 _REDUCED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # sharded weight -> its R is averaged
 _HOOKS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> {handle id: hook}
+# sharded weight -> weakref to the FSDP2 unit (FSDPModule) that reduces its gradients: its R is
+# averaged in backward when that unit reduces the gradients of the pass (a strong reference to the
+# unit, which holds the weight, would keep the key alive).
+_UNIT: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 # layer -> its sharded (FSDP2) weight: the key of the entries above, which the optimizer holds,
 # while the layer's forward and backward see the gathered weight FSDP registers in its place.
 _SHARDED_WEIGHT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -152,17 +160,24 @@ def deliver_grad(weight: torch.Tensor) -> None:
 
 
 def deliver_projected_grad(weight: torch.Tensor, low: torch.Tensor) -> None:
-    """For layers: add ``low`` to ``weight``'s projected gradient, then run its grad-ready hooks."""
-    if weight in _REDUCED:
-        raise RuntimeError(
-            "a projected gradient was delivered after the ranks' ones were averaged (reduce_projected_grads): "
-            "step the optimizer (or zero the gradients) before the next backward"
-        )
+    """For layers: add ``low`` to ``weight``'s projected gradient, then run its grad-ready hooks. A
+    sharded weight whose FSDP unit reduces this backward's gradients has the sum averaged over the
+    ranks at once (the module docstring)."""
+    sync = _unit_reduces_grads(weight)
     acc = _PROJECTED.get(weight)
-    if acc is None:
-        _PROJECTED[weight] = low
+    if weight in _REDUCED:
+        if not sync:
+            raise RuntimeError(
+                "a projected gradient was delivered, with gradient sync off, after the ranks' ones were averaged: "
+                "step the optimizer (or zero the gradients) before the next backward, or turn the sync off "
+                "(set_requires_gradient_sync(False)) from the first micro-batch of the accumulation on"
+            )
+        acc.add_(_average_over_ranks(weight, low))  # every micro-batch synced: the sum of the averages, as FSDP
     else:
-        acc.add_(low)
+        total = low if acc is None else acc.add_(low)
+        _PROJECTED[weight] = _average_over_ranks(weight, total) if sync else total
+        if sync:
+            _REDUCED[weight] = True
     deliver_grad(weight)
 
 
@@ -309,14 +324,47 @@ def bind_sharded_weights(model: nn.Module) -> None:
     """After ``fully_shard``: for each layer of ``model`` that computes its projected gradient
     (:class:`LowRankGradLinear`, :class:`~fastgrad.nn.QLinear`) and whose weight is sharded, make
     the sharded weight (the DTensor Parameter the optimizer steps) the key its backward delivers R
-    under (in forward and backward the layer sees the gathered weight FSDP registers in its place).
+    under (in forward and backward the layer sees the gathered weight FSDP registers in its place),
+    and record the FSDP unit that reduces its gradients (the nearest ``fully_shard``-ed module at or
+    above the layer), whose gradient sync decides when R is averaged.
     :func:`fastgrad.nn.fully_shard_model` calls it."""
+    from torch.distributed.fsdp import FSDPModule
+
     from fastgrad.optim.sharding import is_dtensor  # here: fastgrad.optim imports this module
 
-    for layer in model.modules():
-        bind = getattr(layer, "bind_sharded_weight", None)
-        if bind is not None and is_dtensor(layer.weight):
-            bind()
+    def bind(module: nn.Module, unit: nn.Module | None) -> None:
+        unit = module if isinstance(module, FSDPModule) else unit
+        bind_weight = getattr(module, "bind_sharded_weight", None)
+        if bind_weight is not None and is_dtensor(module.weight):
+            bind_weight()
+            if unit is not None:  # (else R is averaged by reduce_projected_grads alone)
+                _unit_reduces_grads_of(unit)  # fails here, at setup, on an FSDP2 it cannot read
+                _UNIT[module.weight] = weakref.ref(unit)
+        for child in module.children():
+            bind(child, unit)
+
+    bind(model, None)
+
+
+def _unit_reduces_grads(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is sharded and its FSDP unit reduces the gradients of the current
+    backward pass (its ``set_requires_gradient_sync``, True unless turned off)."""
+    ref = _UNIT.get(weight)
+    unit = ref() if ref is not None else None
+    return unit is not None and _unit_reduces_grads_of(unit)
+
+
+def _unit_reduces_grads_of(unit: nn.Module) -> bool:
+    """FSDP2's gradient sync flag of ``unit``, which ``set_requires_gradient_sync`` sets and FSDP2
+    offers no reader of: its parameter group's ``reduce_grads`` (torch 2.4 to 2.13)."""
+    try:
+        group = unit._get_fsdp_state()._fsdp_param_group
+        return group is None or bool(group.reduce_grads)
+    except AttributeError as error:
+        raise RuntimeError(
+            f"fastgrad cannot read FSDP2's gradient sync flag in torch {torch.__version__} ({error}); it reads "
+            "FSDPModule._get_fsdp_state()._fsdp_param_group.reduce_grads"
+        ) from error
 
 
 @torch.no_grad()
@@ -332,26 +380,32 @@ def reduce_projected_grads(params: Iterable[torch.Tensor]) -> None:
 
     for p in params:
         low = _PROJECTED.get(p)
-        if low is None or p in _REDUCED:
-            continue
-        shard = row_shard(p)
-        if shard is None:
+        if low is None or p in _REDUCED or row_shard(p) is None:
             continue
         _REDUCED[p] = True
-        world = torch.distributed.get_world_size(shard.group)
-        if _PROJECTIONS[p].side == "left":
-            shard.sum_(low).div_(world)
-            continue
-        chunk = -(-shard.shape[0] // world)  # FSDP's rows per rank; the last ones may hold fewer
-        padded = low.new_zeros((chunk * world, low.shape[1]))
-        padded[: low.shape[0]] = low
-        rows = low.new_empty((chunk, low.shape[1]))
-        # reduce_scatter_single is reduce_scatter_tensor's name from torch 2.13 on
-        reduce_scatter = (
-            getattr(torch.distributed, "reduce_scatter_single", None) or torch.distributed.reduce_scatter_tensor
-        )
-        reduce_scatter(rows, padded, group=shard.group)
-        _PROJECTED[p] = shard.as_dtensor(rows[: shard.rows].div_(world))
+        _PROJECTED[p] = _average_over_ranks(p, low)
+
+
+def _average_over_ranks(weight: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The mean over the ranks of the whole R ``low`` of the row-sharded ``weight``, as the optimizer
+    reads it: this rank's rows of it as a DTensor laid out as the weight (right side, m×r': a
+    reduce-scatter), or all of it (left side, r'×n: an all-reduce, in place)."""
+    from fastgrad.optim.sharding import row_shard
+
+    shard = row_shard(weight)
+    world = torch.distributed.get_world_size(shard.group)
+    if _PROJECTIONS[weight].side == "left":
+        return shard.sum_(low).div_(world)
+    chunk = -(-shard.shape[0] // world)  # FSDP's rows per rank; the last ones may hold fewer
+    padded = low.new_zeros((chunk * world, low.shape[1]))
+    padded[: low.shape[0]] = low
+    rows = low.new_empty((chunk, low.shape[1]))
+    # reduce_scatter_single is reduce_scatter_tensor's name from torch 2.13 on
+    reduce_scatter = (
+        getattr(torch.distributed, "reduce_scatter_single", None) or torch.distributed.reduce_scatter_tensor
+    )
+    reduce_scatter(rows, padded, group=shard.group)
+    return shard.as_dtensor(rows[: shard.rows].div_(world))
 
 
 def lowrank_grad_model(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS) -> nn.Module:

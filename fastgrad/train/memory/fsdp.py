@@ -25,8 +25,13 @@ Included, per rank:
   reduce-scatter input (N × the padded shard, in reduce_dtype: fp32 under --mixed-precision), kept
   until the next unit's post-backward; the output (the sharded gradients). With --grad-accum every
   unit's unsharded gradients are kept (in reduce_dtype) until the last micro-batch, which alone
-  reduce-scatters. Low-rank-gradient layers' R is averaged after backward (a padded copy and a
-  reduce-scatter of its rows, or an all-reduce).
+  reduce-scatters. A low-rank-gradient layer's R (of the whole weight, from the rank's batch) is
+  averaged over the ranks in the layer's backward, as the last micro-batch delivers it, beside the
+  layer's activations and its unit's unsharded parameters: on the right side a copy padded to N·c
+  rows (released at once) reduce-scattered into the rank's c rows, on the left side an all-reduce in
+  place; the whole R is released as the layer returns, so the ranks hold one weight's at a time.
+  With --grad-accum each weight's R is summed whole over the earlier micro-batches (the units'
+  gradient sync is off) and the sum averaged at the last one's delivery.
 * **The optimizer step on the rank's rows**: the single-process replay of each optimizer sized to c
   rows; at a subspace refresh, the gathered G of one weight (``full_tensor()``, m×n in the gradient's
   dtype) beside its SVD; Muon's gathered update (m×n) and the Newton–Schulz iteration of the whole
@@ -47,7 +52,8 @@ and the profiler's peak of each phase within 2% (gloo releases its buffers, and 
 replaced codes, at times that vary between runs by up to 11 KB; one process's replay is held to
 1e-4 in tests/test_memory.py), for AdamW, GaLore (a refresh, and between refreshes), GaLore8bit,
 Fira, APOLLO, Muon, Muon8bit, GaLoreMuon, QGaLoreMuon, Q-GaLore and Q-GaLore8bit, with --mixed-precision,
---grad-accum, activation checkpointing and uneven splits.
+--grad-accum, activation checkpointing and uneven splits (R averaged in backward with and without
+--grad-accum, and where that is the peak of backward).
 """
 
 from __future__ import annotations
@@ -341,10 +347,10 @@ class _FsdpStep(_Step):
         return self.opt.optimizer_state_bytes()
 
     def sharded_gradient_bytes(self, refresh: bool) -> int:
-        """The gradients after backward (and the averaging of projected ones) of a refresh step or
-        of one between refreshes: the reduce-scatter outputs (c rows of every weight FSDP reduces,
-        in the weights' dtype; a QLinear's G in fp32); the averaged R of the layers that compute it
-        (c×r' right side, r'×n left side)."""
+        """The gradients after backward (the projected ones averaged over the ranks in it) of a
+        refresh step or of one between refreshes: the reduce-scatter outputs (c rows of every weight
+        FSDP reduces, in the weights' dtype; a QLinear's G in fp32); the averaged R of the layers that
+        compute it (c×r' right side, r'×n left side)."""
         due, self._due = self._due, refresh and self.lowrank and self.optim not in ("apollo", "apollo-mini")
         total = 0
         for w, rows in zip(self.weights, self.opt.weights, strict=True):
@@ -492,8 +498,6 @@ class _FsdpStep(_Step):
         self._post_backward(tape, self.root)
         tape.free(self._rs_input)  # the root's final callback drops the last reduce-scatter input
         self._rs_input = 0
-        if self._last:
-            self._reduce_projected(tape)
 
     def _unshard_backward(self, tape: _Tape, n: int, k: int) -> None:
         """Unit k of layer n's pre-backward: copied out of the prefetched buffer (released), then the
@@ -517,10 +521,25 @@ class _FsdpStep(_Step):
         return 4 if self.quantized else self.stored
 
     def _deliver(self, tape: _Tape, w: _Weight) -> None:
-        if self._events and not self.quantized and self.stored != self.e:
-            tape.alloc(self.low_numel(w) * self.stored)  # low.to(grad_dtype)
+        """fastgrad.nn.lowrank.deliver_projected_grad of a sharded weight, in its layer's backward:
+        R converted to the sharded weight's dtype; in the last micro-batch, whose backward the units
+        reduce (set_requires_gradient_sync), the sum of the micro-batches' R averaged over the ranks
+        at once (:meth:`_average`), else added into the accumulated one (kept whole). The grad-ready
+        hooks do nothing here (no layer-wise driver under FSDP)."""
+        if not self._events:
+            super()._deliver(tape, w)
+            return
+        whole = self.low_numel(w) * self._low_elem()  # R of the whole weight, as delivered
+        if not self.quantized and self.stored != self.e:
+            tape.alloc(whole)  # low.to(grad_dtype)
             tape.free(self.low_bytes(w))
-        super()._deliver(tape, w)
+        kept = not self._last or self.is_left(w)  # a whole R stays the projected gradient
+        if self._last:
+            self._average(tape, w)
+        if self._micro > 0 and not kept:
+            tape.free(whole)  # the accumulated R (acc.add_(low)), as deliver_projected_grad returns
+        if self._micro > 0 or not kept:
+            tape.free(whole)  # the R the layer delivered, as the layer's backward returns
 
     def _grads(self, unit: _Unit) -> list[tuple[_Tensor, int]]:
         """The unit's tensors FSDP has a gradient of in this backward, with its bytes: not a QLinear's
@@ -569,28 +588,18 @@ class _FsdpStep(_Step):
         tape.free(last)
         self._rs_input = rs_input
 
-    def _reduce_projected(self, tape: _Tape) -> None:
-        """fastgrad.nn.lowrank.reduce_projected_grads: each right-side R (computed from the rank's
-        batch for the whole weight) copied into a buffer padded to N·c rows and reduce-scattered
-        into a c-row one; the previous weight's R and padded buffer are released when the loop
-        moves on. A left-side R is all-reduced in place."""
-        elem = self._low_elem()
-        low = padded = 0
-        for w in self.opt.weights:
-            if not self._projected(w):
-                continue
-            tape.free(low)  # the previous R (replaced by its rows), as `low` is rebound
-            low = 0
-            if self.is_left(w):
-                continue
-            tape.alloc(self.opt.low_numel(w) * self.world * elem)  # padded
-            tape.free(padded)  # the previous one, as `padded` is rebound
-            padded = self.opt.low_numel(w) * self.world * elem
-            tape.alloc(padded // self.world)  # the rows
-            if self.device == "cpu":
-                tape.temp(padded)  # gloo's copy
-            low = w.full_shape[0] * self.rank(w) * elem
-        tape.free(low + padded)
+    def _average(self, tape: _Tape, w: _Weight) -> None:
+        """fastgrad.nn.lowrank._average_over_ranks of ``w``'s whole R: on the right side, copied into
+        a buffer padded to N·c rows (released when it returns) and reduce-scattered into a c-row one
+        (the rank's rows, kept); on the left side all-reduced in place."""
+        if self.is_left(w):
+            return
+        rows = shard_rows(w.shape[0], self.world) * self.rank(w) * self._low_elem()
+        tape.alloc(rows * self.world)  # padded
+        tape.alloc(rows)
+        if self.device == "cpu":
+            tape.temp(rows * self.world)  # gloo's copy
+        tape.free(rows * self.world)
 
     # ------------------------------------------------------------------ the optimizer step
     def run(self, refresh: bool, trace: list[tuple[str, int]] | None = None) -> dict[str, int]:
