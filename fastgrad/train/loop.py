@@ -362,7 +362,7 @@ def _train(
         fully_shard_model(model, mp_policy=policy)
     optimizer = build_optimizer(cfg, model)  # may swap modules (Q-GaLore: QLinear): before any DDP wrapping
     # Each group's learning rate as built, which the schedule scales: a group may have its own (Muon's
-    # AdamW group: the AdamW recipe's lr beside Muon's). Taken before a resume loads the groups,
+    # AdamW group: MUON_ADAMW_LR beside Muon's cfg.lr). Taken before a resume loads the groups,
     # whose saved lr is the scheduled one of the last step.
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     # Layer-wise: the driver's hooks consume each gradient during backward (projected and
