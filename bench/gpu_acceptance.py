@@ -40,7 +40,10 @@ In order, each step timed and its status recorded:
       ``torch.optim.AdamW``, tokens/s of whole steps (forward, backward, norm, optimizer step);
    g. LLaMA-7B peak memory (``torch.cuda.max_memory_allocated``) of the README's q-galore8bit
       layer-wise streaming configuration beside ``fastgrad memory``'s estimate (``--quick``: the tiny
-      model on the CPU, measured with the profiler as tests/test_memory.py does).
+      model on the CPU, measured with the profiler as tests/test_memory.py does);
+   h. ``newton_schulz`` (5 steps) against torch.optim.Muon's sequence of torch matmuls at the 60M/1B/7B
+      shapes, and one Muon step over the seven weights of a LLaMA-1B decoder layer: torch.optim.Muon
+      beside fastgrad's Muon and Muon8bit (bf16 Newton–Schulz, fp32 weights and gradients).
 
    Correctness checks run once per op at the benchmark shape against ``fastgrad._reference`` with the
    tests' tolerances: exact codes for the quantizers (on sampled rows with their Philox offsets: the
@@ -107,6 +110,7 @@ SECTIONS = {
     "3e": "Fused GaLore step",
     "3f": "Training throughput",
     "3g": "Peak memory",
+    "3h": "Newton–Schulz and Muon",
 }
 QUANT_OPS = ("quantize_int8", "quantize_int4", "dequantize_int8", "dequantize_int4", "round_bf16_stochastic")
 
@@ -117,6 +121,8 @@ RTOL_PROJECT = {torch.float32: 1e-5, torch.bfloat16: 8e-3}
 RTOL_GRAD = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
 RTOL_MOMENT = {torch.float32: 1e-6, torch.bfloat16: 4e-3}
 RTOL_W = {torch.float32: 1e-6, torch.bfloat16: 4e-3}
+RTOL_NS = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # tests/test_newton_schulz.py's
+NS_STEPS = 5
 INT8_STEP_SAME_CODES = 0.999  # tests/test_adam_step.py: SR thresholds crossed by the GEMM's summation order
 CHECK_ROWS = 16  # rows at each end of a quantizer's output compared with the reference
 CHILD_BUDGET_EXIT = 3  # exit status of the --child-quant subprocess stopped by its time budget
@@ -131,6 +137,7 @@ class Mode:
     models: tuple[tuple[str, int, int, int], ...]  # (name, m, n, r) with m ≤ n
     tokens: int  # of lowrank_grad
     optim_shapes: tuple[tuple[str, tuple[int, int, int]], ...]  # peers' optimizer steps
+    muon_layer: tuple[str, tuple[tuple[int, int], ...]]  # the weights of one decoder layer, for Muon's step
     train_model: str
     train_seq: int
     train_vocab: int
@@ -154,6 +161,10 @@ _MODE_VALUES = {
     ),
     "tokens": (2048, 64),
     "optim_shapes": ((("1b-attn", (2048, 2048, 128)), ("1b-mlp", (5461, 2048, 512))), (("tiny", (96, 64, 16)),)),
+    "muon_layer": (
+        ("llama1b-layer", ((2048, 2048),) * 4 + ((5461, 2048),) * 2 + ((2048, 5461),)),
+        ("tiny-layer", ((64, 64),) * 4 + ((96, 64),) * 2 + ((64, 96),)),
+    ),
     "train_model": ("1b", "tiny"),
     "train_seq": (256, 64),
     "train_vocab": (32000, 1024),
@@ -1524,6 +1535,85 @@ def case_memory(ctx: Context) -> Case:
     return Case("3g", f"peak memory ({cfg_name})", (cfg_name,), 60, run)
 
 
+# ---------------------------------------------------------------- 3h
+
+
+def case_newton_schulz(ctx: Context, model: str, m: int, n: int) -> Case:
+    """3h: ``newton_schulz`` of an m×n matrix against torch.optim.Muon's sequence of torch matmuls
+    (bench/bench_newton_schulz.py's, the bar to meet and bitwise the op's reference)."""
+    check_names = ("newton_schulz",) if _is_last_model(ctx, model) else ()
+
+    def run() -> list[Row]:
+        from bench_newton_schulz import EPS, _torch_sequence
+
+        from fastgrad import _reference as ref
+        from fastgrad import ops
+
+        dtype, dev = ctx.dtype, ctx.device
+        x = torch.randn(m, n, device=dev).to(dtype)
+        triples = [ops.NS_COEFFICIENTS] * NS_STEPS
+        served = ctx.served("newton_schulz")
+        t = ctx.time({"torch-sequence": lambda: _torch_sequence(x, triples), served: lambda: ops.newton_schulz(x)})
+        s, length = min(m, n), max(m, n)
+        flops = NS_STEPS * (4 * s * s * length + 2 * s**3)  # Y Yᵀ and B Y: 2·s²·l each; A·A: 2·s³
+        base = t["torch-sequence"].median
+        rows = [
+            _row("3h", f"newton_schulz {NS_STEPS} steps ({model})", (m, n), dtype, provider, timing,
+                 value=_tflops(flops, timing.median), unit="TFLOP/s", ratio=base / timing.median,
+                 ratio_to="torch-sequence")
+            for provider, timing in t.items()
+        ]  # fmt: skip
+        if check_names:
+            with _fp32_reference():
+                want = ref.newton_schulz(x.float(), list(ops.NS_COEFFICIENTS) * NS_STEPS, EPS)
+            ctx.check("3h", check_names[0], (m, n), lambda: _within(ops.newton_schulz(x), want, RTOL_NS[dtype]))
+        return rows
+
+    return Case("3h", f"newton_schulz ({model})", (m, n), 4, run, check_names)
+
+
+def case_muon_step(ctx: Context) -> Case:
+    """3h: one Muon step (momentum, Newton–Schulz in bf16, update) over the weights of one decoder
+    layer with fixed fp32 gradients, after an untimed step: torch.optim.Muon beside fastgrad's Muon
+    (bitwise torch's weights) and Muon8bit (8-bit momentum)."""
+    name, shapes = ctx.mode.muon_layer
+
+    def run() -> list[Row]:
+        from fastgrad.optim import Muon, Muon8bit
+
+        options = {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True}
+
+        def stepper(make):
+            weights = [torch.nn.Parameter(torch.randn(m, n, device=ctx.device) * 0.02) for m, n in shapes]
+            for w in weights:
+                w.grad = torch.randn_like(w) * 1e-3
+            opt = make(weights)
+            opt.step()  # creates the momentum buffers
+            return opt.step
+
+        providers, missing = {}, {}
+        if hasattr(torch.optim, "Muon"):
+            providers["torch.optim.Muon"] = stepper(lambda ws: torch.optim.Muon(ws, **options))
+        else:
+            missing["torch.optim.Muon"] = f"torch {torch.__version__} has no torch.optim.Muon"
+        providers["fastgrad Muon"] = stepper(lambda ws: Muon(ws, **options))
+        providers["fastgrad Muon8bit"] = stepper(lambda ws: Muon8bit(ws, **options))
+        t = ctx.time(providers)
+        flops = sum(NS_STEPS * (4 * min(s) ** 2 * max(s) + 2 * min(s) ** 3) for s in shapes)
+        base = t.get("torch.optim.Muon")
+        rows = [
+            _row("3h", f"Muon step ({name})", (name,), torch.float32, provider, timing,
+                 value=_tflops(flops, timing.median), unit="TFLOP/s",
+                 ratio=base.median / timing.median if base else None, ratio_to="torch.optim.Muon" if base else "")
+            for provider, timing in t.items()
+        ]  # fmt: skip
+        rows += [_row("3h", f"Muon step ({name})", (name,), torch.float32, provider, None, status=NOT_INSTALLED,
+                      note=why) for provider, why in missing.items()]  # fmt: skip
+        return rows
+
+    return Case("3h", f"Muon step ({name})", (name,), 8, run)
+
+
 def build_cases(ctx: Context) -> list[Case]:
     cases = [case_copy(ctx), case_quantizers(ctx), case_cuda_cpp_quantizers(ctx)]
     orientations = list(_orientations(ctx))
@@ -1531,6 +1621,9 @@ def build_cases(ctx: Context) -> list[Case]:
     cases += [case_lowrank_grad(ctx, *o) for o in orientations]
     cases += [case_fused_step(ctx, *o, weight) for weight in ("float", "int8") for o in orientations]
     cases += [case_peer_optimizers(ctx, name, shape) for name, shape in ctx.mode.optim_shapes]
+    # 3h before 3f and 3g: seconds, where a training or memory case takes a minute of the budget
+    cases += [case_newton_schulz(ctx, model, m, n) for model, m, n, _ in ctx.mode.models]
+    cases += [case_muon_step(ctx)]
     cases += [case_training(ctx), case_memory(ctx)]
     return cases
 

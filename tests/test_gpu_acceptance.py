@@ -25,7 +25,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "gpu_acceptance.py"
-STEPS = ("3a", "3b", "3c", "3d", "3e", "3f", "3g")
+STEPS = ("3a", "3b", "3c", "3d", "3e", "3f", "3g", "3h")
 MD_SECTIONS = (
     "## Steps",
     "## Correctness checks",
@@ -130,9 +130,16 @@ def test_quick_run_measures_and_checks(quick_run):
     ok(memory, "MiB")
     # the profiler measure of tests/test_memory.py against fastgrad memory's estimate (1e-4 there)
     assert abs(float(memory[0]["ratio"]) - 1) < 0.01, memory[0]
+    for model in ("60m", "1b", "7b"):  # newton_schulz against torch.optim.Muon's sequence of matmuls
+        ok(find("3h", f"newton_schulz 5 steps ({model})", "torch-sequence"), "TFLOP/s")
+        ok(find("3h", f"newton_schulz 5 steps ({model})", "cpp"), "TFLOP/s")
+    muon = find("3h", "Muon step")
+    ok(muon, "TFLOP/s")
+    assert {r["provider"] for r in muon} == {"torch.optim.Muon", "fastgrad Muon", "fastgrad Muon8bit"}
+    assert all(float(r["ratio"]) > 0 and r["ratio_to"] == "torch.optim.Muon" for r in muon)
     checks = [r for r in rows if r["kind"] == "check"]
     assert len(checks) >= 30 and all(r["status"] == "ok" for r in checks), [r for r in checks if r["status"] != "ok"]
-    assert {r["step"] for r in checks} == {"3b", "3c", "3d", "3e"}
+    assert {r["step"] for r in checks} == {"3b", "3c", "3d", "3e", "3h"}
 
 
 def test_too_small_budget_still_writes_both_files(tmp_path):
