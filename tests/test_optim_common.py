@@ -319,6 +319,32 @@ RESUME = {
 STEPS, SAVED_AT = 9, 5  # a refresh at step 6 (T = 3) after the checkpoint
 
 
+@pytest.mark.parametrize("case", list(RESUME))
+def test_a_step_vouched_finite_trains_exactly_like_a_checked_one(case):
+    """``step(grads_finite=True)`` (fastgrad pretrain's call after a finite clipped norm) skips the
+    finiteness check and nothing else: with finite gradients the training is bitwise that of
+    ``step()``, across refreshes (state transfer, FRUGAL's statistics reset and the 8-bit moments'
+    transfer, which read whether the step refreshed)."""
+    c = RESUME[case]
+    batches = token_batches(7)
+    runs = []
+    for grads_finite in (False, True):
+        model = c.model()
+        opt = c.make(model)
+        for ids in batches:
+            opt.zero_grad(set_to_none=True)
+            model(ids, ids).backward()
+            opt.step(grads_finite=grads_finite)
+        runs.append((model, opt))
+    (checked, opt_c), (vouched, opt_v) = runs
+    for (name, a), b in zip(checked.state_dict().items(), vouched.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    saved_c, saved_v = opt_c.state_dict()["state"], opt_v.state_dict()["state"]
+    assert saved_c.keys() == saved_v.keys()
+    for index, state in saved_c.items():
+        assert_same_state(saved_v[index], state)
+
+
 def _train_counting_ops(model, opt, batches):
     """``train``, also returning the ops each step (forward, backward and optimizer) dispatched."""
     losses, ops = [], []
