@@ -50,17 +50,14 @@ import triton.language as tl
 from fastgrad._ops import check_newton_schulz
 
 from ._common import INTERPRET, f32_to_bf16_bits, launch, out_view, parallel_slots, store_float
-from .plans import cdiv
+from .plans import NewtonSchulzPlan, cdiv
 from .project import matmul_configs
 
-# Knobs (module attributes so that tests can reach every path with small shapes).
-MAX_CHUNKS = 256  # most row chunks of one matrix in the sum of squares (NC of the normalize kernel)
-NORM_BLOCK = (32, 64) if INTERPRET else (16, 128)  # (rows, columns) of a norm / normalize tile
+# Knobs (module attributes so that tests can reach every path with small shapes). The buffer layout
+# and the norm's split are the plan's (plans.NewtonSchulzPlan), which the memory model reads too.
+PLAN = NewtonSchulzPlan(norm_rows=32) if INTERPRET else NewtonSchulzPlan()
+NORM_BLOCK = (PLAN.norm_rows, 64 if INTERPRET else 128)  # (rows, columns) of a norm / normalize tile
 MAX_BATCH_PER_LAUNCH = 65535  # the grid's second axis holds the batch
-# Rows of the buffers of A, B and Y start at multiples of this many elements (128 bytes of bf16), so
-# that the matmuls' loads are aligned and vectorized whatever m and n are (a 5461-wide Y would
-# otherwise cost registers per address and spill the large tiles).
-ROW_ALIGN = 64
 
 _ELEMENTWISE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8, 2)]
 _INTERPRET_SYM = triton.Config({"BLOCK_T": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)
@@ -291,16 +288,14 @@ def _normalize(x: torch.Tensor, y: torch.Tensor, y_strides: tuple[int, int], eps
     batch, m, n = x.shape
     block_r, block_c = NORM_BLOCK
     slots = parallel_slots(x.device)
-    n_chunks = max(1, min(MAX_CHUNKS, cdiv(slots, batch), cdiv(m, block_r)))
-    rows_per_chunk = cdiv(cdiv(m, n_chunks), block_r) * block_r
-    n_chunks = cdiv(m, rows_per_chunk)  # no empty chunk
+    rows_per_chunk, n_chunks = PLAN.norm_chunks(m, slots, batch)
     part = torch.empty((batch, n_chunks), dtype=torch.float32, device=x.device)
     sizes = dict(BLOCK_R=block_r, BLOCK_C=block_c)
     args = (x, part, m, n, rows_per_chunk, n_chunks, *x.stride())
     launch(_ns_sumsq_kernel, lambda meta: (n_chunks, batch), args, sizes, _ELEMENTWISE_CONFIGS, x.device)
     tiles = cdiv(m, block_r) * cdiv(n, block_c)
     args = (x, part, out_view(y), m, n, n_chunks, float(eps), *x.stride(), y.stride(0), *y_strides)
-    constexprs = dict(ROUND_BF16=x.dtype == torch.bfloat16, NC=MAX_CHUNKS, **sizes)
+    constexprs = dict(ROUND_BF16=x.dtype == torch.bfloat16, NC=PLAN.max_chunks, **sizes)
     launch(_ns_normalize_kernel, lambda meta: (tiles, batch), args, constexprs, _ELEMENTWISE_CONFIGS, x.device)
 
 
@@ -344,7 +339,7 @@ def _newton_schulz(x: torch.Tensor, out: torch.Tensor, coefficients, eps: float)
     steps = len(coefficients) // 3
 
     def new(rows: int, cols: int) -> torch.Tensor:  # (batch, rows, cols) with aligned rows
-        padded = torch.empty((batch, rows, cdiv(cols, ROW_ALIGN) * ROW_ALIGN), dtype=x.dtype, device=x.device)
+        padded = torch.empty((batch, rows, PLAN.padded_cols(cols)), dtype=x.dtype, device=x.device)
         return padded[..., :cols]
 
     gram, update = new(S, S), new(S, S)
@@ -354,7 +349,7 @@ def _newton_schulz(x: torch.Tensor, out: torch.Tensor, coefficients, eps: float)
     if tall:
         ys = [new(S, L), new(S, L)]
         final_strides = (out.stride(0), out.stride(2), out.stride(1))  # Yᵀ written into out
-    elif L % ROW_ALIGN == 0:
+    elif L % PLAN.row_align == 0:
         other = new(S, L)
         ys = [out, other] if steps % 2 == 0 else [other, out]
         final_strides = tuple(out.stride())

@@ -123,6 +123,38 @@ class QuantPlan:
     splits: int  # programs along one group's chunks
 
 
+@dataclass(frozen=True)
+class NewtonSchulzPlan:
+    """How the Newton–Schulz launcher (``newton_schulz.py``) lays out its buffers and splits the
+    norm. The rows of A, B (s×s) and the iterates (s×l) start at multiples of ``row_align`` elements
+    (128 bytes of bf16), so that the matmuls' loads are aligned and vectorized whatever m and n are
+    (a 5461-wide Y would otherwise cost registers per address and spill the large tiles). The sum of
+    squares of an m-row matrix is split into at most ``max_chunks`` chunks of a multiple of
+    ``norm_rows`` rows, enough to fill the device."""
+
+    row_align: int = 64
+    max_chunks: int = 256  # NC of the normalize kernel
+    norm_rows: int = 16  # rows of a norm / normalize tile
+
+    def padded_cols(self, cols: int) -> int:
+        return cdiv(cols, self.row_align) * self.row_align
+
+    def norm_chunks(self, m: int, slots: int, batch: int = 1) -> tuple[int, int]:
+        """(rows per chunk, chunks) of the sum of squares of each of ``batch`` m-row matrices."""
+        n_chunks = max(1, min(self.max_chunks, cdiv(slots, batch), cdiv(m, self.norm_rows)))
+        rows_per_chunk = cdiv(cdiv(m, n_chunks), self.norm_rows) * self.norm_rows
+        return rows_per_chunk, cdiv(m, rows_per_chunk)  # no empty chunk
+
+    def workspace_bytes(self, m: int, n: int, itemsize: int, slots: int) -> int:
+        """Bytes a launch on one m×n matrix allocates besides its output: A and B (s×s), two
+        iterates (s×l; one when a wide output's rows are aligned: the output is the other), rows
+        padded to ``row_align``, and the fp32 partial sums of the norm."""
+        s, big = min(m, n), max(m, n)
+        iterates = 1 if m <= n and big % self.row_align == 0 else 2
+        partials = FP32_BYTES * self.norm_chunks(m, slots)[1]
+        return (2 * s * self.padded_cols(s) + iterates * s * self.padded_cols(big)) * itemsize + partials
+
+
 def adam_step_workspace_bytes(r_numel: int) -> int:
     """The fused projected-Adam step's scratch: the direction N, fp32, R's shape (every variant)."""
     return r_numel * FP32_BYTES

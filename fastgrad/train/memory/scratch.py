@@ -14,9 +14,7 @@ QUANT_TILING = plans.QuantTiling()  # how the GPU quantizers tile and split grou
 DEFAULT_SM_COUNT = 128
 # Elements of the buffer torch's CPU copy_ transposes a 2-D block through (60×60, any size).
 TRANSPOSE_BLOCK = 60 * 60
-# The Triton Newton–Schulz launcher's sizing (kernels/newton_schulz.py: ROW_ALIGN, MAX_CHUNKS,
-# NORM_BLOCK[0] on a GPU), here so that the model needs no Triton.
-NS_ROW_ALIGN, NS_MAX_CHUNKS, NS_NORM_ROWS = 64, 256, 16
+NS_PLAN = plans.NewtonSchulzPlan()  # the Triton Newton–Schulz launcher's buffers on a GPU
 
 
 def _cpu_scratch():
@@ -105,23 +103,12 @@ class KernelScratch:
         replaces it, with its 0-d norm; for a tall matrix (worked on as Xᵀ) the first step's addmm
         copies the column-major X with copy_'s 60×60 transpose block (a matrix of at least that many
         elements: copy_transpose_valid; a smaller one, e.g. GaLoreMuon's r'-wide U, is copied
-        without). GPU (the Triton launcher,
-        kernels/newton_schulz.py ``_newton_schulz``): A and B (s×s), two iterates (s×l; one when a
-        wide output's rows are aligned: the output is the other), each row padded to a multiple of
-        64 elements, and the fp32 partial sums of the norm."""
-        s, big = min(m, n), max(m, n)
+        without). GPU: the Triton launcher's plan (:class:`fastgrad.kernels.plans.NewtonSchulzPlan`)."""
         if self.device == "cpu":
+            s, big = min(m, n), max(m, n)
             transpose_block = TRANSPOSE_BLOCK if m > n and m * n >= TRANSPOSE_BLOCK else 0
             return itemsize * (2 * s * s + 3 * s * big + 1 + transpose_block)
-
-        def buffer(rows: int, cols: int) -> int:
-            return rows * plans.cdiv(cols, NS_ROW_ALIGN) * NS_ROW_ALIGN * itemsize
-
-        iterates = 1 if m <= n and big % NS_ROW_ALIGN == 0 else 2
-        chunks = max(1, min(NS_MAX_CHUNKS, self.slots, plans.cdiv(m, NS_NORM_ROWS)))
-        rows_per_chunk = plans.cdiv(plans.cdiv(m, chunks), NS_NORM_ROWS) * NS_NORM_ROWS
-        partials = 4 * plans.cdiv(m, rows_per_chunk)
-        return 2 * buffer(s, s) + iterates * buffer(s, big) + partials
+        return NS_PLAN.workspace_bytes(m, n, itemsize, self.slots)
 
     def flash(self, seq_len: int, head_dim: int, backward: bool) -> int:
         """The CPU flash-attention kernel's per-thread fp32 buffer (one thread counted), blocks of qS
