@@ -14,7 +14,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from optim_common import N_LOWRANK, OpCounter, make_galore_muon, make_muon, make_muon8, make_qgalore_muon, tiny_model
+from optim_common import (
+    N_LOWRANK,
+    OpCounter,
+    assert_same_state,
+    make_galore_muon,
+    make_muon,
+    make_muon8,
+    make_qgalore_muon,
+    tiny_model,
+)
 from optim_common import token_batches as shared_token_batches
 
 from fastgrad.nn import lowrank_grad_model, projected_grad, qlinear_of, quantize_model
@@ -1032,23 +1041,12 @@ def test_muon_layerwise_accumulation_and_clipping_match_the_plain_step():
     assert update_error(model, ref, start) < 1e-5
 
 
-def _weight_and_state(lw, p) -> list:
-    """The weight (a QLinear's codes, scales and zeros) and its optimizer state, copied."""
+def _weight_and_state(lw, p) -> tuple[list[torch.Tensor], dict]:
+    """Copies of the weight (a QLinear's codes, scales and zeros) and of its optimizer state."""
     layer = qlinear_of(p)
     weights = [p, layer.scales, layer.zeros] if layer is not None else [p]
-    state = lw.optimizer.state[p]
-    return [w.detach().clone() for w in weights] + [
-        (k, v.clone() if isinstance(v, torch.Tensor) else v) for k, v in sorted(state.items())
-    ]
-
-
-def _assert_same_copy(a: list, b: list) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        if isinstance(x, torch.Tensor):
-            assert torch.equal(x, y)
-        else:
-            assert x[0] == y[0] and (torch.equal(x[1], y[1]) if isinstance(x[1], torch.Tensor) else x[1] == y[1]), x[0]
+    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in lw.optimizer.state[p].items()}
+    return [w.detach().clone() for w in weights], state
 
 
 @pytest.mark.parametrize("setup", MUON_FAMILY)
@@ -1082,8 +1080,10 @@ def test_muon_family_streaming_nonfinite_gradient_skips_that_weight_only(setup, 
         stats = lw_step(model, lw, batches[k], 2)
         poison_now.clear()
         assert math.isnan(stats.grad_norm) and not stats.skipped and lw.optimizer.nonfinite_steps == k - 2
-        _assert_same_copy(_weight_and_state(lw, bad), bad_before)
-        assert not torch.equal(healthy, healthy_before[0]) and lw.optimizer.state[healthy]["step"] == k + 1
+        (weights, state), (weights_before, state_before) = _weight_and_state(lw, bad), bad_before
+        assert all(torch.equal(a, b) for a, b in zip(weights, weights_before, strict=True))
+        assert_same_state(state, state_before)
+        assert not torch.equal(healthy, healthy_before[0][0]) and lw.optimizer.state[healthy]["step"] == k + 1
     assert not lw_step(model, lw, batches[5], 2).skipped  # and on it goes: the skipped weight steps
-    assert lw.optimizer.state[bad]["step"] == 5 and not torch.equal(bad, bad_before[0])
+    assert lw.optimizer.state[bad]["step"] == 5 and not torch.equal(bad, bad_before[0][0])
     assert lw.optimizer.nonfinite_steps == 2
